@@ -1,0 +1,1 @@
+//! The edge runtime (io_uring). STUB.
