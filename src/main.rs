@@ -1,8 +1,127 @@
+//! The `ringway` binary: parse the command line, load the config, start the gateway, and
+//! drain it on SIGINT/SIGTERM. Wiring only.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
 use mimalloc::MiMalloc;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use ringway::config::{Config, Upstream};
+use ringway::edge::Gateway;
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
-fn main() -> anyhow::Result<()> {
+/// A WebSocket edge gateway for Linux. With no arguments it serves ws://127.0.0.1:8080/ with
+/// the embedded echo upstream.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Address to serve WebSocket clients on [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
+    /// Event-loop threads, one per core [default: one per CPU the process may use].
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+    /// Where client messages go: `echo` (through the relay) or `local-echo` (inside each core).
+    #[arg(long, value_name = "NAME")]
+    upstream: Option<Upstream>,
+    /// TOML configuration file; command-line flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Largest message (all fragments together) and frame a client may send, in bytes.
+    #[arg(long, value_name = "BYTES")]
+    max_message: Option<u64>,
+    /// Close connections that sent no message for this long, in milliseconds (0: never).
+    #[arg(long, value_name = "MS")]
+    idle_timeout_ms: Option<u64>,
+    /// Log format: `text` or `json`.
+    #[arg(long, default_value = "text", value_name = "FORMAT")]
+    log_format: String,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    if let Err(e) = run(cli) {
+        tracing::error!("{e:#}");
+        eprintln!("ringway: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RINGWAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if cli.log_format != "text" && cli.log_format != "json" {
+        anyhow::bail!(
+            "--log-format must be `text` or `json`, not {:?}",
+            cli.log_format
+        );
+    }
+    let mut config = match &cli.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = cli.listen {
+        config.listen = listen;
+    }
+    if let Some(workers) = cli.workers {
+        anyhow::ensure!(workers > 0, "--workers must be at least 1");
+        config.workers = workers;
+    }
+    if let Some(upstream) = cli.upstream {
+        config.upstream = upstream;
+    }
+    if let Some(max) = cli.max_message {
+        config.max_message_bytes = max;
+        config.max_frame_bytes = max;
+    }
+    if let Some(ms) = cli.idle_timeout_ms {
+        config.idle_timeout_ms = ms;
+    }
+    config.validate("command line")?;
+
+    // Block the signals before any thread starts so only the signal thread sees them.
+    let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
+    let gateway = Gateway::start(config.clone())?;
+    tracing::info!(
+        "ringway {} serving ws://{}/ with upstream {} on {} worker(s)",
+        env!("CARGO_PKG_VERSION"),
+        gateway.local_addr(),
+        config.upstream,
+        gateway.workers()
+    );
+    if let Some(signal) = signals.forever().next() {
+        let name = if signal == SIGINT {
+            "SIGINT"
+        } else {
+            "SIGTERM"
+        };
+        tracing::info!(
+            "{name}: draining; clients get close 1001 and up to {} ms to answer",
+            config.shutdown_grace_ms
+        );
+    }
+    gateway.begin_shutdown();
+    let stats = gateway.join()?;
+    let closed: u64 = stats.iter().map(|s| s.closed).sum();
+    let stale: u64 = stats.iter().map(|s| s.stale_replies).sum();
+    tracing::info!(closed, stale_replies = stale, "stopped");
     Ok(())
 }

@@ -1,1 +1,208 @@
-//! The edge runtime (io_uring). STUB.
+//! The edge runtime: one io_uring event loop per core, each with its own SO_REUSEPORT
+//! listener and provided-buffer ring. It accepts, receives, drives the sans-IO protocol core,
+//! hands messages to the relay, and sends replies that come back through the core's inbox.
+//!
+//! Data path: `listener` (accept) -> `worker` (recv into `buffers`) -> `connection`
+//! (handshake, frames) -> relay channel -> `inbox` -> `worker` (send).
+
+mod buffers;
+mod conn_id;
+mod connection;
+mod inbox;
+mod listener;
+mod timer;
+mod worker;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+pub use conn_id::{ConnId, GENERATION_MASK};
+pub use worker::CoreStats;
+
+use crate::config::{Config, Upstream};
+use crate::relay;
+
+/// State every core reads; written rarely (drain flag) or with relaxed counters.
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub draining: AtomicBool,
+    /// Open WebSocket connections across all cores, for the connection limit.
+    pub open: AtomicUsize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error(
+        "io_uring is unavailable ({0}). ringway needs io_uring (Linux 6.0 or later): set \
+         `sysctl kernel.io_uring_disabled=0` (or 1 with this user in kernel.io_uring_group), \
+         and in containers allow io_uring_setup, io_uring_enter and io_uring_register in the \
+         seccomp profile"
+    )]
+    IoUringUnavailable(io::Error),
+    #[error(
+        "this kernel's io_uring lacks provided-buffer rings or multishot receive ({0}); \
+         ringway needs Linux 6.0 or later"
+    )]
+    KernelTooOld(io::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("core {core}: {source}")]
+    Worker { core: usize, source: io::Error },
+    #[error("core {0} stopped abnormally (panic); see the log above")]
+    WorkerPanicked(usize),
+    #[error("cannot start the gateway: {0}")]
+    Setup(io::Error),
+}
+
+/// A running gateway: its cores, its relay, and the address it serves.
+pub struct Gateway {
+    local_addr: SocketAddr,
+    workers: Vec<JoinHandle<io::Result<CoreStats>>>,
+    relay: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    wakers: Vec<Arc<inbox::Waker>>,
+}
+
+/// Fail early, with a message an operator can act on, when io_uring cannot be used at all.
+pub fn check_io_uring() -> Result<(), EdgeError> {
+    match io_uring::IoUring::new(2) {
+        Ok(_) => Ok(()),
+        Err(e) => match e.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::ENOSYS) | Some(libc::EACCES) => {
+                Err(EdgeError::IoUringUnavailable(e))
+            }
+            _ => Err(EdgeError::Setup(e)),
+        },
+    }
+}
+
+impl Gateway {
+    /// Bind every core's listener, start the cores and the relay, and return once every core
+    /// is serving (or the first error any of them hit).
+    pub fn start(config: Config) -> Result<Gateway, EdgeError> {
+        check_io_uring()?;
+        let config = Arc::new(config);
+        let count = config.worker_count();
+        let listeners =
+            listener::bind_all(config.listen, count, config.backlog).map_err(|source| {
+                EdgeError::Bind {
+                    addr: config.listen,
+                    source,
+                }
+            })?;
+        let local_addr = listeners[0].local_addr().map_err(EdgeError::Setup)?;
+        let shared = Arc::new(Shared::default());
+        let cpus = core_affinity::get_core_ids().unwrap_or_default();
+
+        let (relay_tx, relay_rx) = crossbeam_channel::bounded(config.relay_queue);
+        let mut inbox_txs = Vec::with_capacity(count);
+        let mut wakers = Vec::with_capacity(count);
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded(count);
+        let mut workers = Vec::with_capacity(count);
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let (inbox_tx, inbox_rx) = crossbeam_channel::unbounded();
+            let waker = Arc::new(inbox::Waker::new().map_err(EdgeError::Setup)?);
+            inbox_txs.push(inbox_tx);
+            wakers.push(waker.clone());
+            let setup = worker::WorkerSetup {
+                index,
+                cpu: (!cpus.is_empty()).then(|| cpus[index % cpus.len()]),
+                listener,
+                config: config.clone(),
+                relay: (config.upstream == Upstream::Echo).then(|| relay_tx.clone()),
+                inbox: inbox_rx,
+                waker,
+                shared: shared.clone(),
+            };
+            let ready = ready_tx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("ringway-core-{index}"))
+                .spawn(move || match worker::Worker::new(setup) {
+                    Ok(w) => {
+                        let _ = ready.send(Ok(()));
+                        w.run()
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
+                        Err(e)
+                    }
+                })
+                .map_err(EdgeError::Setup)?;
+            workers.push(handle);
+        }
+        drop(relay_tx);
+        let links = inbox::CoreLinks::new(inbox_txs, wakers.clone());
+        let relay = std::thread::Builder::new()
+            .name("ringway-relay".into())
+            .spawn(move || relay::echo::run(relay_rx, links))
+            .map_err(EdgeError::Setup)?;
+
+        let gateway = Gateway {
+            local_addr,
+            workers,
+            relay: Some(relay),
+            shared,
+            wakers,
+        };
+        for core in 0..count {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    gateway.begin_shutdown();
+                    let _ = gateway.join();
+                    let einval = e.raw_os_error() == Some(libc::EINVAL)
+                        || e.kind() == io::ErrorKind::InvalidInput;
+                    return Err(if einval {
+                        EdgeError::KernelTooOld(e)
+                    } else {
+                        EdgeError::Worker { core, source: e }
+                    });
+                }
+                Err(_) => return Err(EdgeError::WorkerPanicked(core)),
+            }
+        }
+        Ok(gateway)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Stop accepting, send 1001 to every client, and let the cores finish within the grace
+    /// period. Returns at once; [`Gateway::join`] waits.
+    pub fn begin_shutdown(&self) {
+        self.shared.draining.store(true, Ordering::Release);
+        for w in &self.wakers {
+            w.wake();
+        }
+    }
+
+    /// Wait for every core and the relay to finish. Returns the cores' counters.
+    pub fn join(mut self) -> Result<Vec<CoreStats>, EdgeError> {
+        let mut stats = Vec::new();
+        let mut first_error = None;
+        for (core, handle) in std::mem::take(&mut self.workers).into_iter().enumerate() {
+            match handle.join() {
+                Ok(Ok(s)) => stats.push(s),
+                Ok(Err(source)) => {
+                    first_error.get_or_insert(EdgeError::Worker { core, source });
+                }
+                Err(_) => {
+                    first_error.get_or_insert(EdgeError::WorkerPanicked(core));
+                }
+            }
+        }
+        // Every core dropped its relay sender, so the relay's receive loop ends.
+        if let Some(relay) = self.relay.take() {
+            let _ = relay.join();
+        }
+        first_error.map_or(Ok(stats), Err)
+    }
+}

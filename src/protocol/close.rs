@@ -72,10 +72,14 @@ mod tests {
 
     #[test]
     fn wire_codes_per_rfc_7_4() {
-        for code in [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 4999] {
+        for code in [
+            1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 4999,
+        ] {
             assert!(is_valid_wire_code(code), "{code} must be valid");
         }
-        for code in [0, 999, 1004, 1005, 1006, 1012, 1013, 1014, 1015, 1016, 2999, 5000, 65535] {
+        for code in [
+            0, 999, 1004, 1005, 1006, 1012, 1013, 1014, 1015, 1016, 2999, 5000, 65535,
+        ] {
             assert!(!is_valid_wire_code(code), "{code} must be invalid");
         }
     }

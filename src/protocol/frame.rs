@@ -66,7 +66,10 @@ pub struct FrameHeader {
 /// Decode one frame header from the start of `buf`. `Ok(None)`: not enough bytes yet.
 /// Checks, in wire order: RSV bits, opcode, control frame rules (FIN set, <= 125), 64-bit
 /// length MSB, masking per role, then `max_frame`.
-pub fn decode_header(buf: &[u8], rules: &HeaderRules) -> Result<Option<FrameHeader>, ProtocolError> {
+pub fn decode_header(
+    buf: &[u8],
+    rules: &HeaderRules,
+) -> Result<Option<FrameHeader>, ProtocolError> {
     todo!("{} {:?}", buf.len(), rules)
 }
 
@@ -91,7 +94,13 @@ pub fn write_server_frame(dst: &mut BytesMut, fin: bool, opcode: OpCode, payload
 }
 
 /// Append a masked (client) frame with `payload` to `dst`, masking it with `mask`.
-pub fn write_client_frame(dst: &mut BytesMut, fin: bool, opcode: OpCode, mask: [u8; 4], payload: &[u8]) {
+pub fn write_client_frame(
+    dst: &mut BytesMut,
+    fin: bool,
+    opcode: OpCode,
+    mask: [u8; 4],
+    payload: &[u8],
+) {
     todo!("{} {fin} {opcode:?} {mask:?} {}", dst.len(), payload.len())
 }
 

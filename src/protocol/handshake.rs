@@ -15,7 +15,10 @@ pub struct HandshakeLimits {
 
 impl Default for HandshakeLimits {
     fn default() -> Self {
-        HandshakeLimits { max_header_bytes: 8 * 1024, max_headers: 64 }
+        HandshakeLimits {
+            max_header_bytes: 8 * 1024,
+            max_headers: 64,
+        }
     }
 }
 

@@ -17,7 +17,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_frame: 64 * 1024, max_message: 64 * 1024 }
+        Limits {
+            max_frame: 64 * 1024,
+            max_message: 64 * 1024,
+        }
     }
 }
 
@@ -53,7 +56,10 @@ impl Payload<'_> {
 
 #[derive(Debug)]
 pub enum Event<'a> {
-    Message { kind: MessageKind, payload: Payload<'a> },
+    Message {
+        kind: MessageKind,
+        payload: Payload<'a>,
+    },
     Ping(&'a [u8]),
     Pong(&'a [u8]),
     /// A valid close frame: None when it carried no status code (then 1005 applies locally).
@@ -72,7 +78,11 @@ pub struct MessageDecoder {
 impl MessageDecoder {
     pub fn new(role: Role, limits: Limits) -> Self {
         MessageDecoder {
-            rules: HeaderRules { role, max_frame: limits.max_frame, allowed_rsv: 0 },
+            rules: HeaderRules {
+                role,
+                max_frame: limits.max_frame,
+                allowed_rsv: 0,
+            },
             limits,
             assembly: BytesMut::new(),
         }
@@ -87,7 +97,15 @@ impl MessageDecoder {
     /// Decode the next event from `input`, unmasking in place. Returns the bytes consumed
     /// and the event; with `None` the whole input was consumed (kept as needed) and more
     /// bytes are wanted. After an error the decoder must not be used again.
-    pub fn decode<'a>(&'a mut self, input: &'a mut [u8]) -> Result<(usize, Option<Event<'a>>), ProtocolError> {
-        todo!("{} {:?} {:?}", input.len(), self.limits, self.assembly.len())
+    pub fn decode<'a>(
+        &'a mut self,
+        input: &'a mut [u8],
+    ) -> Result<(usize, Option<Event<'a>>), ProtocolError> {
+        todo!(
+            "{} {:?} {:?}",
+            input.len(),
+            self.limits,
+            self.assembly.len()
+        )
     }
 }

@@ -1,0 +1,162 @@
+//! One client connection as its core sees it: where it is in its life (handshake, open,
+//! closing), its frame decoder, its outbound queue, and its deadlines. No io_uring here: the
+//! worker turns what this asks for into ring operations.
+
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::protocol::close::CloseHandshake;
+use crate::protocol::message::MessageDecoder;
+
+use super::ConnId;
+
+#[derive(Debug)]
+pub enum Phase {
+    /// Waiting for the complete upgrade request; bytes so far.
+    Handshake(BytesMut),
+    /// WebSocket frames flow.
+    Open,
+}
+
+pub struct Connection {
+    pub id: ConnId,
+    pub fd: RawFd,
+    pub phase: Phase,
+    pub decoder: MessageDecoder,
+    pub close: CloseHandshake,
+    /// Input is no longer read (protocol error, refused handshake, EOF).
+    pub reading_done: bool,
+    /// Drop TCP once the outbound queue is flushed.
+    pub close_after_flush: bool,
+    /// `shutdown(2)` was called; waiting for in-flight operations before `close(2)`.
+    pub shut: bool,
+    pub recv_armed: bool,
+    pub send_in_flight: bool,
+    /// Whether it counts towards the open-connection limit.
+    pub counted_open: bool,
+    /// Outbound bytes; the front `in_flight` items are being sent.
+    pub out: VecDeque<Bytes>,
+    pub out_bytes: usize,
+    /// Close code we sent, or received, for the relay's `Closed` event; 1006 until then.
+    pub close_code: u16,
+    pub accepted_ms: u64,
+    pub last_rx_ms: u64,
+    pub last_message_ms: u64,
+    pub ping_sent_ms: Option<u64>,
+    pub close_sent_ms: Option<u64>,
+    /// The time of this connection's earliest wheel entry, if any.
+    pub wheel_at: Option<u64>,
+    /// Queued on the core's list of connections with something to send.
+    pub dirty: bool,
+}
+
+impl Connection {
+    pub fn new(id: ConnId, fd: RawFd, decoder: MessageDecoder, now_ms: u64) -> Connection {
+        Connection {
+            id,
+            fd,
+            phase: Phase::Handshake(BytesMut::new()),
+            decoder,
+            close: CloseHandshake::default(),
+            reading_done: false,
+            close_after_flush: false,
+            shut: false,
+            recv_armed: false,
+            send_in_flight: false,
+            counted_open: false,
+            out: VecDeque::new(),
+            out_bytes: 0,
+            close_code: crate::protocol::close::ABNORMAL,
+            accepted_ms: now_ms,
+            last_rx_ms: now_ms,
+            last_message_ms: now_ms,
+            ping_sent_ms: None,
+            close_sent_ms: None,
+            wheel_at: None,
+            dirty: false,
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        matches!(self.phase, Phase::Open)
+    }
+
+    pub fn queue(&mut self, bytes: Bytes) {
+        self.out_bytes += bytes.len();
+        self.out.push_back(bytes);
+    }
+
+    /// Account for `sent` bytes having left, dropping fully sent items.
+    pub fn advance_out(&mut self, mut sent: usize) {
+        self.out_bytes -= sent;
+        while sent > 0 {
+            let front = self.out.front_mut().expect("sent more than was queued");
+            if front.len() <= sent {
+                sent -= front.len();
+                self.out.pop_front();
+            } else {
+                front.advance(sent);
+                sent = 0;
+            }
+        }
+        if self.out.is_empty() && self.out.capacity() > 16 {
+            // An idle connection should not keep a large queue allocation.
+            self.out = VecDeque::new();
+        }
+    }
+
+    /// Nothing more to do but drop TCP.
+    pub fn ready_to_shut(&self) -> bool {
+        !self.shut && self.close_after_flush && self.out.is_empty() && !self.send_in_flight
+    }
+
+    /// Every ring operation on the socket has finished; the slot may be freed.
+    pub fn finished(&self) -> bool {
+        self.shut && !self.recv_armed && !self.send_in_flight
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::frame::Role;
+    use crate::protocol::message::Limits;
+
+    fn conn() -> Connection {
+        Connection::new(
+            ConnId::new(0, 0, 0),
+            -1,
+            MessageDecoder::new(Role::Server, Limits::default()),
+            0,
+        )
+    }
+
+    #[test]
+    fn short_writes_advance_through_the_queue() {
+        let mut c = conn();
+        c.queue(Bytes::from_static(b"abc"));
+        c.queue(Bytes::from_static(b"defgh"));
+        assert_eq!(c.out_bytes, 8);
+        c.advance_out(4);
+        assert_eq!(c.out.len(), 1);
+        assert_eq!(&c.out[0][..], b"efgh");
+        assert_eq!(c.out_bytes, 4);
+        c.advance_out(4);
+        assert!(c.out.is_empty());
+        assert_eq!(c.out_bytes, 0);
+    }
+
+    #[test]
+    fn shut_only_after_flush() {
+        let mut c = conn();
+        c.close_after_flush = true;
+        c.queue(Bytes::from_static(b"x"));
+        assert!(!c.ready_to_shut());
+        c.advance_out(1);
+        assert!(c.ready_to_shut());
+        c.send_in_flight = true;
+        assert!(!c.ready_to_shut());
+    }
+}

@@ -1,0 +1,1092 @@
+//! One core's event loop: accepts on its own listener, receives into its provided-buffer
+//! ring, drives the protocol core over the bytes where the kernel put them, sends what
+//! connections queued, and answers the relay's replies from its inbox.
+//!
+//! Completions are matched by `user_data = op (8 bits) | generation (24 bits) | slot (32 bits)`.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use crate::config::{Config, Upstream};
+use crate::protocol::close;
+use crate::protocol::frame::{self, OpCode, Role, MAX_HEADER_LEN};
+use crate::protocol::handshake::{self, Parsed};
+use crate::protocol::message::{Event, MessageDecoder, MessageKind};
+use crate::relay::{ToEdge, ToUpstream};
+
+use super::buffers::{self, BufferRing};
+use super::connection::{Connection, Phase};
+use super::inbox::Waker;
+use super::timer::{self, TimerWheel};
+use super::{ConnId, Shared, GENERATION_MASK};
+
+const OP_ACCEPT: u64 = 1;
+const OP_RECV: u64 = 2;
+const OP_SEND: u64 = 3;
+const OP_TICK: u64 = 4;
+const OP_WAKE: u64 = 5;
+const OP_CANCEL: u64 = 6;
+
+const TICK_MS: u64 = 50;
+const MAX_IOV: usize = 64;
+
+fn user_data(op: u64, slot: u32, generation: u32) -> u64 {
+    (op << 56) | (u64::from(generation & GENERATION_MASK) << 32) | u64::from(slot)
+}
+
+fn split_user_data(ud: u64) -> (u64, u32, u32) {
+    (ud >> 56, ud as u32, ((ud >> 32) as u32) & GENERATION_MASK)
+}
+
+/// The iovecs and header of one in-flight `sendmsg`; boxed so their addresses stay put
+/// until the kernel completes the send.
+struct SendBuf {
+    msg: libc::msghdr,
+    iov: [libc::iovec; MAX_IOV],
+}
+
+impl SendBuf {
+    fn new() -> Box<SendBuf> {
+        Box::new(SendBuf {
+            // SAFETY: msghdr is a plain C struct for which all-zero is the empty value.
+            msg: unsafe { std::mem::zeroed() },
+            iov: [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; MAX_IOV],
+        })
+    }
+}
+
+/// Everything a worker thread needs, prepared by the thread that starts the gateway.
+pub struct WorkerSetup {
+    pub index: usize,
+    pub cpu: Option<core_affinity::CoreId>,
+    pub listener: TcpListener,
+    pub config: Arc<Config>,
+    pub relay: Option<Sender<ToUpstream>>,
+    pub inbox: Receiver<ToEdge>,
+    pub waker: Arc<Waker>,
+    pub shared: Arc<Shared>,
+}
+
+/// Counters kept by one core; only that core writes them.
+#[derive(Debug, Default)]
+pub struct CoreStats {
+    pub accepted: u64,
+    pub handshakes_ok: u64,
+    pub handshakes_rejected: u64,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub protocol_errors: u64,
+    pub stale_replies: u64,
+    pub closed: u64,
+}
+
+struct Slot {
+    generation: u32,
+    conn: Option<Connection>,
+}
+
+pub struct Worker {
+    index: usize,
+    core: Core,
+    // Field order matters for Drop: the buffer ring is unregistered (explicitly, in `run`)
+    // and unmapped before the io_uring goes.
+    buffers: BufferRing,
+    ring: IoUring,
+    listener: Option<TcpListener>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    live: usize,
+    wheel: TimerWheel,
+    due: Vec<timer::Entry>,
+    pending_sqes: Vec<squeue::Entry>,
+    cqes: Vec<(u64, i32, u32)>,
+    inbox: Receiver<ToEdge>,
+    waker: Arc<Waker>,
+    wake_buf: Box<u64>,
+    tick: Box<types::Timespec>,
+    send_pool: Vec<Box<SendBuf>>,
+    in_flight_sends: Vec<Option<Box<SendBuf>>>,
+    dirty: Vec<u32>,
+    recv_rearm: Vec<u32>,
+    accept_armed: bool,
+    accept_retry: bool,
+    start: Instant,
+    draining: Option<u64>,
+}
+
+/// Build the ring with the cheapest completion model the kernel offers.
+fn build_ring() -> io::Result<IoUring> {
+    let attempts: [fn(&mut io_uring::Builder); 3] = [
+        |b| {
+            b.setup_single_issuer()
+                .setup_defer_taskrun()
+                .setup_coop_taskrun();
+        },
+        |b| {
+            b.setup_coop_taskrun();
+        },
+        |_| {},
+    ];
+    let mut last = None;
+    for configure in attempts {
+        let mut builder = IoUring::builder();
+        builder.setup_cqsize(16384);
+        configure(&mut builder);
+        match builder.build(4096) {
+            Ok(ring) => return Ok(ring),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("io_uring setup failed")))
+}
+
+impl Worker {
+    pub fn new(setup: WorkerSetup) -> io::Result<Worker> {
+        if let Some(cpu) = setup.cpu {
+            core_affinity::set_for_current(cpu);
+        }
+        let ring = build_ring()?;
+        let buffers = BufferRing::new(
+            &ring,
+            setup.config.read_buffers,
+            setup.config.read_buffer_bytes,
+        )?;
+        let start = Instant::now();
+        Ok(Worker {
+            index: setup.index,
+            core: Core {
+                config: setup.config,
+                shared: setup.shared,
+                relay: setup.relay,
+                relay_backlog: VecDeque::new(),
+                arena: BytesMut::new(),
+                stats: CoreStats::default(),
+                now_ms: 0,
+            },
+            buffers,
+            ring,
+            listener: Some(setup.listener),
+            slots: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            wheel: TimerWheel::new(0, TICK_MS, 4096),
+            due: Vec::new(),
+            pending_sqes: Vec::new(),
+            cqes: Vec::with_capacity(1024),
+            inbox: setup.inbox,
+            waker: setup.waker,
+            wake_buf: Box::new(0),
+            tick: Box::new(types::Timespec::new().nsec((TICK_MS * 1_000_000) as u32)),
+            send_pool: Vec::new(),
+            in_flight_sends: Vec::new(),
+            dirty: Vec::new(),
+            recv_rearm: Vec::new(),
+            accept_armed: false,
+            accept_retry: false,
+            start,
+            draining: None,
+        })
+    }
+
+    /// Serve until the gateway drains and every connection is gone.
+    pub fn run(mut self) -> io::Result<CoreStats> {
+        self.arm_accept();
+        self.arm_wake();
+        self.arm_tick();
+        let result = self.event_loop();
+        self.buffers.unregister(&self.ring);
+        result.map(|()| self.core.stats)
+    }
+
+    fn event_loop(&mut self) -> io::Result<()> {
+        loop {
+            self.flush_sqes()?;
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => return Err(e),
+            }
+            self.core.now_ms = self.start.elapsed().as_millis() as u64;
+            self.cqes.clear();
+            self.cqes.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
+            let cqes = std::mem::take(&mut self.cqes);
+            for &(ud, res, flags) in &cqes {
+                self.complete(ud, res, flags);
+            }
+            self.cqes = cqes;
+            self.flush_relay_backlog();
+            self.run_timers();
+            self.rearm_recvs();
+            self.flush_sends();
+            self.buffers.publish();
+            if self.draining.is_none() && self.core.shared.draining.load(Ordering::Acquire) {
+                self.begin_drain();
+            }
+            if let Some(deadline) = self.draining {
+                if self.live == 0 {
+                    return Ok(());
+                }
+                if self.core.now_ms >= deadline {
+                    self.force_close_all();
+                }
+            }
+        }
+    }
+
+    // ----- ring plumbing -----
+
+    fn push(&mut self, sqe: squeue::Entry) {
+        self.pending_sqes.push(sqe);
+    }
+
+    fn flush_sqes(&mut self) -> io::Result<()> {
+        let mut i = 0;
+        while i < self.pending_sqes.len() {
+            {
+                let mut sq = self.ring.submission();
+                while i < self.pending_sqes.len() {
+                    // SAFETY: every entry built by this worker points only at memory that
+                    // outlives the operation: the socket fds stay open until the operation's
+                    // completion has been seen (`Connection::finished`), send iovecs live in a
+                    // boxed SendBuf held in `in_flight_sends` until the send completes, and the
+                    // tick timespec and wake buffer are boxed fields of the worker, which waits
+                    // for every operation before it returns.
+                    if unsafe { sq.push(&self.pending_sqes[i]) }.is_err() {
+                        break;
+                    }
+                    i += 1;
+                }
+            }
+            if i < self.pending_sqes.len() {
+                self.ring.submit()?;
+            }
+        }
+        self.pending_sqes.clear();
+        Ok(())
+    }
+
+    fn arm_accept(&mut self) {
+        if let Some(l) = &self.listener {
+            let sqe = opcode::AcceptMulti::new(types::Fd(l.as_raw_fd()))
+                .flags(libc::SOCK_CLOEXEC)
+                .build()
+                .user_data(user_data(OP_ACCEPT, 0, 0));
+            self.push(sqe);
+            self.accept_armed = true;
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        let buf: *mut u64 = &mut *self.wake_buf;
+        let sqe = opcode::Read::new(types::Fd(self.waker.raw_fd()), buf.cast(), 8)
+            .build()
+            .user_data(user_data(OP_WAKE, 0, 0));
+        self.push(sqe);
+    }
+
+    fn arm_tick(&mut self) {
+        let ts: *const types::Timespec = &*self.tick;
+        let sqe = opcode::Timeout::new(ts)
+            .build()
+            .user_data(user_data(OP_TICK, 0, 0));
+        self.push(sqe);
+    }
+
+    fn arm_recv(&mut self, slot: u32) {
+        let generation = self.slots[slot as usize].generation;
+        let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
+            return;
+        };
+        if conn.recv_armed || conn.shut || conn.reading_done {
+            return;
+        }
+        conn.recv_armed = true;
+        let sqe = opcode::RecvMulti::new(types::Fd(conn.fd), buffers::GROUP)
+            .build()
+            .user_data(user_data(OP_RECV, slot, generation));
+        self.push(sqe);
+    }
+
+    fn rearm_recvs(&mut self) {
+        let slots = std::mem::take(&mut self.recv_rearm);
+        for &slot in &slots {
+            self.arm_recv(slot);
+        }
+        self.recv_rearm = slots;
+        self.recv_rearm.clear();
+    }
+
+    // ----- completions -----
+
+    fn complete(&mut self, ud: u64, res: i32, flags: u32) {
+        let (op, slot, generation) = split_user_data(ud);
+        match op {
+            OP_ACCEPT => self.on_accept(res, flags),
+            OP_RECV => self.on_recv(slot, generation, res, flags),
+            OP_SEND => self.on_send(slot, generation, res),
+            OP_TICK => {
+                if self.draining.is_none() || self.live > 0 {
+                    self.arm_tick();
+                }
+                if self.accept_retry {
+                    self.accept_retry = false;
+                    self.arm_accept();
+                }
+            }
+            OP_WAKE => self.on_wake(res),
+            OP_CANCEL => {}
+            _ => tracing::error!(core = self.index, ud, "completion with unknown user_data"),
+        }
+    }
+
+    fn on_accept(&mut self, res: i32, flags: u32) {
+        if !cqueue::more(flags) {
+            self.accept_armed = false;
+        }
+        if res >= 0 {
+            self.new_connection(res);
+        } else if res != -libc::ECANCELED {
+            let err = io::Error::from_raw_os_error(-res);
+            match -res {
+                libc::EMFILE | libc::ENFILE => tracing::warn!(
+                    core = self.index,
+                    "accept failed: {err}; raise LimitNOFILE / fs.file-max; retrying"
+                ),
+                _ => tracing::warn!(core = self.index, "accept failed: {err}"),
+            }
+        }
+        if !self.accept_armed && self.draining.is_none() && self.listener.is_some() {
+            // Retry on the next tick rather than spin on a persistent error.
+            if res < 0 {
+                self.accept_retry = true;
+            } else {
+                self.arm_accept();
+            }
+        }
+    }
+
+    fn new_connection(&mut self, fd: RawFd) {
+        self.core.stats.accepted += 1;
+        if self.draining.is_some() {
+            // SAFETY: fd was just accepted and is owned by nobody else.
+            unsafe { libc::close(fd) };
+            return;
+        }
+        set_nodelay(fd);
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(Slot {
+                    generation: 0,
+                    conn: None,
+                });
+                self.slots.len() as u32 - 1
+            }
+        };
+        let generation = self.slots[slot as usize].generation;
+        let id = ConnId::new(self.index as u8, slot, generation);
+        let decoder = MessageDecoder::new(Role::Server, self.core.config.message_limits());
+        let conn = Connection::new(id, fd, decoder, self.core.now_ms);
+        self.slots[slot as usize].conn = Some(conn);
+        self.live += 1;
+        tracing::debug!(conn = %id, "accepted");
+        self.arm_recv(slot);
+        self.arm_timer(slot);
+    }
+
+    fn on_recv(&mut self, slot: u32, generation: u32, res: i32, flags: u32) {
+        let bid = cqueue::buffer_select(flags);
+        let more = cqueue::more(flags);
+        let now = self.core.now_ms;
+        let Some(conn) = conn_in(&mut self.slots, slot, generation) else {
+            if let Some(bid) = bid {
+                self.buffers.recycle(bid);
+            }
+            return;
+        };
+        if !more {
+            conn.recv_armed = false;
+        }
+        if res > 0 {
+            let bid = bid.expect("a multishot recv with data names its buffer");
+            if !conn.reading_done && !conn.shut {
+                conn.last_rx_ms = now;
+                let data = self.buffers.filled(bid, res as usize);
+                // Split the borrow: the buffer ring lends the bytes, the context does the rest.
+                let conn = self.slots[slot as usize]
+                    .conn
+                    .as_mut()
+                    .expect("checked above");
+                self.core.on_bytes(conn, data);
+            }
+            self.buffers.recycle(bid);
+            if !more {
+                self.recv_rearm.push(slot);
+            }
+        } else if res == -libc::ENOBUFS {
+            // The ring ran dry within this batch; the buffers are back once it is processed.
+            self.recv_rearm.push(slot);
+        } else {
+            // 0: the client closed its side; < 0: reset or cancelled.
+            if let Some(bid) = bid {
+                self.buffers.recycle(bid);
+            }
+            let conn = self.slots[slot as usize]
+                .conn
+                .as_mut()
+                .expect("checked above");
+            if res == 0 || res != -libc::ECANCELED {
+                conn.reading_done = true;
+                if !conn.shut {
+                    tracing::debug!(conn = %conn.id, "peer closed the TCP connection");
+                }
+            }
+            if !conn.shut {
+                // Nothing more will come in; send what is queued, then drop TCP.
+                conn.close_after_flush = true;
+                if res < 0 && res != -libc::ECANCELED {
+                    conn.out.clear();
+                    conn.out_bytes = 0;
+                }
+            }
+        }
+        self.after_event(slot);
+    }
+
+    fn on_send(&mut self, slot: u32, generation: u32, res: i32) {
+        if let Some(buf) = self
+            .in_flight_sends
+            .get_mut(slot as usize)
+            .and_then(Option::take)
+        {
+            self.send_pool.push(buf);
+        }
+        let Some(conn) = conn_in(&mut self.slots, slot, generation) else {
+            return;
+        };
+        conn.send_in_flight = false;
+        if res < 0 {
+            // EPIPE/ECONNRESET: the client is gone; what is queued cannot be delivered.
+            conn.out.clear();
+            conn.out_bytes = 0;
+            conn.reading_done = true;
+            conn.close_after_flush = true;
+        } else {
+            conn.advance_out(res as usize);
+            if !conn.out.is_empty() && !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(slot);
+            }
+        }
+        self.after_event(slot);
+    }
+
+    fn on_wake(&mut self, res: i32) {
+        if res < 0 && res != -libc::EINTR {
+            tracing::error!(
+                core = self.index,
+                "inbox wake-up read failed: {}",
+                io::Error::from_raw_os_error(-res)
+            );
+        }
+        while let Ok(msg) = self.inbox.try_recv() {
+            self.on_reply(msg);
+        }
+        self.arm_wake();
+    }
+
+    fn on_reply(&mut self, msg: ToEdge) {
+        let id = msg.conn();
+        let slot = id.slot();
+        let open = conn_in(&mut self.slots, slot, id.generation())
+            .filter(|c| c.id == id && c.is_open() && !c.close.close_sent() && !c.shut);
+        let Some(conn) = open else {
+            self.core.stats.stale_replies += 1;
+            return;
+        };
+        match msg {
+            ToEdge::Send { kind, payload, .. } => {
+                let frame = self.core.encode(opcode_for(kind), &payload);
+                self.core.queue_data(conn, frame);
+            }
+            ToEdge::Close { code, reason, .. } => self.core.start_close(conn, code, &reason),
+        }
+        self.after_event(slot);
+    }
+
+    /// After anything happened on a connection: schedule its send, its timer, or its end.
+    fn after_event(&mut self, slot: u32) {
+        let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
+            return;
+        };
+        if !conn.out.is_empty() && !conn.send_in_flight && !conn.dirty && !conn.shut {
+            conn.dirty = true;
+            self.dirty.push(slot);
+        }
+        if conn.ready_to_shut() {
+            self.shut(slot);
+        }
+        let finished = self.slots[slot as usize]
+            .conn
+            .as_ref()
+            .is_some_and(Connection::finished);
+        if finished {
+            self.free_slot(slot);
+        } else {
+            self.arm_timer(slot);
+        }
+    }
+
+    /// Stop all traffic on the socket; the slot is freed once in-flight operations complete.
+    fn shut(&mut self, slot: u32) {
+        let generation = self.slots[slot as usize].generation;
+        let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
+            return;
+        };
+        if conn.shut {
+            return;
+        }
+        conn.shut = true;
+        conn.reading_done = true;
+        // SAFETY: shutdown(2) on a socket fd we own has no memory preconditions.
+        unsafe { libc::shutdown(conn.fd, libc::SHUT_RDWR) };
+        if conn.recv_armed {
+            let sqe = opcode::AsyncCancel::new(user_data(OP_RECV, slot, generation))
+                .build()
+                .user_data(user_data(OP_CANCEL, slot, generation));
+            self.push(sqe);
+        }
+    }
+
+    fn free_slot(&mut self, slot: u32) {
+        let s = &mut self.slots[slot as usize];
+        let Some(conn) = s.conn.take() else { return };
+        s.generation = (s.generation + 1) & GENERATION_MASK;
+        self.free.push(slot);
+        self.live -= 1;
+        self.core.stats.closed += 1;
+        // SAFETY: every ring operation on this fd has completed (`Connection::finished`), and
+        // the fd is owned by this connection alone.
+        unsafe { libc::close(conn.fd) };
+        if conn.counted_open {
+            self.core.shared.open.fetch_sub(1, Ordering::Relaxed);
+            if let Some(relay) = &self.core.relay {
+                let event = ToUpstream::Closed {
+                    conn: conn.id,
+                    code: conn.close_code,
+                };
+                if let Err(TrySendError::Full(event)) = relay.try_send(event) {
+                    self.core.relay_backlog.push_back(event);
+                }
+            }
+        }
+        tracing::debug!(conn = %conn.id, code = conn.close_code, "closed");
+    }
+
+    fn flush_sends(&mut self) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for &slot in &dirty {
+            self.start_send(slot);
+        }
+        self.dirty = dirty;
+        self.dirty.clear();
+    }
+
+    /// One `sendmsg` per connection in flight; everything queued meanwhile leaves together.
+    fn start_send(&mut self, slot: u32) {
+        let generation = self.slots[slot as usize].generation;
+        let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
+            return;
+        };
+        conn.dirty = false;
+        if conn.send_in_flight || conn.out.is_empty() || conn.shut {
+            return;
+        }
+        let mut buf = self.send_pool.pop().unwrap_or_else(SendBuf::new);
+        let mut n = 0;
+        for item in conn.out.iter().take(MAX_IOV) {
+            buf.iov[n] = libc::iovec {
+                iov_base: item.as_ptr() as *mut libc::c_void,
+                iov_len: item.len(),
+            };
+            n += 1;
+        }
+        buf.msg.msg_iov = buf.iov.as_mut_ptr();
+        buf.msg.msg_iovlen = n as _;
+        conn.send_in_flight = true;
+        let sqe = opcode::SendMsg::new(types::Fd(conn.fd), &buf.msg)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(user_data(OP_SEND, slot, generation));
+        if self.in_flight_sends.len() <= slot as usize {
+            self.in_flight_sends.resize_with(slot as usize + 1, || None);
+        }
+        // The queued Bytes the iovecs point at stay in `conn.out`, untouched, until completion.
+        self.in_flight_sends[slot as usize] = Some(buf);
+        self.push(sqe);
+    }
+
+    fn flush_relay_backlog(&mut self) {
+        let Some(relay) = &self.core.relay else {
+            return;
+        };
+        while let Some(msg) = self.core.relay_backlog.pop_front() {
+            match relay.try_send(msg) {
+                Ok(()) => {}
+                Err(TrySendError::Full(msg)) => {
+                    self.core.relay_backlog.push_front(msg);
+                    break;
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    tracing::error!(
+                        core = self.index,
+                        "the relay thread is gone; dropping its queue"
+                    );
+                    self.core.relay_backlog.clear();
+                    break;
+                }
+            }
+        }
+    }
+
+    // ----- timers -----
+
+    fn arm_timer(&mut self, slot: u32) {
+        let generation = self.slots[slot as usize].generation;
+        let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
+            return;
+        };
+        let Some(at) = next_deadline(conn, &self.core.config, self.draining) else {
+            return;
+        };
+        if conn.wheel_at.is_none_or(|t| at < t) {
+            conn.wheel_at = Some(at);
+            self.wheel.schedule(timer::Entry {
+                slot,
+                generation,
+                at_ms: at,
+            });
+        }
+    }
+
+    fn run_timers(&mut self) {
+        let mut due = std::mem::take(&mut self.due);
+        self.wheel.advance(self.core.now_ms, &mut due);
+        for entry in due.drain(..) {
+            let now = self.core.now_ms;
+            let draining = self.draining;
+            let Some(conn) = conn_in(&mut self.slots, entry.slot, entry.generation) else {
+                continue;
+            };
+            if conn.wheel_at != Some(entry.at_ms) {
+                continue; // superseded by an earlier entry
+            }
+            conn.wheel_at = None;
+            if entry.at_ms <= now {
+                let fire =
+                    next_deadline(conn, &self.core.config, draining).is_some_and(|d| d <= now);
+                if fire {
+                    self.on_deadline(entry.slot);
+                }
+            }
+            self.after_event(entry.slot);
+        }
+        self.due = due;
+    }
+
+    fn on_deadline(&mut self, slot: u32) {
+        let now = self.core.now_ms;
+        let conn = self.slots[slot as usize]
+            .conn
+            .as_mut()
+            .expect("caller checked");
+        if conn.close_sent_ms.is_some() || conn.close_after_flush {
+            // The client did not answer our close, or will not read what we queued.
+            tracing::debug!(conn = %conn.id, "close linger expired; dropping TCP");
+            self.shut(slot);
+            return;
+        }
+        match conn.phase {
+            Phase::Handshake(_) => {
+                tracing::debug!(conn = %conn.id, "handshake timed out");
+                self.core.stats.handshakes_rejected += 1;
+                conn.queue(handshake::error_response(
+                    408,
+                    "handshake not completed in time",
+                    &[],
+                ));
+                conn.reading_done = true;
+                conn.close_after_flush = true;
+                // Give the 408 one linger period to leave, then drop regardless.
+                conn.close_sent_ms = Some(now);
+            }
+            Phase::Open => {
+                let cfg = self.core.config.clone();
+                if let Some(sent) = conn.ping_sent_ms {
+                    if cfg.pong_timeout_ms > 0 && now >= sent + cfg.pong_timeout_ms {
+                        self.core
+                            .start_close(conn, close::GOING_AWAY, "no pong received");
+                        return;
+                    }
+                }
+                if cfg.idle_timeout_ms > 0 && now >= conn.last_message_ms + cfg.idle_timeout_ms {
+                    self.core
+                        .start_close(conn, close::GOING_AWAY, "idle timeout");
+                    return;
+                }
+                if cfg.ping_interval_ms > 0
+                    && conn.ping_sent_ms.is_none()
+                    && now >= conn.last_rx_ms + cfg.ping_interval_ms
+                {
+                    let ping = self.core.encode(OpCode::Ping, b"");
+                    conn.queue(ping);
+                    conn.ping_sent_ms = Some(now);
+                }
+            }
+        }
+    }
+
+    // ----- shutdown -----
+
+    fn begin_drain(&mut self) {
+        let deadline = self.core.now_ms + self.core.config.shutdown_grace_ms;
+        self.draining = Some(deadline);
+        if self.accept_armed {
+            let sqe = opcode::AsyncCancel::new(user_data(OP_ACCEPT, 0, 0))
+                .build()
+                .user_data(user_data(OP_CANCEL, 0, 0));
+            self.push(sqe);
+        }
+        // Closing our listener makes the kernel send new connections to no one on this core;
+        // the ring keeps its own reference until the accept is cancelled.
+        self.listener = None;
+        for slot in 0..self.slots.len() as u32 {
+            let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
+                continue;
+            };
+            if conn.shut {
+                continue;
+            }
+            if conn.is_open() && !conn.close_after_flush {
+                self.core
+                    .start_close(conn, close::GOING_AWAY, "server shutting down");
+            } else if !conn.is_open() {
+                self.shut(slot);
+            }
+            // Deadlines moved: the wheel must look at this connection by the drain deadline.
+            if let Some(conn) = self.slots[slot as usize].conn.as_mut() {
+                conn.wheel_at = None;
+            }
+            self.after_event(slot);
+        }
+        tracing::info!(
+            core = self.index,
+            open = self.live,
+            "draining: sent 1001 to every client"
+        );
+    }
+
+    fn force_close_all(&mut self) {
+        for slot in 0..self.slots.len() as u32 {
+            if self.slots[slot as usize].conn.is_some() {
+                self.shut(slot);
+                self.after_event(slot);
+            }
+        }
+    }
+}
+
+/// The connection in `slot` if it is still the same generation.
+fn conn_in(slots: &mut [Slot], slot: u32, generation: u32) -> Option<&mut Connection> {
+    let s = slots.get_mut(slot as usize)?;
+    if s.generation != generation {
+        return None;
+    }
+    s.conn.as_mut()
+}
+
+fn set_nodelay(fd: RawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: fd is a TCP socket we own; the option value points at a live c_int of the
+    // length given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!("TCP_NODELAY failed: {}", io::Error::last_os_error());
+    }
+}
+
+fn opcode_for(kind: MessageKind) -> OpCode {
+    match kind {
+        MessageKind::Text => OpCode::Text,
+        MessageKind::Binary => OpCode::Binary,
+    }
+}
+
+/// When the wheel must next look at `conn`, given where it is in its life.
+fn next_deadline(conn: &Connection, config: &Config, draining: Option<u64>) -> Option<u64> {
+    if conn.shut {
+        return None;
+    }
+    if conn.close_sent_ms.is_some() || conn.close_after_flush {
+        let linger = conn.close_sent_ms.unwrap_or(conn.last_rx_ms) + config.close_linger_ms;
+        return Some(match draining {
+            Some(d) if conn.is_open() && !conn.close.close_received() => d.max(linger),
+            _ => linger,
+        });
+    }
+    match conn.phase {
+        Phase::Handshake(_) => Some(conn.accepted_ms + config.handshake_timeout_ms),
+        Phase::Open => {
+            let mut at: Option<u64> = None;
+            let mut consider = |t: u64| at = Some(at.map_or(t, |a| a.min(t)));
+            if config.ping_interval_ms > 0 {
+                match conn.ping_sent_ms {
+                    Some(sent) if config.pong_timeout_ms > 0 => {
+                        consider(sent + config.pong_timeout_ms)
+                    }
+                    Some(_) => {}
+                    None => consider(conn.last_rx_ms + config.ping_interval_ms),
+                }
+            }
+            if config.idle_timeout_ms > 0 {
+                consider(conn.last_message_ms + config.idle_timeout_ms);
+            }
+            at
+        }
+    }
+}
+
+/// What processing a connection's bytes needs from its core, kept apart from the connection
+/// slab and the buffer ring so both can be borrowed at once.
+struct Core {
+    config: Arc<Config>,
+    shared: Arc<Shared>,
+    relay: Option<Sender<ToUpstream>>,
+    relay_backlog: VecDeque<ToUpstream>,
+    arena: BytesMut,
+    stats: CoreStats,
+    now_ms: u64,
+}
+
+impl Core {
+    /// Encode a server frame into the core's arena: frames share its allocations, so a
+    /// reply costs no allocation of its own.
+    fn encode(&mut self, opcode: OpCode, payload: &[u8]) -> Bytes {
+        if self.arena.capacity() < MAX_HEADER_LEN + payload.len() {
+            self.arena
+                .reserve((MAX_HEADER_LEN + payload.len()).max(64 * 1024));
+        }
+        frame::write_server_frame(&mut self.arena, true, opcode, payload);
+        self.arena.split().freeze()
+    }
+
+    fn to_relay(&mut self, msg: ToUpstream) {
+        let Some(relay) = &self.relay else { return };
+        if !self.relay_backlog.is_empty() {
+            self.relay_backlog.push_back(msg);
+            return;
+        }
+        match relay.try_send(msg) {
+            Ok(()) => {}
+            Err(TrySendError::Full(msg)) => self.relay_backlog.push_back(msg),
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    /// Queue a data frame, closing the connection 1008 if the client does not keep up.
+    fn queue_data(&mut self, conn: &mut Connection, frame: Bytes) {
+        if conn.out_bytes + frame.len() > self.config.send_queue_bytes {
+            tracing::debug!(conn = %conn.id, queued = conn.out_bytes, "slow consumer");
+            self.start_close(conn, close::POLICY_VIOLATION, "slow consumer");
+            return;
+        }
+        self.stats.messages_out += 1;
+        conn.queue(frame);
+    }
+
+    /// Send our close frame (once) and wait for the client's, up to the linger time.
+    fn start_close(&mut self, conn: &mut Connection, code: u16, reason: &str) {
+        if conn.close.send() {
+            let (payload, len) = frame::close_payload(code, reason);
+            let f = self.encode(OpCode::Close, &payload[..len]);
+            conn.queue(f);
+            conn.close_code = code;
+            conn.close_sent_ms = Some(self.now_ms);
+        }
+        if conn.close.is_done() {
+            conn.close_after_flush = true;
+        }
+    }
+
+    fn on_bytes(&mut self, conn: &mut Connection, data: &mut [u8]) {
+        match &mut conn.phase {
+            Phase::Handshake(buf) => {
+                buf.extend_from_slice(data);
+                let mut request_bytes = std::mem::take(buf);
+                self.on_handshake_bytes(conn, &mut request_bytes);
+            }
+            Phase::Open => self.on_frames(conn, data),
+        }
+    }
+
+    fn on_handshake_bytes(&mut self, conn: &mut Connection, buf: &mut BytesMut) {
+        let reject = |core: &mut Self,
+                      conn: &mut Connection,
+                      response: Bytes,
+                      why: &dyn std::fmt::Display| {
+            tracing::debug!(conn = %conn.id, "handshake refused: {why}");
+            core.stats.handshakes_rejected += 1;
+            conn.queue(response);
+            conn.reading_done = true;
+            conn.close_after_flush = true;
+        };
+        match handshake::parse_request(buf, &self.config.handshake_limits()) {
+            Ok(Parsed::Partial) => conn.phase = Phase::Handshake(std::mem::take(buf)),
+            Err(e) => reject(self, conn, e.response(), &e),
+            Ok(Parsed::Complete { request, consumed }) => {
+                let open = self.shared.open.fetch_add(1, Ordering::Relaxed);
+                if open >= self.config.max_connections {
+                    self.shared.open.fetch_sub(1, Ordering::Relaxed);
+                    let response = handshake::error_response(
+                        503,
+                        "connection limit reached",
+                        &[("Retry-After", "5")],
+                    );
+                    reject(self, conn, response, &"connection limit reached");
+                    return;
+                }
+                conn.counted_open = true;
+                self.stats.handshakes_ok += 1;
+                conn.queue(handshake::response_101(&request, None));
+                conn.phase = Phase::Open;
+                conn.last_message_ms = self.now_ms;
+                tracing::debug!(conn = %conn.id, path = %request.path, "open");
+                self.to_relay(ToUpstream::Open {
+                    conn: conn.id,
+                    path: request.path,
+                });
+                let mut rest = buf.split_off(consumed);
+                if !rest.is_empty() {
+                    self.on_frames(conn, &mut rest);
+                }
+            }
+        }
+    }
+
+    /// Decode frames where they lie, unmasking in place, and act on each event.
+    fn on_frames(&mut self, conn: &mut Connection, data: &mut [u8]) {
+        let mut off = 0;
+        while off < data.len() && !conn.reading_done {
+            let accepts_data = conn.close.accepts_data();
+            let (n, event) = match conn.decoder.decode(&mut data[off..]) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.stats.protocol_errors += 1;
+                    tracing::debug!(conn = %conn.id, "protocol error: {e}");
+                    conn.reading_done = true;
+                    let reason = e.to_string();
+                    self.start_close(conn, e.close_code(), &reason);
+                    conn.close_after_flush = true;
+                    return;
+                }
+            };
+            off += n;
+            let Some(event) = event else { break };
+            let action = match event {
+                Event::Message { kind, payload } => {
+                    self.stats.messages_in += 1;
+                    if !accepts_data {
+                        Action::None
+                    } else {
+                        match self.config.upstream {
+                            Upstream::LocalEcho => {
+                                Action::Data(self.encode(opcode_for(kind), payload.as_slice()))
+                            }
+                            Upstream::Echo => Action::Relay(ToUpstream::Message {
+                                conn: conn.id,
+                                kind,
+                                payload: payload.into_bytes(),
+                            }),
+                        }
+                    }
+                }
+                Event::Ping(p) if !conn.close.close_sent() => {
+                    Action::Control(self.encode(OpCode::Pong, p))
+                }
+                Event::Ping(_) => Action::None,
+                Event::Pong(_) => Action::Pong,
+                Event::Close(c) => {
+                    let (code, reason) = c.map_or((close::NO_STATUS, String::new()), |(c, r)| {
+                        (c, r.to_string())
+                    });
+                    Action::Close(code, reason)
+                }
+            };
+            match action {
+                Action::None => {}
+                Action::Data(frame) => {
+                    conn.last_message_ms = self.now_ms;
+                    self.queue_data(conn, frame);
+                }
+                Action::Relay(msg) => {
+                    conn.last_message_ms = self.now_ms;
+                    self.to_relay(msg);
+                }
+                Action::Control(frame) => conn.queue(frame),
+                Action::Pong => conn.ping_sent_ms = None,
+                Action::Close(code, reason) => {
+                    tracing::debug!(conn = %conn.id, code, reason = %reason, "client sent close");
+                    if conn.close.receive() {
+                        // RFC 6455 §5.5.1: answer with a close echoing the status code.
+                        if conn.close.send() {
+                            let f = if code == close::NO_STATUS {
+                                self.encode(OpCode::Close, b"")
+                            } else {
+                                self.encode(OpCode::Close, &code.to_be_bytes())
+                            };
+                            conn.queue(f);
+                        }
+                        conn.close_code = code;
+                    }
+                    conn.reading_done = true;
+                    conn.close_after_flush = true;
+                }
+            }
+        }
+    }
+}
+
+enum Action {
+    None,
+    Data(Bytes),
+    Relay(ToUpstream),
+    Control(Bytes),
+    Pong,
+    Close(u16, String),
+}
