@@ -1,9 +1,16 @@
 //! The HTTP/1.1 Upgrade handshake (RFC 6455 §4.2): request bytes in, a parsed request or a
 //! refusal with a status and reason out; the 101 response built for the accepted ones.
 //!
-//! STUB API (bodies to be written): keep these signatures; add what you need.
+//! First stop of every connection's bytes. The edge calls [`parse_request`] with everything
+//! received so far on each read (no parser state to keep per connection); once it is
+//! `Complete`, the bytes past `consumed` go to the frame decoder. Header bytes and field counts
+//! are capped by [`HandshakeLimits`], so a slow or hostile client costs bounded memory.
 
-use bytes::Bytes;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use bytes::{BufMut, Bytes, BytesMut};
+use sha1::{Digest, Sha1};
+use std::fmt::Write as _;
 
 #[derive(Debug, Clone, Copy)]
 pub struct HandshakeLimits {
@@ -26,6 +33,7 @@ impl Default for HandshakeLimits {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExtensionOffer {
     pub name: String,
+    /// Parameters in order; quoted-string values are unescaped (RFC 6455 §9.1).
     pub params: Vec<(String, Option<String>)>,
 }
 
@@ -37,6 +45,7 @@ pub struct Request {
     pub host: String,
     pub origin: Option<String>,
     pub key: String,
+    /// Offered subprotocols in the client's order of preference (RFC 6455 §4.2.1 item 8).
     pub protocols: Vec<String>,
     pub extensions: Vec<ExtensionOffer>,
     /// All header fields as sent (name as sent, value bytes), for policy that needs others.
@@ -44,22 +53,92 @@ pub struct Request {
 }
 
 /// Why a request is refused; each maps to a status code and a short reason for the client.
+///
+/// The `Display` text is the body sent to the client, so it never echoes header values.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HandshakeError {
     #[error("request headers exceed {limit} bytes")]
     HeadersTooLarge { limit: usize },
+    #[error("more than {limit} request header fields")]
+    TooManyHeaders { limit: usize },
     #[error("malformed HTTP request: {0}")]
     Malformed(String),
+    #[error("method {0} not allowed; a WebSocket handshake uses GET")]
+    MethodNotAllowed(String),
+    #[error("HTTP/1.1 required")]
+    HttpVersion,
+    #[error("absolute-form request target not accepted; send the path")]
+    AbsoluteTarget,
+    #[error("request target must be a path starting with /")]
+    InvalidTarget,
+    #[error("request target must not contain a fragment")]
+    FragmentInTarget,
+    #[error("missing Host header")]
+    MissingHost,
+    #[error("duplicate {0} header")]
+    DuplicateHeader(&'static str),
+    #[error("invalid {0} header")]
+    InvalidHeaderValue(&'static str),
+    #[error("Upgrade: websocket required")]
+    NotWebSocketUpgrade,
+    #[error("Connection header must include Upgrade")]
+    MissingConnectionUpgrade,
+    #[error("missing Sec-WebSocket-Version header")]
+    MissingVersion,
+    /// Holds the offered version for logs; the client is only told what we speak.
+    #[error("unsupported Sec-WebSocket-Version; this server speaks 13")]
+    UnsupportedVersion(String),
+    #[error("missing Sec-WebSocket-Key header")]
+    MissingKey,
+    #[error("Sec-WebSocket-Key must be base64 of 16 bytes")]
+    InvalidKey,
+    #[error("a handshake request must not have a body")]
+    BodyNotAllowed,
+    #[error("invalid Sec-WebSocket-Protocol: {0}")]
+    InvalidProtocol(&'static str),
+    #[error("invalid Sec-WebSocket-Extensions: {0}")]
+    InvalidExtensions(&'static str),
 }
 
 impl HandshakeError {
     /// The HTTP status for this refusal (400, 405, 426, 431, ...).
     pub fn status(&self) -> u16 {
-        todo!()
+        use HandshakeError::*;
+        match self {
+            HeadersTooLarge { .. } | TooManyHeaders { .. } => 431,
+            MethodNotAllowed(_) => 405,
+            // RFC 6455 §4.2.2 step 4 / §4.4: tell the client which version we speak.
+            NotWebSocketUpgrade | MissingVersion | UnsupportedVersion(_) => 426,
+            Malformed(_)
+            | HttpVersion
+            | AbsoluteTarget
+            | InvalidTarget
+            | FragmentInTarget
+            | MissingHost
+            | DuplicateHeader(_)
+            | InvalidHeaderValue(_)
+            | MissingConnectionUpgrade
+            | MissingKey
+            | InvalidKey
+            | BodyNotAllowed
+            | InvalidProtocol(_)
+            | InvalidExtensions(_) => 400,
+        }
     }
+
     /// The full HTTP response to send before closing the TCP connection.
     pub fn response(&self) -> Bytes {
-        todo!()
+        use HandshakeError::*;
+        let extra: &[(&str, &str)] = match self {
+            MethodNotAllowed(_) => &[("Allow", "GET")],
+            // RFC 9110 §15.5.22: a 426 carries `Upgrade`; RFC 6455 §4.4 adds the version.
+            NotWebSocketUpgrade => &[("Upgrade", "websocket")],
+            MissingVersion | UnsupportedVersion(_) => {
+                &[("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")]
+            }
+            _ => &[],
+        };
+        error_response(self.status(), &self.to_string(), extra)
     }
 }
 
@@ -72,23 +151,1107 @@ pub enum Parsed {
     Complete { request: Request, consumed: usize },
 }
 
+/// Header slots kept on the stack; larger `max_headers` limits use the heap.
+const STACK_HEADERS: usize = 64;
+
 /// Parse the upgrade request at the start of `buf` (everything received so far).
 pub fn parse_request(buf: &[u8], limits: &HandshakeLimits) -> Result<Parsed, HandshakeError> {
-    todo!("{} {limits:?}", buf.len())
+    // Only the first `max_header_bytes` can belong to an acceptable request, so the parser
+    // never looks further; if no blank line fits in them, the request is too large.
+    let window = &buf[..buf.len().min(limits.max_header_bytes)];
+    // The shortest header line is `a:\n` (3 bytes), so a window can never hold more fields
+    // than this: a huge `max_headers` cannot make us allocate more than the bytes justify.
+    let slots = limits.max_headers.min(limits.max_header_bytes / 3 + 1);
+    if slots <= STACK_HEADERS {
+        let mut headers = [httparse::EMPTY_HEADER; STACK_HEADERS];
+        parse_with(buf.len(), window, &mut headers[..slots], limits)
+    } else {
+        let mut headers = vec![httparse::EMPTY_HEADER; slots];
+        parse_with(buf.len(), window, &mut headers, limits)
+    }
 }
+
+fn parse_with<'b>(
+    total: usize,
+    window: &'b [u8],
+    slots: &mut [httparse::Header<'b>],
+    limits: &HandshakeLimits,
+) -> Result<Parsed, HandshakeError> {
+    let mut req = httparse::Request::new(slots);
+    let consumed = match req.parse(window) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            // At the limit with no blank line yet: any completion would exceed it.
+            if total >= limits.max_header_bytes {
+                return Err(HandshakeError::HeadersTooLarge {
+                    limit: limits.max_header_bytes,
+                });
+            }
+            return Ok(Parsed::Partial);
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(HandshakeError::TooManyHeaders {
+                limit: limits.max_headers,
+            })
+        }
+        Err(e) => return Err(HandshakeError::Malformed(e.to_string())),
+    };
+    // Complete: httparse always fills method, path and version.
+    let method = req.method.unwrap_or("");
+    let target = req.path.unwrap_or("");
+    let version = req.version.unwrap_or(0);
+    let request = validate(method, target, version, req.headers)?;
+    Ok(Parsed::Complete { request, consumed })
+}
+
+/// The single-valued fields and list flags gathered in one pass over the headers.
+#[derive(Default)]
+struct Seen<'a> {
+    host: Option<&'a [u8]>,
+    host_dup: bool,
+    origin: Option<&'a [u8]>,
+    origin_dup: bool,
+    key: Option<&'a [u8]>,
+    key_dup: bool,
+    version: Option<&'a [u8]>,
+    version_dup: bool,
+    upgrade_websocket: bool,
+    connection_upgrade: bool,
+    has_body: bool,
+}
+
+fn set_once<'a>(slot: &mut Option<&'a [u8]>, dup: &mut bool, value: &'a [u8]) {
+    if slot.is_some() {
+        *dup = true;
+    } else {
+        *slot = Some(value);
+    }
+}
+
+/// RFC 6455 §4.2.1, checked in a fixed order so the same request always gets the same answer
+/// whatever its header order.
+fn validate(
+    method: &str,
+    target: &str,
+    version: u8,
+    headers: &[httparse::Header<'_>],
+) -> Result<Request, HandshakeError> {
+    // §4.2.1 item 1: "An HTTP/1.1 or higher GET request".
+    if method != "GET" {
+        return Err(HandshakeError::MethodNotAllowed(method.to_owned()));
+    }
+    if version != 1 {
+        return Err(HandshakeError::HttpVersion);
+    }
+    let (path, query) = split_target(target)?;
+
+    let mut seen = Seen::default();
+    for h in headers {
+        let name = h.name;
+        let value = h.value;
+        if name.eq_ignore_ascii_case("host") {
+            set_once(&mut seen.host, &mut seen.host_dup, value);
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            seen.upgrade_websocket |= list_has_token(value, b"websocket");
+        } else if name.eq_ignore_ascii_case("connection") {
+            seen.connection_upgrade |= list_has_token(value, b"upgrade");
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            set_once(&mut seen.key, &mut seen.key_dup, value);
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            set_once(&mut seen.version, &mut seen.version_dup, value);
+        } else if name.eq_ignore_ascii_case("origin") {
+            set_once(&mut seen.origin, &mut seen.origin_dup, value);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            seen.has_body = true;
+        } else if name.eq_ignore_ascii_case("content-length") {
+            seen.has_body |= trim_ows(value) != b"0";
+        }
+    }
+
+    // §4.2.1 item 2.
+    if seen.host_dup {
+        return Err(HandshakeError::DuplicateHeader("Host"));
+    }
+    let host = match seen.host {
+        None => return Err(HandshakeError::MissingHost),
+        Some(v) => ascii_field(v, "Host")?,
+    };
+    // §4.2.1 item 3; §4.2.2 step 4 answers a non-upgrade request with 426.
+    if !seen.upgrade_websocket {
+        return Err(HandshakeError::NotWebSocketUpgrade);
+    }
+    // §4.2.1 item 4.
+    if !seen.connection_upgrade {
+        return Err(HandshakeError::MissingConnectionUpgrade);
+    }
+    // §4.2.1 item 6, checked before the key: a client of another version (e.g. hixie-76,
+    // which has no Sec-WebSocket-Key) should learn from the 426 that we speak 13 (§4.4).
+    if seen.version_dup {
+        return Err(HandshakeError::DuplicateHeader("Sec-WebSocket-Version"));
+    }
+    match seen.version {
+        None => return Err(HandshakeError::MissingVersion),
+        Some(v) if trim_ows(v) == b"13" => {}
+        Some(v) => {
+            return Err(HandshakeError::UnsupportedVersion(
+                String::from_utf8_lossy(v).into_owned(),
+            ))
+        }
+    }
+    // §4.2.1 item 5.
+    if seen.key_dup {
+        return Err(HandshakeError::DuplicateHeader("Sec-WebSocket-Key"));
+    }
+    let key = match seen.key {
+        None => return Err(HandshakeError::MissingKey),
+        Some(v) => valid_key(v)?,
+    };
+    // Bytes after the blank line are frames; a declared body would be misread as frames.
+    if seen.has_body {
+        return Err(HandshakeError::BodyNotAllowed);
+    }
+    // §4.2.1 item 7. A second Origin would let policy and logs disagree on who is asking.
+    if seen.origin_dup {
+        return Err(HandshakeError::DuplicateHeader("Origin"));
+    }
+    let origin = seen.origin.map(|v| ascii_field(v, "Origin")).transpose()?;
+
+    // §4.2.1 items 8, 9 and 10: list fields (possibly repeated) and everything as sent.
+    let mut protocols = Vec::new();
+    let mut extensions = Vec::new();
+    let mut all = Vec::with_capacity(headers.len());
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("sec-websocket-protocol") {
+            parse_protocols(h.value, &mut protocols).map_err(HandshakeError::InvalidProtocol)?;
+        } else if h.name.eq_ignore_ascii_case("sec-websocket-extensions") {
+            parse_extensions(h.value, &mut extensions)
+                .map_err(HandshakeError::InvalidExtensions)?;
+        }
+        all.push((h.name.to_owned(), h.value.to_vec()));
+    }
+
+    Ok(Request {
+        path: path.to_owned(),
+        query: query.map(str::to_owned),
+        host,
+        origin,
+        key,
+        protocols,
+        extensions,
+        headers: all,
+    })
+}
+
+/// Origin-form only (`/path?query`); RFC 6455 §3 forbids fragments in WebSocket URIs.
+fn split_target(target: &str) -> Result<(&str, Option<&str>), HandshakeError> {
+    if !target.starts_with('/') {
+        return Err(if target.contains("://") {
+            HandshakeError::AbsoluteTarget
+        } else {
+            HandshakeError::InvalidTarget
+        });
+    }
+    if target.contains('#') {
+        return Err(HandshakeError::FragmentInTarget);
+    }
+    Ok(match target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (target, None),
+    })
+}
+
+/// A single-valued field we hand to policy as text: non-empty visible ASCII.
+fn ascii_field(value: &[u8], name: &'static str) -> Result<String, HandshakeError> {
+    let v = trim_ows(value);
+    if v.is_empty() || !v.iter().all(u8::is_ascii_graphic) {
+        return Err(HandshakeError::InvalidHeaderValue(name));
+    }
+    // All bytes are ASCII, so this never replaces anything.
+    Ok(String::from_utf8_lossy(v).into_owned())
+}
+
+/// §4.2.1 item 5: canonical base64 (24 characters with `==`) of exactly 16 bytes.
+fn valid_key(value: &[u8]) -> Result<String, HandshakeError> {
+    let v = trim_ows(value);
+    if v.len() != 24 {
+        return Err(HandshakeError::InvalidKey);
+    }
+    let mut out = [0u8; 18];
+    match STANDARD.decode_slice(v, &mut out) {
+        Ok(16) => Ok(String::from_utf8_lossy(v).into_owned()),
+        _ => Err(HandshakeError::InvalidKey),
+    }
+}
+
+fn is_ows(b: u8) -> bool {
+    b == b' ' || b == b'\t'
+}
+
+fn trim_ows(mut v: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = v {
+        if !is_ows(*first) {
+            break;
+        }
+        v = rest;
+    }
+    while let [rest @ .., last] = v {
+        if !is_ows(*last) {
+            break;
+        }
+        v = rest;
+    }
+    v
+}
+
+/// RFC 9110 §5.6.2 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn is_token(v: &[u8]) -> bool {
+    !v.is_empty() && v.iter().all(|&b| is_tchar(b))
+}
+
+/// Whether a comma-separated field value (`Connection: keep-alive, Upgrade`) names `token`,
+/// compared ASCII case-insensitively as §4.2.1 items 3 and 4 require.
+fn list_has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|item| trim_ows(item).eq_ignore_ascii_case(token))
+}
+
+/// `Sec-WebSocket-Protocol = 1#token` (RFC 6455 §11.3.4); empty list elements are skipped.
+fn parse_protocols(value: &[u8], out: &mut Vec<String>) -> Result<(), &'static str> {
+    for item in value.split(|&b| b == b',') {
+        let item = trim_ows(item);
+        if item.is_empty() {
+            continue;
+        }
+        if !is_token(item) {
+            return Err("subprotocol is not a token");
+        }
+        out.push(String::from_utf8_lossy(item).into_owned());
+    }
+    Ok(())
+}
+
+/// A cursor over one `Sec-WebSocket-Extensions` value (RFC 6455 §9.1 ABNF).
+struct Cursor<'a> {
+    v: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.v.get(self.i).copied()
+    }
+    fn skip_ows(&mut self) {
+        while self.peek().is_some_and(is_ows) {
+            self.i += 1;
+        }
+    }
+    fn token(&mut self) -> Option<&'a str> {
+        let start = self.i;
+        while self.peek().is_some_and(is_tchar) {
+            self.i += 1;
+        }
+        // tchar is ASCII, so the slice is valid UTF-8.
+        std::str::from_utf8(&self.v[start..self.i])
+            .ok()
+            .filter(|t| !t.is_empty())
+    }
+    /// RFC 9110 §5.6.4 quoted-string, returned unescaped; the cursor is on the opening quote.
+    fn quoted(&mut self) -> Result<String, &'static str> {
+        self.i += 1;
+        let mut s = Vec::new();
+        loop {
+            match self.peek() {
+                None => return Err("unterminated quoted string"),
+                Some(b'"') => {
+                    self.i += 1;
+                    break;
+                }
+                Some(b'\\') => {
+                    self.i += 1;
+                    match self.peek() {
+                        Some(b) if b == b'\t' || b >= 0x20 && b != 0x7f => s.push(b),
+                        _ => return Err("bad escape in quoted string"),
+                    }
+                    self.i += 1;
+                }
+                Some(b) if b == b'\t' || b >= 0x20 && b != 0x7f => {
+                    s.push(b);
+                    self.i += 1;
+                }
+                Some(_) => return Err("control character in quoted string"),
+            }
+        }
+        // §9.1: after unescaping, a quoted value MUST still be a token.
+        if !is_token(&s) {
+            return Err("quoted parameter value is not a token");
+        }
+        Ok(String::from_utf8_lossy(&s).into_owned())
+    }
+}
+
+/// `extension-list = 1#extension; extension = token *( ";" token [ "=" (token | quoted) ] )`.
+fn parse_extensions(value: &[u8], out: &mut Vec<ExtensionOffer>) -> Result<(), &'static str> {
+    let mut c = Cursor { v: value, i: 0 };
+    loop {
+        c.skip_ows();
+        match c.peek() {
+            None => return Ok(()),
+            Some(b',') => {
+                c.i += 1;
+                continue;
+            }
+            Some(_) => {}
+        }
+        let name = c.token().ok_or("expected an extension name")?.to_owned();
+        let mut params = Vec::new();
+        c.skip_ows();
+        while c.peek() == Some(b';') {
+            c.i += 1;
+            c.skip_ows();
+            let pname = c.token().ok_or("expected a parameter name")?.to_owned();
+            c.skip_ows();
+            let pvalue = if c.peek() == Some(b'=') {
+                c.i += 1;
+                c.skip_ows();
+                let v = if c.peek() == Some(b'"') {
+                    c.quoted()?
+                } else {
+                    c.token().ok_or("expected a parameter value")?.to_owned()
+                };
+                c.skip_ows();
+                Some(v)
+            } else {
+                None
+            };
+            params.push((pname, pvalue));
+        }
+        match c.peek() {
+            None | Some(b',') => out.push(ExtensionOffer { name, params }),
+            Some(_) => return Err("unexpected character"),
+        }
+    }
+}
+
+/// The magic GUID of RFC 6455 §1.3 / §4.2.2 step 5.4.
+const WS_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 /// `Sec-WebSocket-Accept` for a client key (RFC 6455 §4.2.2 step 5.4).
 pub fn accept_key(key: &[u8]) -> String {
-    todo!("{}", key.len())
+    let mut sha = Sha1::new();
+    sha.update(key);
+    sha.update(WS_GUID);
+    STANDARD.encode(sha.finalize())
 }
 
 /// The 101 Switching Protocols response; `protocol` is the chosen subprotocol, if any.
+///
+/// `protocol` should be one of `request.protocols` (RFC 6455 §4.2.2 step 5.5); one that is
+/// not a token is left out rather than written into the header block.
 pub fn response_101(request: &Request, protocol: Option<&str>) -> Bytes {
-    todo!("{request:?} {protocol:?}")
+    let accept = accept_key(request.key.as_bytes());
+    let protocol = protocol.filter(|p| is_token(p.as_bytes()));
+    let mut out = BytesMut::with_capacity(160 + protocol.map_or(0, str::len));
+    out.put_slice(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Accept: ",
+    );
+    out.put_slice(accept.as_bytes());
+    out.put_slice(b"\r\n");
+    if let Some(p) = protocol {
+        out.put_slice(b"Sec-WebSocket-Protocol: ");
+        out.put_slice(p.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    out.put_slice(b"\r\n");
+    out.freeze()
+}
+
+/// The standard reason phrase for the statuses the edge sends (RFC 9110 §15, RFC 6585).
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        426 => "Upgrade Required",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => match status / 100 {
+            4 => "Client Error",
+            5 => "Server Error",
+            _ => "Error",
+        },
+    }
+}
+
+/// Control characters (CR, LF, ...) become spaces so no caller text can end a header line.
+fn push_sanitized(out: &mut String, text: &str) {
+    out.extend(text.chars().map(|c| if c.is_control() { ' ' } else { c }));
 }
 
 /// An error response with `status`, a short plain-text `reason` as body, `Connection: close`
 /// and any `extra` headers (e.g. `Sec-WebSocket-Version: 13` with 426).
+///
+/// A status outside 400..=599 is a caller bug; it is sent as 500 rather than as a
+/// malformed status line.
 pub fn error_response(status: u16, reason: &str, extra: &[(&str, &str)]) -> Bytes {
-    todo!("{status} {reason} {extra:?}")
+    let status = if (400..=599).contains(&status) {
+        status
+    } else {
+        500
+    };
+    let mut body = String::with_capacity(reason.len() + 1);
+    push_sanitized(&mut body, reason);
+    body.push('\n');
+    let mut out = String::with_capacity(160 + body.len());
+    // Writing to a String cannot fail.
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n",
+        reason_phrase(status),
+        body.len()
+    );
+    for (name, value) in extra {
+        push_sanitized(&mut out, name);
+        out.push_str(": ");
+        push_sanitized(&mut out, value);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    out.push_str(&body);
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RFC 6455 §1.3 sample client handshake.
+    const RFC_SAMPLE: &[u8] = b"GET /chat HTTP/1.1\r\n\
+        Host: server.example.com\r\n\
+        Upgrade: websocket\r\n\
+        Connection: Upgrade\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+        Origin: http://example.com\r\n\
+        Sec-WebSocket-Protocol: chat, superchat\r\n\
+        Sec-WebSocket-Version: 13\r\n\r\n";
+
+    const GOOD_HEADERS: &[(&str, &str)] = &[
+        ("Host", "server.example.com"),
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("Sec-WebSocket-Version", "13"),
+    ];
+
+    /// A request line plus `headers` (less those named in `drop`), then `add`.
+    fn build(line: &str, headers: &[(&str, &str)], drop: &[&str], add: &[(&str, &str)]) -> Vec<u8> {
+        let mut s = format!("{line}\r\n");
+        let kept = headers
+            .iter()
+            .filter(|(n, _)| !drop.iter().any(|d| d.eq_ignore_ascii_case(n)));
+        for (n, v) in kept.chain(add) {
+            s.push_str(&format!("{n}: {v}\r\n"));
+        }
+        s.push_str("\r\n");
+        s.into_bytes()
+    }
+
+    fn good_with(drop: &[&str], add: &[(&str, &str)]) -> Vec<u8> {
+        build("GET /chat HTTP/1.1", GOOD_HEADERS, drop, add)
+    }
+
+    fn parse(buf: &[u8]) -> Result<Parsed, HandshakeError> {
+        parse_request(buf, &HandshakeLimits::default())
+    }
+
+    fn complete(buf: &[u8]) -> (Request, usize) {
+        match parse(buf) {
+            Ok(Parsed::Complete { request, consumed }) => (request, consumed),
+            other => panic!("expected Complete, got {other:?}"),
+        }
+    }
+
+    fn refused(buf: &[u8]) -> HandshakeError {
+        match parse(buf) {
+            Err(e) => e,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    /// Splits a response into (status line, header lines, body).
+    fn split_response(resp: &[u8]) -> (String, Vec<String>, String) {
+        let text = std::str::from_utf8(resp).expect("responses are UTF-8");
+        let (head, body) = text.split_once("\r\n\r\n").expect("blank line");
+        let mut lines = head.split("\r\n");
+        let status = lines.next().unwrap().to_owned();
+        (status, lines.map(str::to_owned).collect(), body.to_owned())
+    }
+
+    fn has_header(resp: &[u8], line: &str) -> bool {
+        split_response(resp).1.iter().any(|l| l == line)
+    }
+
+    // RFC 6455 §1.3 / §4.2.2 step 5.4.
+    #[test]
+    fn accept_key_matches_rfc_sample() {
+        assert_eq!(
+            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    // RFC 6455 §1.3 sample request, §4.2.1 fields exposed.
+    #[test]
+    fn rfc_sample_request_is_accepted_with_fields() {
+        let (req, consumed) = complete(RFC_SAMPLE);
+        assert_eq!(consumed, RFC_SAMPLE.len());
+        assert_eq!(req.path, "/chat");
+        assert_eq!(req.query, None);
+        assert_eq!(req.host, "server.example.com");
+        assert_eq!(req.origin.as_deref(), Some("http://example.com"));
+        assert_eq!(req.key, "dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(req.protocols, ["chat", "superchat"]);
+        assert!(req.extensions.is_empty());
+        assert_eq!(req.headers.len(), 7);
+        assert_eq!(
+            req.headers[0],
+            ("Host".to_owned(), b"server.example.com".to_vec())
+        );
+        assert_eq!(
+            req.headers[6],
+            ("Sec-WebSocket-Version".to_owned(), b"13".to_vec())
+        );
+    }
+
+    // RFC 6455 §1.3 sample server handshake, with the chosen subprotocol.
+    #[test]
+    fn response_101_matches_rfc_sample() {
+        let (req, _) = complete(RFC_SAMPLE);
+        let resp = response_101(&req, Some("chat"));
+        assert_eq!(
+            &resp[..],
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: chat\r\n\r\n"
+        );
+        let plain = response_101(&req, None);
+        assert!(!split_response(&plain)
+            .1
+            .iter()
+            .any(|l| l.starts_with("Sec-WebSocket-Protocol")));
+        assert!(plain.ends_with(b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"));
+        // A non-token protocol could smuggle header lines; it is left out.
+        let evil = response_101(&req, Some("chat\r\nSet-Cookie: x=1"));
+        assert_eq!(evil, plain);
+    }
+
+    #[test]
+    fn path_and_query_are_split() {
+        let (req, _) = complete(&build("GET /a/b?x=1&y=2 HTTP/1.1", GOOD_HEADERS, &[], &[]));
+        assert_eq!(req.path, "/a/b");
+        assert_eq!(req.query.as_deref(), Some("x=1&y=2"));
+        let (req, _) = complete(&build("GET /?x HTTP/1.1", GOOD_HEADERS, &[], &[]));
+        assert_eq!((req.path.as_str(), req.query.as_deref()), ("/", Some("x")));
+        let (req, _) = complete(&build("GET /p? HTTP/1.1", GOOD_HEADERS, &[], &[]));
+        assert_eq!((req.path.as_str(), req.query.as_deref()), ("/p", Some("")));
+    }
+
+    // RFC 6455 §4.2.1: the whole request is needed before any answer; it arrives in pieces.
+    #[test]
+    fn one_byte_at_a_time_is_partial_until_the_last_byte() {
+        for end in 0..RFC_SAMPLE.len() {
+            assert!(
+                matches!(parse(&RFC_SAMPLE[..end]), Ok(Parsed::Partial)),
+                "prefix of {end} bytes"
+            );
+        }
+        let (req, consumed) = complete(RFC_SAMPLE);
+        assert_eq!(consumed, RFC_SAMPLE.len());
+        assert_eq!(req.key, "dGhlIHNhbXBsZSBub25jZQ==");
+    }
+
+    // RFC 6455 §5.2: a client may send its first (masked) frame right behind the request.
+    #[test]
+    fn pipelined_frame_bytes_are_not_consumed() {
+        let frame = [
+            0x81u8, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
+        ];
+        let mut buf = RFC_SAMPLE.to_vec();
+        buf.extend_from_slice(&frame);
+        let (req, consumed) = complete(&buf);
+        assert_eq!(consumed, RFC_SAMPLE.len());
+        assert_eq!(&buf[consumed..], &frame);
+        assert_eq!(req.path, "/chat");
+    }
+
+    #[test]
+    fn header_bytes_limit_while_partial() {
+        let limits = HandshakeLimits::default();
+        // No blank line within 8 KiB: refused without waiting for more.
+        let mut buf = b"GET /chat HTTP/1.1\r\nX-Filler: ".to_vec();
+        buf.resize(limits.max_header_bytes - 1, b'a');
+        assert!(matches!(parse(&buf), Ok(Parsed::Partial)));
+        buf.push(b'a');
+        assert_eq!(
+            refused(&buf),
+            HandshakeError::HeadersTooLarge { limit: 8192 }
+        );
+        buf.extend_from_slice(&[b'a'; 10_000]);
+        let e = refused(&buf);
+        assert_eq!(e.status(), 431);
+        assert!(e
+            .response()
+            .starts_with(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"));
+    }
+
+    #[test]
+    fn header_bytes_limit_when_complete() {
+        let limits = HandshakeLimits::default();
+        let base = good_with(&[], &[("X-Filler", "")]).len();
+        // Exactly at the limit is accepted, one byte over is refused.
+        let fill = "f".repeat(limits.max_header_bytes - base);
+        let at_limit = good_with(&[], &[("X-Filler", &fill)]);
+        assert_eq!(at_limit.len(), limits.max_header_bytes);
+        assert_eq!(complete(&at_limit).1, limits.max_header_bytes);
+        let fill = "f".repeat(limits.max_header_bytes - base + 1);
+        let over = good_with(&[], &[("X-Filler", &fill)]);
+        assert_eq!(
+            refused(&over),
+            HandshakeError::HeadersTooLarge { limit: 8192 }
+        );
+        // Pipelined frame bytes past an in-limit request do not count against it.
+        let mut pipelined = at_limit.clone();
+        pipelined.extend_from_slice(&[0x81; 4096]);
+        assert_eq!(complete(&pipelined).1, limits.max_header_bytes);
+    }
+
+    #[test]
+    fn too_many_header_fields_is_431() {
+        let extra: Vec<(String, String)> = (0..60)
+            .map(|i| (format!("X-H{i}"), "v".to_owned()))
+            .collect();
+        let extra: Vec<(&str, &str)> = extra
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        // 5 required + 59 = 64 fields: accepted.
+        complete(&good_with(&[], &extra[..59]));
+        let e = refused(&good_with(&[], &extra));
+        assert_eq!(e, HandshakeError::TooManyHeaders { limit: 64 });
+        assert_eq!(e.status(), 431);
+        // A custom, larger limit (heap slots) applies too.
+        let limits = HandshakeLimits {
+            max_header_bytes: 8192,
+            max_headers: 100,
+        };
+        assert!(matches!(
+            parse_request(&good_with(&[], &extra), &limits),
+            Ok(Parsed::Complete { .. })
+        ));
+        let tight = HandshakeLimits {
+            max_header_bytes: 8192,
+            max_headers: 4,
+        };
+        assert_eq!(
+            parse_request(RFC_SAMPLE, &tight).unwrap_err(),
+            HandshakeError::TooManyHeaders { limit: 4 }
+        );
+    }
+
+    #[test]
+    fn huge_max_headers_is_bounded_by_bytes() {
+        let limits = HandshakeLimits {
+            max_header_bytes: 8192,
+            max_headers: usize::MAX,
+        };
+        assert!(matches!(
+            parse_request(RFC_SAMPLE, &limits),
+            Ok(Parsed::Complete { .. })
+        ));
+    }
+
+    // RFC 6455 §4.2.1 item 1; RFC 9110 §15.5.6: a 405 names the allowed methods.
+    #[test]
+    fn non_get_is_405_with_allow() {
+        let e = refused(&build("POST /chat HTTP/1.1", GOOD_HEADERS, &[], &[]));
+        assert_eq!(e, HandshakeError::MethodNotAllowed("POST".into()));
+        assert_eq!(e.status(), 405);
+        let resp = e.response();
+        assert!(resp.starts_with(b"HTTP/1.1 405 Method Not Allowed\r\n"));
+        assert!(has_header(&resp, "Allow: GET"));
+        // Methods are case-sensitive (RFC 9110 §9.1).
+        assert_eq!(
+            refused(&build("get /chat HTTP/1.1", GOOD_HEADERS, &[], &[])).status(),
+            405
+        );
+    }
+
+    #[test]
+    fn http_1_0_is_400() {
+        let e = refused(&build("GET /chat HTTP/1.0", GOOD_HEADERS, &[], &[]));
+        assert_eq!(e, HandshakeError::HttpVersion);
+        assert_eq!(e.status(), 400);
+        assert!(e.response().starts_with(b"HTTP/1.1 400 Bad Request\r\n"));
+    }
+
+    #[test]
+    fn bad_request_targets_are_400() {
+        let cases: &[(&str, HandshakeError)] = &[
+            (
+                "GET ws://server.example.com/chat HTTP/1.1",
+                HandshakeError::AbsoluteTarget,
+            ),
+            (
+                "GET http://server.example.com/chat HTTP/1.1",
+                HandshakeError::AbsoluteTarget,
+            ),
+            ("GET chat HTTP/1.1", HandshakeError::InvalidTarget),
+            ("GET * HTTP/1.1", HandshakeError::InvalidTarget),
+            (
+                "GET server.example.com:80 HTTP/1.1",
+                HandshakeError::InvalidTarget,
+            ),
+            // RFC 6455 §3: fragment identifiers MUST NOT be used.
+            ("GET /chat#frag HTTP/1.1", HandshakeError::FragmentInTarget),
+        ];
+        for (line, want) in cases {
+            let e = refused(&build(line, GOOD_HEADERS, &[], &[]));
+            assert_eq!(&e, want, "{line}");
+            assert_eq!(e.status(), 400);
+        }
+    }
+
+    #[test]
+    fn malformed_http_is_400() {
+        for bad in [
+            &b"GET /chat HTTP/1.1\r\nHost server\r\n\r\n"[..],
+            b"GET /chat HTTP/1.1\r\nBad Name: x\r\n\r\n",
+            b"GET /chat HTTP/2.0\r\n\r\n",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+            b"GET /ch\x00at HTTP/1.1\r\n\r\n",
+        ] {
+            let e = refused(bad);
+            assert!(matches!(e, HandshakeError::Malformed(_)), "{bad:?}: {e:?}");
+            assert_eq!(e.status(), 400);
+            assert!(e.response().starts_with(b"HTTP/1.1 400 Bad Request\r\n"));
+        }
+    }
+
+    // RFC 6455 §4.2.1 item 2.
+    #[test]
+    fn host_is_required_once_and_visible_ascii() {
+        assert_eq!(
+            refused(&good_with(&["Host"], &[])),
+            HandshakeError::MissingHost
+        );
+        assert_eq!(
+            refused(&good_with(&[], &[("Host", "evil.example")])),
+            HandshakeError::DuplicateHeader("Host")
+        );
+        assert_eq!(
+            refused(&good_with(&["Host"], &[("Host", "")])),
+            HandshakeError::InvalidHeaderValue("Host")
+        );
+        assert_eq!(
+            refused(&good_with(&["Host"], &[("Host", "a b")])),
+            HandshakeError::InvalidHeaderValue("Host")
+        );
+        assert_eq!(refused(&good_with(&["Host"], &[])).status(), 400);
+    }
+
+    // RFC 6455 §4.2.1 item 3, §4.2.2 step 4; RFC 9110 §15.5.22.
+    #[test]
+    fn missing_websocket_upgrade_is_426_with_upgrade() {
+        for req in [
+            good_with(&["Upgrade"], &[]),
+            good_with(&["Upgrade"], &[("Upgrade", "h2c")]),
+            good_with(&["Upgrade"], &[("Upgrade", "websocketx")]),
+        ] {
+            let e = refused(&req);
+            assert_eq!(e, HandshakeError::NotWebSocketUpgrade);
+            assert_eq!(e.status(), 426);
+            let resp = e.response();
+            assert!(resp.starts_with(b"HTTP/1.1 426 Upgrade Required\r\n"));
+            assert!(has_header(&resp, "Upgrade: websocket"));
+            assert!(has_header(&resp, "Connection: close"));
+        }
+    }
+
+    // RFC 6455 §4.2.1 item 4.
+    #[test]
+    fn missing_connection_upgrade_is_400() {
+        for req in [
+            good_with(&["Connection"], &[]),
+            good_with(&["Connection"], &[("Connection", "keep-alive")]),
+            good_with(&["Connection"], &[("Connection", "upgrade-please")]),
+        ] {
+            let e = refused(&req);
+            assert_eq!(e, HandshakeError::MissingConnectionUpgrade);
+            assert_eq!(e.status(), 400);
+        }
+    }
+
+    // RFC 6455 §4.2.1 items 3 and 4: ASCII case-insensitive tokens in comma lists.
+    #[test]
+    fn token_lists_are_case_insensitive() {
+        let req = good_with(
+            &["Upgrade", "Connection"],
+            &[
+                ("upgrade", "h2c, WebSocket"),
+                ("CONNECTION", "keep-alive,UPGRADE"),
+            ],
+        );
+        complete(&req);
+        let req = good_with(
+            &["Upgrade", "Connection"],
+            &[
+                ("Upgrade", "WEBSOCKET"),
+                ("connection", " keep-alive ,\tuPgRaDe , "),
+            ],
+        );
+        complete(&req);
+        // The token may come in a second instance of the field.
+        let req = good_with(
+            &["Connection"],
+            &[("Connection", "keep-alive"), ("Connection", "Upgrade")],
+        );
+        complete(&req);
+    }
+
+    // RFC 6455 §4.2.1 item 6, §4.4.
+    #[test]
+    fn version_must_be_13_else_426_with_version() {
+        for (req, want) in [
+            (
+                good_with(&["Sec-WebSocket-Version"], &[]),
+                HandshakeError::MissingVersion,
+            ),
+            (
+                good_with(
+                    &["Sec-WebSocket-Version"],
+                    &[("Sec-WebSocket-Version", "8")],
+                ),
+                HandshakeError::UnsupportedVersion("8".into()),
+            ),
+            (
+                good_with(
+                    &["Sec-WebSocket-Version"],
+                    &[("Sec-WebSocket-Version", "13, 8")],
+                ),
+                HandshakeError::UnsupportedVersion("13, 8".into()),
+            ),
+        ] {
+            let e = refused(&req);
+            assert_eq!(e, want);
+            assert_eq!(e.status(), 426);
+            let resp = e.response();
+            assert!(resp.starts_with(b"HTTP/1.1 426 Upgrade Required\r\n"));
+            assert!(has_header(&resp, "Sec-WebSocket-Version: 13"));
+            assert!(has_header(&resp, "Upgrade: websocket"));
+        }
+        let e = refused(&good_with(&[], &[("Sec-WebSocket-Version", "13")]));
+        assert_eq!(e, HandshakeError::DuplicateHeader("Sec-WebSocket-Version"));
+        assert_eq!(e.status(), 400);
+    }
+
+    // RFC 6455 §4.2.1 item 5.
+    #[test]
+    fn key_must_be_one_base64_of_16_bytes() {
+        let e = refused(&good_with(&["Sec-WebSocket-Key"], &[]));
+        assert_eq!((e.clone(), e.status()), (HandshakeError::MissingKey, 400));
+        let e = refused(&good_with(
+            &[],
+            &[("Sec-WebSocket-Key", "AAAAAAAAAAAAAAAAAAAAAA==")],
+        ));
+        assert_eq!(
+            (e.clone(), e.status()),
+            (HandshakeError::DuplicateHeader("Sec-WebSocket-Key"), 400)
+        );
+        for bad in [
+            "",
+            "dGhlIHNhbXBsZSBub25jZQ",       // unpadded
+            "dGhlIHNhbXBsZSBub25jZQ=",      // short padding
+            "dGhlIHNhbXBsZSBub25jZSE=",     // 17 bytes
+            "dGhlIHNhbXBsZSBub25j",         // 15 bytes
+            "dGhlIHNhbXBsZSBub25jZR==",     // non-canonical trailing bits
+            "dGhlIHNhbXBsZSBub25jZQ==dGhl", // trailing data
+            "dGhlIHNhbXBsZSBub25j*Q==",     // not base64
+        ] {
+            let e = refused(&good_with(
+                &["Sec-WebSocket-Key"],
+                &[("Sec-WebSocket-Key", bad)],
+            ));
+            assert_eq!(e, HandshakeError::InvalidKey, "{bad:?}");
+            assert_eq!(e.status(), 400);
+        }
+    }
+
+    #[test]
+    fn request_body_is_400() {
+        for add in [("Content-Length", "5"), ("Transfer-Encoding", "chunked")] {
+            assert_eq!(
+                refused(&good_with(&[], &[add])),
+                HandshakeError::BodyNotAllowed
+            );
+        }
+        complete(&good_with(&[], &[("Content-Length", "0")]));
+    }
+
+    #[test]
+    fn origin_is_optional_single_and_ascii() {
+        assert_eq!(complete(&good_with(&[], &[])).0.origin, None);
+        assert_eq!(
+            complete(&good_with(&[], &[("Origin", "null")]))
+                .0
+                .origin
+                .as_deref(),
+            Some("null")
+        );
+        assert_eq!(
+            refused(&good_with(
+                &[],
+                &[("Origin", "https://a"), ("origin", "https://b")]
+            )),
+            HandshakeError::DuplicateHeader("Origin")
+        );
+    }
+
+    // RFC 6455 §4.2.1 item 8, §11.3.4.
+    #[test]
+    fn protocols_across_repeated_headers_trimmed() {
+        let req = good_with(
+            &[],
+            &[
+                ("Sec-WebSocket-Protocol", " chat ,superchat,, "),
+                ("sec-websocket-protocol", "v2.mqtt"),
+            ],
+        );
+        assert_eq!(complete(&req).0.protocols, ["chat", "superchat", "v2.mqtt"]);
+        let e = refused(&good_with(&[], &[("Sec-WebSocket-Protocol", "chat, a/b")]));
+        assert_eq!(
+            e,
+            HandshakeError::InvalidProtocol("subprotocol is not a token")
+        );
+        assert_eq!(e.status(), 400);
+    }
+
+    // RFC 6455 §9.1 ABNF; RFC 7692 §7 parameters.
+    #[test]
+    fn extension_offers_are_parsed() {
+        let req = good_with(
+            &[],
+            &[
+                (
+                    "Sec-WebSocket-Extensions",
+                    "permessage-deflate; client_max_window_bits; server_max_window_bits=10, \
+                     permessage-deflate ;client_max_window_bits=\"15\"",
+                ),
+                ("Sec-WebSocket-Extensions", "x-foo;a=\"b\\c\";d = e,,"),
+            ],
+        );
+        let ext = complete(&req).0.extensions;
+        let p = |n: &str, v: Option<&str>| (n.to_owned(), v.map(str::to_owned));
+        assert_eq!(
+            ext,
+            [
+                ExtensionOffer {
+                    name: "permessage-deflate".into(),
+                    params: vec![
+                        p("client_max_window_bits", None),
+                        p("server_max_window_bits", Some("10"))
+                    ],
+                },
+                ExtensionOffer {
+                    name: "permessage-deflate".into(),
+                    params: vec![p("client_max_window_bits", Some("15"))],
+                },
+                ExtensionOffer {
+                    name: "x-foo".into(),
+                    params: vec![p("a", Some("bc")), p("d", Some("e"))]
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_extension_offers_are_400() {
+        for (value, reason) in [
+            ("; a", "expected an extension name"),
+            ("deflate;", "expected a parameter name"),
+            ("deflate; a=", "expected a parameter value"),
+            ("deflate; a=\"15", "unterminated quoted string"),
+            (
+                "deflate; a=\"1 5\"",
+                "quoted parameter value is not a token",
+            ),
+            ("deflate; a=\"\"", "quoted parameter value is not a token"),
+            ("deflate x", "unexpected character"),
+            ("deflate; a=b c", "unexpected character"),
+        ] {
+            let e = refused(&good_with(&[], &[("Sec-WebSocket-Extensions", value)]));
+            assert_eq!(e, HandshakeError::InvalidExtensions(reason), "{value:?}");
+            assert_eq!(e.status(), 400);
+        }
+    }
+
+    #[test]
+    fn error_response_shape() {
+        let resp = error_response(503, "too many connections", &[("Retry-After", "5")]);
+        let (status, headers, body) = split_response(&resp);
+        assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
+        assert_eq!(
+            headers,
+            [
+                "Content-Type: text/plain; charset=utf-8",
+                "Content-Length: 21",
+                "Connection: close",
+                "Retry-After: 5"
+            ]
+        );
+        assert_eq!(body, "too many connections\n");
+        // Multi-line text cannot break out of the body or a header line.
+        let resp = error_response(403, "a\r\nb", &[("X-A", "1\r\nSet-Cookie: x")]);
+        let (_, headers, body) = split_response(&resp);
+        assert_eq!(body, "a  b\n");
+        assert_eq!(headers.last().unwrap(), "X-A: 1  Set-Cookie: x");
+        // A status the table lacks still yields a well-formed status line.
+        assert!(error_response(0, "x", &[]).starts_with(b"HTTP/1.1 500 Internal Server Error\r\n"));
+    }
+
+    #[test]
+    fn reason_phrases_cover_edge_statuses() {
+        for (code, phrase) in [
+            (400, "Bad Request"),
+            (401, "Unauthorized"),
+            (403, "Forbidden"),
+            (404, "Not Found"),
+            (405, "Method Not Allowed"),
+            (426, "Upgrade Required"),
+            (429, "Too Many Requests"),
+            (431, "Request Header Fields Too Large"),
+            (500, "Internal Server Error"),
+            (503, "Service Unavailable"),
+        ] {
+            let resp = error_response(code, "r", &[]);
+            assert_eq!(split_response(&resp).0, format!("HTTP/1.1 {code} {phrase}"));
+        }
+    }
+
+    #[test]
+    fn every_refusal_body_is_its_reason() {
+        let e = HandshakeError::MissingKey;
+        let (_, headers, body) = split_response(&e.response());
+        assert_eq!(body, "missing Sec-WebSocket-Key header\n");
+        assert!(headers.contains(&format!("Content-Length: {}", body.len())));
+    }
 }
