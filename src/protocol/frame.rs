@@ -93,7 +93,10 @@ pub struct FrameHeader {
 /// and masking per role (§5.1); from byte 2 the MSB of a 64-bit length; once the length is
 /// complete, `max_frame` (before the mask key has even arrived).
 #[inline]
-pub fn decode_header(buf: &[u8], rules: &HeaderRules) -> Result<Option<FrameHeader>, ProtocolError> {
+pub fn decode_header(
+    buf: &[u8],
+    rules: &HeaderRules,
+) -> Result<Option<FrameHeader>, ProtocolError> {
     let Some(&b0) = buf.first() else {
         return Ok(None);
     };
@@ -149,7 +152,10 @@ pub fn decode_header(buf: &[u8], rules: &HeaderRules) -> Result<Option<FrameHead
         n => (n as u64, 0),
     };
     if payload_len > rules.max_frame {
-        return Err(ProtocolError::FrameTooLarge { len: payload_len, limit: rules.max_frame });
+        return Err(ProtocolError::FrameTooLarge {
+            len: payload_len,
+            limit: rules.max_frame,
+        });
     }
 
     let mask_at = 2 + ext_len;
@@ -161,7 +167,14 @@ pub fn decode_header(buf: &[u8], rules: &HeaderRules) -> Result<Option<FrameHead
     } else {
         (None, mask_at)
     };
-    Ok(Some(FrameHeader { fin, rsv, opcode, mask, payload_len, header_len }))
+    Ok(Some(FrameHeader {
+        fin,
+        rsv,
+        opcode,
+        mask,
+        payload_len,
+        header_len,
+    }))
 }
 
 /// Write a header into `out`, returning its length. `mask` is Some for client frames.
@@ -204,7 +217,13 @@ pub fn write_server_frame(dst: &mut BytesMut, fin: bool, opcode: OpCode, payload
 }
 
 /// Append a masked (client) frame with `payload` to `dst`, masking it with `mask`.
-pub fn write_client_frame(dst: &mut BytesMut, fin: bool, opcode: OpCode, mask: [u8; 4], payload: &[u8]) {
+pub fn write_client_frame(
+    dst: &mut BytesMut,
+    fin: bool,
+    opcode: OpCode,
+    mask: [u8; 4],
+    payload: &[u8],
+) {
     let mut h = [0u8; MAX_HEADER_LEN];
     let n = encode_header(&mut h, fin, opcode, Some(mask), payload.len() as u64);
     dst.reserve(n + payload.len());
@@ -234,8 +253,16 @@ mod tests {
     use super::*;
     use crate::protocol::close;
 
-    const SERVER: HeaderRules = HeaderRules { role: Role::Server, max_frame: 1 << 20, allowed_rsv: 0 };
-    const CLIENT: HeaderRules = HeaderRules { role: Role::Client, max_frame: 1 << 20, allowed_rsv: 0 };
+    const SERVER: HeaderRules = HeaderRules {
+        role: Role::Server,
+        max_frame: 1 << 20,
+        allowed_rsv: 0,
+    };
+    const CLIENT: HeaderRules = HeaderRules {
+        role: Role::Client,
+        max_frame: 1 << 20,
+        allowed_rsv: 0,
+    };
 
     fn err(buf: &[u8], rules: &HeaderRules) -> ProtocolError {
         decode_header(buf, rules).expect_err("header must be rejected")
@@ -267,16 +294,28 @@ mod tests {
         let h = decode_header(&buf, &CLIENT).unwrap().unwrap();
         assert_eq!(
             h,
-            FrameHeader { fin: true, rsv: 0, opcode: OpCode::Text, mask: None, payload_len: 5, header_len: 2 }
+            FrameHeader {
+                fin: true,
+                rsv: 0,
+                opcode: OpCode::Text,
+                mask: None,
+                payload_len: 5,
+                header_len: 2
+            }
         );
     }
 
     #[test]
     fn rfc_5_7_masked_hello_as_server() {
-        let buf = [0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58];
+        let buf = [
+            0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
+        ];
         let h = decode_header(&buf, &SERVER).unwrap().unwrap();
         assert_eq!(h.mask, Some([0x37, 0xfa, 0x21, 0x3d]));
-        assert_eq!((h.opcode, h.fin, h.payload_len, h.header_len), (OpCode::Text, true, 5, 6));
+        assert_eq!(
+            (h.opcode, h.fin, h.payload_len, h.header_len),
+            (OpCode::Text, true, 5, 6)
+        );
         // Every strict prefix of the header asks for more bytes.
         for n in 0..6 {
             assert_eq!(decode_header(&buf[..n], &SERVER), Ok(None), "prefix {n}");
@@ -286,8 +325,13 @@ mod tests {
     #[test]
     fn rfc_5_7_extended_lengths() {
         // 256 bytes binary: 0x82 0x7E 0x0100.
-        let h = decode_header(&[0x82, 0x7E, 0x01, 0x00], &CLIENT).unwrap().unwrap();
-        assert_eq!((h.opcode, h.payload_len, h.header_len), (OpCode::Binary, 256, 4));
+        let h = decode_header(&[0x82, 0x7E, 0x01, 0x00], &CLIENT)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (h.opcode, h.payload_len, h.header_len),
+            (OpCode::Binary, 256, 4)
+        );
         assert_eq!(decode_header(&[0x82, 0x7E, 0x01], &CLIENT), Ok(None));
         // 64 KiB binary: 0x82 0x7F 0x0000000000010000.
         let buf = [0x82, 0x7F, 0, 0, 0, 0, 0, 0x01, 0x00, 0x00];
@@ -297,15 +341,22 @@ mod tests {
         // Same with a mask key: the header grows by 4.
         let buf = [0x82, 0xFF, 0, 0, 0, 0, 0, 0x01, 0x00, 0x00, 1, 2, 3, 4];
         let h = decode_header(&buf, &SERVER).unwrap().unwrap();
-        assert_eq!((h.payload_len, h.header_len, h.mask), (65536, 14, Some([1, 2, 3, 4])));
+        assert_eq!(
+            (h.payload_len, h.header_len, h.mask),
+            (65536, 14, Some([1, 2, 3, 4]))
+        );
     }
 
     #[test]
     fn non_minimal_lengths_are_accepted() {
         // 5 bytes encoded as 16-bit and as 64-bit lengths: lenient (see the module comment).
-        let h = decode_header(&[0x81, 0x7E, 0x00, 0x05], &CLIENT).unwrap().unwrap();
+        let h = decode_header(&[0x81, 0x7E, 0x00, 0x05], &CLIENT)
+            .unwrap()
+            .unwrap();
         assert_eq!((h.payload_len, h.header_len), (5, 4));
-        let h = decode_header(&[0x81, 0x7F, 0, 0, 0, 0, 0, 0, 0, 5], &CLIENT).unwrap().unwrap();
+        let h = decode_header(&[0x81, 0x7F, 0, 0, 0, 0, 0, 0, 0, 5], &CLIENT)
+            .unwrap()
+            .unwrap();
         assert_eq!((h.payload_len, h.header_len), (5, 10));
     }
 
@@ -317,8 +368,13 @@ mod tests {
             assert_eq!(e.close_code(), close::PROTOCOL_ERROR);
         }
         // With RSV1 allowed (e.g. permessage-deflate), RSV1 passes and RSV2 still fails.
-        let rules = HeaderRules { allowed_rsv: 0b100, ..SERVER };
-        let h = decode_header(&[0xC1, 0x80, 1, 2, 3, 4], &rules).unwrap().unwrap();
+        let rules = HeaderRules {
+            allowed_rsv: 0b100,
+            ..SERVER
+        };
+        let h = decode_header(&[0xC1, 0x80, 1, 2, 3, 4], &rules)
+            .unwrap()
+            .unwrap();
         assert_eq!(h.rsv, 0b100);
         assert_eq!(err(&[0xE1], &rules), ProtocolError::ReservedBits(0b110));
     }
@@ -340,7 +396,9 @@ mod tests {
             assert_eq!(e, ProtocolError::FragmentedControlFrame);
             assert_eq!(e.close_code(), close::PROTOCOL_ERROR);
             // 125 is fine, 126 and 127 are rejected from the first 2 bytes.
-            let h = decode_header(&[0x80 | op, 0xFD, 1, 2, 3, 4], &SERVER).unwrap().unwrap();
+            let h = decode_header(&[0x80 | op, 0xFD, 1, 2, 3, 4], &SERVER)
+                .unwrap()
+                .unwrap();
             assert_eq!(h.payload_len, 125);
             for len7 in [126u8, 127] {
                 let e = err(&[0x80 | op, 0x80 | len7], &SERVER);
@@ -377,17 +435,37 @@ mod tests {
         // A 4 GiB claim is rejected before the mask key (and any payload) arrives.
         let buf = [0x82, 0xFF, 0, 0, 0, 0x01, 0, 0, 0, 0];
         let e = err(&buf, &SERVER);
-        assert_eq!(e, ProtocolError::FrameTooLarge { len: 1 << 32, limit: 1 << 20 });
+        assert_eq!(
+            e,
+            ProtocolError::FrameTooLarge {
+                len: 1 << 32,
+                limit: 1 << 20
+            }
+        );
         assert_eq!(e.close_code(), close::MESSAGE_TOO_BIG);
         // Exactly at the limit passes; one more is rejected, for each length encoding.
-        let rules = HeaderRules { max_frame: 300, ..SERVER };
-        assert!(decode_header(&[0x82, 0xFE, 0x01, 0x2C, 0, 0, 0, 0], &rules).unwrap().is_some());
+        let rules = HeaderRules {
+            max_frame: 300,
+            ..SERVER
+        };
+        assert!(decode_header(&[0x82, 0xFE, 0x01, 0x2C, 0, 0, 0, 0], &rules)
+            .unwrap()
+            .is_some());
         assert_eq!(
             err(&[0x82, 0xFE, 0x01, 0x2D], &rules),
-            ProtocolError::FrameTooLarge { len: 301, limit: 300 }
+            ProtocolError::FrameTooLarge {
+                len: 301,
+                limit: 300
+            }
         );
-        let rules = HeaderRules { max_frame: 10, ..SERVER };
-        assert_eq!(err(&[0x82, 0x8B], &rules), ProtocolError::FrameTooLarge { len: 11, limit: 10 });
+        let rules = HeaderRules {
+            max_frame: 10,
+            ..SERVER
+        };
+        assert_eq!(
+            err(&[0x82, 0x8B], &rules),
+            ProtocolError::FrameTooLarge { len: 11, limit: 10 }
+        );
     }
 
     #[test]
@@ -404,12 +482,19 @@ mod tests {
             for mask in [None, Some([1, 2, 3, 4])] {
                 let n = encode_header(&mut h, true, OpCode::Binary, mask, len);
                 let rules = HeaderRules {
-                    role: if mask.is_some() { Role::Server } else { Role::Client },
+                    role: if mask.is_some() {
+                        Role::Server
+                    } else {
+                        Role::Client
+                    },
                     max_frame: u64::MAX,
                     allowed_rsv: 0,
                 };
                 let d = decode_header(&h[..n], &rules).unwrap().unwrap();
-                assert_eq!((d.payload_len, d.mask, d.header_len, d.fin), (len, mask, n, true));
+                assert_eq!(
+                    (d.payload_len, d.mask, d.header_len, d.fin),
+                    (len, mask, n, true)
+                );
             }
         }
     }
@@ -420,15 +505,33 @@ mod tests {
         write_server_frame(&mut out, true, OpCode::Text, b"Hello");
         assert_eq!(&out[..], &[0x81, 0x05, 0x48, 0x65, 0x6c, 0x6c, 0x6f]);
         let mut out = BytesMut::new();
-        write_client_frame(&mut out, true, OpCode::Text, [0x37, 0xfa, 0x21, 0x3d], b"Hello");
-        assert_eq!(&out[..], &[0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58]);
+        write_client_frame(
+            &mut out,
+            true,
+            OpCode::Text,
+            [0x37, 0xfa, 0x21, 0x3d],
+            b"Hello",
+        );
+        assert_eq!(
+            &out[..],
+            &[0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58]
+        );
         // Unmasked ping "Hello" and masked pong "Hello".
         let mut out = BytesMut::new();
         write_server_frame(&mut out, true, OpCode::Ping, b"Hello");
         assert_eq!(&out[..], &[0x89, 0x05, 0x48, 0x65, 0x6c, 0x6c, 0x6f]);
         let mut out = BytesMut::new();
-        write_client_frame(&mut out, true, OpCode::Pong, [0x37, 0xfa, 0x21, 0x3d], b"Hello");
-        assert_eq!(&out[..], &[0x8a, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58]);
+        write_client_frame(
+            &mut out,
+            true,
+            OpCode::Pong,
+            [0x37, 0xfa, 0x21, 0x3d],
+            b"Hello",
+        );
+        assert_eq!(
+            &out[..],
+            &[0x8a, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58]
+        );
     }
 
     #[test]
