@@ -26,8 +26,14 @@ pub struct Connection {
     pub phase: Phase,
     pub decoder: MessageDecoder,
     pub close: CloseHandshake,
-    /// Input is no longer read (protocol error, refused handshake, EOF).
+    /// Input is no longer acted on, only drained (protocol error, refused handshake, close).
     pub reading_done: bool,
+    /// The client closed its side (recv returned 0) or the socket failed.
+    pub eof: bool,
+    /// We sent FIN (`shutdown(SHUT_WR)`) after flushing, and drain input until the client's
+    /// FIN or the linger time, so a close() with unread input cannot turn into an RST that
+    /// destroys our last response or close frame. Since when, in ms.
+    pub wr_shut_ms: Option<u64>,
     /// Drop TCP once the outbound queue is flushed.
     pub close_after_flush: bool,
     /// `shutdown(2)` was called; waiting for in-flight operations before `close(2)`.
@@ -61,6 +67,8 @@ impl Connection {
             decoder,
             close: CloseHandshake::default(),
             reading_done: false,
+            eof: false,
+            wr_shut_ms: None,
             close_after_flush: false,
             shut: false,
             recv_armed: false,
@@ -107,9 +115,13 @@ impl Connection {
         }
     }
 
-    /// Nothing more to do but drop TCP.
+    /// Everything queued has left and nothing more will be sent: time to send FIN.
     pub fn ready_to_shut(&self) -> bool {
-        !self.shut && self.close_after_flush && self.out.is_empty() && !self.send_in_flight
+        !self.shut
+            && self.wr_shut_ms.is_none()
+            && self.close_after_flush
+            && self.out.is_empty()
+            && !self.send_in_flight
     }
 
     /// Every ring operation on the socket has finished; the slot may be freed.

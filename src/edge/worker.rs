@@ -315,7 +315,7 @@ impl Worker {
         let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
             return;
         };
-        if conn.recv_armed || conn.shut || conn.reading_done {
+        if conn.recv_armed || conn.shut || conn.eof {
             return;
         }
         conn.recv_armed = true;
@@ -453,8 +453,9 @@ impl Worker {
                 .conn
                 .as_mut()
                 .expect("checked above");
-            if res == 0 || res != -libc::ECANCELED {
+            if res != -libc::ECANCELED {
                 conn.reading_done = true;
+                conn.eof = true;
                 if !conn.shut {
                     tracing::debug!(conn = %conn.id, "peer closed the TCP connection");
                 }
@@ -542,6 +543,14 @@ impl Worker {
             self.dirty.push(slot);
         }
         if conn.ready_to_shut() {
+            if conn.eof {
+                self.shut(slot);
+            } else {
+                // SAFETY: shutdown(2) on a socket fd we own has no memory preconditions.
+                unsafe { libc::shutdown(conn.fd, libc::SHUT_WR) };
+                conn.wr_shut_ms = Some(self.core.now_ms);
+            }
+        } else if conn.eof && conn.wr_shut_ms.is_some() {
             self.shut(slot);
         }
         let finished = self.slots[slot as usize]
@@ -718,7 +727,7 @@ impl Worker {
             .conn
             .as_mut()
             .expect("caller checked");
-        if conn.close_sent_ms.is_some() || conn.close_after_flush {
+        if conn.wr_shut_ms.is_some() || conn.close_sent_ms.is_some() || conn.close_after_flush {
             // The client did not answer our close, or will not read what we queued.
             tracing::debug!(conn = %conn.id, "close linger expired; dropping TCP");
             self.shut(slot);
@@ -852,6 +861,9 @@ fn opcode_for(kind: MessageKind) -> OpCode {
 fn next_deadline(conn: &Connection, config: &Config, draining: Option<u64>) -> Option<u64> {
     if conn.shut {
         return None;
+    }
+    if let Some(t) = conn.wr_shut_ms {
+        return Some(t + config.close_linger_ms);
     }
     if conn.close_sent_ms.is_some() || conn.close_after_flush {
         let linger = conn.close_sent_ms.unwrap_or(conn.last_rx_ms) + config.close_linger_ms;
