@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs beyond the Rust toolchain. Idempotent: a repeat run checks stamps and exits.
+#   .autobahn/venv      CPython 2.7 virtualenv with Autobahn|Testsuite (wstest), pins in tests/autobahn/requirements-py27.txt
+#   .autobahn/bootstrap Python 3 venv holding virtualenv<20.22 (the last line that can create 2.7 environments)
+#   .venv-py3           Python 3 venv with `websockets` (independent client), pins in tests/autobahn/requirements-py3.txt
+# Env overrides: PY27=/path/to/python2.7, PY3=/path/to/python3.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+REQ27="tests/autobahn/requirements-py27.txt"
+REQ3="tests/autobahn/requirements-py3.txt"
+REQBOOT="tests/autobahn/requirements-bootstrap.txt"
+AB_DIR=".autobahn"
+VENV27="$AB_DIR/venv"
+BOOT="$AB_DIR/bootstrap"
+VENV3=".venv-py3"
+STAMP=".ringway-setup-stamp"
+
+log() { printf 'setup-test-deps: %s\n' "$*"; }
+die() { printf 'setup-test-deps: ERROR: %s\n' "$*" >&2; exit 1; }
+
+APT_UPDATED=0
+# Installs Debian packages only when the given command is missing; `apt-get update` only when an install is needed.
+apt_install() {
+  command -v apt-get >/dev/null 2>&1 || die "apt-get is unavailable; install by hand: $*"
+  [ "$(id -u)" = 0 ] || die "not root; install by hand: $*"
+  if [ "$APT_UPDATED" = 0 ]; then
+    log "apt-get update (needed to install: $*)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    APT_UPDATED=1
+  fi
+  log "apt-get install -y $*"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+need_cmd_or_apt() {
+  local cmd="$1"; shift
+  command -v "$cmd" >/dev/null 2>&1 || apt_install "$@"
+}
+
+# Stamp = hash of the requirements file(s) + interpreter version: a change in either forces a reinstall.
+stamp_of() { { cat "$@"; "$PYBIN" -c 'import sys; print(sys.version)' 2>&1; } | sha256sum | cut -d' ' -f1; }
+
+find_py27() {
+  local c
+  for c in "${PY27:-}" "$(command -v pyenv >/dev/null 2>&1 && echo "$(pyenv root)/versions/2.7.18/bin/python")" \
+           /root/.pyenv/versions/2.7.18/bin/python "${PYENV_ROOT:-/root/.pyenv}"/versions/2.7*/bin/python \
+           "$(command -v python2.7 || true)"; do
+    [ -n "$c" ] && [ -x "$c" ] || continue
+    "$c" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (2, 7) else 1)' 2>/dev/null && { echo "$c"; return 0; }
+  done
+  return 1
+}
+
+find_py3() {
+  local c
+  for c in "${PY3:-}" "$(command -v python3 || true)" /usr/bin/python3; do
+    [ -n "$c" ] && [ -x "$c" ] || continue
+    "$c" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 9) else 1)' 2>/dev/null && { echo "$c"; return 0; }
+  done
+  return 1
+}
+
+# Makes a Python 3 venv at $1 with interpreter $2; installs python3-venv via apt if the stdlib venv module is broken.
+make_py3_venv() {
+  local dir="$1" py="$2"
+  if ! "$py" -m venv "$dir" >/dev/null 2>&1; then
+    rm -rf "$dir"
+    [ "$py" = /usr/bin/python3 ] || die "'$py -m venv' failed"
+    apt_install "$("$py" -c 'import sys; print("python3.%d-venv" % sys.version_info[1])')"
+    "$py" -m venv "$dir"
+  fi
+}
+
+t0=$(date +%s)
+
+# --- Python 3 interpreter (for the bootstrap and the websockets venv) ---
+PY3BIN="$(find_py3 || true)"
+if [ -z "$PY3BIN" ]; then
+  need_cmd_or_apt python3 python3 python3-venv
+  PY3BIN="$(find_py3)" || die "no Python >= 3.9 found"
+fi
+
+# --- Autobahn|Testsuite in a Python 2.7 virtualenv ---
+PY27BIN="$(find_py27)" || die "CPython 2.7 not found (looked at \$PY27, pyenv 2.7.x, python2.7 on PATH). Debian 12 ships no python2; this image provides it under pyenv."
+PYBIN="$PY27BIN"
+want27="$(stamp_of "$REQ27")"
+if [ -x "$VENV27/bin/wstest" ] && [ -f "$VENV27/$STAMP" ] && [ "$(cat "$VENV27/$STAMP")" = "$want27" ] \
+   && "$VENV27/bin/python" -c 'import autobahntestsuite' 2>/dev/null; then
+  log "wstest up to date ($VENV27, $("$VENV27/bin/wstest" -a 2>/dev/null | tr '\n' ' '))"
+else
+  log "building $VENV27 from $REQ27 with $PY27BIN"
+  need_cmd_or_apt gcc gcc   # wsaccel is compiled from source
+  PYBIN="$PY3BIN"
+  wantboot="$(stamp_of "$REQBOOT")"
+  if ! { [ -x "$BOOT/bin/virtualenv" ] && [ -f "$BOOT/$STAMP" ] && [ "$(cat "$BOOT/$STAMP")" = "$wantboot" ]; }; then
+    log "creating bootstrap venv $BOOT (virtualenv for 2.7) with $PY3BIN"
+    rm -rf "$BOOT"
+    make_py3_venv "$BOOT" "$PY3BIN"
+    "$BOOT/bin/python" -m pip install -q --disable-pip-version-check -r "$REQBOOT"
+    echo "$wantboot" > "$BOOT/$STAMP"
+  fi
+  rm -rf "$VENV27"
+  "$BOOT/bin/virtualenv" -q -p "$PY27BIN" "$VENV27"
+  log "pip install -r $REQ27 (Python 2.7; takes ~30 s)"
+  PYTHONWARNINGS=ignore "$VENV27/bin/python" -m pip install -q --disable-pip-version-check --no-python-version-warning \
+    -r "$REQ27" 2>&1 | grep -v -E 'DEPRECATION|^$' || true
+  "$VENV27/bin/python" -c 'import autobahntestsuite' || die "autobahntestsuite failed to install into $VENV27"
+  [ -x "$VENV27/bin/wstest" ] || die "wstest missing after install"
+  PYBIN="$PY27BIN"
+  echo "$want27" > "$VENV27/$STAMP"
+  log "installed: $("$VENV27/bin/wstest" -a 2>/dev/null | tr '\n' ' ')"
+fi
+
+# --- Python 3 websockets venv ---
+PYBIN="$PY3BIN"
+want3="$(stamp_of "$REQ3")"
+if [ -x "$VENV3/bin/python" ] && [ -f "$VENV3/$STAMP" ] && [ "$(cat "$VENV3/$STAMP")" = "$want3" ] \
+   && "$VENV3/bin/python" -c 'import websockets' 2>/dev/null; then
+  log "$VENV3 up to date (websockets $("$VENV3/bin/python" -c 'import websockets; print(websockets.__version__)'))"
+else
+  log "building $VENV3 from $REQ3 with $PY3BIN"
+  rm -rf "$VENV3"
+  make_py3_venv "$VENV3" "$PY3BIN"
+  echo '*' > "$VENV3/.gitignore"   # keep the venv out of git without touching the repo's .gitignore
+  "$VENV3/bin/python" -m pip install -q --disable-pip-version-check -r "$REQ3"
+  echo "$want3" > "$VENV3/$STAMP"
+  log "installed websockets $("$VENV3/bin/python" -c 'import websockets; print(websockets.__version__)')"
+fi
+
+command -v timeout >/dev/null 2>&1 || need_cmd_or_apt timeout coreutils
+
+log "done in $(( $(date +%s) - t0 )) s"
