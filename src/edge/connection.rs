@@ -34,6 +34,10 @@ pub struct Connection {
     /// FIN or the linger time, so a close() with unread input cannot turn into an RST that
     /// destroys our last response or close frame. Since when, in ms.
     pub wr_shut_ms: Option<u64>,
+    /// Since when we wait for the relay to hand back our close after earlier replies.
+    pub fence_ms: Option<u64>,
+    /// The client ended it (protocol error or its close): no close reply to wait for.
+    pub closing_without_reply: bool,
     /// Drop TCP once the outbound queue is flushed.
     pub close_after_flush: bool,
     /// `shutdown(2)` was called; waiting for in-flight operations before `close(2)`.
@@ -69,6 +73,8 @@ impl Connection {
             reading_done: false,
             eof: false,
             wr_shut_ms: None,
+            fence_ms: None,
+            closing_without_reply: false,
             close_after_flush: false,
             shut: false,
             recv_armed: false,

@@ -528,7 +528,7 @@ impl Worker {
                 let frame = self.core.encode(opcode_for(kind), &payload);
                 self.core.queue_data(conn, frame);
             }
-            ToEdge::Close { code, reason, .. } => self.core.start_close(conn, code, &reason),
+            ToEdge::Close { code, reason, .. } => self.core.on_relay_close(conn, code, &reason),
         }
         self.after_event(slot);
     }
@@ -727,7 +727,11 @@ impl Worker {
             .conn
             .as_mut()
             .expect("caller checked");
-        if conn.wr_shut_ms.is_some() || conn.close_sent_ms.is_some() || conn.close_after_flush {
+        if conn.fence_ms.is_some()
+            || conn.wr_shut_ms.is_some()
+            || conn.close_sent_ms.is_some()
+            || conn.close_after_flush
+        {
             // The client did not answer our close, or will not read what we queued.
             tracing::debug!(conn = %conn.id, "close linger expired; dropping TCP");
             self.shut(slot);
@@ -862,7 +866,7 @@ fn next_deadline(conn: &Connection, config: &Config, draining: Option<u64>) -> O
     if conn.shut {
         return None;
     }
-    if let Some(t) = conn.wr_shut_ms {
+    if let Some(t) = conn.wr_shut_ms.or(conn.fence_ms) {
         return Some(t + config.close_linger_ms);
     }
     if conn.close_sent_ms.is_some() || conn.close_after_flush {
@@ -943,9 +947,45 @@ impl Core {
     }
 
     /// Send our close frame (once) and wait for the client's, up to the linger time.
+    /// End the connection because of what the client sent (a protocol error, or its close):
+    /// read nothing more, send our close once the replies to its earlier messages are queued,
+    /// and drop TCP after it. Through the relay that means a fence: the relay hands the close
+    /// back after every reply it had already passed on.
+    fn close_after_replies(&mut self, conn: &mut Connection, code: u16, reason: &str) {
+        conn.reading_done = true;
+        conn.closing_without_reply = true;
+        if self.relay.is_some() && conn.counted_open {
+            if conn.fence_ms.is_none() {
+                conn.fence_ms = Some(self.now_ms);
+                self.to_relay(ToUpstream::Fence {
+                    conn: conn.id,
+                    code,
+                    reason: reason.to_string(),
+                });
+            }
+        } else {
+            self.start_close(conn, code, reason);
+            conn.close_after_flush = true;
+        }
+    }
+
+    /// The relay handed back a close, a fence's or a backend's.
+    fn on_relay_close(&mut self, conn: &mut Connection, code: u16, reason: &str) {
+        let fenced = conn.fence_ms.take().is_some();
+        self.start_close(conn, code, reason);
+        if fenced && conn.closing_without_reply {
+            conn.close_after_flush = true;
+        }
+    }
+
     fn start_close(&mut self, conn: &mut Connection, code: u16, reason: &str) {
         if conn.close.send() {
-            let (payload, len) = frame::close_payload(code, reason);
+            let (payload, len) = if code == close::NO_STATUS {
+                // Echoing a close that carried no code: ours carries none either.
+                ([0; frame::MAX_CONTROL_PAYLOAD], 0)
+            } else {
+                frame::close_payload(code, reason)
+            };
             let f = self.encode(OpCode::Close, &payload[..len]);
             conn.queue(f);
             conn.close_code = code;
@@ -1021,10 +1061,8 @@ impl Core {
                 Err(e) => {
                     self.stats.protocol_errors += 1;
                     tracing::debug!(conn = %conn.id, "protocol error: {e}");
-                    conn.reading_done = true;
                     let reason = e.to_string();
-                    self.start_close(conn, e.close_code(), &reason);
-                    conn.close_after_flush = true;
+                    self.close_after_replies(conn, e.close_code(), &reason);
                     return;
                 }
             };
@@ -1074,20 +1112,11 @@ impl Core {
                 Action::Pong => conn.ping_sent_ms = None,
                 Action::Close(code, reason) => {
                     tracing::debug!(conn = %conn.id, code, reason = %reason, "client sent close");
-                    if conn.close.receive() {
-                        // RFC 6455 §5.5.1: answer with a close echoing the status code.
-                        if conn.close.send() {
-                            let f = if code == close::NO_STATUS {
-                                self.encode(OpCode::Close, b"")
-                            } else {
-                                self.encode(OpCode::Close, &code.to_be_bytes())
-                            };
-                            conn.queue(f);
-                        }
-                        conn.close_code = code;
-                    }
-                    conn.reading_done = true;
-                    conn.close_after_flush = true;
+                    conn.close.receive();
+                    conn.close_code = code;
+                    // RFC 6455 §5.5.1: answer with a close echoing the status code, after the
+                    // replies to what the client sent before it.
+                    self.close_after_replies(conn, code, "");
                 }
             }
         }

@@ -12,17 +12,20 @@ pub fn run(rx: Receiver<ToUpstream>, mut sink: impl EdgeSink) {
         let mut next = Some(first);
         let mut batch = 0;
         while let Some(msg) = next {
-            if let ToUpstream::Message {
-                conn,
-                kind,
-                payload,
-            } = msg
-            {
-                sink.send(ToEdge::Send {
+            match msg {
+                ToUpstream::Message {
                     conn,
                     kind,
                     payload,
-                });
+                } => sink.send(ToEdge::Send {
+                    conn,
+                    kind,
+                    payload,
+                }),
+                ToUpstream::Fence { conn, code, reason } => {
+                    sink.send(ToEdge::Close { conn, code, reason })
+                }
+                ToUpstream::Open { .. } | ToUpstream::Closed { .. } => {}
             }
             batch += 1;
             next = if batch < 1024 {

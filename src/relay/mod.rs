@@ -21,6 +21,14 @@ pub enum ToUpstream {
         kind: MessageKind,
         payload: Bytes,
     },
+    /// The core reads nothing more from this connection: hand back a `ToEdge::Close` with
+    /// this code once every reply passed on before it is on its way, so the client gets
+    /// those replies before the close.
+    Fence {
+        conn: ConnId,
+        code: u16,
+        reason: String,
+    },
     /// The client's connection is gone (close code as sent or received; 1006 if none).
     Closed { conn: ConnId, code: u16 },
 }
