@@ -936,8 +936,10 @@ impl Core {
     }
 
     /// Queue a data frame, closing the connection 1008 if the client does not keep up.
+    /// A single message larger than the cap is still sent when nothing else is queued: the
+    /// cap is for clients that do not read, not a second message size limit.
     fn queue_data(&mut self, conn: &mut Connection, frame: Bytes) {
-        if conn.out_bytes + frame.len() > self.config.send_queue_bytes {
+        if conn.out_bytes > 0 && conn.out_bytes + frame.len() > self.config.send_queue_bytes {
             tracing::debug!(conn = %conn.id, queued = conn.out_bytes, "slow consumer");
             self.start_close(conn, close::POLICY_VIOLATION, "slow consumer");
             return;
