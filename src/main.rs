@@ -49,7 +49,6 @@ fn main() {
     init_logging(&cli.log_format);
     if let Err(e) = run(cli) {
         tracing::error!("{e:#}");
-        eprintln!("ringway: {e:#}");
         std::process::exit(1);
     }
 }
