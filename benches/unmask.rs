@@ -2,11 +2,11 @@
 //!
 //! Payloads sit where they would in a receive buffer: frames back to back, each payload right
 //! after its header (2 + 4 bytes for <= 125 B, 4 + 4 up to 64 KiB - 1, 10 + 4 above), so
-//! payloads are not 64-byte aligned. Small sizes cycle through 16 such frames, as a decoder
-//! walks a buffer of small frames (and so no call waits on the previous call's stores to the
-//! same bytes); memcpy cycles through 16 slots the same way (both stay in L1). "unmask()" is the public entry
-//! point (dispatch included); the named lines call each implementation directly. Compare
-//! ratios within one run: the machine is shared.
+//! payloads are not 64-byte aligned. Sizes up to 1 KiB cycle through 16 such frames, as a
+//! decoder walks a buffer of small frames (so no call waits on the previous call's stores to
+//! the same bytes); memcpy cycles through 16 slots the same way (both stay in L1). "unmask()"
+//! is the public entry point (dispatch included); the named lines call each implementation
+//! directly. Compare ratios within one run: the machine is shared.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ringway::protocol::mask;
