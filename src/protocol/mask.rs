@@ -36,6 +36,13 @@ pub fn implementation_name() -> &'static str {
 /// Every implementation usable on this CPU, slowest first, as safe function pointers (for
 /// tests and benches that compare them side by side).
 pub fn implementations() -> Vec<(&'static str, UnmaskFn)> {
+    #[cfg_attr(
+        not(any(
+            target_arch = "x86_64",
+            all(target_arch = "aarch64", target_feature = "neon")
+        )),
+        allow(unused_mut)
+    )]
     let mut v: Vec<(&'static str, UnmaskFn)> = vec![("portable", unmask_portable)];
     #[cfg(target_arch = "x86_64")]
     {
@@ -467,7 +474,7 @@ mod tests {
                 .unwrap_or(0);
             panic!(
                 "{name}: len {len} align {} phase {phase}: first wrong byte at {at}",
-                start % 64
+                storage[start..].as_ptr() as usize % 64
             );
         }
         let guard = start.saturating_sub(64)..start;
