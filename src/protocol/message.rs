@@ -200,6 +200,12 @@ impl MessageDecoder {
         self.header_len == 0 && self.frame.is_none() && self.message.is_none()
     }
 
+    /// Heap bytes held right now (the assembly buffer's capacity): 0 when idle, at most
+    /// about twice `max_message` while a message is assembled. For metrics and the fuzzer.
+    pub fn heap_bytes(&self) -> usize {
+        self.assembly.capacity()
+    }
+
     /// Decode the next event from `input`, unmasking in place. Returns the bytes consumed
     /// and the event; with `None` the whole input was consumed (kept as needed) and more
     /// bytes are wanted. After an error the decoder must not be used again.
