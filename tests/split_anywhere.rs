@@ -218,9 +218,37 @@ fn sixty_four_bit_length_split_anywhere_in_its_header() {
     }
 }
 
-/// Streams that break a rule after some valid frames; `decides` is the length of the prefix
-/// that proves the violation (the decoder must fail on the piece holding that byte).
-fn bad_streams() -> Vec<(&'static str, Vec<u8>, usize, Vec<Ev>, ProtocolError)> {
+/// A stream that breaks a rule after some valid frames.
+struct Bad {
+    name: &'static str,
+    bytes: Vec<u8>,
+    /// Length of the prefix that proves the violation: the decoder must fail on the piece
+    /// that holds byte `decides - 1`.
+    decides: usize,
+    /// The events of the valid frames before the violation.
+    events: Vec<Ev>,
+    error: ProtocolError,
+    limits: Limits,
+}
+
+fn bad(
+    name: &'static str,
+    bytes: Vec<u8>,
+    decides: usize,
+    events: Vec<Ev>,
+    error: ProtocolError,
+) -> Bad {
+    Bad {
+        name,
+        bytes,
+        decides,
+        events,
+        error,
+        limits: LIMITS,
+    }
+}
+
+fn bad_streams() -> Vec<Bad> {
     let mut out = Vec::new();
     let prelude = |s: &mut Stream| {
         s.frame(true, OpCode::Text, "ok ✓".as_bytes());
@@ -244,7 +272,7 @@ fn bad_streams() -> Vec<(&'static str, Vec<u8>, usize, Vec<Ev>, ProtocolError)> 
     let decides = start + 6 + 3;
     let mut ev = prelude_events.clone();
     ev.push(Ev::Ping(b"q".to_vec()));
-    out.push((
+    out.push(bad(
         "0xFF mid-fragment",
         s.bytes,
         decides,
@@ -259,7 +287,7 @@ fn bad_streams() -> Vec<(&'static str, Vec<u8>, usize, Vec<Ev>, ProtocolError)> 
     let start = s.bytes.len();
     s.frame(true, OpCode::Continuation, b"Ayyyy");
     let decides = start + 6 + 1;
-    out.push((
+    out.push(bad(
         "bad continuation across fragments",
         s.bytes,
         decides,
@@ -273,7 +301,7 @@ fn bad_streams() -> Vec<(&'static str, Vec<u8>, usize, Vec<Ev>, ProtocolError)> 
     let start = s.bytes.len();
     s.frame(true, OpCode::Text, b"hello\xed\xa0\x80world");
     let decides = start + 6 + 7;
-    out.push((
+    out.push(bad(
         "surrogate",
         s.bytes,
         decides,
@@ -286,7 +314,7 @@ fn bad_streams() -> Vec<(&'static str, Vec<u8>, usize, Vec<Ev>, ProtocolError)> 
     prelude(&mut s);
     s.frame(true, OpCode::Text, b"abc\xf0\x9f\x98");
     let decides = s.bytes.len();
-    out.push((
+    out.push(bad(
         "truncated code point",
         s.bytes,
         decides,
@@ -300,7 +328,7 @@ fn bad_streams() -> Vec<(&'static str, Vec<u8>, usize, Vec<Ev>, ProtocolError)> 
     let start = s.bytes.len();
     s.frame(true, OpCode::Binary, b"zzz");
     s.bytes[start] = 0x83;
-    out.push((
+    out.push(bad(
         "reserved opcode",
         s.bytes,
         start + 1,
@@ -314,7 +342,7 @@ fn bad_streams() -> Vec<(&'static str, Vec<u8>, usize, Vec<Ev>, ProtocolError)> 
     let start = s.bytes.len();
     s.bytes
         .extend_from_slice(&[0x89, 0xFE, 0x00, 0x7E, 1, 2, 3, 4]);
-    out.push((
+    out.push(bad(
         "long ping",
         s.bytes,
         start + 2,
@@ -327,7 +355,7 @@ fn bad_streams() -> Vec<(&'static str, Vec<u8>, usize, Vec<Ev>, ProtocolError)> 
     prelude(&mut s);
     s.frame(true, OpCode::Close, &[0x03]);
     let decides = s.bytes.len();
-    out.push((
+    out.push(bad(
         "1-byte close",
         s.bytes,
         decides,
@@ -346,25 +374,26 @@ fn bad_streams() -> Vec<(&'static str, Vec<u8>, usize, Vec<Ev>, ProtocolError)> 
         limit: 150,
     };
     // Judged from the whole header (mask key included), still before any of its payload.
-    out.push(("message too large", s.bytes, start + 6, prelude_events, err));
+    let mut b = bad("message too large", s.bytes, start + 6, prelude_events, err);
+    b.limits = Limits {
+        max_frame: 1000,
+        max_message: 150,
+    };
+    out.push(b);
     out
-}
-
-fn limits_for(name: &str) -> Limits {
-    if name == "message too large" {
-        Limits {
-            max_frame: 1000,
-            max_message: 150,
-        }
-    } else {
-        LIMITS
-    }
 }
 
 #[test]
 fn errors_are_the_same_at_every_cut_and_fail_fast() {
-    for (name, stream, decides, events, err) in bad_streams() {
-        let limits = limits_for(name);
+    for Bad {
+        name,
+        bytes: stream,
+        decides,
+        events,
+        error: err,
+        limits,
+    } in bad_streams()
+    {
         let whole = decode_cuts(&stream, &[], limits);
         assert_eq!(
             whole,
@@ -413,14 +442,14 @@ proptest! {
     #[test]
     fn random_cuts_give_the_same_error(which in 0usize..8, cuts in prop::collection::vec(any::<prop::sample::Index>(), 1..=2)) {
         let bad = bad_streams();
-        let (name, stream, decides, events, err) = &bad[which % bad.len()];
-        let cuts: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
-        let got = decode_cuts(stream, &cuts, limits_for(name));
+        let b = &bad[which % bad.len()];
+        let cuts: Vec<usize> = cuts.iter().map(|i| i.index(b.bytes.len() + 1)).collect();
+        let got = decode_cuts(&b.bytes, &cuts, b.limits);
         // The failing piece is the one that holds the deciding byte.
         let mut sorted = cuts.clone();
         sorted.sort_unstable();
-        let piece = sorted.iter().filter(|&&c| c < *decides).count();
-        prop_assert_eq!(got.error, Some((piece, err.clone())));
-        prop_assert_eq!(&got.events, events);
+        let piece = sorted.iter().filter(|&&c| c < b.decides).count();
+        prop_assert_eq!(got.error, Some((piece, b.error.clone())), "{}", b.name);
+        prop_assert_eq!(&got.events, &b.events);
     }
 }
