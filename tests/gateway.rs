@@ -201,6 +201,19 @@ async fn protocol_errors_close_1002() {
     bad_input_closes(&gw, &masked_frame(false, OP_PING, b"x"), 1002).await;
     // §5.4: a continuation with no message started.
     bad_input_closes(&gw, &masked_frame(true, OP_CONT, b"x"), 1002).await;
+    // §5.5: a control frame with more than 125 bytes of payload.
+    bad_input_closes(&gw, &masked_frame(true, OP_PING, &[0; 126]), 1002).await;
+    // §5.5.1: a close body of one byte cannot hold a status code.
+    bad_input_closes(&gw, &masked_frame(true, OP_CLOSE, &[3]), 1002).await;
+    // §7.4.1: 1005 must never appear on the wire; 999 is not a close code.
+    for code in [1005u16, 999] {
+        bad_input_closes(
+            &gw,
+            &masked_frame(true, OP_CLOSE, &code.to_be_bytes()),
+            1002,
+        )
+        .await;
+    }
     // The gateway still serves well-behaved clients afterwards.
     let mut ws = RawWs::connect(gw.addr).await;
     ws.send(&masked_frame(true, OP_TEXT, b"still here")).await;
@@ -216,6 +229,10 @@ async fn invalid_utf8_text_closes_1007() {
     let mut bytes = masked_frame(false, OP_TEXT, b"abc\xe2");
     bytes.extend(masked_frame(true, OP_CONT, b"\x82"));
     bad_input_closes(&gw, &bytes, 1007).await;
+    // §5.5.1: a close reason must be UTF-8 too.
+    let mut close = 1000u16.to_be_bytes().to_vec();
+    close.extend_from_slice(b"bye\xc0");
+    bad_input_closes(&gw, &masked_frame(true, OP_CLOSE, &close), 1007).await;
 }
 
 #[tokio::test]
