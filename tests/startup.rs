@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 fn ringway() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ringway"));
-    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     c
 }
 
@@ -36,18 +38,45 @@ fn deny_io_uring(cmd: &mut Command, errno: u32) {
     const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
     let nr = libc::SYS_io_uring_setup as u32;
     let filter = [
-        libc::sock_filter { code: BPF_LD_W_ABS, jt: 0, jf: 0, k: 0 }, // seccomp_data.nr
-        libc::sock_filter { code: BPF_JMP_JEQ_K, jt: 0, jf: 1, k: nr },
-        libc::sock_filter { code: BPF_RET_K, jt: 0, jf: 0, k: SECCOMP_RET_ERRNO | errno },
-        libc::sock_filter { code: BPF_RET_K, jt: 0, jf: 0, k: SECCOMP_RET_ALLOW },
+        libc::sock_filter {
+            code: BPF_LD_W_ABS,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        }, // seccomp_data.nr
+        libc::sock_filter {
+            code: BPF_JMP_JEQ_K,
+            jt: 0,
+            jf: 1,
+            k: nr,
+        },
+        libc::sock_filter {
+            code: BPF_RET_K,
+            jt: 0,
+            jf: 0,
+            k: SECCOMP_RET_ERRNO | errno,
+        },
+        libc::sock_filter {
+            code: BPF_RET_K,
+            jt: 0,
+            jf: 0,
+            k: SECCOMP_RET_ALLOW,
+        },
     ];
     // SAFETY: the closure runs in the forked child before exec and only makes two prctl calls
     // (async-signal-safe) on a filter array that the fork copied into the child's memory.
     unsafe {
         cmd.pre_exec(move || {
-            let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut _ };
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr() as *mut _,
+            };
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-                || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog as *const _) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &prog as *const _,
+                ) != 0
             {
                 return Err(std::io::Error::last_os_error());
             }
@@ -65,8 +94,14 @@ fn io_uring_denied_by_seccomp_is_one_clear_line_and_exit_1() {
         let out = run_bounded(cmd);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "errno {errno}: {stderr}");
-        assert!(stderr.contains("io_uring is unavailable"), "errno {errno}: {stderr}");
-        assert!(stderr.contains("kernel.io_uring_disabled"), "says how to enable it: {stderr}");
+        assert!(
+            stderr.contains("io_uring is unavailable"),
+            "errno {errno}: {stderr}"
+        );
+        assert!(
+            stderr.contains("kernel.io_uring_disabled"),
+            "says how to enable it: {stderr}"
+        );
         assert!(stderr.contains("seccomp"), "mentions containers: {stderr}");
     }
 }
@@ -80,7 +115,10 @@ fn address_in_use_names_the_address() {
     let out = run_bounded(cmd);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains(&format!("cannot listen on {addr}")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
 }
 
 #[test]

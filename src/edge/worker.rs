@@ -116,6 +116,8 @@ pub struct Worker {
     waker: Arc<Waker>,
     wake_buf: Box<u64>,
     tick: Box<types::Timespec>,
+    // Boxed on purpose: the kernel holds the iovecs' addresses until the send completes.
+    #[allow(clippy::vec_box)]
     send_pool: Vec<Box<SendBuf>>,
     in_flight_sends: Vec<Option<Box<SendBuf>>>,
     dirty: Vec<u32>,
@@ -922,7 +924,7 @@ impl Core {
         self.arena.split().freeze()
     }
 
-    fn to_relay(&mut self, msg: ToUpstream) {
+    fn send_to_relay(&mut self, msg: ToUpstream) {
         let Some(relay) = &self.relay else { return };
         if !self.relay_backlog.is_empty() {
             self.relay_backlog.push_back(msg);
@@ -959,7 +961,7 @@ impl Core {
         if self.relay.is_some() && conn.counted_open {
             if conn.fence_ms.is_none() {
                 conn.fence_ms = Some(self.now_ms);
-                self.to_relay(ToUpstream::Fence {
+                self.send_to_relay(ToUpstream::Fence {
                     conn: conn.id,
                     code,
                     reason: reason.to_string(),
@@ -1041,7 +1043,7 @@ impl Core {
                 conn.phase = Phase::Open;
                 conn.last_message_ms = self.now_ms;
                 tracing::debug!(conn = %conn.id, path = %request.path, "open");
-                self.to_relay(ToUpstream::Open {
+                self.send_to_relay(ToUpstream::Open {
                     conn: conn.id,
                     path: request.path,
                 });
@@ -1108,7 +1110,7 @@ impl Core {
                 }
                 Action::Relay(msg) => {
                     conn.last_message_ms = self.now_ms;
-                    self.to_relay(msg);
+                    self.send_to_relay(msg);
                 }
                 Action::Control(frame) => conn.queue(frame),
                 Action::Pong => conn.ping_sent_ms = None,
