@@ -130,6 +130,10 @@ struct Conn {
     /// `next_seq - recv_seq` are on the wire, the rest wait for the in-flight cap.
     times: VecDeque<u64>,
     dirty: bool,
+    token: Token,
+    /// Registered for writability: only while a write is pending, so that the ACKs of
+    /// every message do not wake the loop.
+    want_write: bool,
 }
 
 type Failure = (ErrorKind, String);
@@ -151,6 +155,7 @@ enum Phase {
 /// mutably together.
 struct Ctx<'a> {
     plan: &'a Plan,
+    registry: mio::Registry,
     shared: &'a Shared,
     traffic: Traffic,
     rng: u64,
@@ -216,9 +221,11 @@ impl<'a> Worker<'a> {
         ids: Vec<u32>,
     ) -> io::Result<Self> {
         let n = ids.len();
+        let poll = Poll::new()?;
         Ok(Worker {
             ctx: Ctx {
                 plan,
+                registry: poll.registry().try_clone()?,
                 shared,
                 traffic,
                 rng: 0x2545_F491_4F6C_DD1D ^ ((index as u64 + 1) << 32) ^ now_ns(),
@@ -237,7 +244,7 @@ impl<'a> Worker<'a> {
             live: 0,
             scratch: vec![0; READ_CHUNK],
             dirty: Vec::new(),
-            poll: Poll::new()?,
+            poll,
             src_next: index * 37,
         })
     }
@@ -452,6 +459,8 @@ impl<'a> Worker<'a> {
                 recv_seq: 0,
                 times: VecDeque::new(),
                 dirty: false,
+                token: Token(local),
+                want_write: true,
             });
             self.ctx.connecting += 1;
             self.live += 1;
@@ -537,7 +546,7 @@ impl<'a> Worker<'a> {
                 continue;
             };
             c.dirty = false;
-            if let Err((kind, msg)) = flush(c) {
+            if let Err((kind, msg)) = flush(c, &self.ctx.registry) {
                 self.ctx.errors.note(kind, 1, msg);
                 self.remove(local);
             }
@@ -623,7 +632,7 @@ impl<'a> Worker<'a> {
                         &1000u16.to_be_bytes(),
                     );
                     c.state = State::Closing;
-                    if flush(c).is_err() {
+                    if flush(c, &self.ctx.registry).is_err() {
                         self.remove(local);
                     }
                 }
@@ -682,7 +691,24 @@ fn pump(c: &mut Conn, in_flight: usize, rng: &mut u64) {
     }
 }
 
-fn flush(c: &mut Conn) -> Result<(), Failure> {
+fn flush(c: &mut Conn, registry: &mio::Registry) -> Result<(), Failure> {
+    write_out(c)?;
+    let pending = !c.wbuf.is_empty();
+    if pending != c.want_write && c.state != State::Connecting {
+        let interest = if pending {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        registry
+            .reregister(&mut c.stream, c.token, interest)
+            .map_err(|e| (closed_kind(c), format!("conn {}: epoll: {e}", c.id)))?;
+        c.want_write = pending;
+    }
+    Ok(())
+}
+
+fn write_out(c: &mut Conn) -> Result<(), Failure> {
     while !c.wbuf.is_empty() {
         match c.stream.write(&c.wbuf) {
             Ok(0) => {
@@ -729,11 +755,11 @@ fn drive(
         c.since = now;
         c.wbuf
             .extend_from_slice(ws::request(&ctx.plan.target, &c.key).as_bytes());
-        flush(c)?;
+        flush(c, &ctx.registry)?;
         return handshake_read(ctx, scratch, c, now);
     }
     if writable {
-        flush(c)?;
+        flush(c, &ctx.registry)?;
     }
     let flow = if !readable {
         Flow::Keep
@@ -742,7 +768,7 @@ fn drive(
     } else {
         read_frames(ctx, scratch, c, now)?
     };
-    flush(c)?;
+    flush(c, &ctx.registry)?;
     Ok(flow)
 }
 
