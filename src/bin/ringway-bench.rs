@@ -111,6 +111,10 @@ struct RateArgs {
     /// Total messages per second over all connections.
     #[arg(long, value_parser = parse_rate)]
     rate: f64,
+    /// Send-schedule granularity: messages due within one tick go out together on one
+    /// wake-up (0: a wake-up per message; costly in CPU at high rates).
+    #[arg(long, default_value = "1ms", value_parser = parse_duration)]
+    tick: Duration,
     #[command(flatten)]
     load: LoadArgs,
 }
@@ -124,10 +128,12 @@ struct IdleArgs {
     hold: Duration,
 }
 
-/// "5", "5s", "1.5s", "500ms", "2m"; at most an hour.
+/// "5", "5s", "1.5s", "500ms", "100us", "2m"; at most an hour.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+    let (num, scale) = if let Some(n) = s.strip_suffix("us") {
+        (n, 1e-6)
+    } else if let Some(n) = s.strip_suffix("ms") {
         (n, 1e-3)
     } else if let Some(n) = s.strip_suffix('s') {
         (n, 1.0)
@@ -179,7 +185,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             r.errors
         }
         Mode::Rate(rate) => {
-            let r = run_load(rate.load, Some(rate.rate))?;
+            let r = run_load(rate.load, Some((rate.rate, rate.tick)))?;
             print(&r, cli.json)?;
             r.errors
         }
@@ -222,6 +228,7 @@ fn plan(
         spread_sources: common.spread_sources,
         drain_ns: drain.as_nanos() as u64,
         close_wait_ns: 2_000_000_000,
+        tick_ns: 0,
     })
 }
 
@@ -286,14 +293,16 @@ struct Window {
     server_cpu: Option<f64>,
 }
 
-fn run_load(args: LoadArgs, rate: Option<f64>) -> anyhow::Result<LoadReport> {
+fn run_load(args: LoadArgs, open_loop: Option<(f64, Duration)>) -> anyhow::Result<LoadReport> {
+    let rate = open_loop.map(|(r, _)| r);
     let c = &args.common;
     let connections = c.connections as usize;
     let threads = c.threads as usize;
     let in_flight = args
         .in_flight
         .unwrap_or(if rate.is_some() { 64 } else { 1 }) as usize;
-    let plan = plan(c, in_flight, args.size as usize, args.binary, args.drain)?;
+    let mut plan = plan(c, in_flight, args.size as usize, args.binary, args.drain)?;
+    plan.tick_ns = open_loop.map_or(0, |(_, tick)| tick.as_nanos() as u64);
     if let Some(pid) = c.server_pid {
         procfs::cpu_seconds(Some(pid)).with_context(|| format!("reading /proc/{pid}/stat"))?;
     }
@@ -370,6 +379,7 @@ fn run_load(args: LoadArgs, rate: Option<f64>) -> anyhow::Result<LoadReport> {
         binary: args.binary,
         threads,
         target_rate: rate,
+        tick_us: open_loop.map(|(_, t)| t.as_nanos() as f64 / 1000.0),
         send_lag: rate.map(|_| LatencySummary::from_histogram(&lag)),
         duration_s: seconds,
         messages,
@@ -461,6 +471,7 @@ mod tests {
         assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("100us").unwrap(), Duration::from_micros(100));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("2h").is_err());

@@ -57,6 +57,8 @@ pub struct Plan {
     pub spread_sources: bool,
     pub drain_ns: u64,
     pub close_wait_ns: u64,
+    /// Open loop: granularity of the send schedule.
+    pub tick_ns: u64,
 }
 
 /// Published by the coordinating thread, read by the workers once per wake.
@@ -189,14 +191,19 @@ impl Ctx<'_> {
 struct Scheduler {
     start: u64,
     interval_ns: f64,
+    tick_ns: u64,
     k: u64,
     rr: usize,
     end: u64,
 }
 
 impl Scheduler {
+    /// Slots are rounded up to whole ticks, so messages go out in small bursts on one
+    /// wake-up per tick rather than one wake-up each (a wake-up costs far more CPU than a
+    /// send); latency still counts from the rounded slot.
     fn slot(&self) -> u64 {
-        self.start + (self.k as f64 * self.interval_ns) as u64
+        let t = (self.k as f64 * self.interval_ns) as u64;
+        self.start + t.div_ceil(self.tick_ns) * self.tick_ns
     }
 }
 
@@ -317,6 +324,7 @@ impl<'a> Worker<'a> {
                                 sched = Some(Scheduler {
                                     start: rs,
                                     interval_ns: 1e9 / per_second,
+                                    tick_ns: self.ctx.plan.tick_ns.max(1),
                                     k: 0,
                                     rr: 0,
                                     end: self.ctx.me,
@@ -910,4 +918,39 @@ fn on_data(ctx: &mut Ctx<'_>, c: &mut Conn, data: &mut [u8], now: u64) -> Result
         }
     }
     Ok(Flow::Keep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slots(interval_ns: f64, tick_ns: u64, n: u64) -> Vec<u64> {
+        let mut s = Scheduler {
+            start: 1_000,
+            interval_ns,
+            tick_ns,
+            k: 0,
+            rr: 0,
+            end: u64::MAX,
+        };
+        (0..n)
+            .map(|k| {
+                s.k = k;
+                s.slot() - 1_000
+            })
+            .collect()
+    }
+
+    #[test]
+    fn schedule_is_exact_without_a_tick() {
+        assert_eq!(slots(333.5, 1, 4), vec![0, 333, 667, 1000]);
+    }
+
+    #[test]
+    fn schedule_rounds_up_to_whole_ticks_keeping_the_rate() {
+        // Two messages per tick at half-tick intervals; none is scheduled early.
+        assert_eq!(slots(500.0, 1000, 6), vec![0, 1000, 1000, 2000, 2000, 3000]);
+        // Slower than the tick: each message on the tick at or after its exact time.
+        assert_eq!(slots(2500.0, 1000, 4), vec![0, 3000, 5000, 8000]);
+    }
 }

@@ -170,6 +170,8 @@ pub struct LoadReport {
     pub threads: usize,
     /// Open loop only: the requested total rate.
     pub target_rate: Option<f64>,
+    /// Open loop only: send-schedule granularity.
+    pub tick_us: Option<f64>,
     /// Open loop only: how late the tool queued messages after their scheduled time. When
     /// this is large the tool (or the machine), not the server, is behind.
     pub send_lag: Option<LatencySummary>,
@@ -202,6 +204,9 @@ impl fmt::Display for LoadReport {
         )?;
         if let Some(r) = self.target_rate {
             write!(f, "  target     {r:.0} msgs/s")?;
+            if let Some(t) = self.tick_us {
+                write!(f, " in {} ticks", fmt_us(t))?;
+            }
             if let Some(lag) = &self.send_lag {
                 write!(
                     f,
@@ -390,6 +395,7 @@ mod tests {
             binary: false,
             threads: 1,
             target_rate: None,
+            tick_us: None,
             send_lag: None,
             duration_s: 5.0,
             messages: 500_000,
