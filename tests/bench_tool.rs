@@ -188,8 +188,8 @@ fn refused_connections_fail_the_run() {
 }
 
 /// A server that completes the handshake, then echoes every message with its last byte
-/// flipped.
-fn corrupting_server() -> String {
+/// flipped, or with `silent` never answers at all.
+fn bad_server(silent: bool) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("ws://{}/", listener.local_addr().unwrap());
     std::thread::spawn(move || {
@@ -223,6 +223,7 @@ fn corrupting_server() -> String {
                         };
                         pos += used;
                         match ev {
+                            Some(Event::Message { .. }) if silent => {}
                             Some(Event::Message { payload, .. }) => {
                                 let mut p = payload.as_slice().to_vec();
                                 *p.last_mut().unwrap() ^= 1;
@@ -247,7 +248,7 @@ fn corrupting_server() -> String {
 
 #[test]
 fn corrupted_replies_fail_the_run_and_are_named() {
-    let url = corrupting_server();
+    let url = bad_server(false);
     let (code, r) = bench(&[
         "echo",
         "--url",
@@ -268,4 +269,28 @@ fn corrupted_replies_fail_the_run_and_are_named() {
         example.contains("reply 0: body differs from byte 63"),
         "{example}"
     );
+}
+
+#[test]
+fn unanswered_messages_fail_the_run_after_the_drain() {
+    let url = bad_server(true);
+    let (code, r) = bench(&[
+        "echo",
+        "--url",
+        &url,
+        "--connections",
+        "3",
+        "--in-flight",
+        "2",
+        "--duration",
+        "200ms",
+        "--warmup",
+        "0s",
+        "--drain",
+        "200ms",
+    ]);
+    assert_eq!(code, 1);
+    assert_eq!(r["messages"], 0);
+    assert_eq!(r["errors"]["unanswered"], 6, "{r:#}");
+    assert_eq!(r["errors"]["total"], 6);
 }
