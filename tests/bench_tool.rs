@@ -1,0 +1,296 @@
+//! `ringway-bench` end to end: against a spawned gateway it must report real throughput and
+//! no errors; against a missing or misbehaving server it must fail loudly.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+
+use bytes::BytesMut;
+use ringway::protocol::frame::{write_server_frame, OpCode, Role};
+use ringway::protocol::handshake::{parse_request, response_101, HandshakeLimits, Parsed};
+use ringway::protocol::message::{Event, Limits, MessageDecoder};
+use serde_json::Value;
+
+struct Gateway {
+    child: Child,
+    url: String,
+}
+
+impl Gateway {
+    fn start(upstream: &str) -> Gateway {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ringway"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--workers",
+                "1",
+                "--upstream",
+                upstream,
+            ])
+            .env("RINGWAY_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ringway");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let url = loop {
+            let line = lines
+                .next()
+                .expect("ringway exited before serving")
+                .unwrap();
+            if let Some(i) = line.find("serving ws://") {
+                let rest = &line[i + "serving ".len()..];
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        // Keep draining the log so the gateway never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Gateway { child, url }
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run the tool with `--json`; returns its exit code and parsed report.
+fn bench(args: &[&str]) -> (i32, Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ringway-bench"))
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("run ringway-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "bad JSON ({e}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), report)
+}
+
+#[test]
+fn echo_against_the_gateway_reports_throughput_and_no_errors() {
+    let gw = Gateway::start("echo");
+    let pid = gw.pid();
+    let (code, r) = bench(&[
+        "echo",
+        "--url",
+        &gw.url,
+        "--connections",
+        "10",
+        "--duration",
+        "1s",
+        "--warmup",
+        "200ms",
+        "--size",
+        "1024",
+        "--server-pid",
+        &pid,
+    ]);
+    assert_eq!(r["errors"]["total"], 0, "{r:#}");
+    assert_eq!(code, 0);
+    assert_eq!(r["connected"], 10);
+    assert!(r["msgs_per_sec"].as_f64().unwrap() > 0.0, "{r:#}");
+    assert!(r["mib_per_sec"].as_f64().unwrap() > 0.0);
+    let messages = r["messages"].as_u64().unwrap();
+    assert_eq!(r["latency"]["samples"].as_u64().unwrap(), messages);
+    let l = &r["latency"];
+    assert!(l["p50_us"].as_f64().unwrap() > 0.0);
+    assert!(l["p50_us"].as_f64() <= l["p99_us"].as_f64());
+    assert!(l["p99_us"].as_f64() <= l["max_us"].as_f64());
+    assert!(
+        r["server"]["cpu_us_per_msg"].as_f64().unwrap() > 0.0,
+        "{r:#}"
+    );
+}
+
+#[test]
+fn open_loop_sends_at_the_requested_rate() {
+    let gw = Gateway::start("local-echo");
+    let (code, r) = bench(&[
+        "rate",
+        "--rate",
+        "2000",
+        "--url",
+        &gw.url,
+        "--connections",
+        "10",
+        "--duration",
+        "1s",
+        "--warmup",
+        "200ms",
+        "--binary",
+    ]);
+    assert_eq!(r["errors"]["total"], 0, "{r:#}");
+    assert_eq!(code, 0);
+    // Messages scheduled in a 1 s window at 2000/s, each answered.
+    assert_eq!(r["messages"].as_u64().unwrap(), 2000, "{r:#}");
+    assert!(r["send_lag"]["samples"].as_u64().unwrap() >= 1990);
+}
+
+#[test]
+fn idle_connections_from_spread_sources_are_held_and_measured() {
+    let gw = Gateway::start("echo");
+    let pid = gw.pid();
+    let (code, r) = bench(&[
+        "idle",
+        "--url",
+        &gw.url,
+        "--connections",
+        "50",
+        "--hold",
+        "300ms",
+        "--spread-sources",
+        "--server-pid",
+        &pid,
+    ]);
+    assert_eq!(r["errors"]["total"], 0, "{r:#}");
+    assert_eq!(code, 0);
+    assert_eq!(r["connected"], 50);
+    assert_eq!(r["spread_sources"], true);
+    assert!(r["connects_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(r["server"]["after_kib"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn refused_connections_fail_the_run() {
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("ws://127.0.0.1:{port}/");
+    let (code, r) = bench(&[
+        "echo",
+        "--url",
+        &url,
+        "--connections",
+        "5",
+        "--duration",
+        "200ms",
+        "--warmup",
+        "0s",
+    ]);
+    assert_eq!(code, 1);
+    assert_eq!(r["errors"]["connect_failed"], 5, "{r:#}");
+    assert_eq!(r["connected"], 0);
+    assert!(r["errors"]["examples"][0]
+        .as_str()
+        .unwrap()
+        .contains("refused"));
+}
+
+/// A server that completes the handshake, then echoes every message with its last byte
+/// flipped, or with `silent` never answers at all.
+fn bad_server(silent: bool) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            std::thread::spawn(move || {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                let request = loop {
+                    let n = s.read(&mut buf).unwrap();
+                    assert!(n > 0);
+                    req.extend_from_slice(&buf[..n]);
+                    if let Parsed::Complete { request: r, .. } =
+                        parse_request(&req, &HandshakeLimits::default()).unwrap()
+                    {
+                        break r;
+                    }
+                };
+                s.write_all(&response_101(&request, None)).unwrap();
+                let mut dec = MessageDecoder::new(Role::Server, Limits::default());
+                loop {
+                    let Ok(n) = s.read(&mut buf) else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    let mut out = BytesMut::new();
+                    let mut pos = 0;
+                    while pos < n {
+                        let Ok((used, ev)) = dec.decode(&mut buf[pos..n]) else {
+                            return;
+                        };
+                        pos += used;
+                        match ev {
+                            Some(Event::Message { .. }) if silent => {}
+                            Some(Event::Message { payload, .. }) => {
+                                let mut p = payload.as_slice().to_vec();
+                                *p.last_mut().unwrap() ^= 1;
+                                write_server_frame(&mut out, true, OpCode::Text, &p);
+                            }
+                            Some(Event::Close(_)) => {
+                                write_server_frame(&mut out, true, OpCode::Close, &[3, 232]);
+                            }
+                            Some(_) => {}
+                            None => break,
+                        }
+                    }
+                    if s.write_all(&out).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+#[test]
+fn corrupted_replies_fail_the_run_and_are_named() {
+    let url = bad_server(false);
+    let (code, r) = bench(&[
+        "echo",
+        "--url",
+        &url,
+        "--connections",
+        "2",
+        "--duration",
+        "300ms",
+        "--warmup",
+        "0s",
+        "--size",
+        "64",
+    ]);
+    assert_eq!(code, 1);
+    assert_eq!(r["errors"]["wrong_reply"], 2, "{r:#}");
+    let example = r["errors"]["examples"][0].as_str().unwrap();
+    assert!(
+        example.contains("reply 0: body differs from byte 63"),
+        "{example}"
+    );
+}
+
+#[test]
+fn unanswered_messages_fail_the_run_after_the_drain() {
+    let url = bad_server(true);
+    let (code, r) = bench(&[
+        "echo",
+        "--url",
+        &url,
+        "--connections",
+        "3",
+        "--in-flight",
+        "2",
+        "--duration",
+        "200ms",
+        "--warmup",
+        "0s",
+        "--drain",
+        "200ms",
+    ]);
+    assert_eq!(code, 1);
+    assert_eq!(r["messages"], 0);
+    assert_eq!(r["errors"]["unanswered"], 6, "{r:#}");
+    assert_eq!(r["errors"]["total"], 6);
+}
