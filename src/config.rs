@@ -10,14 +10,24 @@ use serde::Deserialize;
 use crate::protocol::handshake::HandshakeLimits;
 use crate::protocol::message::Limits;
 
-/// Where client messages go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+/// Where client messages go when no `[[routes]]` are configured.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
 pub enum Upstream {
-    /// The embedded echo backend behind the relay thread: the whole data path.
+    /// The embedded upstream behind the relay thread, through the whole data path: echo,
+    /// plus the chat contract of docs/relay-protocol.md for chat actions.
     Echo,
     /// Echo inside each core, without the relay hop: measures the edge alone.
     LocalEcho,
+    /// A backend speaking the relay protocol: `tcp://HOST:PORT` or `unix:PATH`.
+    Backend(String),
+}
+
+impl TryFrom<String> for Upstream {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
 }
 
 impl std::str::FromStr for Upstream {
@@ -26,8 +36,11 @@ impl std::str::FromStr for Upstream {
         match s {
             "echo" => Ok(Upstream::Echo),
             "local-echo" => Ok(Upstream::LocalEcho),
+            url if url.starts_with("tcp://") || url.starts_with("unix:") => {
+                Ok(Upstream::Backend(url.to_string()))
+            }
             other => Err(format!(
-                "unknown upstream {other:?}: expected echo or local-echo"
+                "unknown upstream {other:?}: expected echo, local-echo, tcp://HOST:PORT or unix:PATH"
             )),
         }
     }
@@ -35,10 +48,92 @@ impl std::str::FromStr for Upstream {
 
 impl std::fmt::Display for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Upstream::Echo => "echo",
-            Upstream::LocalEcho => "local-echo",
-        })
+        match self {
+            Upstream::Echo => f.write_str("echo"),
+            Upstream::LocalEcho => f.write_str("local-echo"),
+            Upstream::Backend(url) => f.write_str(url),
+        }
+    }
+}
+
+/// How a connection is spread over an upstream's backends; either way it sticks to one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    /// By connection id.
+    Hash,
+}
+
+/// What happens when a client's send queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlowConsumer {
+    /// Close 1008 "slow consumer".
+    #[default]
+    Close,
+    /// Drop the newest topic or broadcast message (direct sends still close).
+    DropNewest,
+}
+
+/// A named group of backends that messages can be routed to.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// `tcp://HOST:PORT`, `unix:PATH`, or the embedded `echo`.
+    pub backends: Vec<String>,
+    pub balance: Balance,
+    /// Messages that wait while no backend is live; beyond it clients are closed 1013.
+    pub buffer_messages: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            name: String::new(),
+            backends: Vec::new(),
+            balance: Balance::RoundRobin,
+            buffer_messages: 10_000,
+        }
+    }
+}
+
+/// Which handshake paths a route serves and where their messages go.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Exact path (`/chat`), or a prefix ending in `/*` (`/api/*`; `/*` matches all).
+    pub path: String,
+    /// The upstream (by name) for messages no action routes elsewhere.
+    pub upstream: String,
+    /// The JSON field whose value picks an entry of `actions`.
+    pub route_key: String,
+    /// Routing-key value -> upstream name.
+    pub actions: std::collections::BTreeMap<String, String>,
+    /// Hold the handshake until the backend answers `accept` or `reject`.
+    pub authorize: bool,
+    pub authorize_timeout_ms: u64,
+    /// Request headers passed to the backend in `open` (case-insensitive names).
+    pub pass_headers: Vec<String>,
+    pub max_subscriptions: usize,
+    pub slow_consumer: SlowConsumer,
+}
+
+impl Default for RouteConfig {
+    fn default() -> Self {
+        RouteConfig {
+            path: "/*".into(),
+            upstream: String::new(),
+            route_key: "action".into(),
+            actions: Default::default(),
+            authorize: false,
+            authorize_timeout_ms: 5_000,
+            pass_headers: Vec::new(),
+            max_subscriptions: 100,
+            slow_consumer: SlowConsumer::Close,
+        }
     }
 }
 
@@ -75,6 +170,12 @@ pub struct Config {
     pub read_buffer_bytes: usize,
     /// Capacity of each core's channel to the relay.
     pub relay_queue: usize,
+    /// Topics one connection may subscribe to (when no route sets its own).
+    pub max_subscriptions: usize,
+    /// Slow-consumer policy when no route sets its own.
+    pub slow_consumer: SlowConsumer,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub routes: Vec<RouteConfig>,
 }
 
 impl Default for Config {
@@ -98,6 +199,10 @@ impl Default for Config {
             read_buffers: 1024,
             read_buffer_bytes: 16 * 1024,
             relay_queue: 65_536,
+            max_subscriptions: 100,
+            slow_consumer: SlowConsumer::Close,
+            upstreams: Vec::new(),
+            routes: Vec::new(),
         }
     }
 }

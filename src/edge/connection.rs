@@ -60,6 +60,8 @@ pub struct Connection {
     pub wheel_at: Option<u64>,
     /// Queued on the core's list of connections with something to send.
     pub dirty: bool,
+    /// Topics this connection is subscribed to (the core's topic table holds the reverse).
+    pub subscriptions: Vec<crate::relay::Topic>,
 }
 
 impl Connection {
@@ -90,6 +92,7 @@ impl Connection {
             close_sent_ms: None,
             wheel_at: None,
             dirty: false,
+            subscriptions: Vec::new(),
         }
     }
 

@@ -43,6 +43,7 @@ impl Waker {
 }
 
 /// The relay's side of every core's inbox.
+#[derive(Clone)]
 pub struct CoreLinks {
     senders: Vec<Sender<ToEdge>>,
     wakers: Vec<Arc<Waker>>,
@@ -65,15 +66,27 @@ impl CoreLinks {
 
 impl EdgeSink for CoreLinks {
     fn send(&mut self, msg: ToEdge) {
-        let core = msg.conn().core();
-        match self.senders.get(core) {
-            Some(tx) => {
-                // The receiver lives as long as the core; a send error means it is exiting.
-                if tx.send(msg).is_ok() {
-                    self.pending[core] = true;
+        match msg.conn() {
+            Some(conn) => {
+                let core = conn.core();
+                match self.senders.get(core) {
+                    // The receiver lives as long as the core; an error means it is exiting.
+                    Some(tx) => {
+                        if tx.send(msg).is_ok() {
+                            self.pending[core] = true;
+                        }
+                    }
+                    None => self.misaddressed += 1,
                 }
             }
-            None => self.misaddressed += 1,
+            None => {
+                // A publish or broadcast: each core gets it once and fans it out itself.
+                for (core, tx) in self.senders.iter().enumerate() {
+                    if tx.send(msg.clone()).is_ok() {
+                        self.pending[core] = true;
+                    }
+                }
+            }
         }
     }
 

@@ -112,7 +112,7 @@ impl Gateway {
                 cpu: (!cpus.is_empty()).then(|| cpus[index % cpus.len()]),
                 listener,
                 config: config.clone(),
-                relay: (config.upstream == Upstream::Echo).then(|| relay_tx.clone()),
+                relay: (config.upstream != Upstream::LocalEcho).then(|| relay_tx.clone()),
                 inbox: inbox_rx,
                 waker,
                 shared: shared.clone(),

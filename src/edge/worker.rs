@@ -16,12 +16,13 @@ use bytes::{Bytes, BytesMut};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
-use crate::config::{Config, Upstream};
+use crate::config::{Config, SlowConsumer, Upstream};
 use crate::protocol::close;
 use crate::protocol::frame::{self, OpCode, Role, MAX_HEADER_LEN};
 use crate::protocol::handshake::{self, Parsed};
 use crate::protocol::message::{Event, MessageDecoder, MessageKind};
-use crate::relay::{ToEdge, ToUpstream};
+use crate::relay::{OpenInfo, ToEdge, ToUpstream, Topic};
+use std::collections::HashMap;
 
 use super::buffers::{self, BufferRing};
 use super::connection::{Connection, Phase};
@@ -89,6 +90,9 @@ pub struct CoreStats {
     pub messages_out: u64,
     pub protocol_errors: u64,
     pub stale_replies: u64,
+    pub subscription_limit: u64,
+    pub overflow_closed: u64,
+    pub overflow_dropped: u64,
     pub closed: u64,
 }
 
@@ -121,6 +125,8 @@ pub struct Worker {
     send_pool: Vec<Box<SendBuf>>,
     in_flight_sends: Vec<Option<Box<SendBuf>>>,
     dirty: Vec<u32>,
+    /// Topic -> slots of this core's subscribers.
+    topics: HashMap<Topic, Vec<u32>>,
     recv_rearm: Vec<u32>,
     accept_armed: bool,
     accept_retry: bool,
@@ -195,6 +201,7 @@ impl Worker {
             send_pool: Vec::new(),
             in_flight_sends: Vec::new(),
             dirty: Vec::new(),
+            topics: HashMap::new(),
             recv_rearm: Vec::new(),
             accept_armed: false,
             accept_retry: false,
@@ -517,7 +524,10 @@ impl Worker {
     }
 
     fn on_reply(&mut self, msg: ToEdge) {
-        let id = msg.conn();
+        let Some(id) = msg.conn() else {
+            self.on_fanout(msg);
+            return;
+        };
         let slot = id.slot();
         let open = conn_in(&mut self.slots, slot, id.generation())
             .filter(|c| c.id == id && c.is_open() && !c.close.close_sent() && !c.shut);
@@ -531,8 +541,68 @@ impl Worker {
                 self.core.queue_data(conn, frame);
             }
             ToEdge::Close { code, reason, .. } => self.core.on_relay_close(conn, code, &reason),
+            ToEdge::Subscribe { topic, .. } => {
+                if conn.subscriptions.contains(&topic) {
+                    // Already subscribed: nothing to do.
+                } else if conn.subscriptions.len() >= self.core.config.max_subscriptions {
+                    self.core.stats.subscription_limit += 1;
+                    self.core
+                        .start_close(conn, close::POLICY_VIOLATION, "too many subscriptions");
+                } else {
+                    conn.subscriptions.push(topic.clone());
+                    self.topics.entry(topic).or_default().push(slot);
+                }
+            }
+            ToEdge::Unsubscribe { topic, .. } => {
+                if let Some(i) = conn.subscriptions.iter().position(|t| *t == topic) {
+                    conn.subscriptions.swap_remove(i);
+                    unsubscribe(&mut self.topics, &topic, slot);
+                }
+            }
+            // Connect authorization arrives with the route table (not yet wired).
+            ToEdge::Accept { .. } | ToEdge::Reject { .. } => {}
+            ToEdge::Publish { .. } | ToEdge::Broadcast { .. } => {
+                unreachable!("fan-out has no conn")
+            }
         }
         self.after_event(slot);
+    }
+
+    /// A publish or broadcast: encoded once, the same bytes queued to every recipient here.
+    fn on_fanout(&mut self, msg: ToEdge) {
+        let (recipients, kind, payload): (Vec<u32>, _, _) = match msg {
+            ToEdge::Publish {
+                topic,
+                kind,
+                payload,
+            } => match self.topics.get(&topic) {
+                Some(slots) => (slots.clone(), kind, payload),
+                None => return,
+            },
+            ToEdge::Broadcast { kind, payload } => {
+                let open = (0..self.slots.len() as u32)
+                    .filter(|&s| {
+                        self.slots[s as usize]
+                            .conn
+                            .as_ref()
+                            .is_some_and(Connection::is_open)
+                    })
+                    .collect();
+                (open, kind, payload)
+            }
+            _ => return,
+        };
+        let frame = self.core.encode(opcode_for(kind), &payload);
+        for slot in recipients {
+            let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
+                continue;
+            };
+            if !conn.is_open() || conn.close.close_sent() || conn.shut {
+                continue;
+            }
+            self.core.queue_fanout(conn, frame.clone());
+            self.after_event(slot);
+        }
     }
 
     /// After anything happened on a connection: schedule its send, its timer, or its end.
@@ -590,6 +660,9 @@ impl Worker {
     fn free_slot(&mut self, slot: u32) {
         let s = &mut self.slots[slot as usize];
         let Some(conn) = s.conn.take() else { return };
+        for topic in &conn.subscriptions {
+            unsubscribe(&mut self.topics, topic, slot);
+        }
         s.generation = (s.generation + 1) & GENERATION_MASK;
         self.free.push(slot);
         self.live -= 1;
@@ -829,6 +902,17 @@ impl Worker {
     }
 }
 
+fn unsubscribe(topics: &mut HashMap<Topic, Vec<u32>>, topic: &Topic, slot: u32) {
+    if let Some(slots) = topics.get_mut(topic) {
+        if let Some(i) = slots.iter().position(|&s| s == slot) {
+            slots.swap_remove(i);
+        }
+        if slots.is_empty() {
+            topics.remove(topic);
+        }
+    }
+}
+
 /// The connection in `slot` if it is still the same generation.
 fn conn_in(slots: &mut [Slot], slot: u32, generation: u32) -> Option<&mut Connection> {
     let s = slots.get_mut(slot as usize)?;
@@ -943,11 +1027,23 @@ impl Core {
     fn queue_data(&mut self, conn: &mut Connection, frame: Bytes) {
         if conn.out_bytes > 0 && conn.out_bytes + frame.len() > self.config.send_queue_bytes {
             tracing::debug!(conn = %conn.id, queued = conn.out_bytes, "slow consumer");
+            self.stats.overflow_closed += 1;
             self.start_close(conn, close::POLICY_VIOLATION, "slow consumer");
             return;
         }
         self.stats.messages_out += 1;
         conn.queue(frame);
+    }
+
+    /// Queue a topic or broadcast frame, applying the slow-consumer policy on overflow.
+    fn queue_fanout(&mut self, conn: &mut Connection, frame: Bytes) {
+        let full =
+            conn.out_bytes > 0 && conn.out_bytes + frame.len() > self.config.send_queue_bytes;
+        if full && self.config.slow_consumer == SlowConsumer::DropNewest {
+            self.stats.overflow_dropped += 1;
+            return;
+        }
+        self.queue_data(conn, frame);
     }
 
     /// Send our close frame (once) and wait for the client's, up to the linger time.
@@ -1045,7 +1141,14 @@ impl Core {
                 tracing::debug!(conn = %conn.id, path = %request.path, "open");
                 self.send_to_relay(ToUpstream::Open {
                     conn: conn.id,
-                    path: request.path,
+                    upstream: 0,
+                    info: Box::new(OpenInfo {
+                        path: request.path,
+                        query: request.query,
+                        headers: Vec::new(),
+                        peer: None,
+                        authorize: false,
+                    }),
                 });
                 let mut rest = buf.split_off(consumed);
                 if !rest.is_empty() {
@@ -1082,8 +1185,9 @@ impl Core {
                             Upstream::LocalEcho => {
                                 Action::Data(self.encode(opcode_for(kind), payload.as_slice()))
                             }
-                            Upstream::Echo => Action::Relay(ToUpstream::Message {
+                            _ => Action::Relay(ToUpstream::Message {
                                 conn: conn.id,
+                                upstream: 0,
                                 kind,
                                 payload: payload.into_bytes(),
                             }),

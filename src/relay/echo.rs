@@ -17,6 +17,7 @@ pub fn run(rx: Receiver<ToUpstream>, mut sink: impl EdgeSink) {
                     conn,
                     kind,
                     payload,
+                    ..
                 } => sink.send(ToEdge::Send {
                     conn,
                     kind,

@@ -1,23 +1,46 @@
 //! The relay: the hop between the edge cores and the upstreams. Cores send it what their
-//! clients said ([`ToUpstream`]); it answers through each core's inbox ([`ToEdge`]).
-//!
-//! For now the only upstream is the embedded `echo`, which sends every message back to its
-//! sender through the whole path (core -> relay -> core inbox -> send).
+//! clients said ([`ToUpstream`]); upstreams answer through each core's inbox ([`ToEdge`]):
+//! to one connection, to a topic's subscribers, or to everyone.
 
 pub mod echo;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use crate::edge::ConnId;
 use crate::protocol::message::MessageKind;
 
+/// Index of an upstream in the configuration's upstream list (0 is the route's default when
+/// only one is configured).
+pub type UpstreamId = u16;
+
+/// What a client's connection looked like at its handshake, for the backend's `open` event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenInfo {
+    pub path: String,
+    pub query: Option<String>,
+    /// The header fields the route chose to pass on (lower-case names).
+    pub headers: Vec<(String, String)>,
+    pub peer: Option<SocketAddr>,
+    /// The core holds the handshake until the backend answers `accept` or `reject`.
+    pub authorize: bool,
+}
+
 /// What a core tells the relay.
 #[derive(Debug)]
 pub enum ToUpstream {
-    /// A client completed its handshake.
-    Open { conn: ConnId, path: String },
+    /// A client completed its handshake (or, with `authorize`, asks to).
+    Open {
+        conn: ConnId,
+        upstream: UpstreamId,
+        info: Box<OpenInfo>,
+    },
+    /// A client message, for the upstream the route (and its JSON routing key) chose.
     Message {
         conn: ConnId,
+        upstream: UpstreamId,
         kind: MessageKind,
         payload: Bytes,
     },
@@ -33,8 +56,11 @@ pub enum ToUpstream {
     Closed { conn: ConnId, code: u16 },
 }
 
+/// A topic name; shared so that fanning a publish out to every core copies no string.
+pub type Topic = Arc<str>;
+
 /// What the relay tells a core.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum ToEdge {
     Send {
         conn: ConnId,
@@ -46,19 +72,56 @@ pub enum ToEdge {
         code: u16,
         reason: String,
     },
+    /// Connect authorization granted: complete the handshake with 101.
+    Accept {
+        conn: ConnId,
+    },
+    /// Connect authorization refused: answer the handshake with `status` (401/403) and reason.
+    Reject {
+        conn: ConnId,
+        status: u16,
+        reason: String,
+    },
+    Subscribe {
+        conn: ConnId,
+        topic: Topic,
+    },
+    Unsubscribe {
+        conn: ConnId,
+        topic: Topic,
+    },
+    /// To every subscriber of `topic`; sent once to every core.
+    Publish {
+        topic: Topic,
+        kind: MessageKind,
+        payload: Bytes,
+    },
+    /// To every open connection; sent once to every core.
+    Broadcast {
+        kind: MessageKind,
+        payload: Bytes,
+    },
 }
 
 impl ToEdge {
-    pub fn conn(&self) -> ConnId {
+    /// The connection this is for; None for messages every core gets.
+    pub fn conn(&self) -> Option<ConnId> {
         match self {
-            ToEdge::Send { conn, .. } | ToEdge::Close { conn, .. } => *conn,
+            ToEdge::Send { conn, .. }
+            | ToEdge::Close { conn, .. }
+            | ToEdge::Accept { conn }
+            | ToEdge::Reject { conn, .. }
+            | ToEdge::Subscribe { conn, .. }
+            | ToEdge::Unsubscribe { conn, .. } => Some(*conn),
+            ToEdge::Publish { .. } | ToEdge::Broadcast { .. } => None,
         }
     }
 }
 
 /// The way back to every core: one channel per core plus a wake-up for its event loop.
 pub trait EdgeSink: Send {
-    /// Queue `msg` for the core that owns `msg.conn()`; the core is woken by [`EdgeSink::flush`].
+    /// Queue `msg` for the core that owns `msg.conn()`, or for every core when it has none;
+    /// cores are woken by [`EdgeSink::flush`].
     fn send(&mut self, msg: ToEdge);
     /// Wake every core that was sent something since the last flush.
     fn flush(&mut self);
