@@ -67,16 +67,25 @@ mod tests {
         let b = ConnId::new(1, 7, 3);
         tx.send(ToUpstream::Open {
             conn: a,
-            path: "/".into(),
+            upstream: 0,
+            info: Box::new(crate::relay::OpenInfo {
+                path: "/".into(),
+                query: None,
+                headers: vec![],
+                peer: None,
+                authorize: false,
+            }),
         })
         .unwrap();
         tx.send(ToUpstream::Message {
+            upstream: 0,
             conn: a,
             kind: MessageKind::Text,
             payload: Bytes::from_static(b"hi"),
         })
         .unwrap();
         tx.send(ToUpstream::Message {
+            upstream: 0,
             conn: b,
             kind: MessageKind::Binary,
             payload: Bytes::from_static(b"\x00"),
@@ -104,7 +113,7 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert_eq!(out.sent[1].conn(), b);
+        assert_eq!(out.sent[1].conn(), Some(b));
         assert!(out.flushes >= 1);
     }
 }
