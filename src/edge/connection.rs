@@ -16,6 +16,9 @@ use super::ConnId;
 pub enum Phase {
     /// Waiting for the complete upgrade request; bytes so far.
     Handshake(BytesMut),
+    /// Complete request held until the backend accepts or rejects it; `rest` holds any
+    /// bytes the client sent after the request meanwhile.
+    Authorizing { request: Box<crate::protocol::handshake::Request>, rest: BytesMut, until_ms: u64 },
     /// WebSocket frames flow.
     Open,
 }
@@ -62,6 +65,12 @@ pub struct Connection {
     pub dirty: bool,
     /// Topics this connection is subscribed to (the core's topic table holds the reverse).
     pub subscriptions: Vec<crate::relay::Topic>,
+    /// Index of the route its handshake path matched.
+    pub route: u16,
+    /// Its messages wait in the core's relay backlog: stop reading it.
+    pub wants_pause: bool,
+    /// Its multishot recv was cancelled for backpressure; re-armed when the backlog drains.
+    pub paused: bool,
 }
 
 impl Connection {
@@ -93,6 +102,9 @@ impl Connection {
             wheel_at: None,
             dirty: false,
             subscriptions: Vec::new(),
+            route: 0,
+            wants_pause: false,
+            paused: false,
         }
     }
 

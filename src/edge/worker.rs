@@ -17,6 +17,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::config::{Config, SlowConsumer, Upstream};
+use crate::route::RouteTable;
 use crate::protocol::close;
 use crate::protocol::frame::{self, OpCode, Role, MAX_HEADER_LEN};
 use crate::protocol::handshake::{self, Parsed};
@@ -71,6 +72,7 @@ impl SendBuf {
 /// Everything a worker thread needs, prepared by the thread that starts the gateway.
 pub struct WorkerSetup {
     pub index: usize,
+    pub routes: Arc<RouteTable>,
     pub cpu: Option<core_affinity::CoreId>,
     pub listener: TcpListener,
     pub config: Arc<Config>,
@@ -125,6 +127,8 @@ pub struct Worker {
     send_pool: Vec<Box<SendBuf>>,
     in_flight_sends: Vec<Option<Box<SendBuf>>>,
     dirty: Vec<u32>,
+    /// Connections paused for inbound backpressure.
+    paused: Vec<(u32, u32)>,
     /// Topic -> slots of this core's subscribers.
     topics: HashMap<Topic, Vec<u32>>,
     recv_rearm: Vec<u32>,
@@ -177,6 +181,8 @@ impl Worker {
             index: setup.index,
             core: Core {
                 config: setup.config,
+                routes: setup.routes,
+                scratch: Vec::new(),
                 shared: setup.shared,
                 relay: setup.relay,
                 relay_backlog: VecDeque::new(),
@@ -202,6 +208,7 @@ impl Worker {
             in_flight_sends: Vec::new(),
             dirty: Vec::new(),
             topics: HashMap::new(),
+            paused: Vec::new(),
             recv_rearm: Vec::new(),
             accept_armed: false,
             accept_retry: false,
@@ -324,7 +331,7 @@ impl Worker {
         let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
             return;
         };
-        if conn.recv_armed || conn.shut || conn.eof {
+        if conn.recv_armed || conn.shut || conn.eof || conn.paused {
             return;
         }
         conn.recv_armed = true;
@@ -462,19 +469,22 @@ impl Worker {
                 .conn
                 .as_mut()
                 .expect("checked above");
-            if res != -libc::ECANCELED {
+            if res == -libc::ECANCELED {
+                // We cancelled it: to pause a client for backpressure, or to close.
+                if conn.paused && !conn.shut {
+                    // Re-armed when the relay backlog drains.
+                }
+            } else {
                 conn.reading_done = true;
                 conn.eof = true;
                 if !conn.shut {
                     tracing::debug!(conn = %conn.id, "peer closed the TCP connection");
-                }
-            }
-            if !conn.shut {
-                // Nothing more will come in; send what is queued, then drop TCP.
-                conn.close_after_flush = true;
-                if res < 0 && res != -libc::ECANCELED {
-                    conn.out.clear();
-                    conn.out_bytes = 0;
+                    // Nothing more will come in; send what is queued, then drop TCP.
+                    conn.close_after_flush = true;
+                    if res < 0 {
+                        conn.out.clear();
+                        conn.out_bytes = 0;
+                    }
                 }
             }
         }
@@ -530,7 +540,8 @@ impl Worker {
         };
         let slot = id.slot();
         let open = conn_in(&mut self.slots, slot, id.generation())
-            .filter(|c| c.id == id && c.is_open() && !c.close.close_sent() && !c.shut);
+            .filter(|c| c.id == id && !c.close.close_sent() && !c.shut)
+            .filter(|c| c.is_open() || matches!(c.phase, Phase::Authorizing { .. }));
         let Some(conn) = open else {
             self.core.stats.stale_replies += 1;
             return;
@@ -544,7 +555,9 @@ impl Worker {
             ToEdge::Subscribe { topic, .. } => {
                 if conn.subscriptions.contains(&topic) {
                     // Already subscribed: nothing to do.
-                } else if conn.subscriptions.len() >= self.core.config.max_subscriptions {
+                } else if conn.subscriptions.len()
+                    >= self.core.routes.route(conn.route).max_subscriptions
+                {
                     self.core.stats.subscription_limit += 1;
                     self.core
                         .start_close(conn, close::POLICY_VIOLATION, "too many subscriptions");
@@ -559,8 +572,10 @@ impl Worker {
                     unsubscribe(&mut self.topics, &topic, slot);
                 }
             }
-            // Connect authorization arrives with the route table (not yet wired).
-            ToEdge::Accept { .. } | ToEdge::Reject { .. } => {}
+            ToEdge::Accept { .. } => self.core.on_authorization(conn, Ok(())),
+            ToEdge::Reject { status, reason, .. } => {
+                self.core.on_authorization(conn, Err((status, reason)))
+            }
             ToEdge::Publish { .. } | ToEdge::Broadcast { .. } => {
                 unreachable!("fan-out has no conn")
             }
@@ -607,6 +622,22 @@ impl Worker {
 
     /// After anything happened on a connection: schedule its send, its timer, or its end.
     fn after_event(&mut self, slot: u32) {
+        let generation = self.slots[slot as usize].generation;
+        let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
+            return;
+        };
+        if std::mem::take(&mut conn.wants_pause) && !conn.paused && !conn.shut && !conn.eof {
+            // Inbound backpressure: cancel its multishot recv so the kernel's socket buffer
+            // fills and TCP flow control slows the client down.
+            conn.paused = true;
+            self.paused.push((slot, generation));
+            if conn.recv_armed {
+                let sqe = opcode::AsyncCancel::new(user_data(OP_RECV, slot, generation))
+                    .build()
+                    .user_data(user_data(OP_CANCEL, slot, generation));
+                self.pending_sqes.push(sqe);
+            }
+        }
         let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
             return;
         };
@@ -729,6 +760,18 @@ impl Worker {
     }
 
     fn flush_relay_backlog(&mut self) {
+        self.drain_relay_backlog();
+        if self.core.relay_backlog.is_empty() && !self.paused.is_empty() {
+            for (slot, generation) in std::mem::take(&mut self.paused) {
+                if let Some(conn) = conn_in(&mut self.slots, slot, generation) {
+                    conn.paused = false;
+                    self.recv_rearm.push(slot);
+                }
+            }
+        }
+    }
+
+    fn drain_relay_backlog(&mut self) {
         let Some(relay) = &self.core.relay else {
             return;
         };
@@ -824,6 +867,11 @@ impl Worker {
                 conn.reading_done = true;
                 conn.close_after_flush = true;
                 // Give the 408 one linger period to leave, then drop regardless.
+                conn.close_sent_ms = Some(now);
+            }
+            Phase::Authorizing { .. } => {
+                tracing::debug!(conn = %conn.id, "backend did not authorize in time");
+                self.core.on_authorization(conn, Err((503, "authorization timed out".into())));
                 conn.close_sent_ms = Some(now);
             }
             Phase::Open => {
@@ -922,6 +970,13 @@ fn conn_in(slots: &mut [Slot], slot: u32, generation: u32) -> Option<&mut Connec
     s.conn.as_mut()
 }
 
+/// The client's address, for the backend's `open` event.
+fn peer_addr(fd: RawFd) -> Option<std::net::SocketAddr> {
+    // SAFETY: fd is a live socket owned by the connection for the duration of this call.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    socket2::SockRef::from(&borrowed).peer_addr().ok()?.as_socket()
+}
+
 fn set_nodelay(fd: RawFd) {
     let one: libc::c_int = 1;
     // SAFETY: fd is a TCP socket we own; the option value points at a live c_int of the
@@ -964,6 +1019,7 @@ fn next_deadline(conn: &Connection, config: &Config, draining: Option<u64>) -> O
     }
     match conn.phase {
         Phase::Handshake(_) => Some(conn.accepted_ms + config.handshake_timeout_ms),
+        Phase::Authorizing { until_ms, .. } => Some(until_ms),
         Phase::Open => {
             let mut at: Option<u64> = None;
             let mut consider = |t: u64| at = Some(at.map_or(t, |a| a.min(t)));
@@ -988,6 +1044,9 @@ fn next_deadline(conn: &Connection, config: &Config, draining: Option<u64>) -> O
 /// slab and the buffer ring so both can be borrowed at once.
 struct Core {
     config: Arc<Config>,
+    routes: Arc<RouteTable>,
+    /// simd-json parses in place: messages are routed on a copy.
+    scratch: Vec<u8>,
     shared: Arc<Shared>,
     relay: Option<Sender<ToUpstream>>,
     relay_backlog: VecDeque<ToUpstream>,
@@ -1008,20 +1067,23 @@ impl Core {
         self.arena.split().freeze()
     }
 
-    fn send_to_relay(&mut self, msg: ToUpstream) {
-        let Some(relay) = &self.relay else { return };
+    /// Pass a message to the relay; false when it had to wait in the core's backlog.
+    fn send_to_relay(&mut self, msg: ToUpstream) -> bool {
+        let Some(relay) = &self.relay else { return true };
         if !self.relay_backlog.is_empty() {
             self.relay_backlog.push_back(msg);
-            return;
+            return false;
         }
         match relay.try_send(msg) {
-            Ok(()) => {}
-            Err(TrySendError::Full(msg)) => self.relay_backlog.push_back(msg),
-            Err(TrySendError::Disconnected(_)) => {}
+            Ok(()) => true,
+            Err(TrySendError::Full(msg)) => {
+                self.relay_backlog.push_back(msg);
+                false
+            }
+            Err(TrySendError::Disconnected(_)) => true,
         }
     }
 
-    /// Queue a data frame, closing the connection 1008 if the client does not keep up.
     /// A single message larger than the cap is still sent when nothing else is queued: the
     /// cap is for clients that do not read, not a second message size limit.
     fn queue_data(&mut self, conn: &mut Connection, frame: Bytes) {
@@ -1039,7 +1101,7 @@ impl Core {
     fn queue_fanout(&mut self, conn: &mut Connection, frame: Bytes) {
         let full =
             conn.out_bytes > 0 && conn.out_bytes + frame.len() > self.config.send_queue_bytes;
-        if full && self.config.slow_consumer == SlowConsumer::DropNewest {
+        if full && self.routes.route(conn.route).slow_consumer == SlowConsumer::DropNewest {
             self.stats.overflow_dropped += 1;
             return;
         }
@@ -1103,25 +1165,31 @@ impl Core {
                 let mut request_bytes = std::mem::take(buf);
                 self.on_handshake_bytes(conn, &mut request_bytes);
             }
+            Phase::Authorizing { rest, .. } => {
+                // Frames pipelined before the 101; bounded like one message.
+                if rest.len() + data.len() > self.config.max_message_bytes as usize + 14 {
+                    conn.reading_done = true;
+                    conn.close_after_flush = true;
+                    conn.out.clear();
+                    conn.out_bytes = 0;
+                } else {
+                    rest.extend_from_slice(data);
+                }
+            }
             Phase::Open => self.on_frames(conn, data),
         }
     }
 
     fn on_handshake_bytes(&mut self, conn: &mut Connection, buf: &mut BytesMut) {
-        let reject = |core: &mut Self,
-                      conn: &mut Connection,
-                      response: Bytes,
-                      why: &dyn std::fmt::Display| {
-            tracing::debug!(conn = %conn.id, "handshake refused: {why}");
-            core.stats.handshakes_rejected += 1;
-            conn.queue(response);
-            conn.reading_done = true;
-            conn.close_after_flush = true;
-        };
         match handshake::parse_request(buf, &self.config.handshake_limits()) {
             Ok(Parsed::Partial) => conn.phase = Phase::Handshake(std::mem::take(buf)),
-            Err(e) => reject(self, conn, e.response(), &e),
+            Err(e) => self.refuse(conn, e.response(), &e),
             Ok(Parsed::Complete { request, consumed }) => {
+                let Some((route_id, route)) = self.routes.match_path(&request.path) else {
+                    let response = handshake::error_response(404, "no route for this path", &[]);
+                    self.refuse(conn, response, &format!("no route for {}", request.path));
+                    return;
+                };
                 let open = self.shared.open.fetch_add(1, Ordering::Relaxed);
                 if open >= self.config.max_connections {
                     self.shared.open.fetch_sub(1, Ordering::Relaxed);
@@ -1130,31 +1198,80 @@ impl Core {
                         "connection limit reached",
                         &[("Retry-After", "5")],
                     );
-                    reject(self, conn, response, &"connection limit reached");
+                    self.refuse(conn, response, &"connection limit reached");
                     return;
                 }
                 conn.counted_open = true;
-                self.stats.handshakes_ok += 1;
-                conn.queue(handshake::response_101(&request, None));
-                conn.phase = Phase::Open;
-                conn.last_message_ms = self.now_ms;
-                tracing::debug!(conn = %conn.id, path = %request.path, "open");
-                self.send_to_relay(ToUpstream::Open {
-                    conn: conn.id,
-                    upstream: 0,
-                    info: Box::new(OpenInfo {
-                        path: request.path,
-                        query: request.query,
-                        headers: Vec::new(),
-                        peer: None,
-                        authorize: false,
-                    }),
-                });
-                let mut rest = buf.split_off(consumed);
-                if !rest.is_empty() {
-                    self.on_frames(conn, &mut rest);
+                conn.route = route_id;
+                let authorize = route.authorize && self.relay.is_some();
+                let headers = request
+                    .headers
+                    .iter()
+                    .filter(|(name, _)| route.pass_headers.iter().any(|p| p.eq_ignore_ascii_case(name)))
+                    .map(|(name, value)| (name.to_ascii_lowercase(), String::from_utf8_lossy(value).into_owned()))
+                    .collect();
+                let info = OpenInfo {
+                    path: request.path.clone(),
+                    query: request.query.clone(),
+                    headers,
+                    peer: peer_addr(conn.fd),
+                    authorize,
+                };
+                self.send_to_relay(ToUpstream::Open { conn: conn.id, upstream: route.upstream, info: Box::new(info) });
+                let rest = buf.split_off(consumed);
+                if authorize {
+                    // Hold the handshake until the backend answers accept or reject.
+                    conn.phase = Phase::Authorizing { request: Box::new(request), rest, until_ms: self.now_ms + route.authorize_timeout_ms };
+                } else {
+                    self.complete_handshake(conn, &request, rest);
                 }
             }
+        }
+    }
+
+    /// Send 101 and start reading frames, beginning with any the client pipelined.
+    fn complete_handshake(&mut self, conn: &mut Connection, request: &handshake::Request, mut rest: BytesMut) {
+        self.stats.handshakes_ok += 1;
+        conn.queue(handshake::response_101(request, None));
+        conn.phase = Phase::Open;
+        conn.last_message_ms = self.now_ms;
+        tracing::debug!(conn = %conn.id, path = %request.path, "open");
+        if !rest.is_empty() {
+            self.on_frames(conn, &mut rest);
+        }
+    }
+
+    /// Answer the handshake with an HTTP error and close after it.
+    fn refuse(&mut self, conn: &mut Connection, response: Bytes, why: &dyn std::fmt::Display) {
+        tracing::debug!(conn = %conn.id, "handshake refused: {why}");
+        self.stats.handshakes_rejected += 1;
+        conn.queue(response);
+        conn.reading_done = true;
+        conn.close_after_flush = true;
+    }
+
+    /// The backend's answer to a held handshake.
+    fn on_authorization(&mut self, conn: &mut Connection, verdict: Result<(), (u16, String)>) {
+        let Phase::Authorizing { .. } = conn.phase else { return };
+        let Phase::Authorizing { request, rest, .. } = std::mem::replace(&mut conn.phase, Phase::Open) else {
+            unreachable!()
+        };
+        match verdict {
+            Ok(()) => self.complete_handshake(conn, &request, rest),
+            Err((status, reason)) => {
+                // Only refusals make sense here; anything else from a backend is its bug.
+                let status = if matches!(status, 401 | 403 | 503) { status } else { 403 };
+                conn.phase = Phase::Handshake(BytesMut::new());
+                self.refuse(conn, handshake::error_response(status, &reason, &[]), &reason);
+                self.send_to_relay(ToUpstream::Closed { conn: conn.id, code: close::POLICY_VIOLATION });
+                self.release_open(conn);
+            }
+        }
+    }
+
+    fn release_open(&mut self, conn: &mut Connection) {
+        if std::mem::take(&mut conn.counted_open) {
+            self.shared.open.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -1185,12 +1302,18 @@ impl Core {
                             Upstream::LocalEcho => {
                                 Action::Data(self.encode(opcode_for(kind), payload.as_slice()))
                             }
-                            _ => Action::Relay(ToUpstream::Message {
-                                conn: conn.id,
-                                upstream: 0,
-                                kind,
-                                payload: payload.into_bytes(),
-                            }),
+                            _ => {
+                                let route = self.routes.route(conn.route);
+                                match self.routes.select(route, kind, payload.as_slice(), &mut self.scratch) {
+                                    Ok(upstream) => Action::Relay(ToUpstream::Message {
+                                        conn: conn.id,
+                                        upstream,
+                                        kind,
+                                        payload: payload.into_bytes(),
+                                    }),
+                                    Err(e) => Action::Refuse(e.to_string()),
+                                }
+                            }
                         }
                     }
                 }
@@ -1214,7 +1337,16 @@ impl Core {
                 }
                 Action::Relay(msg) => {
                     conn.last_message_ms = self.now_ms;
-                    self.send_to_relay(msg);
+                    if !self.send_to_relay(msg) {
+                        // The relay is behind: stop reading this client until it catches up.
+                        conn.wants_pause = true;
+                    }
+                }
+                Action::Refuse(reason) => {
+                    self.stats.protocol_errors += 1;
+                    tracing::debug!(conn = %conn.id, "message refused: {reason}");
+                    self.close_after_replies(conn, close::POLICY_VIOLATION, &reason);
+                    return;
                 }
                 Action::Control(frame) => conn.queue(frame),
                 Action::Pong => conn.ping_sent_ms = None,
@@ -1233,6 +1365,7 @@ impl Core {
 
 enum Action {
     None,
+    Refuse(String),
     Data(Bytes),
     Relay(ToUpstream),
     Control(Bytes),
