@@ -3,6 +3,7 @@
 //! to one connection, to a topic's subscribers, or to everyone.
 
 pub mod echo;
+pub mod protocol;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
