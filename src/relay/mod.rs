@@ -2,6 +2,7 @@
 //! clients said ([`ToUpstream`]); upstreams answer through each core's inbox ([`ToEdge`]):
 //! to one connection, to a topic's subscribers, or to everyone.
 
+pub mod chat;
 pub mod echo;
 
 use std::net::SocketAddr;
