@@ -8,3 +8,4 @@ pub mod config;
 pub mod edge;
 pub mod protocol;
 pub mod relay;
+pub mod route;

@@ -2,7 +2,9 @@
 //! clients said ([`ToUpstream`]); upstreams answer through each core's inbox ([`ToEdge`]):
 //! to one connection, to a topic's subscribers, or to everyone.
 
+pub mod chat;
 pub mod echo;
+pub mod protocol;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

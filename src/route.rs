@@ -1,0 +1,472 @@
+//! The route table: compiled once from the config, consulted by the edge twice per
+//! connection lifetime and message. At the handshake, [`RouteTable::match_path`] picks the
+//! route (which upstream, authorization, headers, limits); per client message,
+//! [`RouteTable::select`] picks the upstream, reading a JSON routing key only when the route
+//! has `actions` and the message is a text JSON object.
+
+use std::cell::RefCell;
+use std::path::PathBuf;
+
+use simd_json::{Buffers, Node, Tape, INPUT_PADDING};
+
+use crate::config::{Balance, Config, RouteConfig, SlowConsumer, Upstream};
+use crate::protocol::message::MessageKind;
+use crate::relay::UpstreamId;
+
+/// Index of a route in [`RouteTable::routes`] (config order).
+pub type RouteId = u16;
+
+/// The name of the upstream built from the top-level `upstream` setting, used when no
+/// routes are configured or a route leaves `upstream` empty.
+pub const DEFAULT_UPSTREAM: &str = "default";
+
+/// A config the route table cannot be built from (naming the offending key), or a message
+/// that must not be routed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("`{key}`: unknown upstream {name:?}")]
+    UnknownUpstream { key: String, name: String },
+    #[error("`{key}`: bad backend {url:?}: {problem}")]
+    BadBackend {
+        key: String,
+        url: String,
+        problem: &'static str,
+    },
+    #[error("`{key}`: bad path pattern {pattern:?}: {problem}")]
+    BadPath {
+        key: String,
+        pattern: String,
+        problem: &'static str,
+    },
+    #[error("`{key}`: upstream {name:?} has no backends")]
+    NoBackends { key: String, name: String },
+    #[error("`{key}`: duplicate upstream name {name:?}")]
+    DuplicateUpstream { key: String, name: String },
+    #[error("`{key}`: duplicate route path {path:?}")]
+    DuplicateRoute { key: String, path: String },
+    #[error("`{key}`: {problem}")]
+    Invalid { key: String, problem: &'static str },
+    /// The routing key appears twice at the top level of a message. JSON parsers disagree
+    /// on which one wins (first, last, error), so routing on either could let a client
+    /// reach an upstream the backend behind it would not expect: the edge closes 1008.
+    #[error("the routing key appears more than once in the message")]
+    DuplicateKey,
+}
+
+/// Where an upstream's backend lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// `tcp://HOST:PORT`, kept as `HOST:PORT` (resolved when connecting, not here).
+    Tcp(String),
+    /// `unix:PATH`.
+    Unix(PathBuf),
+    /// The in-process `echo` upstream (echo plus the chat contract).
+    Embedded,
+}
+
+/// An upstream as the relay needs it; its [`UpstreamId`] is its index in
+/// [`RouteTable::upstreams`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamSpec {
+    pub name: String,
+    pub backends: Vec<Backend>,
+    pub balance: Balance,
+    pub buffer_messages: usize,
+}
+
+/// A route's routing key and its value -> upstream table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteKey {
+    /// The top-level JSON field to read.
+    pub key: Box<str>,
+    /// Sorted by value, for binary search.
+    actions: Vec<(Box<str>, UpstreamId)>,
+}
+
+impl RouteKey {
+    /// The upstream a routing-key value names, if any.
+    pub fn lookup(&self, value: &str) -> Option<UpstreamId> {
+        self.actions
+            .binary_search_by(|(v, _)| (**v).cmp(value))
+            .ok()
+            .map(|i| self.actions[i].1)
+    }
+
+    /// Value -> upstream pairs, sorted by value.
+    pub fn actions(&self) -> impl Iterator<Item = (&str, UpstreamId)> {
+        self.actions.iter().map(|(v, u)| (&**v, *u))
+    }
+}
+
+/// One compiled `[[routes]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The pattern as configured (`/chat`, `/api/*`).
+    pub path: String,
+    /// Where messages go when no action routes them elsewhere.
+    pub upstream: UpstreamId,
+    /// Present only when the route has `actions`.
+    pub route_key: Option<RouteKey>,
+    pub authorize: bool,
+    pub authorize_timeout_ms: u64,
+    /// Lower-cased header names.
+    pub pass_headers: Vec<String>,
+    pub max_subscriptions: usize,
+    pub slow_consumer: SlowConsumer,
+}
+
+/// How a compiled pattern matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pattern {
+    Exact(String),
+    /// `PREFIX/*`, stored without `/*`: matches `PREFIX` and everything under `PREFIX/`.
+    Prefix(String),
+}
+
+/// The routes and upstreams of a config, resolved to ids.
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    upstreams: Vec<UpstreamSpec>,
+    routes: Vec<Route>,
+    patterns: Vec<Pattern>,
+}
+
+impl RouteTable {
+    /// Resolve names to ids and check everything the edge would otherwise trip on later.
+    /// Without `[[routes]]`, one route `/*` goes to an upstream named "default" built from
+    /// the top-level `upstream` (local-echo maps to the embedded upstream: the edge
+    /// short-circuits it before routing). A route with an empty `upstream` uses "default"
+    /// too: a configured upstream of that name, else the one built from `upstream`.
+    pub fn from_config(config: &Config) -> Result<RouteTable, RouteError> {
+        let mut upstreams = Vec::with_capacity(config.upstreams.len() + 1);
+        for (i, u) in config.upstreams.iter().enumerate() {
+            let key = format!("upstreams[{i}]");
+            if u.name.is_empty() {
+                return Err(RouteError::Invalid {
+                    key: format!("{key}.name"),
+                    problem: "must not be empty",
+                });
+            }
+            if upstreams.iter().any(|s: &UpstreamSpec| s.name == u.name) {
+                return Err(RouteError::DuplicateUpstream {
+                    key: format!("{key}.name"),
+                    name: u.name.clone(),
+                });
+            }
+            if u.backends.is_empty() {
+                return Err(RouteError::NoBackends {
+                    key: format!("{key}.backends"),
+                    name: u.name.clone(),
+                });
+            }
+            let backends = u
+                .backends
+                .iter()
+                .enumerate()
+                .map(|(j, url)| parse_backend(&format!("{key}.backends[{j}]"), url))
+                .collect::<Result<Vec<_>, _>>()?;
+            upstreams.push(UpstreamSpec {
+                name: u.name.clone(),
+                backends,
+                balance: u.balance,
+                buffer_messages: u.buffer_messages,
+            });
+        }
+
+        let implicit = [RouteConfig {
+            path: "/*".into(),
+            upstream: DEFAULT_UPSTREAM.into(),
+            max_subscriptions: config.max_subscriptions,
+            slow_consumer: config.slow_consumer,
+            ..RouteConfig::default()
+        }];
+        let configs: &[RouteConfig] = if config.routes.is_empty() {
+            &implicit
+        } else {
+            &config.routes
+        };
+
+        let mut table = RouteTable {
+            upstreams,
+            routes: Vec::with_capacity(configs.len()),
+            patterns: Vec::with_capacity(configs.len()),
+        };
+        for (i, r) in configs.iter().enumerate() {
+            let key = format!("routes[{i}]");
+            let pattern = parse_pattern(&format!("{key}.path"), &r.path)?;
+            if table.patterns.contains(&pattern) {
+                return Err(RouteError::DuplicateRoute {
+                    key: format!("{key}.path"),
+                    path: r.path.clone(),
+                });
+            }
+            let upstream = table.resolve(config, &format!("{key}.upstream"), &r.upstream)?;
+            let route_key = if r.actions.is_empty() {
+                None
+            } else {
+                if r.route_key.is_empty() {
+                    return Err(RouteError::Invalid {
+                        key: format!("{key}.route_key"),
+                        problem: "must not be empty when `actions` are set",
+                    });
+                }
+                let mut actions = Vec::with_capacity(r.actions.len());
+                // BTreeMap order: already sorted by value.
+                for (value, name) in &r.actions {
+                    let id = table.resolve(config, &format!("{key}.actions.{value}"), name)?;
+                    actions.push((Box::from(value.as_str()), id));
+                }
+                Some(RouteKey {
+                    key: r.route_key.as_str().into(),
+                    actions,
+                })
+            };
+            table.patterns.push(pattern);
+            table.routes.push(Route {
+                path: r.path.clone(),
+                upstream,
+                route_key,
+                authorize: r.authorize,
+                authorize_timeout_ms: r.authorize_timeout_ms,
+                pass_headers: r
+                    .pass_headers
+                    .iter()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect(),
+                max_subscriptions: r.max_subscriptions,
+                slow_consumer: r.slow_consumer,
+            });
+        }
+        if table.routes.len() > usize::from(RouteId::MAX) + 1 {
+            return Err(RouteError::Invalid {
+                key: "routes".into(),
+                problem: "too many routes",
+            });
+        }
+        Ok(table)
+    }
+
+    /// An upstream name to its id; the default upstream is added the first time it is named.
+    fn resolve(
+        &mut self,
+        config: &Config,
+        key: &str,
+        name: &str,
+    ) -> Result<UpstreamId, RouteError> {
+        let name = if name.is_empty() {
+            DEFAULT_UPSTREAM
+        } else {
+            name
+        };
+        let index = match self.upstreams.iter().position(|u| u.name == name) {
+            Some(i) => i,
+            None if name == DEFAULT_UPSTREAM => {
+                let backend = match &config.upstream {
+                    Upstream::Echo | Upstream::LocalEcho => Backend::Embedded,
+                    Upstream::Backend(url) => parse_backend("upstream", url)?,
+                };
+                self.upstreams.push(UpstreamSpec {
+                    name: DEFAULT_UPSTREAM.into(),
+                    backends: vec![backend],
+                    balance: Balance::RoundRobin,
+                    buffer_messages: crate::config::UpstreamConfig::default().buffer_messages,
+                });
+                self.upstreams.len() - 1
+            }
+            None => {
+                return Err(RouteError::UnknownUpstream {
+                    key: key.into(),
+                    name: name.into(),
+                })
+            }
+        };
+        UpstreamId::try_from(index).map_err(|_| RouteError::Invalid {
+            key: "upstreams".into(),
+            problem: "too many upstreams",
+        })
+    }
+
+    /// Every upstream, indexed by [`UpstreamId`]; only those some route can reach when the
+    /// implicit default was added, plus every configured one.
+    pub fn upstreams(&self) -> &[UpstreamSpec] {
+        &self.upstreams
+    }
+
+    /// Every route, indexed by [`RouteId`], in config order.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    pub fn route(&self, id: RouteId) -> &Route {
+        &self.routes[usize::from(id)]
+    }
+
+    /// The route for a handshake's request path (any `?query` is ignored): an exact
+    /// pattern first, else the longest matching `PREFIX/*`. None: answer the handshake 404.
+    pub fn match_path(&self, path: &str) -> Option<(RouteId, &Route)> {
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
+        let mut best: Option<(usize, usize)> = None; // (index, prefix length)
+        for (i, pattern) in self.patterns.iter().enumerate() {
+            match pattern {
+                Pattern::Exact(p) if p == path => {
+                    return Some((i as RouteId, &self.routes[i]));
+                }
+                Pattern::Prefix(p)
+                    if path.starts_with(p.as_str())
+                        && (path.len() == p.len() || path.as_bytes()[p.len()] == b'/')
+                        && best.is_none_or(|(_, len)| p.len() > len) =>
+                {
+                    best = Some((i, p.len()));
+                }
+                _ => {}
+            }
+        }
+        best.map(|(i, _)| (i as RouteId, &self.routes[i]))
+    }
+
+    /// The upstream for one client message. Binary messages, routes without actions and
+    /// text that does not start with `{` cost nothing; otherwise the message is copied into
+    /// `scratch` (simd-json unescapes in place) and parsed. Only a top-level string value of
+    /// the routing key is looked up in `actions`; anything else goes to the route's default.
+    pub fn select(
+        &self,
+        route: &Route,
+        kind: MessageKind,
+        payload: &[u8],
+        scratch: &mut Vec<u8>,
+    ) -> Result<UpstreamId, RouteError> {
+        let Some(rk) = &route.route_key else {
+            return Ok(route.upstream);
+        };
+        if kind == MessageKind::Binary || !starts_with_brace(payload) {
+            return Ok(route.upstream);
+        }
+        scratch.clear();
+        scratch.reserve(payload.len() + INPUT_PADDING);
+        scratch.extend_from_slice(payload);
+        scratch.resize(payload.len() + INPUT_PADDING, 0);
+        let found = PARSER
+            .try_with(|p| {
+                let mut p = p.borrow_mut();
+                let p = &mut *p;
+                let mut tape: Tape<'_> = std::mem::replace(&mut p.tape, Tape(Vec::new())).reset();
+                let found = match simd_json::fill_tape_padded(
+                    scratch,
+                    payload.len(),
+                    &mut p.buffers,
+                    &mut tape,
+                ) {
+                    Ok(()) => {
+                        top_level_string(&tape.0, &rk.key).map(|v| v.and_then(|v| rk.lookup(v)))
+                    }
+                    Err(_) => Ok(None),
+                };
+                p.tape = tape.reset();
+                found
+            })
+            .unwrap_or(Ok(None))?;
+        Ok(found.unwrap_or(route.upstream))
+    }
+}
+
+/// Parser state reused across messages on a core, so routing a message allocates nothing
+/// once the buffers have grown to the largest message seen.
+struct Parser {
+    buffers: Buffers,
+    tape: Tape<'static>,
+}
+
+thread_local! {
+    static PARSER: RefCell<Parser> = RefCell::new(Parser {
+        buffers: Buffers::new(1024),
+        tape: Tape(Vec::new()),
+    });
+}
+
+/// JSON whitespace (RFC 8259 §2) then `{`.
+fn starts_with_brace(payload: &[u8]) -> bool {
+    payload
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        == Some(&b'{')
+}
+
+/// The value of `key` in the top-level object of a parsed tape: `Ok(Some(s))` for a string,
+/// `Ok(None)` when absent or not a string, `Err(DuplicateKey)` when present twice. Keys on
+/// the tape are already unescaped, so `"\u0061ction"` counts as `action`.
+fn top_level_string<'i>(nodes: &[Node<'i>], key: &str) -> Result<Option<&'i str>, RouteError> {
+    let Some(&Node::Object { len, .. }) = nodes.first() else {
+        return Ok(None);
+    };
+    let mut seen = false;
+    let mut found = None;
+    let mut i = 1;
+    for _ in 0..len {
+        let (Some(Node::String(k)), Some(v)) = (nodes.get(i), nodes.get(i + 1)) else {
+            return Ok(None);
+        };
+        if *k == key {
+            if seen {
+                return Err(RouteError::DuplicateKey);
+            }
+            seen = true;
+            if let Node::String(s) = v {
+                found = Some(*s);
+            }
+        }
+        i += 1 + match v {
+            Node::Object { count, .. } | Node::Array { count, .. } => count + 1,
+            _ => 1,
+        };
+    }
+    Ok(found)
+}
+
+fn parse_pattern(key: &str, pattern: &str) -> Result<Pattern, RouteError> {
+    let bad = |problem| RouteError::BadPath {
+        key: key.into(),
+        pattern: pattern.into(),
+        problem,
+    };
+    if !pattern.starts_with('/') {
+        return Err(bad("must start with `/`"));
+    }
+    match pattern.strip_suffix("/*") {
+        Some(prefix) if !prefix.contains('*') => Ok(Pattern::Prefix(prefix.into())),
+        None if !pattern.contains('*') => Ok(Pattern::Exact(pattern.into())),
+        _ => Err(bad("`*` is only allowed as a trailing `/*`")),
+    }
+}
+
+fn parse_backend(key: &str, url: &str) -> Result<Backend, RouteError> {
+    let bad = |problem| RouteError::BadBackend {
+        key: key.into(),
+        url: url.into(),
+        problem,
+    };
+    if url == "echo" {
+        return Ok(Backend::Embedded);
+    }
+    if let Some(addr) = url.strip_prefix("tcp://") {
+        let Some((host, port)) = addr.rsplit_once(':') else {
+            return Err(bad("expected tcp://HOST:PORT"));
+        };
+        if host.is_empty() || host == "[]" {
+            return Err(bad("missing host"));
+        }
+        if host.contains(['/', ' ']) || (host.contains(':') && !host.starts_with('[')) {
+            return Err(bad("bad host (IPv6 addresses go in brackets)"));
+        }
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(Backend::Tcp(addr.into())),
+            _ => Err(bad("port must be 1-65535")),
+        }
+    } else if let Some(path) = url.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(bad("missing socket path"));
+        }
+        Ok(Backend::Unix(PathBuf::from(path)))
+    } else {
+        Err(bad("expected echo, tcp://HOST:PORT or unix:PATH"))
+    }
+}
