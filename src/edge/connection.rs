@@ -18,7 +18,11 @@ pub enum Phase {
     Handshake(BytesMut),
     /// Complete request held until the backend accepts or rejects it; `rest` holds any
     /// bytes the client sent after the request meanwhile.
-    Authorizing { request: Box<crate::protocol::handshake::Request>, rest: BytesMut, until_ms: u64 },
+    Authorizing {
+        request: Box<crate::protocol::handshake::Request>,
+        rest: BytesMut,
+        until_ms: u64,
+    },
     /// WebSocket frames flow.
     Open,
 }

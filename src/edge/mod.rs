@@ -24,6 +24,7 @@ pub use worker::CoreStats;
 
 use crate::config::{Config, Upstream};
 use crate::relay;
+use crate::route::RouteTable;
 
 /// State every core reads; written rarely (drain flag) or with relaxed counters.
 #[derive(Debug, Default)]
@@ -55,6 +56,8 @@ pub enum EdgeError {
     WorkerPanicked(usize),
     #[error("cannot start the gateway: {0}")]
     Setup(io::Error),
+    #[error("invalid routes: {0}")]
+    Routes(#[from] crate::route::RouteError),
 }
 
 /// A running gateway: its cores, its relay, and the address it serves.
@@ -84,6 +87,7 @@ impl Gateway {
     /// is serving (or the first error any of them hit).
     pub fn start(config: Config) -> Result<Gateway, EdgeError> {
         check_io_uring()?;
+        let routes = Arc::new(RouteTable::from_config(&config).map_err(EdgeError::Routes)?);
         let config = Arc::new(config);
         let count = config.worker_count();
         let listeners =
@@ -109,6 +113,7 @@ impl Gateway {
             wakers.push(waker.clone());
             let setup = worker::WorkerSetup {
                 index,
+                routes: routes.clone(),
                 cpu: (!cpus.is_empty()).then(|| cpus[index % cpus.len()]),
                 listener,
                 config: config.clone(),
@@ -135,9 +140,12 @@ impl Gateway {
         }
         drop(relay_tx);
         let links = inbox::CoreLinks::new(inbox_txs, wakers.clone());
+        let router = relay::router::Router::new(&routes, links, relay::protocol::DEFAULT_MAX_FRAME);
         let relay = std::thread::Builder::new()
             .name("ringway-relay".into())
-            .spawn(move || relay::echo::run(relay_rx, links))
+            .spawn(move || {
+                router.run(relay_rx);
+            })
             .map_err(EdgeError::Setup)?;
 
         let gateway = Gateway {

@@ -17,12 +17,12 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::config::{Config, SlowConsumer, Upstream};
-use crate::route::RouteTable;
 use crate::protocol::close;
 use crate::protocol::frame::{self, OpCode, Role, MAX_HEADER_LEN};
 use crate::protocol::handshake::{self, Parsed};
 use crate::protocol::message::{Event, MessageDecoder, MessageKind};
 use crate::relay::{OpenInfo, ToEdge, ToUpstream, Topic};
+use crate::route::RouteTable;
 use std::collections::HashMap;
 
 use super::buffers::{self, BufferRing};
@@ -871,7 +871,8 @@ impl Worker {
             }
             Phase::Authorizing { .. } => {
                 tracing::debug!(conn = %conn.id, "backend did not authorize in time");
-                self.core.on_authorization(conn, Err((503, "authorization timed out".into())));
+                self.core
+                    .on_authorization(conn, Err((503, "authorization timed out".into())));
                 conn.close_sent_ms = Some(now);
             }
             Phase::Open => {
@@ -974,7 +975,10 @@ fn conn_in(slots: &mut [Slot], slot: u32, generation: u32) -> Option<&mut Connec
 fn peer_addr(fd: RawFd) -> Option<std::net::SocketAddr> {
     // SAFETY: fd is a live socket owned by the connection for the duration of this call.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    socket2::SockRef::from(&borrowed).peer_addr().ok()?.as_socket()
+    socket2::SockRef::from(&borrowed)
+        .peer_addr()
+        .ok()?
+        .as_socket()
 }
 
 fn set_nodelay(fd: RawFd) {
@@ -1069,7 +1073,9 @@ impl Core {
 
     /// Pass a message to the relay; false when it had to wait in the core's backlog.
     fn send_to_relay(&mut self, msg: ToUpstream) -> bool {
-        let Some(relay) = &self.relay else { return true };
+        let Some(relay) = &self.relay else {
+            return true;
+        };
         if !self.relay_backlog.is_empty() {
             self.relay_backlog.push_back(msg);
             return false;
@@ -1185,7 +1191,8 @@ impl Core {
             Ok(Parsed::Partial) => conn.phase = Phase::Handshake(std::mem::take(buf)),
             Err(e) => self.refuse(conn, e.response(), &e),
             Ok(Parsed::Complete { request, consumed }) => {
-                let Some((route_id, route)) = self.routes.match_path(&request.path) else {
+                let routes = self.routes.clone();
+                let Some((route_id, route)) = routes.match_path(&request.path) else {
                     let response = handshake::error_response(404, "no route for this path", &[]);
                     self.refuse(conn, response, &format!("no route for {}", request.path));
                     return;
@@ -1207,8 +1214,18 @@ impl Core {
                 let headers = request
                     .headers
                     .iter()
-                    .filter(|(name, _)| route.pass_headers.iter().any(|p| p.eq_ignore_ascii_case(name)))
-                    .map(|(name, value)| (name.to_ascii_lowercase(), String::from_utf8_lossy(value).into_owned()))
+                    .filter(|(name, _)| {
+                        route
+                            .pass_headers
+                            .iter()
+                            .any(|p| p.eq_ignore_ascii_case(name))
+                    })
+                    .map(|(name, value)| {
+                        (
+                            name.to_ascii_lowercase(),
+                            String::from_utf8_lossy(value).into_owned(),
+                        )
+                    })
                     .collect();
                 let info = OpenInfo {
                     path: request.path.clone(),
@@ -1217,11 +1234,19 @@ impl Core {
                     peer: peer_addr(conn.fd),
                     authorize,
                 };
-                self.send_to_relay(ToUpstream::Open { conn: conn.id, upstream: route.upstream, info: Box::new(info) });
+                self.send_to_relay(ToUpstream::Open {
+                    conn: conn.id,
+                    upstream: route.upstream,
+                    info: Box::new(info),
+                });
                 let rest = buf.split_off(consumed);
                 if authorize {
                     // Hold the handshake until the backend answers accept or reject.
-                    conn.phase = Phase::Authorizing { request: Box::new(request), rest, until_ms: self.now_ms + route.authorize_timeout_ms };
+                    conn.phase = Phase::Authorizing {
+                        request: Box::new(request),
+                        rest,
+                        until_ms: self.now_ms + route.authorize_timeout_ms,
+                    };
                 } else {
                     self.complete_handshake(conn, &request, rest);
                 }
@@ -1230,7 +1255,12 @@ impl Core {
     }
 
     /// Send 101 and start reading frames, beginning with any the client pipelined.
-    fn complete_handshake(&mut self, conn: &mut Connection, request: &handshake::Request, mut rest: BytesMut) {
+    fn complete_handshake(
+        &mut self,
+        conn: &mut Connection,
+        request: &handshake::Request,
+        mut rest: BytesMut,
+    ) {
         self.stats.handshakes_ok += 1;
         conn.queue(handshake::response_101(request, None));
         conn.phase = Phase::Open;
@@ -1252,18 +1282,33 @@ impl Core {
 
     /// The backend's answer to a held handshake.
     fn on_authorization(&mut self, conn: &mut Connection, verdict: Result<(), (u16, String)>) {
-        let Phase::Authorizing { .. } = conn.phase else { return };
-        let Phase::Authorizing { request, rest, .. } = std::mem::replace(&mut conn.phase, Phase::Open) else {
+        let Phase::Authorizing { .. } = conn.phase else {
+            return;
+        };
+        let Phase::Authorizing { request, rest, .. } =
+            std::mem::replace(&mut conn.phase, Phase::Open)
+        else {
             unreachable!()
         };
         match verdict {
             Ok(()) => self.complete_handshake(conn, &request, rest),
             Err((status, reason)) => {
                 // Only refusals make sense here; anything else from a backend is its bug.
-                let status = if matches!(status, 401 | 403 | 503) { status } else { 403 };
+                let status = if matches!(status, 401 | 403 | 503) {
+                    status
+                } else {
+                    403
+                };
                 conn.phase = Phase::Handshake(BytesMut::new());
-                self.refuse(conn, handshake::error_response(status, &reason, &[]), &reason);
-                self.send_to_relay(ToUpstream::Closed { conn: conn.id, code: close::POLICY_VIOLATION });
+                self.refuse(
+                    conn,
+                    handshake::error_response(status, &reason, &[]),
+                    &reason,
+                );
+                self.send_to_relay(ToUpstream::Closed {
+                    conn: conn.id,
+                    code: close::POLICY_VIOLATION,
+                });
                 self.release_open(conn);
             }
         }
@@ -1304,7 +1349,12 @@ impl Core {
                             }
                             _ => {
                                 let route = self.routes.route(conn.route);
-                                match self.routes.select(route, kind, payload.as_slice(), &mut self.scratch) {
+                                match self.routes.select(
+                                    route,
+                                    kind,
+                                    payload.as_slice(),
+                                    &mut self.scratch,
+                                ) {
                                     Ok(upstream) => Action::Relay(ToUpstream::Message {
                                         conn: conn.id,
                                         upstream,

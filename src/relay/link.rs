@@ -145,8 +145,11 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
                 Err(e) => {
                     // Exponential backoff with full jitter, so a fleet of gateways does not
                     // reconnect in lockstep when a backend comes back.
-                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    let wait = backoff.mul_f64(0.5 + (seed >> 11) as f64 / (1u64 << 53) as f64 * 0.5);
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let wait =
+                        backoff.mul_f64(0.5 + (seed >> 11) as f64 / (1u64 << 53) as f64 * 0.5);
                     tracing::warn!(
                         upstream = %self.name, backend = %self.addr,
                         "backend unreachable: {e}; retrying in {} ms", wait.as_millis()
@@ -189,7 +192,13 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
     fn connect(&self) -> io::Result<Stream> {
         let mut stream = Stream::connect(&self.addr)?;
         let mut out = BytesMut::new();
-        protocol::encode(&Frame::Hello { version: protocol::VERSION, name: "ringway".into() }, &mut out);
+        protocol::encode(
+            &Frame::Hello {
+                version: protocol::VERSION,
+                name: "ringway".into(),
+            },
+            &mut out,
+        );
         stream.write_all(&out)?;
         // The backend must answer hello before anything else.
         stream.set_read_timeout(Some(DEAD_AFTER))?;
@@ -205,7 +214,9 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
                     )))
                 }
                 Ok(Some(other)) => {
-                    return Err(io::Error::other(format!("backend sent {other:?} before hello")))
+                    return Err(io::Error::other(format!(
+                        "backend sent {other:?} before hello"
+                    )))
                 }
                 Ok(None) => {}
                 Err(e) => return Err(io::Error::other(format!("bad hello from backend: {e}"))),
@@ -328,10 +339,26 @@ fn replayed(open: &Bytes) -> Bytes {
     let mut decoder = Decoder::new(usize::MAX);
     let mut buf = BytesMut::from(&open[..]);
     match decoder.decode(&mut buf) {
-        Ok(Some(Frame::Open { conn, path, query, headers, peer, authorize, .. })) => {
+        Ok(Some(Frame::Open {
+            conn,
+            path,
+            query,
+            headers,
+            peer,
+            authorize,
+            ..
+        })) => {
             let mut out = BytesMut::new();
             protocol::encode(
-                &Frame::Open { conn, path, query, headers, peer, authorize, replay: true },
+                &Frame::Open {
+                    conn,
+                    path,
+                    query,
+                    headers,
+                    peer,
+                    authorize,
+                    replay: true,
+                },
                 &mut out,
             );
             out.freeze()
@@ -352,7 +379,10 @@ fn read_more(stream: &mut Stream, buf: &mut BytesMut) -> io::Result<()> {
     match stream.read(&mut buf[start..]) {
         Ok(0) => {
             buf.truncate(start);
-            Err(io::Error::new(io::ErrorKind::UnexpectedEof, "backend closed the link"))
+            Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "backend closed the link",
+            ))
         }
         Ok(k) => {
             buf.truncate(start + k);
@@ -418,10 +448,16 @@ impl<S: EdgeSink> ReadLoop<S> {
             frame => {
                 let Some(msg) = to_edge(frame) else { return };
                 if let Some(conn) = msg.conn() {
-                    let known = self.opens.lock().map(|t| t.contains_key(&conn.as_u64())).unwrap_or(true);
+                    let known = self
+                        .opens
+                        .lock()
+                        .map(|t| t.contains_key(&conn.as_u64()))
+                        .unwrap_or(true);
                     if !known {
                         // A connection this link never carried or already closed.
-                        let _ = self.ctl.send(Frame::Gone { conn: conn.as_u64() });
+                        let _ = self.ctl.send(Frame::Gone {
+                            conn: conn.as_u64(),
+                        });
                         return;
                     }
                 }
@@ -435,13 +471,47 @@ impl<S: EdgeSink> ReadLoop<S> {
 fn to_edge(frame: Frame) -> Option<ToEdge> {
     let id = ConnId::from_u64;
     Some(match frame {
-        Frame::Send { conn, kind, payload } => ToEdge::Send { conn: id(conn), kind, payload },
-        Frame::Close { conn, code, reason } => ToEdge::Close { conn: id(conn), code, reason },
+        Frame::Send {
+            conn,
+            kind,
+            payload,
+        } => ToEdge::Send {
+            conn: id(conn),
+            kind,
+            payload,
+        },
+        Frame::Close { conn, code, reason } => ToEdge::Close {
+            conn: id(conn),
+            code,
+            reason,
+        },
         Frame::Accept { conn } => ToEdge::Accept { conn: id(conn) },
-        Frame::Reject { conn, status, reason } => ToEdge::Reject { conn: id(conn), status, reason },
-        Frame::Subscribe { conn, topic } => ToEdge::Subscribe { conn: id(conn), topic: topic.into() },
-        Frame::Unsubscribe { conn, topic } => ToEdge::Unsubscribe { conn: id(conn), topic: topic.into() },
-        Frame::Publish { topic, kind, payload } => ToEdge::Publish { topic: topic.into(), kind, payload },
+        Frame::Reject {
+            conn,
+            status,
+            reason,
+        } => ToEdge::Reject {
+            conn: id(conn),
+            status,
+            reason,
+        },
+        Frame::Subscribe { conn, topic } => ToEdge::Subscribe {
+            conn: id(conn),
+            topic: topic.into(),
+        },
+        Frame::Unsubscribe { conn, topic } => ToEdge::Unsubscribe {
+            conn: id(conn),
+            topic: topic.into(),
+        },
+        Frame::Publish {
+            topic,
+            kind,
+            payload,
+        } => ToEdge::Publish {
+            topic: topic.into(),
+            kind,
+            payload,
+        },
         Frame::Broadcast { kind, payload } => ToEdge::Broadcast { kind, payload },
         _ => return None,
     })

@@ -3,8 +3,9 @@
 //! to one connection, to a topic's subscribers, or to everyone.
 
 pub mod chat;
-pub mod echo;
+pub mod link;
 pub mod protocol;
+pub mod router;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -35,7 +35,11 @@ struct LinkHandle {
 
 enum UpstreamRt {
     Embedded,
-    Backends { links: Vec<LinkHandle>, balance: Balance, next: usize },
+    Backends {
+        links: Vec<LinkHandle>,
+        balance: Balance,
+        next: usize,
+    },
 }
 
 struct Binding {
@@ -98,7 +102,11 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
             upstreams.push(if links.is_empty() {
                 UpstreamRt::Embedded
             } else {
-                UpstreamRt::Backends { links, balance: spec.balance, next: 0 }
+                UpstreamRt::Backends {
+                    links,
+                    balance: spec.balance,
+                    next: 0,
+                }
             });
         }
         Router {
@@ -121,7 +129,11 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
             while let Some(msg) = next {
                 self.handle(msg);
                 batch += 1;
-                next = if batch < 1024 { rx.try_recv().ok() } else { None };
+                next = if batch < 1024 {
+                    rx.try_recv().ok()
+                } else {
+                    None
+                };
             }
             self.sink.flush();
         }
@@ -135,30 +147,71 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
     }
 
     fn is_embedded(&self, upstream: UpstreamId) -> bool {
-        matches!(self.upstreams.get(usize::from(upstream)), None | Some(UpstreamRt::Embedded))
+        matches!(
+            self.upstreams.get(usize::from(upstream)),
+            None | Some(UpstreamRt::Embedded)
+        )
     }
 
     fn handle(&mut self, msg: ToUpstream) {
         match msg {
-            ToUpstream::Open { conn, upstream, info } => {
-                self.conns.insert(conn, Binding { info: info.clone(), bound: Vec::new() });
+            ToUpstream::Open {
+                conn,
+                upstream,
+                info,
+            } => {
+                self.conns.insert(
+                    conn,
+                    Binding {
+                        info: info.clone(),
+                        bound: Vec::new(),
+                    },
+                );
                 if self.is_embedded(upstream) {
                     let sink = &mut self.sink;
-                    self.chat.handle(ToUpstream::Open { conn, upstream, info }, &mut |m| sink.send(m));
+                    self.chat.handle(
+                        ToUpstream::Open {
+                            conn,
+                            upstream,
+                            info,
+                        },
+                        &mut |m| sink.send(m),
+                    );
                 } else {
                     self.bind(conn, upstream);
                 }
             }
-            ToUpstream::Message { conn, upstream, kind, payload } => {
+            ToUpstream::Message {
+                conn,
+                upstream,
+                kind,
+                payload,
+            } => {
                 if self.is_embedded(upstream) {
                     let sink = &mut self.sink;
-                    self.chat
-                        .handle(ToUpstream::Message { conn, upstream, kind, payload }, &mut |m| sink.send(m));
+                    self.chat.handle(
+                        ToUpstream::Message {
+                            conn,
+                            upstream,
+                            kind,
+                            payload,
+                        },
+                        &mut |m| sink.send(m),
+                    );
                     return;
                 }
-                let Some(link) = self.bind(conn, upstream) else { return };
+                let Some(link) = self.bind(conn, upstream) else {
+                    return;
+                };
                 let mut out = std::mem::take(&mut self.scratch);
-                protocol::encode(&Frame::Message { conn: conn.as_u64(), kind, payload }, &mut out);
+                protocol::encode(
+                    &Frame::Message {
+                        conn: conn.as_u64(),
+                        kind,
+                        payload,
+                    },
+                    &mut out,
+                );
                 let frame = out.split().freeze();
                 self.scratch = out;
                 if self.push(conn, upstream, link, Outbound::Frame(frame)) {
@@ -173,12 +226,28 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                 if let Some(binding) = self.conns.remove(&conn) {
                     for (upstream, link) in binding.bound {
                         let mut out = BytesMut::new();
-                        protocol::encode(&Frame::Close { conn: conn.as_u64(), code, reason: String::new() }, &mut out);
-                        self.push(conn, upstream, link, Outbound::Close { conn: conn.as_u64(), frame: out.freeze() });
+                        protocol::encode(
+                            &Frame::Close {
+                                conn: conn.as_u64(),
+                                code,
+                                reason: String::new(),
+                            },
+                            &mut out,
+                        );
+                        self.push(
+                            conn,
+                            upstream,
+                            link,
+                            Outbound::Close {
+                                conn: conn.as_u64(),
+                                frame: out.freeze(),
+                            },
+                        );
                     }
                 }
                 let sink = &mut self.sink;
-                self.chat.handle(ToUpstream::Closed { conn, code }, &mut |m| sink.send(m));
+                self.chat
+                    .handle(ToUpstream::Closed { conn, code }, &mut |m| sink.send(m));
             }
         }
     }
@@ -189,7 +258,12 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
         if let Some(&(_, link)) = binding.bound.iter().find(|(u, _)| *u == upstream) {
             return Some(link);
         }
-        let UpstreamRt::Backends { links, balance, next } = &mut self.upstreams[usize::from(upstream)] else {
+        let UpstreamRt::Backends {
+            links,
+            balance,
+            next,
+        } = &mut self.upstreams[usize::from(upstream)]
+        else {
             return None;
         };
         let n = links.len();
@@ -199,7 +273,9 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                 // The next live backend in turn; any backend when none is live (the message
                 // then waits in that backend's buffer for it to come back).
                 let start = *next;
-                let live = (0..n).map(|i| (start + i) % n).find(|&i| links[i].state.live.load(Ordering::Acquire));
+                let live = (0..n)
+                    .map(|i| (start + i) % n)
+                    .find(|&i| links[i].state.live.load(Ordering::Acquire));
                 let chosen = live.unwrap_or(start % n);
                 *next = (chosen + 1) % n;
                 chosen
@@ -219,7 +295,15 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
             },
             &mut out,
         );
-        if !self.push(conn, upstream, link, Outbound::Open { conn: conn.as_u64(), frame: out.freeze() }) {
+        if !self.push(
+            conn,
+            upstream,
+            link,
+            Outbound::Open {
+                conn: conn.as_u64(),
+                frame: out.freeze(),
+            },
+        ) {
             return None;
         }
         if let Some(b) = self.conns.get_mut(&conn) {
@@ -237,7 +321,10 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
         let full = if handle.state.live.load(Ordering::Acquire) {
             // A live backend that is slow to read: wait a little (the cores' channel fills
             // meanwhile and they stop reading their clients), then give up on this client.
-            matches!(handle.tx.send_timeout(item, LIVE_BACKEND_PATIENCE), Err(SendTimeoutError::Timeout(_)))
+            matches!(
+                handle.tx.send_timeout(item, LIVE_BACKEND_PATIENCE),
+                Err(SendTimeoutError::Timeout(_))
+            )
         } else {
             matches!(handle.tx.try_send(item), Err(TrySendError::Full(_)))
         };
