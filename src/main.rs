@@ -120,8 +120,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     gateway.begin_shutdown();
     let stats = gateway.join()?;
-    let closed: u64 = stats.iter().map(|s| s.closed).sum();
-    let stale: u64 = stats.iter().map(|s| s.stale_replies).sum();
+    let closed: u64 = stats.iter().map(|s| s.closed.get()).sum();
+    let stale: u64 = stats.iter().map(|s| s.stale_replies.get()).sum();
     tracing::info!(closed, stale_replies = stale, "stopped");
     Ok(())
 }

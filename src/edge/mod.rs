@@ -10,6 +10,7 @@ mod conn_id;
 mod connection;
 mod inbox;
 mod listener;
+pub mod stats;
 mod timer;
 mod worker;
 
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 pub use conn_id::{ConnId, GENERATION_MASK};
-pub use worker::CoreStats;
+pub use stats::CoreStats;
 
 use crate::config::{Config, Upstream};
 use crate::relay;
@@ -63,7 +64,8 @@ pub enum EdgeError {
 /// A running gateway: its cores, its relay, and the address it serves.
 pub struct Gateway {
     local_addr: SocketAddr,
-    workers: Vec<JoinHandle<io::Result<CoreStats>>>,
+    workers: Vec<JoinHandle<io::Result<()>>>,
+    stats: Vec<Arc<CoreStats>>,
     relay: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
     wakers: Vec<Arc<inbox::Waker>>,
@@ -106,13 +108,17 @@ impl Gateway {
         let mut wakers = Vec::with_capacity(count);
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(count);
         let mut workers = Vec::with_capacity(count);
+        let mut stats = Vec::with_capacity(count);
         for (index, listener) in listeners.into_iter().enumerate() {
             let (inbox_tx, inbox_rx) = crossbeam_channel::unbounded();
             let waker = Arc::new(inbox::Waker::new().map_err(EdgeError::Setup)?);
             inbox_txs.push(inbox_tx);
             wakers.push(waker.clone());
+            let core_stats = Arc::new(CoreStats::default());
+            stats.push(core_stats.clone());
             let setup = worker::WorkerSetup {
                 index,
+                stats: core_stats,
                 routes: routes.clone(),
                 cpu: (!cpus.is_empty()).then(|| cpus[index % cpus.len()]),
                 listener,
@@ -151,6 +157,7 @@ impl Gateway {
         let gateway = Gateway {
             local_addr,
             workers,
+            stats,
             relay: Some(relay),
             shared,
             wakers,
@@ -192,13 +199,17 @@ impl Gateway {
         }
     }
 
+    /// Every core's counters, for metrics and the exit summary.
+    pub fn stats(&self) -> &[Arc<CoreStats>] {
+        &self.stats
+    }
+
     /// Wait for every core and the relay to finish. Returns the cores' counters.
-    pub fn join(mut self) -> Result<Vec<CoreStats>, EdgeError> {
-        let mut stats = Vec::new();
+    pub fn join(mut self) -> Result<Vec<Arc<CoreStats>>, EdgeError> {
         let mut first_error = None;
         for (core, handle) in std::mem::take(&mut self.workers).into_iter().enumerate() {
             match handle.join() {
-                Ok(Ok(s)) => stats.push(s),
+                Ok(Ok(())) => {}
                 Ok(Err(source)) => {
                     first_error.get_or_insert(EdgeError::Worker { core, source });
                 }
@@ -211,6 +222,7 @@ impl Gateway {
         if let Some(relay) = self.relay.take() {
             let _ = relay.join();
         }
+        let stats = std::mem::take(&mut self.stats);
         first_error.map_or(Ok(stats), Err)
     }
 }

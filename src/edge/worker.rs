@@ -28,6 +28,7 @@ use std::collections::HashMap;
 use super::buffers::{self, BufferRing};
 use super::connection::{Connection, Phase};
 use super::inbox::Waker;
+use super::stats::CoreStats;
 use super::timer::{self, TimerWheel};
 use super::{ConnId, Shared, GENERATION_MASK};
 
@@ -72,6 +73,7 @@ impl SendBuf {
 /// Everything a worker thread needs, prepared by the thread that starts the gateway.
 pub struct WorkerSetup {
     pub index: usize,
+    pub stats: Arc<CoreStats>,
     pub routes: Arc<RouteTable>,
     pub cpu: Option<core_affinity::CoreId>,
     pub listener: TcpListener,
@@ -80,22 +82,6 @@ pub struct WorkerSetup {
     pub inbox: Receiver<ToEdge>,
     pub waker: Arc<Waker>,
     pub shared: Arc<Shared>,
-}
-
-/// Counters kept by one core; only that core writes them.
-#[derive(Debug, Default)]
-pub struct CoreStats {
-    pub accepted: u64,
-    pub handshakes_ok: u64,
-    pub handshakes_rejected: u64,
-    pub messages_in: u64,
-    pub messages_out: u64,
-    pub protocol_errors: u64,
-    pub stale_replies: u64,
-    pub subscription_limit: u64,
-    pub overflow_closed: u64,
-    pub overflow_dropped: u64,
-    pub closed: u64,
 }
 
 struct Slot {
@@ -187,7 +173,7 @@ impl Worker {
                 relay: setup.relay,
                 relay_backlog: VecDeque::new(),
                 arena: BytesMut::new(),
-                stats: CoreStats::default(),
+                stats: setup.stats,
                 now_ms: 0,
             },
             buffers,
@@ -218,13 +204,13 @@ impl Worker {
     }
 
     /// Serve until the gateway drains and every connection is gone.
-    pub fn run(mut self) -> io::Result<CoreStats> {
+    pub fn run(mut self) -> io::Result<()> {
         self.arm_accept();
         self.arm_wake();
         self.arm_tick();
         let result = self.event_loop();
         self.buffers.unregister(&self.ring);
-        result.map(|()| self.core.stats)
+        result
     }
 
     fn event_loop(&mut self) -> io::Result<()> {
@@ -400,7 +386,7 @@ impl Worker {
     }
 
     fn new_connection(&mut self, fd: RawFd) {
-        self.core.stats.accepted += 1;
+        self.core.stats.accepted.inc();
         if self.draining.is_some() {
             // SAFETY: fd was just accepted and is owned by nobody else.
             unsafe { libc::close(fd) };
@@ -423,6 +409,7 @@ impl Worker {
         let conn = Connection::new(id, fd, decoder, self.core.now_ms);
         self.slots[slot as usize].conn = Some(conn);
         self.live += 1;
+        self.core.stats.live.set(self.live as u64);
         tracing::debug!(conn = %id, "accepted");
         self.arm_recv(slot);
         self.arm_timer(slot);
@@ -442,6 +429,7 @@ impl Worker {
             conn.recv_armed = false;
         }
         if res > 0 {
+            self.core.stats.bytes_in.add(res as u64);
             let bid = bid.expect("a multishot recv with data names its buffer");
             if !conn.reading_done && !conn.shut {
                 conn.last_rx_ms = now;
@@ -510,6 +498,7 @@ impl Worker {
             conn.reading_done = true;
             conn.close_after_flush = true;
         } else {
+            self.core.stats.bytes_out.add(res as u64);
             conn.advance_out(res as usize);
             if !conn.out.is_empty() && !conn.dirty {
                 conn.dirty = true;
@@ -543,7 +532,7 @@ impl Worker {
             .filter(|c| c.id == id && !c.close.close_sent() && !c.shut)
             .filter(|c| c.is_open() || matches!(c.phase, Phase::Authorizing { .. }));
         let Some(conn) = open else {
-            self.core.stats.stale_replies += 1;
+            self.core.stats.stale_replies.inc();
             return;
         };
         match msg {
@@ -558,7 +547,7 @@ impl Worker {
                 } else if conn.subscriptions.len()
                     >= self.core.routes.route(conn.route).max_subscriptions
                 {
-                    self.core.stats.subscription_limit += 1;
+                    self.core.stats.subscription_limit.inc();
                     self.core
                         .start_close(conn, close::POLICY_VIOLATION, "too many subscriptions");
                 } else {
@@ -697,7 +686,8 @@ impl Worker {
         s.generation = (s.generation + 1) & GENERATION_MASK;
         self.free.push(slot);
         self.live -= 1;
-        self.core.stats.closed += 1;
+        self.core.stats.live.set(self.live as u64);
+        self.core.stats.closed.inc();
         // SAFETY: every ring operation on this fd has completed (`Connection::finished`), and
         // the fd is owned by this connection alone.
         unsafe { libc::close(conn.fd) };
@@ -858,7 +848,7 @@ impl Worker {
         match conn.phase {
             Phase::Handshake(_) => {
                 tracing::debug!(conn = %conn.id, "handshake timed out");
-                self.core.stats.handshakes_rejected += 1;
+                self.core.stats.handshakes_rejected.inc();
                 conn.queue(handshake::error_response(
                     408,
                     "handshake not completed in time",
@@ -1055,7 +1045,7 @@ struct Core {
     relay: Option<Sender<ToUpstream>>,
     relay_backlog: VecDeque<ToUpstream>,
     arena: BytesMut,
-    stats: CoreStats,
+    stats: Arc<CoreStats>,
     now_ms: u64,
 }
 
@@ -1095,11 +1085,11 @@ impl Core {
     fn queue_data(&mut self, conn: &mut Connection, frame: Bytes) {
         if conn.out_bytes > 0 && conn.out_bytes + frame.len() > self.config.send_queue_bytes {
             tracing::debug!(conn = %conn.id, queued = conn.out_bytes, "slow consumer");
-            self.stats.overflow_closed += 1;
+            self.stats.overflow_closed.inc();
             self.start_close(conn, close::POLICY_VIOLATION, "slow consumer");
             return;
         }
-        self.stats.messages_out += 1;
+        self.stats.messages_out.inc();
         conn.queue(frame);
     }
 
@@ -1108,7 +1098,7 @@ impl Core {
         let full =
             conn.out_bytes > 0 && conn.out_bytes + frame.len() > self.config.send_queue_bytes;
         if full && self.routes.route(conn.route).slow_consumer == SlowConsumer::DropNewest {
-            self.stats.overflow_dropped += 1;
+            self.stats.overflow_dropped.inc();
             return;
         }
         self.queue_data(conn, frame);
@@ -1261,7 +1251,7 @@ impl Core {
         request: &handshake::Request,
         mut rest: BytesMut,
     ) {
-        self.stats.handshakes_ok += 1;
+        self.stats.handshakes_ok.inc();
         conn.queue(handshake::response_101(request, None));
         conn.phase = Phase::Open;
         conn.last_message_ms = self.now_ms;
@@ -1274,7 +1264,7 @@ impl Core {
     /// Answer the handshake with an HTTP error and close after it.
     fn refuse(&mut self, conn: &mut Connection, response: Bytes, why: &dyn std::fmt::Display) {
         tracing::debug!(conn = %conn.id, "handshake refused: {why}");
-        self.stats.handshakes_rejected += 1;
+        self.stats.handshakes_rejected.inc();
         conn.queue(response);
         conn.reading_done = true;
         conn.close_after_flush = true;
@@ -1328,7 +1318,7 @@ impl Core {
             let (n, event) = match conn.decoder.decode(&mut data[off..]) {
                 Ok(r) => r,
                 Err(e) => {
-                    self.stats.protocol_errors += 1;
+                    self.stats.protocol_errors.inc();
                     tracing::debug!(conn = %conn.id, "protocol error: {e}");
                     let reason = e.to_string();
                     self.close_after_replies(conn, e.close_code(), &reason);
@@ -1339,7 +1329,7 @@ impl Core {
             let Some(event) = event else { break };
             let action = match event {
                 Event::Message { kind, payload } => {
-                    self.stats.messages_in += 1;
+                    self.stats.messages_in.inc();
                     if !accepts_data {
                         Action::None
                     } else {
@@ -1393,7 +1383,7 @@ impl Core {
                     }
                 }
                 Action::Refuse(reason) => {
-                    self.stats.protocol_errors += 1;
+                    self.stats.protocol_errors.inc();
                     tracing::debug!(conn = %conn.id, "message refused: {reason}");
                     self.close_after_replies(conn, close::POLICY_VIOLATION, &reason);
                     return;

@@ -497,18 +497,18 @@ fn to_edge(frame: Frame) -> Option<ToEdge> {
         },
         Frame::Subscribe { conn, topic } => ToEdge::Subscribe {
             conn: id(conn),
-            topic: topic.into(),
+            topic,
         },
         Frame::Unsubscribe { conn, topic } => ToEdge::Unsubscribe {
             conn: id(conn),
-            topic: topic.into(),
+            topic,
         },
         Frame::Publish {
             topic,
             kind,
             payload,
         } => ToEdge::Publish {
-            topic: topic.into(),
+            topic,
             kind,
             payload,
         },

@@ -1,0 +1,75 @@
+//! Per-core counters. Each core writes only its own (a plain load and store, no locked
+//! instruction on the hot path); the metrics endpoint reads all of them at scrape time.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A counter with one writer (its core) and any number of readers.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Only the owning core calls this, so load + store cannot lose an increment.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    /// For gauges (values that go down too).
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// What one core counts.
+#[derive(Debug, Default)]
+pub struct CoreStats {
+    pub accepted: Counter,
+    pub handshakes_ok: Counter,
+    pub handshakes_rejected: Counter,
+    pub messages_in: Counter,
+    pub messages_out: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub protocol_errors: Counter,
+    /// Replies for connections that were already gone (dropped, never misdelivered).
+    pub stale_replies: Counter,
+    pub subscription_limit: Counter,
+    /// Clients closed 1008 "slow consumer".
+    pub overflow_closed: Counter,
+    /// Topic or broadcast messages dropped for a full send queue (drop-newest policy).
+    pub overflow_dropped: Counter,
+    pub closed: Counter,
+    /// Connections currently held by this core (handshaking, open or closing).
+    pub live: Counter,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_visible_to_other_threads() {
+        let s = std::sync::Arc::new(CoreStats::default());
+        let w = s.clone();
+        std::thread::spawn(move || {
+            for _ in 0..1000 {
+                w.messages_in.inc();
+            }
+            w.bytes_in.add(5);
+        })
+        .join()
+        .unwrap();
+        assert_eq!(s.messages_in.get(), 1000);
+        assert_eq!(s.bytes_in.get(), 5);
+    }
+}
