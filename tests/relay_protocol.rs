@@ -47,8 +47,13 @@ fn rust_backend_path() -> PathBuf {
         if profile_dir.file_name().is_some_and(|p| p == "release") {
             cmd.arg("--release");
         }
-        let status = cmd.status().expect("run cargo build --example chat_backend");
-        assert!(status.success(), "cargo build --example chat_backend failed");
+        let status = cmd
+            .status()
+            .expect("run cargo build --example chat_backend");
+        assert!(
+            status.success(),
+            "cargo build --example chat_backend failed"
+        );
     });
     let path = profile_dir.join("examples").join("chat_backend");
     assert!(path.exists(), "{} missing", path.display());
