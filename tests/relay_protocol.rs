@@ -272,7 +272,8 @@ fn chat_session(backend: &Backend) {
         payload: Bytes::from_static(b"{\"action\":\"join\",\"room\":\"x\"}"),
     });
     link.expect_error(B, "expected a text message");
-    for bad in ["not json", "[1,2]", "\"join\"", ""] {
+    let deep = "[".repeat(100_000) + &"]".repeat(100_000);
+    for bad in ["not json", "[1,2]", "\"join\"", "", "{\"action\":", &deep] {
         link.text(B, bad);
         link.expect_error(B, "expected a JSON object");
     }
