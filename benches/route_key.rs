@@ -158,20 +158,23 @@ impl<'de> Visitor<'de> for TopLevelKey<'_> {
         f.write_str("a JSON object")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Found<'de>, A::Error> {
-        let mut seen = false;
+        // Reads the whole object even after a duplicate: like ours, invalid JSON with a
+        // duplicate key goes to the default rather than being refused.
+        let mut seen = 0;
         let mut found = None;
         while let Some(Str(k)) = m.next_key::<Str>()? {
             if k == self.0 {
-                if seen {
-                    return Ok(Found::Duplicate);
-                }
-                seen = true;
+                seen += 1;
                 found = m.next_value::<MaybeStr>()?.0;
             } else {
                 m.next_value::<IgnoredAny>()?;
             }
         }
-        Ok(Found::Value(found))
+        Ok(if seen > 1 {
+            Found::Duplicate
+        } else {
+            Found::Value(found)
+        })
     }
 }
 
