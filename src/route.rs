@@ -470,3 +470,394 @@ fn parse_backend(key: &str, url: &str) -> Result<Backend, RouteError> {
         Err(bad("expected echo, tcp://HOST:PORT or unix:PATH"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(toml_text: &str) -> Config {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    fn table(toml_text: &str) -> RouteTable {
+        RouteTable::from_config(&config(toml_text)).unwrap()
+    }
+
+    fn err(toml_text: &str) -> RouteError {
+        RouteTable::from_config(&config(toml_text)).unwrap_err()
+    }
+
+    const CHAT: &str = r#"
+        [[upstreams]]
+        name = "chat"
+        backends = ["tcp://127.0.0.1:9001", "unix:/run/chat.sock"]
+        balance = "hash"
+        buffer_messages = 5
+        [[upstreams]]
+        name = "game"
+        backends = ["echo"]
+        [[upstreams]]
+        name = "billing"
+        backends = ["tcp://[::1]:9002"]
+        [[routes]]
+        path = "/chat"
+        upstream = "chat"
+        actions = { move = "game", pay = "billing" }
+        pass_headers = ["Authorization", "X-Request-ID"]
+        authorize = true
+        max_subscriptions = 7
+        slow_consumer = "drop-newest"
+        [[routes]]
+        path = "/api/*"
+        upstream = "billing"
+        [[routes]]
+        path = "/api/v2/*"
+        upstream = "game"
+        route_key = "type"
+        actions = { chat = "chat" }
+        [[routes]]
+        path = "/api/exact"
+        upstream = "chat"
+    "#;
+
+    fn select(
+        t: &RouteTable,
+        path: &str,
+        kind: MessageKind,
+        msg: &str,
+    ) -> Result<UpstreamId, RouteError> {
+        let (_, route) = t.match_path(path).unwrap();
+        t.select(route, kind, msg.as_bytes(), &mut Vec::new())
+    }
+
+    fn text(t: &RouteTable, msg: &str) -> Result<UpstreamId, RouteError> {
+        select(t, "/chat", MessageKind::Text, msg)
+    }
+
+    const CHAT_ID: UpstreamId = 0;
+    const GAME: UpstreamId = 1;
+    const BILLING: UpstreamId = 2;
+
+    #[test]
+    fn no_routes_means_everything_goes_to_the_default_upstream() {
+        for (upstream, backend) in [
+            ("echo", Backend::Embedded),
+            ("local-echo", Backend::Embedded),
+            ("tcp://backend:9000", Backend::Tcp("backend:9000".into())),
+            ("unix:/run/b.sock", Backend::Unix("/run/b.sock".into())),
+        ] {
+            let t = table(&format!("upstream = {upstream:?}\nmax_subscriptions = 3"));
+            assert_eq!(t.upstreams().len(), 1);
+            assert_eq!(t.upstreams()[0].name, "default");
+            assert_eq!(t.upstreams()[0].backends, vec![backend]);
+            for path in ["/", "/chat", "/a/b/c?x=1"] {
+                let (id, route) = t.match_path(path).unwrap();
+                assert_eq!((id, route.upstream), (0, 0), "{upstream} {path}");
+                assert_eq!(route.route_key, None);
+                assert_eq!(route.max_subscriptions, 3);
+            }
+        }
+    }
+
+    #[test]
+    fn upstreams_and_routes_are_compiled_in_config_order() {
+        let t = table(CHAT);
+        let names: Vec<_> = t.upstreams().iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["chat", "game", "billing"]);
+        let chat = &t.upstreams()[usize::from(CHAT_ID)];
+        assert_eq!(
+            chat.backends,
+            vec![
+                Backend::Tcp("127.0.0.1:9001".into()),
+                Backend::Unix("/run/chat.sock".into())
+            ]
+        );
+        assert_eq!((chat.balance, chat.buffer_messages), (Balance::Hash, 5));
+        assert_eq!(
+            t.upstreams()[2].backends,
+            vec![Backend::Tcp("[::1]:9002".into())]
+        );
+
+        let (id, r) = t.match_path("/chat").unwrap();
+        assert_eq!(id, 0);
+        assert_eq!(r.upstream, CHAT_ID);
+        assert_eq!(r.pass_headers, ["authorization", "x-request-id"]);
+        assert!(r.authorize);
+        assert_eq!(r.max_subscriptions, 7);
+        assert_eq!(r.slow_consumer, SlowConsumer::DropNewest);
+        let rk = r.route_key.as_ref().unwrap();
+        assert_eq!(&*rk.key, "action");
+        assert_eq!(
+            rk.actions().collect::<Vec<_>>(),
+            [("move", GAME), ("pay", BILLING)]
+        );
+        assert_eq!(t.routes().len(), 4);
+        assert_eq!(t.route(1).path, "/api/*");
+    }
+
+    #[test]
+    fn exact_paths_win_then_the_longest_prefix() {
+        let t = table(CHAT);
+        let id = |p: &str| t.match_path(p).map(|(id, _)| id);
+        assert_eq!(id("/chat"), Some(0));
+        assert_eq!(id("/chat?token=1"), Some(0));
+        assert_eq!(id("/chat/"), None);
+        assert_eq!(id("/chatroom"), None);
+        assert_eq!(id("/api"), Some(1));
+        assert_eq!(id("/api/"), Some(1));
+        assert_eq!(id("/api/v1/x"), Some(1));
+        assert_eq!(id("/apix"), None);
+        assert_eq!(id("/api/v2"), Some(2));
+        assert_eq!(id("/api/v2/deep/er"), Some(2));
+        assert_eq!(id("/api/v2x"), Some(1));
+        assert_eq!(id("/api/exact"), Some(3));
+        assert_eq!(id("/"), None);
+    }
+
+    #[test]
+    fn a_route_without_upstream_uses_the_top_level_one() {
+        let t = table(
+            r#"
+            upstream = "tcp://b:1"
+            [[upstreams]]
+            name = "x"
+            backends = ["echo"]
+            [[routes]]
+            path = "/x"
+            upstream = "x"
+            [[routes]]
+            path = "/*"
+            "#,
+        );
+        assert_eq!(t.upstreams()[1].name, "default");
+        assert_eq!(t.upstreams()[1].backends, vec![Backend::Tcp("b:1".into())]);
+        assert_eq!(t.match_path("/y").unwrap().1.upstream, 1);
+        assert_eq!(t.match_path("/x").unwrap().1.upstream, 0);
+    }
+
+    #[test]
+    fn config_errors_name_the_offending_key() {
+        let up = "[[upstreams]]\nname = \"a\"\nbackends = [\"echo\"]\n";
+        let cases = [
+            (
+                format!("{up}[[routes]]\npath = \"/\"\nupstream = \"b\""),
+                "`routes[0].upstream`: unknown upstream \"b\"",
+            ),
+            (
+                format!("{up}[[routes]]\npath = \"/\"\nupstream = \"a\"\nactions = {{ go = \"nope\" }}"),
+                "`routes[0].actions.go`: unknown upstream \"nope\"",
+            ),
+            (
+                "[[upstreams]]\nname = \"a\"\nbackends = [\"echo\", \"http://x\"]".into(),
+                "`upstreams[0].backends[1]`: bad backend \"http://x\"",
+            ),
+            (
+                "[[upstreams]]\nname = \"a\"\nbackends = [\"tcp://host\"]".into(),
+                "`upstreams[0].backends[0]`: bad backend \"tcp://host\"",
+            ),
+            (
+                "[[upstreams]]\nname = \"a\"\nbackends = [\"tcp://host:99999\"]".into(),
+                "port must be 1-65535",
+            ),
+            (
+                "[[upstreams]]\nname = \"a\"\nbackends = [\"tcp://::1:80\"]".into(),
+                "IPv6 addresses go in brackets",
+            ),
+            (
+                "[[upstreams]]\nname = \"a\"\nbackends = [\"unix:\"]".into(),
+                "missing socket path",
+            ),
+            (
+                "upstream = \"tcp://:80\"".into(),
+                "`upstream`: bad backend \"tcp://:80\": missing host",
+            ),
+            (
+                "[[upstreams]]\nname = \"a\"".into(),
+                "`upstreams[0].backends`: upstream \"a\" has no backends",
+            ),
+            (
+                format!("{up}{up}"),
+                "`upstreams[1].name`: duplicate upstream name \"a\"",
+            ),
+            (
+                format!("{up}[[routes]]\npath = \"/x\"\nupstream = \"a\"\n[[routes]]\npath = \"/x\"\nupstream = \"a\""),
+                "`routes[1].path`: duplicate route path \"/x\"",
+            ),
+            (
+                format!("{up}[[routes]]\npath = \"/\"\nupstream = \"a\"\nroute_key = \"\"\nactions = {{ go = \"a\" }}"),
+                "`routes[0].route_key`: must not be empty",
+            ),
+        ];
+        for (toml_text, expected) in cases {
+            let e = err(&toml_text).to_string();
+            assert!(e.contains(expected), "{toml_text}\n=> {e}");
+        }
+    }
+
+    #[test]
+    fn path_patterns_must_start_with_slash_and_only_end_in_a_wildcard() {
+        for bad in ["chat", "*", "/a*", "/a/*/b", "/a*/*", "/**", ""] {
+            let e = err(&format!("[[routes]]\npath = {bad:?}"));
+            assert!(
+                matches!(&e, RouteError::BadPath { key, pattern, .. } if key == "routes[0].path" && pattern == bad),
+                "{bad}: {e}"
+            );
+        }
+        for good in ["/", "/*", "/a/*", "/a/b"] {
+            table(&format!("[[routes]]\npath = {good:?}"));
+        }
+    }
+
+    #[test]
+    fn the_routing_key_picks_the_upstream_wherever_it_sits() {
+        let t = table(CHAT);
+        assert_eq!(text(&t, r#"{"action":"move","x":1}"#), Ok(GAME));
+        assert_eq!(
+            text(&t, r#"{"x":{"a":[1,{"b":2}]},"y":[[],{}],"action":"pay"}"#),
+            Ok(BILLING)
+        );
+        assert_eq!(text(&t, " \r\n\t{ \"action\" : \"pay\" } "), Ok(BILLING));
+        // Values are unescaped before lookup.
+        assert_eq!(text(&t, r#"{"action":"p\u0061y"}"#), Ok(BILLING));
+        // A route with its own key name.
+        assert_eq!(
+            select(
+                &t,
+                "/api/v2/x",
+                MessageKind::Text,
+                r#"{"action":"x","type":"chat"}"#
+            ),
+            Ok(CHAT_ID)
+        );
+        assert_eq!(
+            select(&t, "/api/v2/x", MessageKind::Text, r#"{"action":"chat"}"#),
+            Ok(GAME)
+        );
+    }
+
+    #[test]
+    fn escaped_keys_count_as_the_key_they_spell() {
+        let t = table(CHAT);
+        assert_eq!(text(&t, r#"{"\u0061ction":"move"}"#), Ok(GAME));
+        assert_eq!(text(&t, r#"{"act\u0069on":"move","text":"hi"}"#), Ok(GAME));
+    }
+
+    #[test]
+    fn a_duplicated_routing_key_is_refused_however_it_is_spelled() {
+        let t = table(CHAT);
+        for msg in [
+            r#"{"action":"move","action":"pay"}"#,
+            r#"{"action":"move","x":[1,2],"action":"move"}"#,
+            r#"{"action":"move","\u0061ction":"pay"}"#,
+            r#"{"\u0061ction":"move","a\u0063tion":"pay"}"#,
+            r#"{"action":5,"action":"pay"}"#,
+            r#"{"action":{"action":1},"action":null}"#,
+        ] {
+            assert_eq!(text(&t, msg), Err(RouteError::DuplicateKey), "{msg}");
+        }
+        // Only the route's key: other duplicates are the backend's business.
+        assert_eq!(text(&t, r#"{"x":1,"x":2,"action":"pay"}"#), Ok(BILLING));
+    }
+
+    #[test]
+    fn nested_routing_keys_do_not_count() {
+        let t = table(CHAT);
+        assert_eq!(text(&t, r#"{"data":{"action":"pay"}}"#), Ok(CHAT_ID));
+        assert_eq!(
+            text(&t, r#"{"data":[{"action":"pay"}],"action":"move"}"#),
+            Ok(GAME)
+        );
+        assert_eq!(
+            text(&t, r#"{"data":{"action":"pay"},"action":"move"}"#),
+            Ok(GAME)
+        );
+        // Nested duplicates are not top-level duplicates.
+        assert_eq!(
+            text(&t, r#"{"action":"move","d":{"action":"pay","action":"x"}}"#),
+            Ok(GAME)
+        );
+    }
+
+    #[test]
+    fn anything_unroutable_goes_to_the_default_upstream() {
+        let t = table(CHAT);
+        for msg in [
+            "",
+            "   ",
+            "hello",
+            r#"["action","pay"]"#,
+            r#""{\"action\":\"pay\"}""#,
+            r#"{"action":"pay""#,
+            r#"{"action":"pay"} trailing"#,
+            r#"{"action":"pay",}"#,
+            r#"{action:"pay"}"#,
+            r#"{"action":"unknown"}"#,
+            r#"{"action":"PAY"}"#,
+            r#"{"action":7}"#,
+            r#"{"action":["pay"]}"#,
+            r#"{"action":null}"#,
+            r#"{"other":"pay"}"#,
+            "{}",
+        ] {
+            assert_eq!(text(&t, msg), Ok(CHAT_ID), "{msg}");
+        }
+        // Binary messages are never parsed.
+        assert_eq!(
+            select(&t, "/chat", MessageKind::Binary, r#"{"action":"pay"}"#),
+            Ok(CHAT_ID)
+        );
+        // Routes without actions never parse, even a duplicate key.
+        assert_eq!(
+            select(
+                &t,
+                "/api/x",
+                MessageKind::Text,
+                r#"{"action":"a","action":"b"}"#
+            ),
+            Ok(BILLING)
+        );
+        // Invalid UTF-8 inside a string.
+        let (_, r) = t.match_path("/chat").unwrap();
+        assert_eq!(
+            t.select(
+                r,
+                MessageKind::Text,
+                b"{\"action\":\"p\xffy\"}",
+                &mut Vec::new()
+            ),
+            Ok(CHAT_ID)
+        );
+    }
+
+    #[test]
+    fn deep_nesting_goes_to_the_default_without_overflowing() {
+        let t = table(CHAT);
+        let deep = format!(
+            "{{\"a\":{}1{}, \"action\":\"pay\"}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert_eq!(text(&t, &deep), Ok(CHAT_ID));
+    }
+
+    #[test]
+    fn scratch_and_parser_state_are_reused_across_messages_of_any_size() {
+        let t = table(CHAT);
+        let (_, r) = t.match_path("/chat").unwrap();
+        let mut scratch = Vec::new();
+        let big = format!(r#"{{"pad":"{}","action":"move"}}"#, "x".repeat(100_000));
+        for _ in 0..3 {
+            for (msg, want) in [
+                (big.as_str(), GAME),
+                (r#"{"action":"pay"}"#, BILLING),
+                ("{not json", CHAT_ID),
+                (r#"{"action":"move"}"#, GAME),
+            ] {
+                assert_eq!(
+                    t.select(r, MessageKind::Text, msg.as_bytes(), &mut scratch),
+                    Ok(want)
+                );
+            }
+        }
+    }
+}

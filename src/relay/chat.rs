@@ -193,3 +193,211 @@ fn starts_with_brace(payload: &[u8]) -> bool {
         .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
         == Some(&b'{')
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a() -> ConnId {
+        ConnId::new(1, 3, 2)
+    }
+
+    fn b() -> ConnId {
+        ConnId::new(1, 9, 4)
+    }
+
+    fn msg(conn: ConnId, kind: MessageKind, payload: &[u8]) -> ToUpstream {
+        ToUpstream::Message {
+            conn,
+            upstream: 0,
+            kind,
+            payload: Bytes::copy_from_slice(payload),
+        }
+    }
+
+    fn run(chat: &mut ChatEcho, m: ToUpstream) -> Vec<ToEdge> {
+        let mut out = Vec::new();
+        chat.handle(m, &mut |e| out.push(e));
+        out
+    }
+
+    fn say_text(chat: &mut ChatEcho, conn: ConnId, text: &str) -> Vec<ToEdge> {
+        run(chat, msg(conn, MessageKind::Text, text.as_bytes()))
+    }
+
+    fn json(payload: &Bytes) -> Value {
+        serde_json::from_slice(payload).unwrap()
+    }
+
+    /// The single reply to `conn`, parsed.
+    fn reply_to(out: &[ToEdge], conn: ConnId) -> Value {
+        match out {
+            [ToEdge::Send {
+                conn: c,
+                kind: MessageKind::Text,
+                payload,
+            }] if *c == conn => json(payload),
+            other => panic!("expected one text reply to {conn:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn join_subscribes_then_confirms() {
+        let mut chat = ChatEcho::new();
+        let out = say_text(&mut chat, a(), r#"{"action":"join","room":"lobby"}"#);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(
+            matches!(&out[0], ToEdge::Subscribe { conn, topic } if *conn == a() && &**topic == "room:lobby")
+        );
+        assert_eq!(
+            reply_to(&out[1..], a()),
+            serde_json::json!({"event":"joined","room":"lobby"})
+        );
+        assert_eq!(chat.rooms_of(a()).collect::<Vec<_>>(), ["lobby"]);
+    }
+
+    #[test]
+    fn say_publishes_to_the_room_with_the_sender_id() {
+        let mut chat = ChatEcho::new();
+        say_text(&mut chat, a(), r#"{"action":"join","room":"r\"1"}"#);
+        let out = say_text(
+            &mut chat,
+            a(),
+            r#"{"text":"hi \"there\"\n\u00e9</script>","room":"r\"1","action":"say"}"#,
+        );
+        let [ToEdge::Publish {
+            topic,
+            kind: MessageKind::Text,
+            payload,
+        }] = &out[..]
+        else {
+            panic!("{out:?}");
+        };
+        assert_eq!(&**topic, "room:r\"1");
+        assert_eq!(
+            json(payload),
+            serde_json::json!({
+                "event": "said",
+                "room": "r\"1",
+                "text": "hi \"there\"\n\u{e9}</script>",
+                "from": a().as_u64().to_string(),
+            })
+        );
+        // Field order as documented: event first.
+        assert!(
+            payload.starts_with(br#"{"event":"said","room":"#),
+            "{payload:?}"
+        );
+    }
+
+    #[test]
+    fn say_to_a_room_not_joined_is_an_error_to_the_sender_only() {
+        let mut chat = ChatEcho::new();
+        say_text(&mut chat, a(), r#"{"action":"join","room":"x"}"#);
+        let out = say_text(&mut chat, b(), r#"{"action":"say","room":"x","text":"t"}"#);
+        let v = reply_to(&out, b());
+        assert_eq!(v["event"], "error");
+        assert!(v["reason"].as_str().unwrap().contains("join"), "{v}");
+    }
+
+    #[test]
+    fn bad_chat_messages_get_an_error_event() {
+        let mut chat = ChatEcho::new();
+        say_text(&mut chat, a(), r#"{"action":"join","room":"x"}"#);
+        for m in [
+            r#"{"action":"leave","room":"x"}"#,
+            r#"{"action":7}"#,
+            r#"{"action":null}"#,
+            r#"{"action":"join"}"#,
+            r#"{"action":"join","room":""}"#,
+            r#"{"action":"join","room":5}"#,
+            r#"{"action":"say","room":"x"}"#,
+            r#"{"action":"say","text":"t"}"#,
+            r#"{"action":"say","room":"x","text":1}"#,
+        ] {
+            let out = say_text(&mut chat, a(), m);
+            let v = reply_to(&out, a());
+            assert_eq!(v["event"], "error", "{m}");
+            assert!(!v["reason"].as_str().unwrap().is_empty(), "{m}");
+        }
+    }
+
+    #[test]
+    fn rooms_per_connection_are_bounded() {
+        let mut chat = ChatEcho::with_max_rooms(2);
+        for r in ["a", "b", "a"] {
+            let out = say_text(
+                &mut chat,
+                a(),
+                &format!(r#"{{"action":"join","room":"{r}"}}"#),
+            );
+            assert!(matches!(out[0], ToEdge::Subscribe { .. }), "{r}: {out:?}");
+        }
+        let out = say_text(&mut chat, a(), r#"{"action":"join","room":"c"}"#);
+        assert_eq!(reply_to(&out, a())["reason"], "too many rooms");
+    }
+
+    #[test]
+    fn everything_else_is_echoed_unchanged() {
+        let mut chat = ChatEcho::new();
+        let cases: [(MessageKind, &[u8]); 8] = [
+            (MessageKind::Text, b"hello"),
+            (MessageKind::Text, b""),
+            (MessageKind::Text, b"{not json"),
+            (MessageKind::Text, br#"{"room":"x","text":"no action"}"#),
+            (MessageKind::Text, br#"[{"action":"join","room":"x"}]"#),
+            (
+                MessageKind::Text,
+                br#"{"data":{"action":"join","room":"x"}}"#,
+            ),
+            (MessageKind::Binary, br#"{"action":"join","room":"x"}"#),
+            (MessageKind::Binary, &[0, 159, 146, 150]),
+        ];
+        for (kind, payload) in cases {
+            let out = run(&mut chat, msg(a(), kind, payload));
+            assert!(
+                matches!(&out[..], [ToEdge::Send { conn, kind: k, payload: p }] if *conn == a() && *k == kind && &p[..] == payload),
+                "{payload:?}: {out:?}"
+            );
+        }
+        assert_eq!(chat.rooms_of(a()).count(), 0);
+    }
+
+    #[test]
+    fn fence_closes_at_once() {
+        let mut chat = ChatEcho::new();
+        let out = run(
+            &mut chat,
+            ToUpstream::Fence {
+                conn: a(),
+                code: 1008,
+                reason: "policy".into(),
+            },
+        );
+        assert!(
+            matches!(&out[..], [ToEdge::Close { conn, code: 1008, reason }] if *conn == a() && reason == "policy"),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn closed_forgets_the_rooms() {
+        let mut chat = ChatEcho::new();
+        say_text(&mut chat, a(), r#"{"action":"join","room":"x"}"#);
+        say_text(&mut chat, b(), r#"{"action":"join","room":"x"}"#);
+        let out = run(
+            &mut chat,
+            ToUpstream::Closed {
+                conn: a(),
+                code: 1000,
+            },
+        );
+        assert!(out.is_empty());
+        assert_eq!(chat.rooms_of(a()).count(), 0);
+        assert_eq!(chat.rooms_of(b()).collect::<Vec<_>>(), ["x"]);
+        let out = say_text(&mut chat, a(), r#"{"action":"say","room":"x","text":"t"}"#);
+        assert_eq!(reply_to(&out, a())["event"], "error");
+        let out = say_text(&mut chat, b(), r#"{"action":"say","room":"x","text":"t"}"#);
+        assert!(matches!(&out[..], [ToEdge::Publish { .. }]), "{out:?}");
+    }
+}
