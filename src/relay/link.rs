@@ -11,7 +11,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,13 +51,19 @@ pub enum Outbound {
 pub struct LinkState {
     pub live: AtomicBool,
     pub reconnects: AtomicU64,
+    /// Message frames waiting in the queue, and their bytes: the buffer the route's limit
+    /// applies to. Opens and closes are not counted: they must always get through, in order.
+    pub queued: AtomicUsize,
+    pub queued_bytes: AtomicUsize,
 }
 
 /// The link's heartbeat: a ping after this long without writing, and the link is dropped
 /// after `DEAD_AFTER` without reading anything.
 pub const PING_EVERY: Duration = Duration::from_secs(5);
 pub const DEAD_AFTER: Duration = Duration::from_secs(15);
-const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The backend must answer our hello within this.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 enum Stream {
@@ -140,7 +146,7 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
             if self.stop.load(Ordering::Acquire) {
                 return;
             }
-            let stream = match self.connect() {
+            let (stream, leftover) = match self.connect() {
                 Ok(s) => s,
                 Err(e) => {
                     // Exponential backoff with full jitter, so a fleet of gateways does not
@@ -165,7 +171,7 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
             self.state.live.store(true, Ordering::Release);
             let carried = opens.lock().map(|o| o.len()).unwrap_or(0);
             tracing::info!(upstream = %self.name, backend = %self.addr, carried, "backend link up");
-            let keep_going = self.serve(stream, &opens, &mut unsent);
+            let keep_going = self.serve(stream, leftover, &opens, &mut unsent);
             self.state.live.store(false, Ordering::Release);
             self.state.reconnects.fetch_add(1, Ordering::Relaxed);
             if !keep_going {
@@ -189,7 +195,9 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
         }
     }
 
-    fn connect(&self) -> io::Result<Stream> {
+    /// Connect and exchange hellos; returns the stream and whatever the backend sent after
+    /// its hello in the same read.
+    fn connect(&self) -> io::Result<(Stream, BytesMut)> {
         let mut stream = Stream::connect(&self.addr)?;
         let mut out = BytesMut::new();
         protocol::encode(
@@ -200,8 +208,9 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
             &mut out,
         );
         stream.write_all(&out)?;
-        // The backend must answer hello before anything else.
-        stream.set_read_timeout(Some(DEAD_AFTER))?;
+        // The backend must answer hello before anything else, and soon.
+        stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
+        let deadline = Instant::now() + HELLO_TIMEOUT;
         let mut decoder = Decoder::new(self.max_frame);
         let mut buf = BytesMut::with_capacity(4096);
         loop {
@@ -221,14 +230,26 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
                 Ok(None) => {}
                 Err(e) => return Err(io::Error::other(format!("bad hello from backend: {e}"))),
             }
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no hello from the backend within 5 s",
+                ));
+            }
             read_more(&mut stream, &mut buf)?;
         }
         stream.set_read_timeout(Some(DEAD_AFTER))?;
-        Ok(stream)
+        Ok((stream, buf))
     }
 
     /// One connected period. Returns false when the gateway is stopping.
-    fn serve(&self, stream: Stream, opens: &Opens, unsent: &mut BytesMut) -> bool {
+    fn serve(
+        &self,
+        stream: Stream,
+        leftover: BytesMut,
+        opens: &Opens,
+        unsent: &mut BytesMut,
+    ) -> bool {
         let reader_stream = match stream.try_clone() {
             Ok(s) => s,
             Err(e) => {
@@ -251,7 +272,7 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
             };
             std::thread::Builder::new()
                 .name(format!("ringway-link-{}", self.name))
-                .spawn(move || ctx.run(reader_stream))
+                .spawn(move || ctx.run(reader_stream, leftover))
         };
         let mut stream = stream;
         let mut out = BytesMut::new();
@@ -274,6 +295,12 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
                 last_write = Instant::now();
             }
             if !reader_alive.load(Ordering::Acquire) {
+                // Last words (an `error` frame) before the link goes.
+                while let Ok(frame) = ctl_rx.try_recv() {
+                    protocol::encode(&frame, &mut out);
+                }
+                let _ = stream.write_all(&out);
+                out.clear();
                 break true;
             }
             crossbeam_channel::select! {
@@ -326,7 +353,13 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
                     t.remove(&conn);
                 }
             }
-            Outbound::Frame(frame) => out.extend_from_slice(&frame),
+            Outbound::Frame(frame) => {
+                self.state.queued.fetch_sub(1, Ordering::Relaxed);
+                self.state
+                    .queued_bytes
+                    .fetch_sub(frame.len(), Ordering::Relaxed);
+                out.extend_from_slice(&frame)
+            }
         }
     }
 }
@@ -407,9 +440,9 @@ struct ReadLoop<S> {
 
 impl<S: EdgeSink> ReadLoop<S> {
     /// Read the backend's frames and hand them to the cores until the link fails.
-    fn run(mut self, mut stream: Stream) {
-        let mut decoder = Decoder::new(self.max_frame);
-        let mut buf = BytesMut::with_capacity(64 * 1024);
+    fn run(mut self, mut stream: Stream, leftover: BytesMut) {
+        let mut decoder = Decoder::new(self.max_frame).only_from(protocol::Side::Backend);
+        let mut buf = leftover;
         loop {
             loop {
                 match decoder.decode(&mut buf) {
@@ -421,8 +454,11 @@ impl<S: EdgeSink> ReadLoop<S> {
                             "backend sent an invalid frame ({e}); resetting the link"
                         );
                         self.sink.flush();
+                        // The writer sends this, then drops the link.
+                        let _ = self.ctl.send(Frame::Error {
+                            reason: format!("invalid frame: {e}"),
+                        });
                         self.alive.store(false, Ordering::Release);
-                        stream.shutdown();
                         return;
                     }
                 }
@@ -458,7 +494,11 @@ impl<S: EdgeSink> ReadLoop<S> {
                         let _ = self.ctl.send(Frame::Gone {
                             conn: conn.as_u64(),
                         });
-                        return;
+                        // A backend's answer to our close crosses the removal: the core
+                        // still waits for it (or ignores it if the client is gone).
+                        if !matches!(msg, ToEdge::Close { .. }) {
+                            return;
+                        }
                     }
                 }
                 self.sink.send(msg);

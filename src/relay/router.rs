@@ -10,10 +10,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use bytes::BytesMut;
-use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 
 use super::chat::ChatEcho;
 use super::link::{Address, Link, LinkState, Outbound};
@@ -24,13 +23,14 @@ use crate::edge::ConnId;
 use crate::protocol::close;
 use crate::route::{Backend, RouteTable};
 
-/// How long a message may wait for a live backend that is not reading before its sender is
-/// closed 1013. Meanwhile the cores' channel fills and they stop reading their clients.
-const LIVE_BACKEND_PATIENCE: Duration = Duration::from_secs(2);
+/// Bytes of messages that may wait for one backend link, whatever their count.
+pub const LINK_BUFFER_BYTES: usize = 16 * 1024 * 1024;
 
 struct LinkHandle {
     tx: Sender<Outbound>,
     state: Arc<LinkState>,
+    /// Messages that may wait in the queue (`buffer_messages`).
+    limit: usize,
 }
 
 enum UpstreamRt {
@@ -44,6 +44,8 @@ enum UpstreamRt {
 
 struct Binding {
     info: Box<OpenInfo>,
+    /// Our close went to its backends already (a fence); `Closed` sends no second one.
+    close_sent: bool,
     /// (upstream, link index) pairs this connection was opened on.
     bound: Vec<(UpstreamId, usize)>,
 }
@@ -81,7 +83,9 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                     Backend::Tcp(a) => Address::Tcp(a.clone()),
                     Backend::Unix(p) => Address::Unix(p.clone()),
                 };
-                let (tx, rx) = crossbeam_channel::bounded(spec.buffer_messages.max(1));
+                // Unbounded channel, bounded by the counters in LinkState: opens and closes
+                // must never be refused, messages are limited in count and bytes.
+                let (tx, rx) = crossbeam_channel::unbounded();
                 let state = Arc::new(LinkState::default());
                 let link = Link {
                     name: spec.name.clone(),
@@ -97,7 +101,11 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                     .spawn(move || link.run())
                     .expect("spawning a backend link thread");
                 threads.push(handle);
-                links.push(LinkHandle { tx, state });
+                links.push(LinkHandle {
+                    tx,
+                    state,
+                    limit: spec.buffer_messages.max(1),
+                });
             }
             upstreams.push(if links.is_empty() {
                 UpstreamRt::Embedded
@@ -164,6 +172,7 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                     conn,
                     Binding {
                         info: info.clone(),
+                        close_sent: false,
                         bound: Vec::new(),
                     },
                 );
@@ -219,30 +228,30 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                 }
             }
             ToUpstream::Fence { conn, code, reason } => {
-                // Replies this thread produced are queued already; hand the close back.
-                self.sink.send(ToEdge::Close { conn, code, reason });
+                let bound = self.conns.get_mut(&conn).map(|b| {
+                    b.close_sent = true;
+                    b.bound.clone()
+                });
+                match bound {
+                    // The backends answer our close after their last send for it; their
+                    // answer is the fence (docs/relay-protocol.md, "Closing").
+                    Some(bound) if !bound.is_empty() => {
+                        for (upstream, link) in bound {
+                            self.send_close(conn, upstream, link, code);
+                        }
+                    }
+                    // Embedded: replies this thread produced are queued already.
+                    _ => self.sink.send(ToEdge::Close { conn, code, reason }),
+                }
             }
             ToUpstream::Closed { conn, code } => {
                 if let Some(binding) = self.conns.remove(&conn) {
-                    for (upstream, link) in binding.bound {
-                        let mut out = BytesMut::new();
-                        protocol::encode(
-                            &Frame::Close {
-                                conn: conn.as_u64(),
-                                code,
-                                reason: String::new(),
-                            },
-                            &mut out,
-                        );
-                        self.push(
-                            conn,
-                            upstream,
-                            link,
-                            Outbound::Close {
-                                conn: conn.as_u64(),
-                                frame: out.freeze(),
-                            },
-                        );
+                    if binding.close_sent {
+                        // Each side sends exactly one close per connection.
+                    } else {
+                        for (upstream, link) in binding.bound {
+                            self.send_close(conn, upstream, link, code);
+                        }
                     }
                 }
                 let sink = &mut self.sink;
@@ -250,6 +259,27 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                     .handle(ToUpstream::Closed { conn, code }, &mut |m| sink.send(m));
             }
         }
+    }
+
+    fn send_close(&mut self, conn: ConnId, upstream: UpstreamId, link: usize, code: u16) {
+        let mut out = BytesMut::new();
+        protocol::encode(
+            &Frame::Close {
+                conn: conn.as_u64(),
+                code,
+                reason: String::new(),
+            },
+            &mut out,
+        );
+        self.push(
+            conn,
+            upstream,
+            link,
+            Outbound::Close {
+                conn: conn.as_u64(),
+                frame: out.freeze(),
+            },
+        );
     }
 
     /// The link `conn` uses for `upstream`, opening it there first if needed.
@@ -313,31 +343,35 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
     }
 
     /// Queue `item` on a link; false (and the client told 1013) when it cannot take it.
+    /// Never blocks: a backend that is down or not reading must not stall other routes.
     fn push(&mut self, conn: ConnId, upstream: UpstreamId, link: usize, item: Outbound) -> bool {
         let UpstreamRt::Backends { links, .. } = &self.upstreams[usize::from(upstream)] else {
             return false;
         };
         let handle = &links[link];
-        let full = if handle.state.live.load(Ordering::Acquire) {
-            // A live backend that is slow to read: wait a little (the cores' channel fills
-            // meanwhile and they stop reading their clients), then give up on this client.
-            matches!(
-                handle.tx.send_timeout(item, LIVE_BACKEND_PATIENCE),
-                Err(SendTimeoutError::Timeout(_))
-            )
-        } else {
-            matches!(handle.tx.try_send(item), Err(TrySendError::Full(_)))
-        };
-        if full {
-            self.stats.refused += 1;
-            tracing::debug!(conn = %conn, "upstream buffer full; closing the client 1013");
-            self.sink.send(ToEdge::Close {
-                conn,
-                code: close::TRY_AGAIN_LATER,
-                reason: "upstream unavailable".into(),
-            });
-            return false;
+        if let Outbound::Frame(frame) = &item {
+            let queued = handle.state.queued.load(Ordering::Relaxed);
+            let bytes = handle.state.queued_bytes.load(Ordering::Relaxed);
+            if queued >= handle.limit || bytes + frame.len() > LINK_BUFFER_BYTES {
+                self.stats.refused += 1;
+                tracing::debug!(conn = %conn, queued, bytes, "upstream buffer full; closing the client 1013");
+                self.sink.send(ToEdge::Close {
+                    conn,
+                    code: close::TRY_AGAIN_LATER,
+                    reason: "upstream unavailable".into(),
+                });
+                // Tell the core now, not after the batch: it must stop feeding us.
+                self.sink.flush();
+                return false;
+            }
+            handle.state.queued.fetch_add(1, Ordering::Relaxed);
+            handle
+                .state
+                .queued_bytes
+                .fetch_add(frame.len(), Ordering::Relaxed);
         }
+        // The link's receiver lives as long as this router.
+        let _ = handle.tx.send(item);
         true
     }
 }
