@@ -787,3 +787,73 @@ async fn stuck_backend_does_not_stall_other_routes() {
         sent >> 20
     );
 }
+
+/// docs/relay-protocol.md "Reconnects": after a reconnect the backend gets `open` with replay
+/// for every live connection, then the waiting messages; "connections closed while the link
+/// was down get their `close` on the new link after their replayed `open`" — here one closed
+/// 1013 because the buffer filled, the case where the close is most likely to be dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_closed_during_outage_are_closed_after_reconnect() {
+    let (listener, addr) = fake_listener();
+    let gw = Gateway::with_config(
+        &format!(
+            "[[upstreams]]\nname = \"b\"\nbackends = [\"tcp://{addr}\"]\nbuffer_messages = 5\n\n\
+             [[routes]]\npath = \"/chat\"\nupstream = \"b\"\n"
+        ),
+        &[],
+    );
+    let mut link = FakeLink::accept(&listener, WAIT).expect("a link");
+    link.handshake();
+    wait_log(&gw, "backend link up", 1, WAIT).await;
+    let url = chat_url(&gw, "/chat");
+    let flooder = ws_connect(&url).await;
+    let a = link.read_non_ping(WAIT).expect("open for a");
+    assert_eq!(a.ty, T_OPEN);
+    let mut stayer = ws_connect(&url).await;
+    let b = link.read_non_ping(WAIT).expect("open for b");
+    assert_eq!(b.ty, T_OPEN);
+    let (a, b) = (a.conn(), b.conn());
+
+    // The backend goes away; its next connection attempt waits unanswered in our backlog.
+    drop(link);
+    wait_log(&gw, "backend link lost", 1, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send_text(&mut stayer, "kept for later".into()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let outcome = flood_until_closed(flooder, 0, Duration::from_secs(10)).await;
+    assert!(
+        matches!(outcome, Outcome::Closed(Some(1013), _)),
+        "flooder: {outcome:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut link = FakeLink::accept(&listener, WAIT).expect("the reconnect");
+    link.handshake();
+    let mut frames = Vec::new();
+    while let Some(f) = link.read_non_ping(Duration::from_secs(2)) {
+        frames.push(f);
+    }
+    let summary: Vec<(u8, u64)> = frames.iter().map(|f| (f.ty, f.conn())).collect();
+    // b: replayed (flag 0x02 set) first, and its waiting message delivered after.
+    let b_open = frames
+        .iter()
+        .position(|f| f.ty == T_OPEN && f.conn() == b)
+        .unwrap_or_else(|| panic!("no replayed open for the live connection: {summary:?}"));
+    assert_eq!(frames[b_open].body[8] & 0x02, 0x02, "replay flag");
+    let b_msg = frames
+        .iter()
+        .position(|f| f.ty == T_MESSAGE && f.conn() == b && f.body.ends_with(b"kept for later"))
+        .unwrap_or_else(|| panic!("the buffered message of b is lost: {summary:?}"));
+    assert!(b_open < b_msg, "message before its open: {summary:?}");
+    // a: gone while the link was down, so either never replayed, or replayed then closed.
+    let a_open = frames.iter().position(|f| f.ty == T_OPEN && f.conn() == a);
+    let a_close = frames.iter().position(|f| f.ty == T_CLOSE && f.conn() == a);
+    match (a_open, a_close) {
+        (None, _) => {}
+        (Some(o), Some(c)) if o < c => {}
+        _ => panic!(
+            "connection {a:#x}, closed 1013 during the outage, was replayed as open and never \
+             closed (frames on the new link: {summary:?})"
+        ),
+    }
+}
