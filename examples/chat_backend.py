@@ -173,7 +173,7 @@ def chat(conn, kind, data):
         return error("expected a text message")
     try:
         msg = json.loads(data.decode("utf-8"))
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting is a RecursionError
         return error("expected a JSON object")
     if not isinstance(msg, dict):
         return error("expected a JSON object")

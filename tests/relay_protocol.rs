@@ -33,16 +33,30 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// target/<profile>/examples/chat_backend, next to this test's target/<profile>/deps/.
+/// target/<profile>/examples/chat_backend, next to this test's target/<profile>/deps/;
+/// built here because `cargo test --test relay_protocol` alone does not build examples.
 fn rust_backend_path() -> PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(repo())
+            .args(["build", "--quiet", "--example", "chat_backend"]);
+        if profile_dir.file_name().is_some_and(|p| p == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .status()
+            .expect("run cargo build --example chat_backend");
+        assert!(
+            status.success(),
+            "cargo build --example chat_backend failed"
+        );
+    });
     let path = profile_dir.join("examples").join("chat_backend");
-    assert!(
-        path.exists(),
-        "{} missing: run `cargo build --example chat_backend` (cargo test builds it)",
-        path.display()
-    );
+    assert!(path.exists(), "{} missing", path.display());
     path
 }
 
@@ -258,7 +272,8 @@ fn chat_session(backend: &Backend) {
         payload: Bytes::from_static(b"{\"action\":\"join\",\"room\":\"x\"}"),
     });
     link.expect_error(B, "expected a text message");
-    for bad in ["not json", "[1,2]", "\"join\"", ""] {
+    let deep = "[".repeat(100_000) + &"]".repeat(100_000);
+    for bad in ["not json", "[1,2]", "\"join\"", "", "{\"action\":", &deep] {
         link.text(B, bad);
         link.expect_error(B, "expected a JSON object");
     }

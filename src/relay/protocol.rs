@@ -1271,6 +1271,26 @@ mod tests {
         assert!(reason.chars().all(|c| c == 'é'));
     }
 
+    /// Writes the fuzz seed corpus (fuzz/corpus/relay/) when RINGWAY_WRITE_RELAY_CORPUS is
+    /// set: each seed is the fuzz target's piece-size byte followed by encoded frames.
+    #[test]
+    fn write_fuzz_corpus() {
+        if std::env::var_os("RINGWAY_WRITE_RELAY_CORPUS").is_none() {
+            return;
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/relay");
+        std::fs::create_dir_all(&dir).unwrap();
+        let frames = every_frame();
+        for (i, f) in frames.iter().enumerate() {
+            let mut seed = vec![0xff];
+            seed.extend_from_slice(&encoded(std::slice::from_ref(f)));
+            std::fs::write(dir.join(format!("{i:02}-{}", f.name())), seed).unwrap();
+        }
+        let mut all = vec![6];
+        all.extend_from_slice(&encoded(&frames));
+        std::fs::write(dir.join("session-in-pieces-of-7"), all).unwrap();
+    }
+
     proptest! {
         #[test]
         fn round_trip(frames in proptest::collection::vec(frame(), 1..6), cut in any::<prop::sample::Index>()) {
