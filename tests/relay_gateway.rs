@@ -857,3 +857,22 @@ async fn connections_closed_during_outage_are_closed_after_reconnect() {
         ),
     }
 }
+
+/// docs/relay-protocol.md "Handshake": the gateway "drops the link if [the backend's hello]
+/// does not arrive within 5 seconds". Allow 8 s for a loaded machine.
+#[test]
+fn backend_that_never_says_hello_is_dropped_within_5_s() {
+    let (listener, addr) = fake_listener();
+    let gw = Gateway::start(&["--upstream", &format!("tcp://{addr}")]);
+    let mut link = FakeLink::accept(&listener, WAIT).expect("a link");
+    let hello = link.read_frame().expect("the gateway's hello");
+    assert_eq!(hello.ty, T_HELLO);
+    let started = Instant::now();
+    let closed = link.read_until_closed(Duration::from_secs(8));
+    assert!(
+        closed.is_ok(),
+        "the gateway still waits for our hello after {:?} (frames: {closed:?}); log:\n{}",
+        started.elapsed(),
+        gw.log()
+    );
+}
