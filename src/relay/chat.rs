@@ -1,7 +1,8 @@
 //! The embedded default upstream's logic, in-process behind the relay thread: the chat
-//! contract (`join` a room, `say` to it) for text JSON objects with an `action`, and a plain
-//! echo for everything else, so the gateway stays an echo server for Autobahn and load
-//! tests. The echo path costs one look at the first non-whitespace byte.
+//! contract of docs/relay-protocol.md (`join`, `leave`, `say`; the same answers as
+//! examples/chat_backend.py) for text JSON objects with an `action` field, and a plain echo
+//! for everything else, so the gateway stays an echo server for Autobahn and load tests.
+//! The echo path costs one look at the first non-whitespace byte.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -14,11 +15,19 @@ use super::{ToEdge, ToUpstream, Topic};
 use crate::edge::ConnId;
 use crate::protocol::message::MessageKind;
 
-/// Rooms one connection may be in unless [`ChatEcho::with_max_rooms`] says otherwise; it
-/// bounds this upstream's memory per connection.
+/// Rooms recorded per connection for [`ChatEcho::rooms_of`] unless
+/// [`ChatEcho::with_max_rooms`] says otherwise; it bounds this upstream's memory per
+/// connection. The route's `max_subscriptions` bounds the subscriptions themselves.
 pub const DEFAULT_MAX_ROOMS: usize = 100;
 
-/// Which rooms each connection joined; the edge holds the topic subscriptions themselves.
+/// The error reasons of the chat contract, checked in this order (the doc's table; a
+/// binary or non-JSON message never gets here: it is echoed).
+const UNKNOWN_ACTION: &str = "unknown action";
+const MISSING_ROOM: &str = "missing room";
+const MISSING_TEXT: &str = "missing text";
+
+/// Which rooms each connection joined, for introspection only: the chat contract keeps no
+/// state (a sender need not have joined to `say`); the edge holds the subscriptions.
 #[derive(Debug)]
 pub struct ChatEcho {
     rooms: HashMap<ConnId, HashSet<Box<str>>>,
@@ -31,8 +40,9 @@ impl Default for ChatEcho {
     }
 }
 
+/// `joined` and `left`.
 #[derive(Serialize)]
-struct Joined<'a> {
+struct RoomEvent<'a> {
     event: &'static str,
     room: &'a str,
 }
@@ -51,6 +61,13 @@ struct Failed<'a> {
     reason: &'a str,
 }
 
+#[derive(Clone, Copy)]
+enum Action {
+    Join,
+    Leave,
+    Say,
+}
+
 impl ChatEcho {
     pub fn new() -> ChatEcho {
         ChatEcho::default()
@@ -64,7 +81,8 @@ impl ChatEcho {
     }
 
     /// Handle one message from a core; replies go to `out` in the order the client must
-    /// see them (`Subscribe` before `joined`, so the client is a member when told so).
+    /// see them (`Subscribe` before `joined`, `Unsubscribe` before `left`, so the client's
+    /// membership has changed when it is told so).
     pub fn handle(&mut self, msg: ToUpstream, out: &mut impl FnMut(ToEdge)) {
         match msg {
             ToUpstream::Message {
@@ -95,7 +113,7 @@ impl ChatEcho {
         }
     }
 
-    /// Rooms `conn` is in (for tests and introspection).
+    /// Rooms `conn` joined and has not left (at most `max_rooms` of them are recorded).
     pub fn rooms_of(&self, conn: ConnId) -> impl Iterator<Item = &str> {
         self.rooms.get(&conn).into_iter().flatten().map(|r| &**r)
     }
@@ -107,39 +125,48 @@ impl ChatEcho {
         fields: &Map<String, Value>,
         out: &mut impl FnMut(ToEdge),
     ) {
-        let str_field = |name| fields.get(name).and_then(Value::as_str);
-        match action.as_str() {
-            Some("join") => {
-                let Some(room) = str_field("room").filter(|r| !r.is_empty()) else {
-                    return error(conn, "join needs a non-empty string \"room\"", out);
-                };
+        let action = match action.as_str() {
+            Some("join") => Action::Join,
+            Some("leave") => Action::Leave,
+            Some("say") => Action::Say,
+            _ => return error(conn, UNKNOWN_ACTION, out),
+        };
+        let Some(room) = fields
+            .get("room")
+            .and_then(Value::as_str)
+            .filter(|r| !r.is_empty())
+        else {
+            return error(conn, MISSING_ROOM, out);
+        };
+        match action {
+            Action::Join => {
                 let rooms = self.rooms.entry(conn).or_default();
-                if !rooms.contains(room) {
-                    if rooms.len() >= self.max_rooms {
-                        return error(conn, "too many rooms", out);
-                    }
+                if rooms.len() < self.max_rooms && !rooms.contains(room) {
                     rooms.insert(room.into());
                 }
                 out(ToEdge::Subscribe {
                     conn,
                     topic: topic(room),
                 });
-                send_json(
-                    conn,
-                    &Joined {
-                        event: "joined",
-                        room,
-                    },
-                    out,
-                );
+                room_event(conn, "joined", room, out);
             }
-            Some("say") => {
-                let (Some(room), Some(text)) = (str_field("room"), str_field("text")) else {
-                    return error(conn, "say needs string \"room\" and \"text\"", out);
-                };
-                if !self.rooms.get(&conn).is_some_and(|r| r.contains(room)) {
-                    return error(conn, "not in that room: join it first", out);
+            Action::Leave => {
+                if let Some(rooms) = self.rooms.get_mut(&conn) {
+                    rooms.remove(room);
+                    if rooms.is_empty() {
+                        self.rooms.remove(&conn);
+                    }
                 }
+                out(ToEdge::Unsubscribe {
+                    conn,
+                    topic: topic(room),
+                });
+                room_event(conn, "left", room, out);
+            }
+            Action::Say => {
+                let Some(text) = fields.get("text").and_then(Value::as_str) else {
+                    return error(conn, MISSING_TEXT, out);
+                };
                 let said = Said {
                     event: "said",
                     room,
@@ -152,8 +179,6 @@ impl ChatEcho {
                     payload: to_bytes(&said),
                 });
             }
-            Some(_) => error(conn, "unknown action: expected join or say", out),
-            None => error(conn, "action must be a string", out),
         }
     }
 }
@@ -173,6 +198,10 @@ fn send_json(conn: ConnId, v: &impl Serialize, out: &mut impl FnMut(ToEdge)) {
         kind: MessageKind::Text,
         payload: to_bytes(v),
     });
+}
+
+fn room_event(conn: ConnId, event: &'static str, room: &str, out: &mut impl FnMut(ToEdge)) {
+    send_json(conn, &RoomEvent { event, room }, out);
 }
 
 fn error(conn: ConnId, reason: &str, out: &mut impl FnMut(ToEdge)) {
@@ -241,13 +270,32 @@ mod tests {
         }
     }
 
+    fn reason(out: &[ToEdge], conn: ConnId) -> String {
+        let v = reply_to(out, conn);
+        assert_eq!(v["event"], "error", "{v}");
+        assert_eq!(v.as_object().unwrap().len(), 2, "{v}");
+        v["reason"].as_str().unwrap().to_owned()
+    }
+
+    fn said_payload(out: &[ToEdge], room: &str) -> Value {
+        match out {
+            [ToEdge::Publish {
+                topic,
+                kind: MessageKind::Text,
+                payload,
+            }] if **topic == *format!("room:{room}") => json(payload),
+            other => panic!("expected one publish to room:{room}, got {other:?}"),
+        }
+    }
+
     #[test]
-    fn join_subscribes_then_confirms() {
+    fn join_subscribes_to_the_room_topic_then_confirms() {
         let mut chat = ChatEcho::new();
         let out = say_text(&mut chat, a(), r#"{"action":"join","room":"lobby"}"#);
         assert_eq!(out.len(), 2, "{out:?}");
         assert!(
-            matches!(&out[0], ToEdge::Subscribe { conn, topic } if *conn == a() && &**topic == "room:lobby")
+            matches!(&out[0], ToEdge::Subscribe { conn, topic } if *conn == a() && &**topic == "room:lobby"),
+            "{out:?}"
         );
         assert_eq!(
             reply_to(&out[1..], a()),
@@ -257,7 +305,34 @@ mod tests {
     }
 
     #[test]
-    fn say_publishes_to_the_room_with_the_sender_id() {
+    fn leave_unsubscribes_then_confirms_even_if_never_joined() {
+        let mut chat = ChatEcho::new();
+        say_text(&mut chat, a(), r#"{"action":"join","room":"x"}"#);
+        say_text(&mut chat, a(), r#"{"action":"join","room":"y"}"#);
+        for _ in 0..2 {
+            // Idempotent, like `unsubscribe`: the second leave answers the same.
+            let out = say_text(&mut chat, a(), r#"{"action":"leave","room":"x"}"#);
+            assert_eq!(out.len(), 2, "{out:?}");
+            assert!(
+                matches!(&out[0], ToEdge::Unsubscribe { conn, topic } if *conn == a() && &**topic == "room:x"),
+                "{out:?}"
+            );
+            assert_eq!(
+                reply_to(&out[1..], a()),
+                serde_json::json!({"event":"left","room":"x"})
+            );
+            assert_eq!(chat.rooms_of(a()).collect::<Vec<_>>(), ["y"]);
+        }
+        let out = say_text(&mut chat, b(), r#"{"action":"leave","room":"never"}"#);
+        assert!(
+            matches!(&out[0], ToEdge::Unsubscribe { conn, topic } if *conn == b() && &**topic == "room:never"),
+            "{out:?}"
+        );
+        assert_eq!(reply_to(&out[1..], b())["event"], "left");
+    }
+
+    #[test]
+    fn say_publishes_to_the_room_with_the_sender_id_as_a_decimal_string() {
         let mut chat = ChatEcho::new();
         say_text(&mut chat, a(), r#"{"action":"join","room":"r\"1"}"#);
         let out = say_text(
@@ -265,17 +340,9 @@ mod tests {
             a(),
             r#"{"text":"hi \"there\"\n\u00e9</script>","room":"r\"1","action":"say"}"#,
         );
-        let [ToEdge::Publish {
-            topic,
-            kind: MessageKind::Text,
-            payload,
-        }] = &out[..]
-        else {
-            panic!("{out:?}");
-        };
-        assert_eq!(&**topic, "room:r\"1");
+        let v = said_payload(&out, "r\"1");
         assert_eq!(
-            json(payload),
+            v,
             serde_json::json!({
                 "event": "said",
                 "room": "r\"1",
@@ -283,69 +350,115 @@ mod tests {
                 "from": a().as_u64().to_string(),
             })
         );
-        // Field order as documented: event first.
-        assert!(
-            payload.starts_with(br#"{"event":"said","room":"#),
-            "{payload:?}"
+        let from: u64 = v["from"].as_str().unwrap().parse().unwrap();
+        assert_eq!(ConnId::from_u64(from), a());
+    }
+
+    #[test]
+    fn say_needs_no_join() {
+        let mut chat = ChatEcho::new();
+        say_text(&mut chat, a(), r#"{"action":"join","room":"x"}"#);
+        let out = say_text(&mut chat, b(), r#"{"action":"say","room":"x","text":"t"}"#);
+        assert_eq!(said_payload(&out, "x")["from"], b().as_u64().to_string());
+        assert_eq!(chat.rooms_of(b()).count(), 0);
+    }
+
+    #[test]
+    fn other_fields_are_ignored() {
+        let mut chat = ChatEcho::new();
+        let out = say_text(
+            &mut chat,
+            a(),
+            r#"{"action":"say","room":"x","text":"t","from":"999","event":"x","extra":[1]}"#,
+        );
+        assert_eq!(
+            said_payload(&out, "x"),
+            serde_json::json!({"event":"said","room":"x","text":"t","from":a().as_u64().to_string()})
+        );
+        let out = say_text(&mut chat, a(), r#"{"room":"x","action":"join","n":null}"#);
+        assert_eq!(
+            reply_to(&out[1..], a()),
+            serde_json::json!({"event":"joined","room":"x"})
         );
     }
 
     #[test]
-    fn say_to_a_room_not_joined_is_an_error_to_the_sender_only() {
+    fn unknown_action_is_checked_first() {
         let mut chat = ChatEcho::new();
-        say_text(&mut chat, a(), r#"{"action":"join","room":"x"}"#);
-        let out = say_text(&mut chat, b(), r#"{"action":"say","room":"x","text":"t"}"#);
-        let v = reply_to(&out, b());
-        assert_eq!(v["event"], "error");
-        assert!(v["reason"].as_str().unwrap().contains("join"), "{v}");
-    }
-
-    #[test]
-    fn bad_chat_messages_get_an_error_event() {
-        let mut chat = ChatEcho::new();
-        say_text(&mut chat, a(), r#"{"action":"join","room":"x"}"#);
         for m in [
-            r#"{"action":"leave","room":"x"}"#,
+            r#"{"action":"shout","room":"x","text":"t"}"#,
+            r#"{"action":"Join","room":"x"}"#,
             r#"{"action":7}"#,
             r#"{"action":null}"#,
-            r#"{"action":"join"}"#,
-            r#"{"action":"join","room":""}"#,
-            r#"{"action":"join","room":5}"#,
-            r#"{"action":"say","room":"x"}"#,
-            r#"{"action":"say","text":"t"}"#,
-            r#"{"action":"say","room":"x","text":1}"#,
+            r#"{"action":["join"],"room":"x"}"#,
+            r#"{"action":""}"#,
         ] {
             let out = say_text(&mut chat, a(), m);
-            let v = reply_to(&out, a());
-            assert_eq!(v["event"], "error", "{m}");
-            assert!(!v["reason"].as_str().unwrap().is_empty(), "{m}");
+            assert_eq!(reason(&out, a()), "unknown action", "{m}");
         }
+        assert_eq!(chat.rooms_of(a()).count(), 0);
     }
 
     #[test]
-    fn rooms_per_connection_are_bounded() {
+    fn missing_room_is_checked_before_text() {
+        let mut chat = ChatEcho::new();
+        for action in ["join", "leave", "say"] {
+            for room in ["", r#","room":"""#, r#","room":5"#, r#","room":null"#] {
+                let m = format!(r#"{{"action":"{action}"{room}}}"#);
+                let out = say_text(&mut chat, a(), &m);
+                assert_eq!(reason(&out, a()), "missing room", "{m}");
+            }
+        }
+        assert_eq!(chat.rooms_of(a()).count(), 0);
+    }
+
+    #[test]
+    fn say_without_string_text_is_missing_text() {
+        let mut chat = ChatEcho::new();
+        for text in ["", r#","text":1"#, r#","text":null"#, r#","text":{}"#] {
+            let m = format!(r#"{{"action":"say","room":"x"{text}}}"#);
+            let out = say_text(&mut chat, a(), &m);
+            assert_eq!(reason(&out, a()), "missing text", "{m}");
+        }
+        // Empty text is a string: it is said.
+        let out = say_text(&mut chat, a(), r#"{"action":"say","room":"x","text":""}"#);
+        assert_eq!(said_payload(&out, "x")["text"], "");
+    }
+
+    #[test]
+    fn recorded_rooms_are_bounded_but_joins_still_answer() {
         let mut chat = ChatEcho::with_max_rooms(2);
-        for r in ["a", "b", "a"] {
+        for r in ["a", "b", "a", "c"] {
             let out = say_text(
                 &mut chat,
                 a(),
                 &format!(r#"{{"action":"join","room":"{r}"}}"#),
             );
-            assert!(matches!(out[0], ToEdge::Subscribe { .. }), "{r}: {out:?}");
+            assert!(
+                matches!(&out[0], ToEdge::Subscribe { topic, .. } if **topic == *format!("room:{r}")),
+                "{r}: {out:?}"
+            );
+            assert_eq!(reply_to(&out[1..], a())["event"], "joined", "{r}");
         }
-        let out = say_text(&mut chat, a(), r#"{"action":"join","room":"c"}"#);
-        assert_eq!(reply_to(&out, a())["reason"], "too many rooms");
+        let mut rooms: Vec<_> = chat.rooms_of(a()).collect();
+        rooms.sort_unstable();
+        assert_eq!(rooms, ["a", "b"]);
     }
 
     #[test]
     fn everything_else_is_echoed_unchanged() {
         let mut chat = ChatEcho::new();
-        let cases: [(MessageKind, &[u8]); 8] = [
+        let cases: [(MessageKind, &[u8]); 10] = [
             (MessageKind::Text, b"hello"),
             (MessageKind::Text, b""),
             (MessageKind::Text, b"{not json"),
+            (
+                MessageKind::Text,
+                b" {\"action\":\"join\",\"room\":\"x\"} trailing",
+            ),
             (MessageKind::Text, br#"{"room":"x","text":"no action"}"#),
             (MessageKind::Text, br#"[{"action":"join","room":"x"}]"#),
+            (MessageKind::Text, br#""{\"action\":\"join\"}""#),
             (
                 MessageKind::Text,
                 br#"{"data":{"action":"join","room":"x"}}"#,
@@ -361,6 +474,17 @@ mod tests {
             );
         }
         assert_eq!(chat.rooms_of(a()).count(), 0);
+    }
+
+    #[test]
+    fn leading_json_whitespace_still_reaches_the_chat() {
+        let mut chat = ChatEcho::new();
+        let out = say_text(
+            &mut chat,
+            a(),
+            "\r\n\t {\"action\":\"join\",\"room\":\"x\"}\n",
+        );
+        assert_eq!(reply_to(&out[1..], a())["event"], "joined");
     }
 
     #[test]
@@ -381,7 +505,7 @@ mod tests {
     }
 
     #[test]
-    fn closed_forgets_the_rooms() {
+    fn closed_forgets_the_rooms_and_answers_nothing() {
         let mut chat = ChatEcho::new();
         say_text(&mut chat, a(), r#"{"action":"join","room":"x"}"#);
         say_text(&mut chat, b(), r#"{"action":"join","room":"x"}"#);
@@ -392,12 +516,8 @@ mod tests {
                 code: 1000,
             },
         );
-        assert!(out.is_empty());
+        assert!(out.is_empty(), "{out:?}");
         assert_eq!(chat.rooms_of(a()).count(), 0);
         assert_eq!(chat.rooms_of(b()).collect::<Vec<_>>(), ["x"]);
-        let out = say_text(&mut chat, a(), r#"{"action":"say","room":"x","text":"t"}"#);
-        assert_eq!(reply_to(&out, a())["event"], "error");
-        let out = say_text(&mut chat, b(), r#"{"action":"say","room":"x","text":"t"}"#);
-        assert!(matches!(&out[..], [ToEdge::Publish { .. }]), "{out:?}");
     }
 }
