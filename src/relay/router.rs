@@ -176,6 +176,25 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                         bound: Vec::new(),
                     },
                 );
+                if self.is_embedded(upstream) && info.authorize {
+                    // The embedded upstream's authorization rule, as the example backends:
+                    // a non-empty `token` query parameter (docs/relay-protocol.md).
+                    let token = info
+                        .query
+                        .as_deref()
+                        .unwrap_or("")
+                        .split('&')
+                        .any(|p| p.strip_prefix("token=").is_some_and(|v| !v.is_empty()));
+                    self.sink.send(if token {
+                        ToEdge::Accept { conn }
+                    } else {
+                        ToEdge::Reject {
+                            conn,
+                            status: 401,
+                            reason: "token required".into(),
+                        }
+                    });
+                }
                 if self.is_embedded(upstream) {
                     let sink = &mut self.sink;
                     self.chat.handle(
