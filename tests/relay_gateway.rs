@@ -876,3 +876,39 @@ fn backend_that_never_says_hello_is_dropped_within_5_s() {
         gw.log()
     );
 }
+
+/// Connect authorization (docs/relay-protocol.md): the handshake waits for the upstream's
+/// verdict; refused clients get its 401 and reason, accepted ones a working connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_authorization_accepts_and_rejects_at_the_handshake() {
+    let config = "[[routes]]\npath = \"/private\"\nauthorize = true\n\n[[routes]]\npath = \"/*\"\n";
+    let gw = Gateway::with_config(config, &[]);
+    let request = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+    };
+    let (resp, body) = common::http_exchange(gw.addr, request("/private").as_bytes()).await;
+    assert_eq!(resp.status, 401, "no token: {body}");
+    assert!(body.contains("token required"), "{body}");
+
+    let url = format!("ws://{}/private?token=abc", gw.addr);
+    let (mut ws, _) = timeout(WAIT, tokio_tungstenite::connect_async(&url))
+        .await
+        .expect("handshake timed out")
+        .expect("accepted with a token");
+    ws.send(Message::text("hello")).await.unwrap();
+    let reply = timeout(WAIT, ws.next())
+        .await
+        .expect("echo timed out")
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, Message::text("hello"));
+
+    // A path no route matches is refused at the handshake with 404.
+    let config = "[[routes]]\npath = \"/only\"\n";
+    let gw = Gateway::with_config(config, &[]);
+    let (resp, body) = common::http_exchange(gw.addr, request("/other").as_bytes()).await;
+    assert_eq!(resp.status, 404, "{body}");
+}
