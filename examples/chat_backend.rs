@@ -22,15 +22,22 @@ const NAME: &str = "chat-backend.rs";
 /// The gateway pings every 5 s when idle; 15 s of silence means it is gone.
 const IDLE_DROP: Duration = Duration::from_secs(15);
 
+/// `--echo-other`: messages that are not JSON objects are echoed instead of answered with
+/// an error, so `ringway-bench` can measure the relay round trip through this backend.
+static ECHO_OTHER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let listen = match (args.next().as_deref(), args.next()) {
         (Some("--listen"), Some(addr)) => addr,
         _ => {
-            eprintln!("usage: chat_backend --listen HOST:PORT | --listen unix:PATH");
+            eprintln!("usage: chat_backend --listen HOST:PORT | --listen unix:PATH [--echo-other]");
             std::process::exit(2);
         }
     };
+    if args.next().as_deref() == Some("--echo-other") {
+        ECHO_OTHER.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     if let Err(e) = run(&listen) {
         eprintln!("chat_backend: {e}");
         std::process::exit(1);
@@ -158,8 +165,13 @@ fn answer(frame: Frame, out: &mut BytesMut) -> Result<(), LinkError> {
             kind,
             payload,
         } => {
-            for f in chat(conn, kind, &payload) {
-                encode(&f, out);
+            let json = payload.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+            if !json && ECHO_OTHER.load(std::sync::atomic::Ordering::Relaxed) {
+                encode(&Frame::Send { conn, kind, payload }, out);
+            } else {
+                for f in chat(conn, kind, &payload) {
+                    encode(&f, out);
+                }
             }
         }
         Frame::Close { conn, code, .. } => encode(
