@@ -547,9 +547,10 @@ impl Worker {
                 } else if conn.subscriptions.len()
                     >= self.core.routes.route(conn.route).max_subscriptions
                 {
+                    // Ignored and counted (docs/relay-protocol.md): the backend asked too much,
+                    // the client did nothing wrong.
                     self.core.stats.subscription_limit.inc();
-                    self.core
-                        .start_close(conn, close::POLICY_VIOLATION, "too many subscriptions");
+                    tracing::debug!(conn = %conn.id, topic = %topic, "subscription limit reached; ignored");
                 } else {
                     conn.subscriptions.push(topic.clone());
                     self.topics.entry(topic).or_default().push(slot);
@@ -1130,6 +1131,13 @@ impl Core {
     /// The relay handed back a close, a fence's or a backend's.
     fn on_relay_close(&mut self, conn: &mut Connection, code: u16, reason: &str) {
         let fenced = conn.fence_ms.take().is_some();
+        // A backend may not put a reserved code on the wire (RFC 6455 §7.4.1); echoing the
+        // client's own code-less close (1005) is the one exception.
+        let code = if close::is_valid_wire_code(code) || (fenced && code == close::NO_STATUS) {
+            code
+        } else {
+            close::INTERNAL_ERROR
+        };
         self.start_close(conn, code, reason);
         if fenced && conn.closing_without_reply {
             conn.close_after_flush = true;
