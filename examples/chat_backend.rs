@@ -167,7 +167,14 @@ fn answer(frame: Frame, out: &mut BytesMut) -> Result<(), LinkError> {
         } => {
             let json = payload.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
             if !json && ECHO_OTHER.load(std::sync::atomic::Ordering::Relaxed) {
-                encode(&Frame::Send { conn, kind, payload }, out);
+                encode(
+                    &Frame::Send {
+                        conn,
+                        kind,
+                        payload,
+                    },
+                    out,
+                );
             } else {
                 for f in chat(conn, kind, &payload) {
                     encode(&f, out);

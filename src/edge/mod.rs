@@ -16,8 +16,8 @@ mod worker;
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 pub use conn_id::{ConnId, GENERATION_MASK};
@@ -33,6 +33,10 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Open WebSocket connections across all cores, for the connection limit.
     pub open: AtomicUsize,
+    /// A reloaded configuration, and its generation: cores compare the generation (one
+    /// relaxed load per loop turn) and take the new one when it moved.
+    pub reload_generation: AtomicU64,
+    pub reloaded: Mutex<Option<(Arc<Config>, Arc<RouteTable>)>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +61,11 @@ pub enum EdgeError {
     WorkerPanicked(usize),
     #[error("cannot start the gateway: {0}")]
     Setup(io::Error),
+    #[error(
+        "the new configuration changes listen, workers, backlog, read buffers, relay_queue or \
+         upstreams, which need a restart; keeping the running configuration"
+    )]
+    NeedsRestart,
     #[error("invalid routes: {0}")]
     Routes(#[from] crate::route::RouteError),
 }
@@ -64,6 +73,8 @@ pub enum EdgeError {
 /// A running gateway: its cores, its relay, and the address it serves.
 pub struct Gateway {
     local_addr: SocketAddr,
+    config: Arc<Config>,
+    routes: Arc<RouteTable>,
     workers: Vec<JoinHandle<io::Result<()>>>,
     stats: Vec<Arc<CoreStats>>,
     relay: Option<JoinHandle<()>>,
@@ -156,6 +167,8 @@ impl Gateway {
 
         let gateway = Gateway {
             local_addr,
+            config: config.clone(),
+            routes: routes.clone(),
             workers,
             stats,
             relay: Some(relay),
@@ -180,6 +193,37 @@ impl Gateway {
             }
         }
         Ok(gateway)
+    }
+
+    /// Apply a new configuration to every core without closing any connection: limits,
+    /// timeouts and routes take effect from the next message or event. The listen address,
+    /// worker count and upstream set are fixed at start; a change to them is refused.
+    pub fn reload(&self, config: Config) -> Result<(), EdgeError> {
+        let routes = RouteTable::from_config(&config)?;
+        let current = self.config.clone();
+        if config.listen != current.listen
+            || config.worker_count() != current.worker_count()
+            || config.backlog != current.backlog
+            || config.read_buffers != current.read_buffers
+            || config.read_buffer_bytes != current.read_buffer_bytes
+            || config.relay_queue != current.relay_queue
+            || config.upstream != current.upstream
+            || routes.upstreams() != self.routes.upstreams()
+        {
+            return Err(EdgeError::NeedsRestart);
+        }
+        *self
+            .shared
+            .reloaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some((Arc::new(config), Arc::new(routes)));
+        self.shared
+            .reload_generation
+            .fetch_add(1, Ordering::Release);
+        for w in &self.wakers {
+            w.wake();
+        }
+        Ok(())
     }
 
     pub fn local_addr(&self) -> SocketAddr {

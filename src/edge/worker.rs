@@ -122,6 +122,7 @@ pub struct Worker {
     accept_retry: bool,
     start: Instant,
     draining: Option<u64>,
+    reload_generation: u64,
 }
 
 /// Build the ring with the cheapest completion model the kernel offers.
@@ -200,6 +201,7 @@ impl Worker {
             accept_retry: false,
             start,
             draining: None,
+            reload_generation: 0,
         })
     }
 
@@ -239,6 +241,11 @@ impl Worker {
             self.rearm_recvs();
             self.flush_sends();
             self.buffers.publish();
+            let generation = self.core.shared.reload_generation.load(Ordering::Acquire);
+            if generation != self.reload_generation {
+                self.reload_generation = generation;
+                self.apply_reload();
+            }
             if self.draining.is_none() && self.core.shared.draining.load(Ordering::Acquire) {
                 self.begin_drain();
             }
@@ -890,6 +897,29 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Take the reloaded configuration: new limits reach every decoder from its next frame.
+    fn apply_reload(&mut self) {
+        let reloaded = self
+            .core
+            .shared
+            .reloaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some((config, routes)) = reloaded else {
+            return;
+        };
+        let limits = config.message_limits();
+        for slot in &mut self.slots {
+            if let Some(conn) = slot.conn.as_mut() {
+                conn.decoder.set_limits(limits);
+            }
+        }
+        self.core.config = config;
+        self.core.routes = routes;
+        tracing::debug!(core = self.index, "configuration reloaded");
     }
 
     // ----- shutdown -----
