@@ -105,9 +105,12 @@ stop_server() {
 trap stop_server EXIT
 trap 'stop_server; exit 130' INT TERM
 
-# Starts server $1 on CPU 0; sets SERVER_PID and URL.
+# Starts server $1 on CPU 0 logging to $2 (a fresh file: the shell truncates a redirect only
+# in the child, so a reused log could still show the previous server's address); sets
+# SERVER_PID and URL.
 start_server() {
-    local log="$OUT/server.log"
+    local log=$2
+    rm -f "$log"
     # shellcheck disable=SC2046
     taskset -c 0 $(server_cmd "$1") --listen 127.0.0.1:0 2>"$log" >/dev/null &
     SERVER_PID=$!
@@ -127,7 +130,7 @@ start_server() {
 run() {
     local case=$1 server=$2 rep=$3
     shift 4
-    start_server "$server"
+    start_server "$server" "$OUT/$case.$server.$rep.server.log"
     local out="$OUT/$case.$server.$rep.json" rc=0
     timeout -k 5 "$RUN_LIMIT" taskset -c 1 "$TOOL" --json "$@" --url "$URL" --server-pid "$SERVER_PID" \
         >"$out" 2>"$OUT/$case.$server.$rep.err" || rc=$?
@@ -147,6 +150,7 @@ each() {
 
 LOAD=(--duration "$DURATION" --warmup "$WARMUP")
 echo "== $REPS repetition(s), $DURATION per run after $WARMUP warm-up; reports in $OUT" >&2
+cut -d' ' -f1-3 /proc/loadavg >"$OUT/loadavg.start"
 each c100-16B echo --connections 100 --in-flight 1 --size 16 "${LOAD[@]}"
 each c100-1KiB echo --connections 100 --in-flight 1 --size 1024 "${LOAD[@]}"
 each c100-64KiB echo --connections 100 --in-flight 1 --size 65536 "${LOAD[@]}"
@@ -205,25 +209,23 @@ def get(d, *path):
         d = d[p]
     return d
 
-def median(case, server, *path):
-    vals = []
+def reports(case, server):
+    """The reports of the runs without any error, and how many runs failed."""
+    good, failed = [], 0
     for r in range(1, reps + 1):
         try:
-            v = get(json.load(open(f"{out}/{case}.{server}.{r}.json")), *path)
+            d = json.load(open(f"{out}/{case}.{server}.{r}.json"))
         except (OSError, ValueError):
-            v = None
-        if v is not None:
-            vals.append(v)
-    return statistics.median(vals) if vals else None
+            d = None  # no report at all: the run failed
+        if d is None or get(d, "errors", "total"):
+            failed += 1
+        else:
+            good.append(d)
+    return good, failed
 
-def errors(case, server):
-    n = 0
-    for r in range(1, reps + 1):
-        try:
-            n += get(json.load(open(f"{out}/{case}.{server}.{r}.json")), "errors", "total") or 0
-        except (OSError, ValueError):
-            n += 1  # no report at all: the run failed
-    return n
+def median(good, *path):
+    vals = [v for v in (get(d, *path) for d in good) if v is not None]
+    return statistics.median(vals) if vals else None
 
 def ratio(v, best):
     return f"{v / best:.2f}x" if v is not None and best else ""
@@ -231,7 +233,9 @@ def ratio(v, best):
 def num(v, fmt="{:,.0f}"):
     return fmt.format(v) if v is not None else "-"
 
-print(f"Medians of {reps} run(s). Ratios are to the best of the two peers (tungstenite, fastws) in that column:")
+print(f"Load average before the run: {open(f'{out}/loadavg.start').read().strip()}, after: "
+      f"{' '.join(open('/proc/loadavg').read().split()[:3])} (on {os.cpu_count()} CPUs)")
+print(f"Medians of {reps} run(s) (runs with any error left out). Ratios are to the best of the two peers (tungstenite, fastws) in that column:")
 print("msgs/s > 1 is faster; CPU us/msg, p99 and RSS/conn < 1 is cheaper. Tool CPU >= 90% flags a client-bound run.")
 print()
 print("| case | server | msgs/s | vs best peer | server CPU us/msg | vs best peer | p50 us | p99 us | p99 vs best peer | tool CPU | RSS B/conn | vs best peer | notes |")
@@ -240,13 +244,14 @@ for case, label in cases:
     if os.path.exists(f"{out}/{case}.skipped"):
         print(f"| {label} | - | | | | | | | | | | | {open(f'{out}/{case}.skipped').read().strip()} |")
         continue
+    runs = {s: reports(case, s) for s in servers}
     m = {s: {
-        "mps": median(case, s, "msgs_per_sec"),
-        "cpu": median(case, s, "server", "cpu_us_per_msg"),
-        "p50": median(case, s, "latency", "p50_us"),
-        "p99": median(case, s, "latency", "p99_us"),
-        "tool": median(case, s, "client_cpu", "percent_of_core"),
-        "rss": median(case, s, "server", "bytes_per_connection"),
+        "mps": median(runs[s][0], "msgs_per_sec"),
+        "cpu": median(runs[s][0], "server", "cpu_us_per_msg"),
+        "p50": median(runs[s][0], "latency", "p50_us"),
+        "p99": median(runs[s][0], "latency", "p99_us"),
+        "tool": median(runs[s][0], "client_cpu", "percent_of_core"),
+        "rss": median(runs[s][0], "server", "bytes_per_connection"),
     } for s in servers}
     def best(key, pick):
         vals = [m[p][key] for p in peers if m[p][key] is not None]
@@ -257,11 +262,15 @@ for case, label in cases:
         notes = []
         if v["tool"] is not None and v["tool"] >= 90:
             notes.append("client-bound")
+        srv = median(runs[s][0], "server", "cpu", "percent_of_core")
+        if case.startswith("c") and srv is not None and v["tool"] is not None and srv < 80 and v["tool"] < 80:
+            # A closed loop with both sides well below a core each: other processes had the CPUs.
+            notes.append(f"CPU contended (server {srv:.0f}%): msgs/s and latency not comparable")
         if s == "ringway-relay":
             notes.append("relay thread shares CPU 0")
-        e = errors(case, s)
-        if e:
-            notes.append(f"ERRORS: {e}")
+        failed = runs[s][1]
+        if failed:
+            notes.append(f"{failed} of {reps} runs FAILED (errors; left out of the medians)")
         print(f"| {label} | {s} | {num(v['mps'])} | {ratio(v['mps'], b_mps)} | {num(v['cpu'], '{:.2f}')} "
               f"| {ratio(v['cpu'], b_cpu)} | {num(v['p50'])} | {num(v['p99'])} | {ratio(v['p99'], b_p99)} "
               f"| {num(v['tool'], '{:.0f}%')} | {num(v['rss'])} | {ratio(v['rss'], b_rss)} | {', '.join(notes)} |")
