@@ -35,7 +35,10 @@ async fn serve(stream: TcpStream) {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let listener = TcpListener::bind(listen_arg()).await.expect("bind");
         eprintln!("serving ws://{}/", listener.local_addr().unwrap());
