@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use mimalloc::MiMalloc;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use ringway::config::{Config, Upstream};
@@ -67,13 +67,8 @@ fn init_logging(format: &str) {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    if cli.log_format != "text" && cli.log_format != "json" {
-        anyhow::bail!(
-            "--log-format must be `text` or `json`, not {:?}",
-            cli.log_format
-        );
-    }
+/// The configuration: the file (if any), then the command-line flags over it.
+fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     let mut config = match &cli.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -85,8 +80,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         anyhow::ensure!(workers > 0, "--workers must be at least 1");
         config.workers = workers;
     }
-    if let Some(upstream) = cli.upstream {
-        config.upstream = upstream;
+    if let Some(upstream) = &cli.upstream {
+        config.upstream = upstream.clone();
     }
     if let Some(max) = cli.max_message {
         config.max_message_bytes = max;
@@ -96,9 +91,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         config.idle_timeout_ms = ms;
     }
     config.validate("command line")?;
+    Ok(config)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if cli.log_format != "text" && cli.log_format != "json" {
+        anyhow::bail!(
+            "--log-format must be `text` or `json`, not {:?}",
+            cli.log_format
+        );
+    }
+    let config = load_config(&cli)?;
 
     // Block the signals before any thread starts so only the signal thread sees them.
-    let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM, SIGHUP]).context("installing signal handlers")?;
     let gateway = Gateway::start(config.clone())?;
     tracing::info!(
         "ringway {} serving ws://{}/ with upstream {} on {} worker(s)",
@@ -107,16 +114,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         config.upstream,
         gateway.workers()
     );
-    if let Some(signal) = signals.forever().next() {
+    let mut grace = config.shutdown_grace_ms;
+    for signal in signals.forever() {
+        if signal == SIGHUP {
+            // Reload without closing anyone; a bad file leaves the running config in force.
+            match load_config(&cli).and_then(|new| {
+                let g = new.shutdown_grace_ms;
+                gateway.reload(new)?;
+                Ok(g)
+            }) {
+                Ok(g) => {
+                    grace = g;
+                    tracing::info!("SIGHUP: configuration reloaded");
+                }
+                Err(e) => tracing::error!(
+                    "SIGHUP: reload refused, the running configuration stays: {e:#}"
+                ),
+            }
+            continue;
+        }
         let name = if signal == SIGINT {
             "SIGINT"
         } else {
             "SIGTERM"
         };
-        tracing::info!(
-            "{name}: draining; clients get close 1001 and up to {} ms to answer",
-            config.shutdown_grace_ms
-        );
+        tracing::info!("{name}: draining; clients get close 1001 and up to {grace} ms to answer");
+        break;
     }
     gateway.begin_shutdown();
     let stats = gateway.join()?;

@@ -121,6 +121,12 @@ impl Gateway {
         gw
     }
 
+    /// The config file passed as `--config`, for reload tests to rewrite.
+    #[allow(dead_code)]
+    pub fn config_path(&self) -> Option<&std::path::Path> {
+        self.config_path.as_deref()
+    }
+
     pub fn url(&self) -> String {
         format!("ws://{}/", self.addr)
     }
