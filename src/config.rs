@@ -143,8 +143,8 @@ impl Default for RouteConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub listen: SocketAddr,
-    /// Event-loop threads, one per core; 0 means one per CPU the process may use.
-    pub workers: usize,
+    /// Event-loop threads, one per core; absent means one per CPU the process may use.
+    pub workers: Option<usize>,
     pub upstream: Upstream,
     pub backlog: i32,
     /// Open WebSocket connections across all cores; more get 503 at the handshake.
@@ -182,7 +182,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            workers: 0,
+            workers: None,
             upstream: Upstream::Echo,
             backlog: 4096,
             max_connections: 1_000_000,
@@ -225,6 +225,17 @@ pub enum ConfigError {
     },
 }
 
+/// The 1-based line where top-level `key` is set in a TOML text, if it is.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
+}
+
 impl Config {
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -235,7 +246,17 @@ impl Config {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
-        config.validate(&path.display().to_string())?;
+        if let Err(ConfigError::Invalid { key, problem, .. }) = config.validate("") {
+            let origin = match line_of(&text, key) {
+                Some(line) => format!("config file {}, line {line}", path.display()),
+                None => format!("config file {}", path.display()),
+            };
+            return Err(ConfigError::Invalid {
+                origin,
+                key,
+                problem,
+            });
+        }
         Ok(config)
     }
 
@@ -248,8 +269,13 @@ impl Config {
                 problem: problem.to_string(),
             })
         };
-        if self.workers > 255 {
-            return bad("workers", "must be at most 255");
+        if let Some(w) = self.workers {
+            if w == 0 || w > 255 {
+                return bad(
+                    "workers",
+                    "must be between 1 and 255 (leave it out for one per CPU)",
+                );
+            }
         }
         if !self.read_buffers.is_power_of_two() || self.read_buffers > 32768 {
             return bad(
@@ -293,8 +319,8 @@ impl Config {
     }
 
     pub fn worker_count(&self) -> usize {
-        if self.workers > 0 {
-            self.workers
+        if let Some(w) = self.workers {
+            w
         } else {
             std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -363,6 +389,34 @@ mod tests {
         assert!(err.contains("max_mesage_bytes"), "{err}");
         assert!(err.contains(&f.0.display().to_string()), "{err}");
         assert!(err.contains("line 2"), "{err}");
+    }
+
+    /// Each bad file names the key and the line it is on.
+    #[test]
+    fn bad_files_name_key_and_line() {
+        let cases = [
+            (
+                "backlog = 10\nmax_conections = 5\n",
+                "max_conections",
+                "line 2",
+            ),
+            (
+                "workers = 2\n\nmax_message_bytes = \"big\"\n",
+                "max_message_bytes",
+                "line 3",
+            ),
+            ("listen = \"127.0.0.1\"\n", "listen", "line 1"),
+            ("backlog = 10\nworkers = 0\n", "workers", "line 2"),
+            ("read_buffers = 1000\n", "read_buffers", "line 1"),
+            ("[[routes]]\npath = \"/x\"\nfoo = 1\n", "foo", "line 3"),
+        ];
+        for (text, key, line) in cases {
+            let f = write(text);
+            let err = Config::from_file(&f.0).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?}: {err}");
+            assert!(err.contains(line), "{text:?}: {err}");
+            assert!(err.contains(&f.0.display().to_string()), "{text:?}: {err}");
+        }
     }
 
     #[test]

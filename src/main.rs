@@ -39,9 +39,18 @@ struct Cli {
     /// Close connections that sent no message for this long, in milliseconds (0: never).
     #[arg(long, value_name = "MS")]
     idle_timeout_ms: Option<u64>,
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Log format: `text` or `json`.
     #[arg(long, default_value = "text", value_name = "FORMAT")]
     log_format: String,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Validate a configuration file (syntax, values, routes and upstreams) and exit:
+    /// 0 when it can be used, 1 with a message naming the key, file and line when not.
+    CheckConfig { file: PathBuf },
 }
 
 fn main() {
@@ -78,7 +87,7 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(workers) = cli.workers {
         anyhow::ensure!(workers > 0, "--workers must be at least 1");
-        config.workers = workers;
+        config.workers = Some(workers);
     }
     if let Some(upstream) = &cli.upstream {
         config.upstream = upstream.clone();
@@ -94,7 +103,18 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::from_file(file)?;
+    ringway::route::RouteTable::from_config(&config)
+        .map_err(|e| anyhow::anyhow!("config file {}: {e}", file.display()))?;
+    println!("{}: ok", file.display());
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Command::CheckConfig { file }) = &cli.command {
+        return check_config(file);
+    }
     if cli.log_format != "text" && cli.log_format != "json" {
         anyhow::bail!(
             "--log-format must be `text` or `json`, not {:?}",

@@ -145,3 +145,31 @@ fn zero_workers_is_refused() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("--workers must be at least 1"), "{stderr}");
 }
+
+#[test]
+fn check_config_accepts_good_files_and_names_what_is_wrong_in_bad_ones() {
+    let dir = std::env::temp_dir();
+    let good = dir.join(format!("ringway-check-good-{}.toml", std::process::id()));
+    let bad = dir.join(format!("ringway-check-bad-{}.toml", std::process::id()));
+    std::fs::write(&good, "workers = 2\n[[routes]]\npath = \"/chat\"\n").unwrap();
+    std::fs::write(&bad, "[[routes]]\npath = \"/x\"\nupstream = \"nope\"\n").unwrap();
+    let mut cmd = ringway();
+    cmd.arg("check-config").arg(&good);
+    let out = run_bounded(cmd);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut cmd = ringway();
+    cmd.arg("check-config").arg(&bad);
+    let out = run_bounded(cmd);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let _ = (std::fs::remove_file(&good), std::fs::remove_file(&bad));
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("routes[0].upstream") && stderr.contains("nope"),
+        "{stderr}"
+    );
+}
