@@ -1163,11 +1163,15 @@ impl Core {
         let fenced = conn.fence_ms.take().is_some();
         // A backend may not put a reserved code on the wire (RFC 6455 §7.4.1); echoing the
         // client's own code-less close (1005) is the one exception.
-        let code = if close::is_valid_wire_code(code) || (fenced && code == close::NO_STATUS) {
-            code
-        } else {
-            close::INTERNAL_ERROR
-        };
+        // 1012-1014 (restart, try again later, bad gateway) are registered since RFC 6455 and
+        // are what a gateway says; clients may not send them (Autobahn 7.9), we may.
+        let ours = (1012..=1014).contains(&code);
+        let code =
+            if close::is_valid_wire_code(code) || ours || (fenced && code == close::NO_STATUS) {
+                code
+            } else {
+                close::INTERNAL_ERROR
+            };
         self.start_close(conn, code, reason);
         if fenced && conn.closing_without_reply {
             conn.close_after_flush = true;
