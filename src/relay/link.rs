@@ -20,7 +20,6 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::protocol::{self, Decoder, Frame};
 use super::{EdgeSink, ToEdge};
-use crate::edge::ConnId;
 
 /// Where a backend listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -482,7 +481,7 @@ impl<S: EdgeSink> ReadLoop<S> {
             }
             Frame::Pong(_) | Frame::Hello { .. } => {}
             frame => {
-                let Some(msg) = to_edge(frame) else { return };
+                let Some(msg) = frame.into_edge() else { return };
                 if let Some(conn) = msg.conn() {
                     let known = self
                         .opens
@@ -505,54 +504,4 @@ impl<S: EdgeSink> ReadLoop<S> {
             }
         }
     }
-}
-
-/// A backend frame as a message for a core; None for link-level frames.
-fn to_edge(frame: Frame) -> Option<ToEdge> {
-    let id = ConnId::from_u64;
-    Some(match frame {
-        Frame::Send {
-            conn,
-            kind,
-            payload,
-        } => ToEdge::Send {
-            conn: id(conn),
-            kind,
-            payload,
-        },
-        Frame::Close { conn, code, reason } => ToEdge::Close {
-            conn: id(conn),
-            code,
-            reason,
-        },
-        Frame::Accept { conn } => ToEdge::Accept { conn: id(conn) },
-        Frame::Reject {
-            conn,
-            status,
-            reason,
-        } => ToEdge::Reject {
-            conn: id(conn),
-            status,
-            reason,
-        },
-        Frame::Subscribe { conn, topic } => ToEdge::Subscribe {
-            conn: id(conn),
-            topic,
-        },
-        Frame::Unsubscribe { conn, topic } => ToEdge::Unsubscribe {
-            conn: id(conn),
-            topic,
-        },
-        Frame::Publish {
-            topic,
-            kind,
-            payload,
-        } => ToEdge::Publish {
-            topic,
-            kind,
-            payload,
-        },
-        Frame::Broadcast { kind, payload } => ToEdge::Broadcast { kind, payload },
-        _ => return None,
-    })
 }
