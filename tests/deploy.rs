@@ -285,3 +285,29 @@ fn every_config_key_is_documented() {
     check("upstreams", fields_of::<UpstreamConfig>());
     check("routes", fields_of::<RouteConfig>());
 }
+
+// ---- sysctl.d ------------------------------------------------------------------------------
+
+#[test]
+fn sysctl_keys_exist_on_this_kernel() {
+    let text = std::fs::read_to_string(deploy("sysctl.d/90-ringway.conf")).unwrap();
+    let mut count = 0;
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        let (key, value) = line.split_once('=').expect(line);
+        let (optional, key) = match key.trim().strip_prefix('-') {
+            Some(k) => (true, k),
+            None => (false, key.trim()),
+        };
+        assert!(!value.trim().is_empty(), "no value: {line}");
+        let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+        assert!(
+            optional || path.exists(),
+            "{key} does not exist on this kernel (typo? prefix optional keys with -)"
+        );
+        count += 1;
+    }
+    assert!(count >= 9, "only {count} settings");
+}
