@@ -1,0 +1,508 @@
+//! Prometheus text exposition (format 0.0.4), rendered at scrape time from what the data path
+//! already counts: every core's [`CoreStats`] and every backend link's [`LinkState`]. Nothing is
+//! registered or updated on the hot path; a scrape reads relaxed atomics and formats them.
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::edge::CoreStats;
+use crate::relay::link::LinkState;
+
+/// The `Content-Type` of what [`render`] returns.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// One backend link as the metrics see it.
+#[derive(Debug, Clone)]
+pub struct UpstreamLink {
+    /// The `[[upstreams]]` name (or `default` for the top-level `upstream`).
+    pub upstream: String,
+    /// The backend URL as configured (`tcp://HOST:PORT`, `unix:PATH`).
+    pub backend: String,
+    pub state: Arc<LinkState>,
+}
+
+/// A latency histogram read at scrape time. `buckets` are `(upper bound in seconds, count in
+/// that bucket alone)` in increasing order; a final `+Inf` bucket is added from `count`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HistogramSnapshot {
+    pub buckets: Vec<(f64, u64)>,
+    pub sum_seconds: f64,
+    pub count: u64,
+}
+
+/// Reads a value at scrape time.
+pub type Probe<T> = Arc<dyn Fn() -> T + Send + Sync>;
+
+/// Everything a scrape reads. Cheap to clone (`Arc`s and names).
+#[derive(Clone)]
+pub struct Sources {
+    /// Index in this vector = the `core` label.
+    pub cores: Vec<Arc<CoreStats>>,
+    pub links: Vec<UpstreamLink>,
+    /// Open WebSocket connections across all cores (the gauge the connection limit uses).
+    pub open_connections: Probe<u64>,
+    /// Time from accept to the 101 response; `None` omits the metric.
+    pub handshake_latency: Option<Probe<HistogramSnapshot>>,
+}
+
+impl fmt::Debug for Sources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sources")
+            .field("cores", &self.cores.len())
+            .field("links", &self.links)
+            .field("handshake_latency", &self.handshake_latency.is_some())
+            .finish()
+    }
+}
+
+/// The whole exposition for one scrape.
+pub fn render(sources: &Sources) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(sources.clone()));
+    let mut out = String::with_capacity(4096);
+    // Writing to a String cannot fail and our collector returns no errors of its own.
+    prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
+        .expect("formatting metrics into a String");
+    out
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn counters(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels, u64)>,
+) -> fmt::Result {
+    let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in rows {
+        ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauges(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels, u64)>,
+) -> fmt::Result {
+    let mut family = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in rows {
+        ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Sources {
+    /// One row per core of `read(core)`, labelled `core` plus `extra`.
+    fn per_core(
+        &self,
+        extra: &[(&'static str, &'static str)],
+        read: impl Fn(&CoreStats) -> u64,
+    ) -> Vec<(Labels, u64)> {
+        self.cores
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut labels: Labels = vec![("core", i.to_string())];
+                labels.extend(extra.iter().map(|&(k, v)| (k, v.to_string())));
+                (labels, read(s))
+            })
+            .collect()
+    }
+
+    fn per_link(&self, read: impl Fn(&LinkState) -> u64) -> Vec<(Labels, u64)> {
+        self.links
+            .iter()
+            .map(|l| {
+                (
+                    vec![
+                        ("upstream", l.upstream.clone()),
+                        ("backend", l.backend.clone()),
+                    ],
+                    read(&l.state),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Collector for Sources {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let e = &mut enc;
+        counters(
+            e,
+            "ringway_connections_accepted",
+            "TCP connections accepted",
+            self.per_core(&[], |s| s.accepted.get()),
+        )?;
+        counters(
+            e,
+            "ringway_connections_closed",
+            "Connections closed, for any reason and in any state",
+            self.per_core(&[], |s| s.closed.get()),
+        )?;
+        gauges(
+            e,
+            "ringway_connections_open",
+            "Open WebSocket connections across all cores (counted by the connection limit)",
+            [(Labels::new(), (self.open_connections)())],
+        )?;
+        gauges(
+            e,
+            "ringway_connections_held",
+            "Connections a core holds: handshaking, open or closing",
+            self.per_core(&[], |s| s.live.get()),
+        )?;
+        let mut handshakes = self.per_core(&[("result", "ok")], |s| s.handshakes_ok.get());
+        handshakes
+            .extend(self.per_core(&[("result", "rejected")], |s| s.handshakes_rejected.get()));
+        counters(
+            e,
+            "ringway_handshakes",
+            "Opening handshakes answered: 101 (ok) or an HTTP error (rejected)",
+            handshakes,
+        )?;
+        let mut messages = self.per_core(&[("direction", "in")], |s| s.messages_in.get());
+        messages.extend(self.per_core(&[("direction", "out")], |s| s.messages_out.get()));
+        counters(
+            e,
+            "ringway_messages",
+            "WebSocket data messages received from (in) and sent to (out) clients",
+            messages,
+        )?;
+        let mut bytes = self.per_core(&[("direction", "in")], |s| s.bytes_in.get());
+        bytes.extend(self.per_core(&[("direction", "out")], |s| s.bytes_out.get()));
+        counters(
+            e,
+            "ringway_bytes",
+            "Bytes read from and written to client sockets (handshakes and frames)",
+            bytes,
+        )?;
+        counters(
+            e,
+            "ringway_protocol_errors",
+            "Connections closed for breaking RFC 6455 (close 1002, 1007 or 1009)",
+            self.per_core(&[], |s| s.protocol_errors.get()),
+        )?;
+        counters(
+            e,
+            "ringway_stale_replies",
+            "Backend replies for connections that were already gone (dropped)",
+            self.per_core(&[], |s| s.stale_replies.get()),
+        )?;
+        counters(
+            e,
+            "ringway_subscription_limit",
+            "Subscriptions ignored because the connection reached max_subscriptions",
+            self.per_core(&[], |s| s.subscription_limit.get()),
+        )?;
+        let mut slow = self.per_core(&[("action", "closed")], |s| s.overflow_closed.get());
+        slow.extend(self.per_core(&[("action", "dropped")], |s| s.overflow_dropped.get()));
+        counters(
+            e,
+            "ringway_slow_consumer",
+            "Full send queues: client closed 1008, or a topic message dropped (drop-newest)",
+            slow,
+        )?;
+        gauges(
+            e,
+            "ringway_upstream_up",
+            "1 while the link to this backend is connected and greeted",
+            self.per_link(|l| l.live.load(Ordering::Relaxed) as u64),
+        )?;
+        counters(
+            e,
+            "ringway_upstream_reconnects",
+            "Times the link to this backend was re-established",
+            self.per_link(|l| l.reconnects.load(Ordering::Relaxed)),
+        )?;
+        gauges(
+            e,
+            "ringway_upstream_queued_messages",
+            "Messages waiting for this backend (limited by buffer_messages)",
+            self.per_link(|l| l.queued.load(Ordering::Relaxed) as u64),
+        )?;
+        gauges(
+            e,
+            "ringway_upstream_queued_bytes",
+            "Bytes of messages waiting for this backend",
+            self.per_link(|l| l.queued_bytes.load(Ordering::Relaxed) as u64),
+        )?;
+        if let Some(probe) = &self.handshake_latency {
+            let h = probe();
+            let mut family = e.encode_descriptor(
+                "ringway_handshake_duration_seconds",
+                "Time from accept to the 101 response",
+                None,
+                MetricType::Histogram,
+            )?;
+            family.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                h.sum_seconds,
+                h.count,
+                &h.buckets,
+                None,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::{BTreeMap, HashMap};
+
+    /// `name{k="v",...} value` lines -> (name, sorted labels) -> value; checks every sample's
+    /// family was declared with `# TYPE` first.
+    pub(crate) fn parse(text: &str) -> HashMap<(String, BTreeMap<String, String>), f64> {
+        let mut declared = std::collections::HashSet::new();
+        let mut samples = HashMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut parts = rest.split(' ');
+                let name = parts.next().unwrap().to_string();
+                let kind = parts.next().unwrap();
+                assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+                declared.insert(name);
+                continue;
+            }
+            if line.starts_with('#') || line.is_empty() {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').expect(line);
+            let (name, labels) = match series.split_once('{') {
+                Some((n, l)) => (n, l.strip_suffix('}').expect(line)),
+                None => (series, ""),
+            };
+            let labels: BTreeMap<String, String> = labels
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .map(|l| {
+                    let (k, v) = l.split_once('=').expect(line);
+                    (k.to_string(), v.trim_matches('"').to_string())
+                })
+                .collect();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| declared.contains(*f)))
+                .unwrap_or(name);
+            assert!(
+                declared.contains(family),
+                "sample before its # TYPE: {line}"
+            );
+            let value = if value == "+Inf" {
+                f64::INFINITY
+            } else {
+                value.parse().expect(line)
+            };
+            assert!(
+                samples.insert((name.to_string(), labels), value).is_none(),
+                "duplicate series: {line}"
+            );
+        }
+        samples
+    }
+
+    pub(crate) fn get(
+        samples: &HashMap<(String, BTreeMap<String, String>), f64>,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Option<f64> {
+        let key = (
+            name.to_string(),
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        samples.get(&key).copied()
+    }
+
+    pub(crate) fn sample_sources() -> Sources {
+        let a = Arc::new(CoreStats::default());
+        let b = Arc::new(CoreStats::default());
+        a.accepted.add(10);
+        b.accepted.add(3);
+        a.handshakes_ok.add(9);
+        a.handshakes_rejected.add(1);
+        b.messages_in.add(5);
+        b.messages_out.add(7);
+        a.bytes_in.add(1234);
+        b.bytes_out.add(99);
+        b.protocol_errors.inc();
+        a.stale_replies.add(2);
+        b.overflow_closed.add(4);
+        b.overflow_dropped.add(6);
+        a.live.set(8);
+        let up = Arc::new(LinkState::default());
+        up.live.store(true, Ordering::Relaxed);
+        up.reconnects.store(3, Ordering::Relaxed);
+        let down = Arc::new(LinkState::default());
+        down.queued.store(12, Ordering::Relaxed);
+        down.queued_bytes.store(3400, Ordering::Relaxed);
+        Sources {
+            cores: vec![a, b],
+            links: vec![
+                UpstreamLink {
+                    upstream: "chat".into(),
+                    backend: "tcp://10.0.0.5:9000".into(),
+                    state: up,
+                },
+                UpstreamLink {
+                    upstream: "chat".into(),
+                    backend: "unix:/run/chat.sock".into(),
+                    state: down,
+                },
+            ],
+            open_connections: Arc::new(|| 42),
+            handshake_latency: None,
+        }
+    }
+
+    #[test]
+    fn renders_every_counter_with_its_labels() {
+        let text = render(&sample_sources());
+        let s = parse(&text);
+        let g = |name, labels: &[(&str, &str)]| get(&s, name, labels);
+        assert_eq!(
+            g("ringway_connections_accepted_total", &[("core", "0")]),
+            Some(10.0)
+        );
+        assert_eq!(
+            g("ringway_connections_accepted_total", &[("core", "1")]),
+            Some(3.0)
+        );
+        assert_eq!(g("ringway_connections_open", &[]), Some(42.0));
+        assert_eq!(g("ringway_connections_held", &[("core", "0")]), Some(8.0));
+        assert_eq!(
+            g(
+                "ringway_handshakes_total",
+                &[("core", "0"), ("result", "rejected")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            g(
+                "ringway_handshakes_total",
+                &[("core", "0"), ("result", "ok")]
+            ),
+            Some(9.0)
+        );
+        assert_eq!(
+            g(
+                "ringway_messages_total",
+                &[("core", "1"), ("direction", "out")]
+            ),
+            Some(7.0)
+        );
+        assert_eq!(
+            g("ringway_bytes_total", &[("core", "0"), ("direction", "in")]),
+            Some(1234.0)
+        );
+        assert_eq!(
+            g("ringway_protocol_errors_total", &[("core", "1")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            g("ringway_stale_replies_total", &[("core", "0")]),
+            Some(2.0)
+        );
+        assert_eq!(
+            g(
+                "ringway_slow_consumer_total",
+                &[("core", "1"), ("action", "dropped")]
+            ),
+            Some(6.0)
+        );
+        assert_eq!(
+            g(
+                "ringway_slow_consumer_total",
+                &[("core", "1"), ("action", "closed")]
+            ),
+            Some(4.0)
+        );
+        let up = [("upstream", "chat"), ("backend", "tcp://10.0.0.5:9000")];
+        let down = [("upstream", "chat"), ("backend", "unix:/run/chat.sock")];
+        assert_eq!(g("ringway_upstream_up", &up), Some(1.0));
+        assert_eq!(g("ringway_upstream_up", &down), Some(0.0));
+        assert_eq!(g("ringway_upstream_reconnects_total", &up), Some(3.0));
+        assert_eq!(g("ringway_upstream_queued_messages", &down), Some(12.0));
+        assert_eq!(g("ringway_upstream_queued_bytes", &down), Some(3400.0));
+        assert!(
+            text.contains("# TYPE ringway_messages_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE ringway_upstream_up gauge\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("ringway_handshake_duration_seconds"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn values_are_read_at_scrape_time() {
+        let sources = sample_sources();
+        let before = parse(&render(&sources));
+        sources.cores[1].messages_in.add(100);
+        sources.links[1].state.live.store(true, Ordering::Relaxed);
+        let after = parse(&render(&sources));
+        let key = [("core", "1"), ("direction", "in")];
+        assert_eq!(get(&before, "ringway_messages_total", &key), Some(5.0));
+        assert_eq!(get(&after, "ringway_messages_total", &key), Some(105.0));
+        let down = [("upstream", "chat"), ("backend", "unix:/run/chat.sock")];
+        assert_eq!(get(&after, "ringway_upstream_up", &down), Some(1.0));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut sources = sample_sources();
+        sources.links[0].backend = "unix:/run/we\"ird\\.sock".into();
+        let text = render(&sources);
+        assert!(
+            text.contains(r#"backend="unix:/run/we\"ird\\.sock""#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn histogram_is_cumulative_with_inf() {
+        let mut sources = sample_sources();
+        sources.handshake_latency = Some(Arc::new(|| HistogramSnapshot {
+            buckets: vec![(0.001, 5), (0.01, 3)],
+            sum_seconds: 0.05,
+            count: 9,
+        }));
+        let s = parse(&render(&sources));
+        let b = |le| {
+            get(
+                &s,
+                "ringway_handshake_duration_seconds_bucket",
+                &[("le", le)],
+            )
+        };
+        assert_eq!(b("0.001"), Some(5.0));
+        assert_eq!(b("0.01"), Some(8.0));
+        assert_eq!(b("+Inf"), Some(9.0));
+        assert_eq!(
+            get(&s, "ringway_handshake_duration_seconds_count", &[]),
+            Some(9.0)
+        );
+        assert_eq!(
+            get(&s, "ringway_handshake_duration_seconds_sum", &[]),
+            Some(0.05)
+        );
+    }
+}
