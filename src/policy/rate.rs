@@ -318,9 +318,9 @@ impl PerIpLimiter {
         if !self.table.contains_key(&key) && self.table.len() >= self.limits.max_tracked_ips {
             if now_ms >= self.next_full_sweep_ms {
                 self.sweep(now_ms);
+                self.next_full_sweep_ms = now_ms.saturating_add(FULL_SWEEP_INTERVAL_MS);
             }
             if self.table.len() >= self.limits.max_tracked_ips {
-                self.next_full_sweep_ms = now_ms.saturating_add(FULL_SWEEP_INTERVAL_MS);
                 return Err(Refusal::TableFull);
             }
         }
@@ -394,11 +394,27 @@ mod tests {
 
     #[test]
     fn bucket_has_no_drift_for_rates_that_do_not_divide_a_second() {
-        // 3/s = one token per 333.33 ms: over 10 s of 1 ms steps exactly 30 tokens.
-        let mut b = TokenBucket::new(3, 1);
-        assert!(b.try_take(0));
-        let taken = (1..=10_000u64).filter(|&t| b.try_take(t)).count();
-        assert_eq!(taken, 30);
+        // 3/s = one token per 333.33 ms. Refilled in 10 000 steps of 1 ms, the bucket holds
+        // exactly what one 10 s step gives: no rounding lost per step.
+        let mut b = TokenBucket::new(3, 100);
+        for _ in 0..100 {
+            assert!(b.try_take(0));
+        }
+        let mut seen = 0;
+        for t in 1..=9_999u64 {
+            seen = b.available(t);
+        }
+        assert_eq!(seen, 29, "29 997 milli-tokens at 9 999 ms");
+        assert_eq!(b.available(10_000), 30);
+        let mut once = TokenBucket::new(3, 100);
+        for _ in 0..100 {
+            assert!(once.try_take(0));
+        }
+        assert_eq!(once.available(10_000), 30);
+        assert_eq!(
+            once, b,
+            "stepped and single refills agree to the milli-token"
+        );
     }
 
     #[test]
