@@ -7,6 +7,7 @@
 pub mod config;
 pub mod edge;
 pub mod ops;
+pub mod policy;
 pub mod protocol;
 pub mod relay;
 pub mod route;
