@@ -116,7 +116,7 @@ fi
 PYBIN="$PY3BIN"
 want3="$(stamp_of "$REQ3")"
 if [ -x "$VENV3/bin/python" ] && [ -f "$VENV3/$STAMP" ] && [ "$(cat "$VENV3/$STAMP")" = "$want3" ] \
-   && "$VENV3/bin/python" -c 'import websockets' 2>/dev/null; then
+   && "$VENV3/bin/python" -c 'import websockets, prometheus_client' 2>/dev/null; then
   log "$VENV3 up to date (websockets $("$VENV3/bin/python" -c 'import websockets; print(websockets.__version__)'))"
 else
   log "building $VENV3 from $REQ3 with $PY3BIN"
@@ -129,5 +129,6 @@ else
 fi
 
 command -v timeout >/dev/null 2>&1 || need_cmd_or_apt timeout coreutils
+need_cmd_or_apt systemd-analyze systemd   # tests/deploy.rs verifies the unit
 
 log "done in $(( $(date +%s) - t0 )) s"

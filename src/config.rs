@@ -174,6 +174,8 @@ pub struct Config {
     pub max_subscriptions: usize,
     /// Slow-consumer policy when no route sets its own.
     pub slow_consumer: SlowConsumer,
+    /// The admin listener (/metrics, /healthz, /readyz); keep it off public interfaces.
+    pub admin_listen: Option<SocketAddr>,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
 }
@@ -201,6 +203,7 @@ impl Default for Config {
             relay_queue: 65_536,
             max_subscriptions: 100,
             slow_consumer: SlowConsumer::Close,
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9091))),
             upstreams: Vec::new(),
             routes: Vec::new(),
         }

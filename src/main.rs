@@ -12,6 +12,10 @@ use signal_hook::iterator::Signals;
 
 use ringway::config::{Config, Upstream};
 use ringway::edge::Gateway;
+use ringway::ops::admin::{self, AdminState};
+use ringway::ops::metrics::Sources;
+use ringway::ops::notify::Notifier;
+use std::sync::Arc;
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
@@ -41,6 +45,9 @@ struct Cli {
     idle_timeout_ms: Option<u64>,
     #[command(subcommand)]
     command: Option<Command>,
+    /// Admin listener for /metrics, /healthz and /readyz [default: 127.0.0.1:9091].
+    #[arg(long, value_name = "ADDR:PORT")]
+    admin: Option<SocketAddr>,
     /// Log format: `text` or `json`.
     #[arg(long, default_value = "text", value_name = "FORMAT")]
     log_format: String,
@@ -99,8 +106,60 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     if let Some(ms) = cli.idle_timeout_ms {
         config.idle_timeout_ms = ms;
     }
+    if let Some(admin) = cli.admin {
+        config.admin_listen = Some(admin);
+    }
     config.validate("command line")?;
     Ok(config)
+}
+
+/// The admin listener. The default address failing to bind (another ringway, a test run)
+/// is logged and skipped; an address the operator asked for must work.
+fn start_admin(
+    cli: &Cli,
+    config: &Config,
+    gateway: &Gateway,
+) -> anyhow::Result<Option<Arc<AdminState>>> {
+    let Some(addr) = config.admin_listen else {
+        return Ok(None);
+    };
+    let shared = gateway.shared();
+    let state = Arc::new(AdminState::new(Sources {
+        cores: gateway.stats().to_vec(),
+        links: gateway.upstream_links().to_vec(),
+        open_connections: Arc::new(move || {
+            shared.open.load(std::sync::atomic::Ordering::Relaxed) as u64
+        }),
+        handshake_latency: None,
+    }));
+    match admin::spawn(addr, state.clone()) {
+        Ok((bound, _)) => {
+            tracing::info!("admin: http://{bound}/metrics, /healthz, /readyz");
+            state.set_ready(true);
+            Ok(Some(state))
+        }
+        Err(e) if cli.admin.is_none() && config.admin_listen == Config::default().admin_listen => {
+            tracing::warn!("admin listener not started: cannot listen on {addr}: {e}; set --admin to choose another address");
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::anyhow!(
+            "cannot listen on {addr} for the admin listener: {e}"
+        )),
+    }
+}
+
+/// STATUS= for `systemctl status`: what is served and how many are connected.
+fn spawn_status(n: Arc<Notifier>, shared: Arc<ringway::edge::Shared>, addr: SocketAddr) {
+    let _ = std::thread::Builder::new()
+        .name("ringway-status".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            if shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            let open = shared.open.load(std::sync::atomic::Ordering::Relaxed);
+            n.status(&format!("serving ws://{addr}/, {open} connections open"));
+        });
 }
 
 fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
@@ -134,15 +193,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         config.upstream,
         gateway.workers()
     );
+    let admin = start_admin(&cli, &config, &gateway)?;
+    let notifier = Notifier::from_env().map(Arc::new);
+    if let Some(n) = &notifier {
+        n.ready();
+        n.status(&format!(
+            "serving ws://{}/, 0 connections open",
+            gateway.local_addr()
+        ));
+        spawn_status(n.clone(), gateway.shared(), gateway.local_addr());
+        ringway::ops::notify::spawn_watchdog(n.clone(), || true);
+    }
     let mut grace = config.shutdown_grace_ms;
     for signal in signals.forever() {
         if signal == SIGHUP {
             // Reload without closing anyone; a bad file leaves the running config in force.
-            match load_config(&cli).and_then(|new| {
+            if let Some(n) = &notifier {
+                n.reloading();
+            }
+            let result = load_config(&cli).and_then(|new| {
                 let g = new.shutdown_grace_ms;
                 gateway.reload(new)?;
                 Ok(g)
-            }) {
+            });
+            if let Some(n) = &notifier {
+                n.ready();
+            }
+            match result {
                 Ok(g) => {
                     grace = g;
                     tracing::info!("SIGHUP: configuration reloaded");
@@ -160,6 +237,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         };
         tracing::info!("{name}: draining; clients get close 1001 and up to {grace} ms to answer");
         break;
+    }
+    if let Some(a) = &admin {
+        a.set_ready(false);
+    }
+    if let Some(n) = &notifier {
+        n.stopping();
     }
     gateway.begin_shutdown();
     let stats = gateway.join()?;

@@ -73,6 +73,7 @@ pub enum EdgeError {
 /// A running gateway: its cores, its relay, and the address it serves.
 pub struct Gateway {
     local_addr: SocketAddr,
+    upstream_links: Vec<crate::ops::metrics::UpstreamLink>,
     config: Arc<Config>,
     routes: Arc<RouteTable>,
     workers: Vec<JoinHandle<io::Result<()>>>,
@@ -158,6 +159,7 @@ impl Gateway {
         drop(relay_tx);
         let links = inbox::CoreLinks::new(inbox_txs, wakers.clone());
         let router = relay::router::Router::new(&routes, links, relay::protocol::DEFAULT_MAX_FRAME);
+        let upstream_links = router.links();
         let relay = std::thread::Builder::new()
             .name("ringway-relay".into())
             .spawn(move || {
@@ -169,6 +171,7 @@ impl Gateway {
             local_addr,
             config: config.clone(),
             routes: routes.clone(),
+            upstream_links,
             workers,
             stats,
             relay: Some(relay),
@@ -224,6 +227,21 @@ impl Gateway {
             w.wake();
         }
         Ok(())
+    }
+
+    /// Every backend link, for metrics and readiness.
+    pub fn upstream_links(&self) -> &[crate::ops::metrics::UpstreamLink] {
+        &self.upstream_links
+    }
+
+    /// Open WebSocket connections across all cores.
+    pub fn open_connections(&self) -> u64 {
+        self.shared.open.load(Ordering::Relaxed) as u64
+    }
+
+    /// The shared state, for probes that outlive a borrow of the gateway.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
     }
 
     pub fn local_addr(&self) -> SocketAddr {

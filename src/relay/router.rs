@@ -64,6 +64,7 @@ pub struct Router<S: EdgeSink + Clone + 'static> {
     conns: HashMap<ConnId, Binding>,
     chat: ChatEcho,
     threads: Vec<JoinHandle<()>>,
+    links: Vec<crate::ops::metrics::UpstreamLink>,
     stop: Arc<AtomicBool>,
     scratch: BytesMut,
     pub stats: RelayStats,
@@ -75,6 +76,7 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         let mut upstreams = Vec::new();
+        let mut described = Vec::new();
         for spec in table.upstreams() {
             let mut links = Vec::new();
             for backend in &spec.backends {
@@ -101,6 +103,15 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                     .spawn(move || link.run())
                     .expect("spawning a backend link thread");
                 threads.push(handle);
+                described.push(crate::ops::metrics::UpstreamLink {
+                    upstream: spec.name.clone(),
+                    backend: match backend {
+                        Backend::Tcp(a) => format!("tcp://{a}"),
+                        Backend::Unix(p) => format!("unix:{}", p.display()),
+                        Backend::Embedded => "echo".into(),
+                    },
+                    state: state.clone(),
+                });
                 links.push(LinkHandle {
                     tx,
                     state,
@@ -123,10 +134,16 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
             conns: HashMap::new(),
             chat: ChatEcho::default(),
             threads,
+            links: described,
             stop,
             scratch: BytesMut::new(),
             stats: RelayStats::default(),
         }
+    }
+
+    /// Every backend link, for metrics and readiness.
+    pub fn links(&self) -> Vec<crate::ops::metrics::UpstreamLink> {
+        self.links.clone()
     }
 
     /// Serve until every core has dropped its sender; then let the links flush and stop.
