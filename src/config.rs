@@ -119,6 +119,17 @@ pub struct RouteConfig {
     pub pass_headers: Vec<String>,
     pub max_subscriptions: usize,
     pub slow_consumer: SlowConsumer,
+    /// Allowed `Origin`s: exact (`https://app.example.com`) or `https://*.example.com`;
+    /// empty or `"*"` allows every origin. Others get 403.
+    pub origins: Vec<String>,
+    /// With `origins` set: whether a request without `Origin` (a non-browser client) passes.
+    pub allow_missing_origin: bool,
+    /// Verify a JWT at the edge (Authorization: Bearer, `?token=`, or a subprotocol
+    /// `access_token.<jwt>`); failures get 401.
+    pub jwt: Option<crate::policy::auth::JwtConfig>,
+    /// Messages per second one connection may send (0: no limit); beyond it close 1008.
+    pub messages_per_sec: u32,
+    pub message_burst: u32,
 }
 
 impl Default for RouteConfig {
@@ -133,6 +144,11 @@ impl Default for RouteConfig {
             pass_headers: Vec::new(),
             max_subscriptions: 100,
             slow_consumer: SlowConsumer::Close,
+            origins: Vec::new(),
+            allow_missing_origin: false,
+            jwt: None,
+            messages_per_sec: 0,
+            message_burst: 0,
         }
     }
 }
@@ -174,6 +190,8 @@ pub struct Config {
     pub max_subscriptions: usize,
     /// Slow-consumer policy when no route sets its own.
     pub slow_consumer: SlowConsumer,
+    /// Per-client-IP limits on concurrent and new connections (IPv6 by /64), split over cores.
+    pub ip_limits: crate::policy::rate::IpLimits,
     /// The admin listener (/metrics, /healthz, /readyz); keep it off public interfaces.
     pub admin_listen: Option<SocketAddr>,
     pub upstreams: Vec<UpstreamConfig>,
@@ -203,6 +221,7 @@ impl Default for Config {
             relay_queue: 65_536,
             max_subscriptions: 100,
             slow_consumer: SlowConsumer::Close,
+            ip_limits: Default::default(),
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9091))),
             upstreams: Vec::new(),
             routes: Vec::new(),

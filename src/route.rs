@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use simd_json::{Buffers, Node, Tape, INPUT_PADDING};
 
 use crate::config::{Balance, Config, RouteConfig, SlowConsumer, Upstream};
+use crate::policy::auth::JwtVerifier;
+use crate::policy::origin::OriginPolicy;
 use crate::protocol::message::MessageKind;
 use crate::relay::UpstreamId;
 
@@ -51,6 +53,8 @@ pub enum RouteError {
     /// reach an upstream the backend behind it would not expect: the edge closes 1008.
     #[error("the routing key appears more than once in the message")]
     DuplicateKey,
+    #[error("`{key}`: {problem}")]
+    Policy { key: String, problem: String },
 }
 
 /// Where an upstream's backend lives.
@@ -129,6 +133,16 @@ pub struct RouteTable {
     upstreams: Vec<UpstreamSpec>,
     routes: Vec<Route>,
     patterns: Vec<Pattern>,
+    policies: Vec<RoutePolicy>,
+}
+
+/// A route's admission policy, compiled once: who may connect and how fast they may talk.
+#[derive(Debug, Clone)]
+pub struct RoutePolicy {
+    pub origins: OriginPolicy,
+    pub jwt: Option<JwtVerifier>,
+    pub messages_per_sec: u32,
+    pub message_burst: u32,
 }
 
 impl RouteTable {
@@ -190,6 +204,7 @@ impl RouteTable {
             upstreams,
             routes: Vec::with_capacity(configs.len()),
             patterns: Vec::with_capacity(configs.len()),
+            policies: Vec::with_capacity(configs.len()),
         };
         for (i, r) in configs.iter().enumerate() {
             let key = format!("routes[{i}]");
@@ -221,6 +236,25 @@ impl RouteTable {
                     actions,
                 })
             };
+            let mut origins =
+                OriginPolicy::from_patterns(&r.origins).map_err(|e| RouteError::Policy {
+                    key: format!("{key}.origins"),
+                    problem: e.to_string(),
+                })?;
+            origins.allow_missing = origins.is_allow_all() || r.allow_missing_origin;
+            let jwt = match &r.jwt {
+                Some(j) => Some(JwtVerifier::new(j).map_err(|e| RouteError::Policy {
+                    key: format!("{key}.jwt"),
+                    problem: e.to_string(),
+                })?),
+                None => None,
+            };
+            table.policies.push(RoutePolicy {
+                origins,
+                jwt,
+                messages_per_sec: r.messages_per_sec,
+                message_burst: r.message_burst.max(r.messages_per_sec),
+            });
             table.patterns.push(pattern);
             table.routes.push(Route {
                 path: r.path.clone(),
@@ -295,6 +329,10 @@ impl RouteTable {
     /// Every route, indexed by [`RouteId`], in config order.
     pub fn routes(&self) -> &[Route] {
         &self.routes
+    }
+
+    pub fn policy(&self, id: RouteId) -> &RoutePolicy {
+        &self.policies[usize::from(id)]
     }
 
     pub fn route(&self, id: RouteId) -> &Route {

@@ -272,6 +272,15 @@ fn every_commented_value_is_the_real_default() {
     let mut loaded = load(&all, "uncommented");
     assert_eq!(loaded.workers, Some(4), "the documented example");
     loaded.workers = None;
+    // Likewise `jwt` (off by default): its documented example must parse and build.
+    assert!(
+        loaded.routes.iter().any(|r| r.jwt.is_some()),
+        "the documented jwt example"
+    );
+    ringway::route::RouteTable::from_config(&loaded).expect("the documented jwt example is usable");
+    for r in &mut loaded.routes {
+        r.jwt = None;
+    }
     assert_eq!(loaded, expected());
 }
 

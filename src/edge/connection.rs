@@ -75,6 +75,13 @@ pub struct Connection {
     pub wants_pause: bool,
     /// Its multishot recv was cancelled for backpressure; re-armed when the backlog drains.
     pub paused: bool,
+    pub ip: Option<std::net::IpAddr>,
+    /// Counted by the core's per-IP limiter (released once when the slot is freed).
+    pub counted_ip: bool,
+    /// The route's message rate limit, if it has one.
+    pub rate: Option<crate::policy::rate::MessageRate>,
+    /// The subprotocol the 101 names (the companion of a token carried in one).
+    pub protocol: Option<String>,
 }
 
 impl Connection {
@@ -109,6 +116,10 @@ impl Connection {
             route: 0,
             wants_pause: false,
             paused: false,
+            ip: None,
+            counted_ip: false,
+            rate: None,
+            protocol: None,
         }
     }
 

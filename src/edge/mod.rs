@@ -130,6 +130,7 @@ impl Gateway {
             stats.push(core_stats.clone());
             let setup = worker::WorkerSetup {
                 index,
+                workers: count,
                 stats: core_stats,
                 routes: routes.clone(),
                 cpu: (!cpus.is_empty()).then(|| cpus[index % cpus.len()]),

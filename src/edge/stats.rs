@@ -49,6 +49,12 @@ pub struct CoreStats {
     /// Topic or broadcast messages dropped for a full send queue (drop-newest policy).
     pub overflow_dropped: Counter,
     pub closed: Counter,
+    /// Refused by the per-IP limits (429/503), a disallowed Origin (403), a failed token
+    /// (401), or closed 1008 for exceeding the message rate.
+    pub ip_refused: Counter,
+    pub origin_refused: Counter,
+    pub auth_failed: Counter,
+    pub rate_limited: Counter,
     /// Connections currently held by this core (handshaking, open or closing).
     pub live: Counter,
 }

@@ -17,6 +17,8 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::config::{Config, SlowConsumer, Upstream};
+use crate::policy::auth::{self, TokenFrom};
+use crate::policy::rate::{MessageRate, PerIpLimiter};
 use crate::protocol::close;
 use crate::protocol::frame::{self, OpCode, Role, MAX_HEADER_LEN};
 use crate::protocol::handshake::{self, Parsed};
@@ -73,6 +75,7 @@ impl SendBuf {
 /// Everything a worker thread needs, prepared by the thread that starts the gateway.
 pub struct WorkerSetup {
     pub index: usize,
+    pub workers: usize,
     pub stats: Arc<CoreStats>,
     pub routes: Arc<RouteTable>,
     pub cpu: Option<core_affinity::CoreId>,
@@ -123,6 +126,7 @@ pub struct Worker {
     start: Instant,
     draining: Option<u64>,
     reload_generation: u64,
+    last_sweep_ms: u64,
 }
 
 /// Build the ring with the cheapest completion model the kernel offers.
@@ -167,6 +171,8 @@ impl Worker {
         Ok(Worker {
             index: setup.index,
             core: Core {
+                workers: setup.workers,
+                ip_limiter: PerIpLimiter::new(setup.config.ip_limits.per_core(setup.workers)),
                 config: setup.config,
                 routes: setup.routes,
                 scratch: Vec::new(),
@@ -202,6 +208,7 @@ impl Worker {
             start,
             draining: None,
             reload_generation: 0,
+            last_sweep_ms: 0,
         })
     }
 
@@ -413,7 +420,30 @@ impl Worker {
         let generation = self.slots[slot as usize].generation;
         let id = ConnId::new(self.index as u8, slot, generation);
         let decoder = MessageDecoder::new(Role::Server, self.core.config.message_limits());
-        let conn = Connection::new(id, fd, decoder, self.core.now_ms);
+        let mut conn = Connection::new(id, fd, decoder, self.core.now_ms);
+        // Per-IP admission before anything is read: a refused client gets its answer (429 or
+        // 503 with a reason) once its request arrives, and costs nothing more.
+        conn.ip = peer_addr(fd).map(|a| a.ip());
+        if let Some(ip) = conn.ip {
+            match self.core.ip_limiter.try_open(ip, self.core.now_ms) {
+                Ok(()) => conn.counted_ip = true,
+                Err(refusal) => {
+                    self.core.stats.ip_refused.inc();
+                    let retry = refusal.retry_after_secs().to_string();
+                    let response = handshake::error_response(
+                        refusal.status(),
+                        refusal.reason(),
+                        &[("Retry-After", &retry)],
+                    );
+                    tracing::debug!(conn = %id, %ip, "refused: {}", refusal.reason());
+                    conn.queue(response);
+                    conn.reading_done = true;
+                    conn.close_after_flush = true;
+                    conn.dirty = true;
+                    self.dirty.push(slot);
+                }
+            }
+        }
         self.slots[slot as usize].conn = Some(conn);
         self.live += 1;
         self.core.stats.live.set(self.live as u64);
@@ -691,6 +721,9 @@ impl Worker {
         for topic in &conn.subscriptions {
             unsubscribe(&mut self.topics, topic, slot);
         }
+        if let (true, Some(ip)) = (conn.counted_ip, conn.ip) {
+            self.core.ip_limiter.closed(ip, self.core.now_ms);
+        }
         s.generation = (s.generation + 1) & GENERATION_MASK;
         self.free.push(slot);
         self.live -= 1;
@@ -813,6 +846,10 @@ impl Worker {
     }
 
     fn run_timers(&mut self) {
+        if self.core.now_ms >= self.last_sweep_ms + 1000 {
+            self.last_sweep_ms = self.core.now_ms;
+            self.core.ip_limiter.sweep(self.core.now_ms);
+        }
         let mut due = std::mem::take(&mut self.due);
         self.wheel.advance(self.core.now_ms, &mut due);
         for entry in due.drain(..) {
@@ -917,6 +954,9 @@ impl Worker {
                 conn.decoder.set_limits(limits);
             }
         }
+        self.core
+            .ip_limiter
+            .set_limits(config.ip_limits.per_core(self.core.workers));
         self.core.config = config;
         self.core.routes = routes;
         tracing::debug!(core = self.index, "configuration reloaded");
@@ -990,6 +1030,13 @@ fn conn_in(slots: &mut [Slot], slot: u32, generation: u32) -> Option<&mut Connec
         return None;
     }
     s.conn.as_mut()
+}
+
+/// Wall-clock Unix seconds, for token expiry (the loop's clock is monotonic).
+fn unix_now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The client's address, for the backend's `open` event.
@@ -1068,7 +1115,10 @@ fn next_deadline(conn: &Connection, config: &Config, draining: Option<u64>) -> O
 /// What processing a connection's bytes needs from its core, kept apart from the connection
 /// slab and the buffer ring so both can be borrowed at once.
 struct Core {
+    workers: usize,
     config: Arc<Config>,
+    /// This core's share of the per-IP limits.
+    ip_limiter: PerIpLimiter,
     routes: Arc<RouteTable>,
     /// simd-json parses in place: messages are routed on a copy.
     scratch: Vec<u8>,
@@ -1229,6 +1279,52 @@ impl Core {
                     self.refuse(conn, response, &format!("no route for {}", request.path));
                     return;
                 };
+                let policy = routes.policy(route_id);
+                if !policy.origins.allows(request.origin.as_deref()) {
+                    self.stats.origin_refused.inc();
+                    let response = handshake::error_response(403, "origin not allowed", &[]);
+                    let why = format!("origin {:?} not allowed on {}", request.origin, route.path);
+                    self.refuse(conn, response, &why);
+                    return;
+                }
+                let mut claims = Vec::new();
+                let mut protocol = None;
+                let mut query = request.query.clone();
+                if let Some(verifier) = &policy.jwt {
+                    let source = auth::extract_token(
+                        &request.headers,
+                        request.query.as_deref(),
+                        &request.protocols,
+                    );
+                    let verdict = match &source {
+                        None => Err(auth::AuthError::Missing),
+                        Some(src) => verifier.verify(&src.token, unix_now_s()),
+                    };
+                    match verdict {
+                        Err(e) => {
+                            self.stats.auth_failed.inc();
+                            let response = handshake::error_response(
+                                e.status(),
+                                e.reason(),
+                                &[("WWW-Authenticate", "Bearer")],
+                            );
+                            self.refuse(conn, response, &e.reason());
+                            return;
+                        }
+                        Ok(c) => {
+                            claims = c.pass;
+                            match source.map(|s| s.from) {
+                                Some(TokenFrom::Subprotocol { select, .. }) => {
+                                    protocol = Some(select)
+                                }
+                                Some(TokenFrom::Query) => {
+                                    query = query.as_deref().and_then(auth::strip_token_param)
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                }
                 let open = self.shared.open.fetch_add(1, Ordering::Relaxed);
                 if open >= self.config.max_connections {
                     self.shared.open.fetch_sub(1, Ordering::Relaxed);
@@ -1243,14 +1339,19 @@ impl Core {
                 conn.counted_open = true;
                 conn.route = route_id;
                 let authorize = route.authorize && self.relay.is_some();
-                let headers = request
+                let mut headers: Vec<(String, String)> = request
                     .headers
                     .iter()
                     .filter(|(name, _)| {
-                        route
-                            .pass_headers
-                            .iter()
-                            .any(|p| p.eq_ignore_ascii_case(name))
+                        // Credentials the edge verified stay at the edge.
+                        let secret = policy.jwt.is_some()
+                            && (name.eq_ignore_ascii_case("authorization")
+                                || name.eq_ignore_ascii_case("sec-websocket-protocol"));
+                        !secret
+                            && route
+                                .pass_headers
+                                .iter()
+                                .any(|p| p.eq_ignore_ascii_case(name))
                     })
                     .map(|(name, value)| {
                         (
@@ -1259,9 +1360,13 @@ impl Core {
                         )
                     })
                     .collect();
+                // Verified claims reach the backend as `x-claim-<name>` in `open`.
+                headers.extend(claims.into_iter().map(|(k, v)| (format!("x-claim-{k}"), v)));
+                conn.rate = MessageRate::new(policy.messages_per_sec, policy.message_burst);
+                conn.protocol = protocol;
                 let info = OpenInfo {
                     path: request.path.clone(),
-                    query: request.query.clone(),
+                    query,
                     headers,
                     peer: peer_addr(conn.fd),
                     authorize,
@@ -1294,7 +1399,7 @@ impl Core {
         mut rest: BytesMut,
     ) {
         self.stats.handshakes_ok.inc();
-        conn.queue(handshake::response_101(request, None));
+        conn.queue(handshake::response_101(request, conn.protocol.as_deref()));
         conn.phase = Phase::Open;
         conn.last_message_ms = self.now_ms;
         tracing::debug!(conn = %conn.id, path = %request.path, "open");
@@ -1370,6 +1475,15 @@ impl Core {
             off += n;
             let Some(event) = event else { break };
             let action = match event {
+                Event::Message { .. }
+                    if conn
+                        .rate
+                        .as_mut()
+                        .is_some_and(|r| !r.on_message(self.now_ms)) =>
+                {
+                    self.stats.rate_limited.inc();
+                    Action::Refuse("message rate exceeded".into())
+                }
                 Event::Message { kind, payload } => {
                     self.stats.messages_in.inc();
                     if !accepts_data {

@@ -1,0 +1,207 @@
+//! Hostile clients at the edge: each defence with its hostile input and the exact outcome,
+//! and other clients unaffected.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{Gateway, WAIT};
+use futures_util::{SinkExt, StreamExt};
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+const SECRET: &str = "a-test-secret-that-is-at-least-32-bytes-long";
+
+fn token(exp_offset: i64, secret: &str) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let claims = serde_json::json!({"sub": "user-7", "exp": now + exp_offset, "tenant": "acme"});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn upgrade(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+async fn echo_works(url: &str) {
+    let (mut ws, _) = timeout(WAIT, tokio_tungstenite::connect_async(url))
+        .await
+        .unwrap()
+        .unwrap();
+    ws.send(Message::text("still served")).await.unwrap();
+    let reply = timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(reply, Message::text("still served"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_outside_the_allowlist_gets_403() {
+    let config = "[[routes]]\npath = \"/*\"\norigins = [\"https://app.example.com\", \"https://*.example.org\"]\n";
+    let gw = Gateway::with_config(config, &[]);
+    let (resp, body) = common::http_exchange(
+        gw.addr,
+        upgrade("/", "Origin: https://evil.example.com\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(resp.status, 403, "{body}");
+    assert!(body.contains("origin not allowed"), "{body}");
+    let (resp, _) = common::http_exchange(
+        gw.addr,
+        upgrade("/", "Origin: https://example.org.evil.net\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(resp.status, 403);
+    // Allowed origins connect.
+    let mut req = format!("ws://{}/", gw.addr).into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Origin", "https://eu.example.org".parse().unwrap());
+    let (mut ws, _) = timeout(WAIT, tokio_tungstenite::connect_async(req))
+        .await
+        .unwrap()
+        .unwrap();
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(
+        timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap(),
+        Message::text("hi")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_verified_at_the_edge() {
+    let config = format!(
+        "[[routes]]\npath = \"/*\"\n[routes.jwt]\nalgorithm = \"HS256\"\nsecret = \"{SECRET}\"\npass_claims = [\"tenant\"]\n"
+    );
+    let gw = Gateway::with_config(&config, &[]);
+    let cases = [
+        ("no token", String::new()),
+        (
+            "expired",
+            format!("Authorization: Bearer {}\r\n", token(-3600, SECRET)),
+        ),
+        (
+            "wrong signature",
+            format!(
+                "Authorization: Bearer {}\r\n",
+                token(3600, "another-secret-that-is-also-32-bytes-long!")
+            ),
+        ),
+        ("garbage", "Authorization: Bearer not.a.jwt\r\n".to_string()),
+    ];
+    for (what, header) in cases {
+        let (resp, body) = common::http_exchange(gw.addr, upgrade("/", &header).as_bytes()).await;
+        assert_eq!(resp.status, 401, "{what}: {body}");
+        assert_eq!(resp.header("www-authenticate"), Some("Bearer"), "{what}");
+        assert!(!body.trim().is_empty(), "{what}: a reason is given");
+    }
+    // A valid token, from the header, the query and a subprotocol.
+    let mut req = format!("ws://{}/", gw.addr).into_client_request().unwrap();
+    req.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {}", token(3600, SECRET)).parse().unwrap(),
+    );
+    let (mut ws, _) = timeout(WAIT, tokio_tungstenite::connect_async(req))
+        .await
+        .unwrap()
+        .unwrap();
+    ws.send(Message::text("ok")).await.unwrap();
+    assert_eq!(
+        timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap(),
+        Message::text("ok")
+    );
+    echo_works(&format!("ws://{}/?token={}", gw.addr, token(3600, SECRET))).await;
+    let mut req = format!("ws://{}/", gw.addr).into_client_request().unwrap();
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        // No space after the comma: tungstenite compares its offers untrimmed.
+        format!("access_token.{},chat", token(3600, SECRET))
+            .parse()
+            .unwrap(),
+    );
+    let (_ws, resp) = timeout(WAIT, tokio_tungstenite::connect_async(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        resp.headers().get("Sec-WebSocket-Protocol").unwrap(),
+        "chat",
+        "the companion protocol is selected"
+    );
+    assert!(gw.log().is_empty() || !gw.log().contains("panicked"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_flood_is_closed_1008_and_others_are_unaffected() {
+    let config = "[[routes]]\npath = \"/*\"\nmessages_per_sec = 20\nmessage_burst = 20\n";
+    let gw = Gateway::with_config(config, &[]);
+    let (mut flood, _) = timeout(WAIT, tokio_tungstenite::connect_async(gw.url()))
+        .await
+        .unwrap()
+        .unwrap();
+    for i in 0..200 {
+        if flood.send(Message::text(format!("{i}"))).await.is_err() {
+            break;
+        }
+    }
+    let code = loop {
+        match timeout(WAIT, flood.next())
+            .await
+            .expect("no close for the flood")
+        {
+            Some(Ok(Message::Close(Some(f)))) => break f.code,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(code, CloseCode::Policy);
+    echo_works(&gw.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_flood_from_one_ip_gets_429() {
+    let config = "[ip_limits]\nconnects_per_sec = 5\nconnect_burst = 5\n";
+    let gw = Gateway::with_config(config, &["--workers", "1"]);
+    let mut statuses = Vec::new();
+    for _ in 0..30 {
+        let (resp, _) = common::http_exchange(gw.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        statuses.push(resp.status);
+    }
+    let limited = statuses.iter().filter(|&&s| s == 429).count();
+    assert!(
+        limited >= 20,
+        "most of a 30-connection burst is refused with 429: {statuses:?}"
+    );
+    // After the bucket refills, the same IP is served again.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    echo_works(&gw.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_connections_per_ip_are_capped_with_503() {
+    let config = "[ip_limits]\nmax_concurrent = 3\n";
+    let gw = Gateway::with_config(config, &["--workers", "1"]);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            timeout(WAIT, tokio_tungstenite::connect_async(gw.url()))
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let (resp, body) = common::http_exchange(gw.addr, upgrade("/", "").as_bytes()).await;
+    assert_eq!(resp.status, 503, "{body}");
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    echo_works(&gw.url()).await;
+}
