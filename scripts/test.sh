@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as the README's quick start and CI run it:
-#   formatting and lints, every unit and integration test (release build), then the
-#   Autobahn|Testsuite RFC 6455 conformance run against the gateway in echo mode.
+#   formatting and lints, every unit and integration test (release build), a short bounded
+#   fuzzing run of the three decoders that face untrusted bytes (when cargo-fuzz is
+#   installed), then the Autobahn|Testsuite RFC 6455 conformance run in echo mode.
 # Installs what the tests need first (idempotent; see scripts/setup-test-deps.sh).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,6 +21,9 @@ cargo clippy --release --all-targets -- -D warnings
 
 step "cargo test --release"
 cargo test --release
+
+step "fuzzing: handshake, frames, relay decoders (15 s each, when cargo-fuzz is installed)"
+bash scripts/fuzz.sh "${RINGWAY_FUZZ_SECONDS:-15}"
 
 step "Autobahn|Testsuite fuzzingclient (all cases but 12.* and 13.*: compression is not offered)"
 bash scripts/autobahn.sh --binary target/release/ringway -- --max-message 16777216
