@@ -17,7 +17,7 @@
 # every close completed), the held set all connected, the churn reached 90% of its rate,
 # post-churn RSS within 10% of pre-churn, fds the same before and after the churn and back to
 # baseline once all closed, the gateway alive, and no ERROR/WARN line in its log.
-# Artifacts: target/soak/gateway.log, target/soak/bench.json, target/soak/bench.err.
+# Artifacts: target/soak/gateway.log, target/soak/bench.json, target/soak/bench.err, target/soak/rss.tsv.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,6 +26,9 @@ cd "$ROOT"
 DURATION=60
 HELD=15000
 RATE=1000
+# The connect burst of the held set leaves memory the gateway returns some 10 s later;
+# measuring before that compares against a transient peak.
+WARMUP=15s
 BINARY="target/release/ringway"
 BENCH="target/release/ringway-bench"
 while [ $# -gt 0 ]; do
@@ -57,7 +60,9 @@ mkdir -p "$OUT"
 GWLOG="$OUT/gateway.log"
 "$BINARY" --listen 127.0.0.1:0 --workers 2 --admin 127.0.0.1:0 --upstream echo >"$GWLOG" 2>&1 &
 GW=$!
+SAMPLER=""
 cleanup() {
+  if [ -n "$SAMPLER" ]; then kill "$SAMPLER" 2>/dev/null || true; fi
   if kill -0 "$GW" 2>/dev/null; then
     kill "$GW" 2>/dev/null || true
     wait "$GW" 2>/dev/null || true
@@ -80,25 +85,32 @@ fds() { ls "/proc/$GW/fd" | wc -l; }
 RSS0="$(rss)"; FD0="$(fds)"
 log "gateway pid $GW on port $PORT; baseline RSS ${RSS0} KiB, ${FD0} fds"
 
+# RSS every 5 s through the run, for the trend (target/soak/rss.tsv: seconds, KiB).
+(t=0; while kill -0 "$GW" 2>/dev/null; do printf '%s\t%s\n' "$t" "$(rss)"; sleep 5; t=$((t + 5)); done) \
+  >"$OUT/rss.tsv" 2>/dev/null &
+SAMPLER=$!
 set +e
 "$BENCH" --json churn --url "ws://127.0.0.1:$PORT/" --held "$HELD" --rate "$RATE" \
-  --duration "${DURATION}s" --warmup 5s --settle 5s --interval 2s --server-pid "$GW" \
+  --duration "${DURATION}s" --warmup "$WARMUP" --settle 5s --interval 2s --server-pid "$GW" \
   >"$OUT/bench.json" 2>"$OUT/bench.err"
 BENCH_RC=$?
 set -e
 sleep 3
 ALIVE=1; kill -0 "$GW" 2>/dev/null || ALIVE=0
 if [ "$ALIVE" = 1 ]; then RSS2="$(rss)"; FD2="$(fds)"; else RSS2=0; FD2=0; fi
+kill "$SAMPLER" 2>/dev/null || true
+wait "$SAMPLER" 2>/dev/null || true
 
 j() { jq -r "$1" "$OUT/bench.json" 2>/dev/null || echo null; }
 CONNECTS="$(j .connects)"; DISCONNECTS="$(j .disconnects)"; MESSAGES="$(j .messages)"
-CHURN="$(j .churn_connects)"; CHURN_RATE="$(j .churn_per_sec)"; HELD_OK="$(j .held_connected)"
+CHURN="$(j .churn_connects)"; CHURN_RATE="$(j '.churn_per_sec | floor')"; HELD_OK="$(j .held_connected)"
 ERRORS="$(j .errors.total)"
 PRE_RSS="$(j .pre_churn.rss_kib)"; POST_RSS="$(j .post_churn.rss_kib)"
 PRE_FD="$(j .pre_churn.fds)"; POST_FD="$(j .post_churn.fds)"
 
 log "tool exit $BENCH_RC: $CONNECTS connects ($CHURN churn, ${CHURN_RATE}/s), $DISCONNECTS disconnects, $MESSAGES messages, $ERRORS errors"
 log "RSS KiB: baseline $RSS0, pre-churn $PRE_RSS, post-churn $POST_RSS (held set open), after close $RSS2"
+log "RSS trend (MiB every 5 s): $(awk '{printf "%.0f ", $2/1024}' "$OUT/rss.tsv")"
 log "fds:     baseline $FD0, pre-churn $PRE_FD, post-churn $POST_FD (held set open), after close $FD2"
 
 PASS=0; FAIL=0

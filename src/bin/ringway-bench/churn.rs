@@ -132,7 +132,11 @@ pub struct ChurnReport {
 impl fmt::Display for ChurnReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "churn {} ({} thread(s))", self.url, self.threads)?;
-        writeln!(f, "  held:         {} of {}", self.held_connected, self.held)?;
+        writeln!(
+            f,
+            "  held:         {} of {}",
+            self.held_connected, self.held
+        )?;
         writeln!(
             f,
             "  churn:        {} connects in {:.1} s = {:.0}/s (target {:.0}/s)",
@@ -149,11 +153,7 @@ impl fmt::Display for ChurnReport {
                 b.rss_kib,
                 (b.rss_kib as f64 - a.rss_kib as f64) * 100.0 / a.rss_kib.max(1) as f64
             )?;
-            writeln!(
-                f,
-                "  server fds:   {} before churn, {} after",
-                a.fds, b.fds
-            )?;
+            writeln!(f, "  server fds:   {} before churn, {} after", a.fds, b.fds)?;
         }
         write!(f, "  errors:       {}", self.errors)
     }
@@ -222,7 +222,12 @@ pub fn run(args: ChurnArgs) -> anyhow::Result<ChurnReport> {
                     .spawn_scoped(s, move || Worker::new(cfg, shared, t, n, rate)?.run())
             })
             .collect::<Result<_, _>>()?;
-        while shared.held_settled.load(Ordering::Relaxed) < held {
+        // A worker that failed outright (its epoll broke) never settles its share.
+        while shared.held_settled.load(Ordering::Relaxed) < held
+            && !handles
+                .iter()
+                .any(|h: &std::thread::ScopedJoinHandle<_>| h.is_finished())
+        {
             std::thread::sleep(Duration::from_millis(5));
         }
         std::thread::sleep(args.warmup);
@@ -354,7 +359,11 @@ impl<'a> Worker<'a> {
             held_to_open: held,
             held_connecting: 0,
             sends: BinaryHeap::new(),
-            churn_gap_ns: if rate > 0.0 { 1e9 / rate } else { f64::INFINITY },
+            churn_gap_ns: if rate > 0.0 {
+                1e9 / rate
+            } else {
+                f64::INFINITY
+            },
             churn_k: 0,
             scratch: vec![0; READ_CHUNK],
             counts: Counts::default(),
@@ -432,9 +441,11 @@ impl<'a> Worker<'a> {
         });
         let src = self.source();
         let res = connect(self.cfg.target.addr, src).and_then(|mut s| {
-            self.poll
-                .registry()
-                .register(&mut s, Token(slot), Interest::READABLE | Interest::WRITABLE)?;
+            self.poll.registry().register(
+                &mut s,
+                Token(slot),
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
             Ok(s)
         });
         let stream = match res {
@@ -744,12 +755,20 @@ fn drive(
     let (readable, writable) = io;
     if c.state == State::Connecting {
         if let Ok(Some(e)) | Err(e) = c.stream.take_error() {
-            return Err((ErrorKind::Connect, format!("conn {:#x}: connect: {e}", c.id)));
+            return Err((
+                ErrorKind::Connect,
+                format!("conn {:#x}: connect: {e}", c.id),
+            ));
         }
         match c.stream.peer_addr() {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(Flow::Keep),
-            Err(e) => return Err((ErrorKind::Connect, format!("conn {:#x}: connect: {e}", c.id))),
+            Err(e) => {
+                return Err((
+                    ErrorKind::Connect,
+                    format!("conn {:#x}: connect: {e}", c.id),
+                ))
+            }
         }
         c.state = State::Handshaking;
         c.wbuf
@@ -767,7 +786,10 @@ fn drive(
             Ok(0) => {
                 return Err((
                     kind_of(c),
-                    format!("conn {:#x}: server closed the connection ({:?})", c.id, c.state),
+                    format!(
+                        "conn {:#x}: server closed the connection ({:?})",
+                        c.id, c.state
+                    ),
                 ))
             }
             Ok(n) => n,
@@ -852,7 +874,11 @@ fn on_data(
                 if !c.times.is_empty() {
                     return Err((
                         ErrorKind::Unanswered,
-                        format!("conn {:#x}: closed with {} replies missing", c.id, c.times.len()),
+                        format!(
+                            "conn {:#x}: closed with {} replies missing",
+                            c.id,
+                            c.times.len()
+                        ),
                     ));
                 }
                 return Ok(Flow::Done);
@@ -870,4 +896,35 @@ fn on_data(
         }
     }
     Ok(Flow::Keep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn churn_defaults_fit_the_soak() {
+        let cli = crate::Cli::try_parse_from(["ringway-bench", "churn"]).unwrap();
+        let crate::Mode::Churn(a) = cli.mode else {
+            panic!("not churn")
+        };
+        assert_eq!((a.held, a.rate), (15_000, 1000.0));
+        assert_eq!(a.duration, Duration::from_secs(60));
+        assert_eq!(a.interval, Duration::from_secs(2));
+        assert!(crate::Cli::try_parse_from(["ringway-bench", "churn", "--rate", "-1"]).is_err());
+    }
+
+    #[test]
+    fn snapshot_counts_open_descriptors() {
+        let before = snapshot(std::process::id()).unwrap();
+        let files: Vec<_> = (0..64)
+            .map(|_| std::fs::File::open("/proc/self/status").unwrap())
+            .collect();
+        let during = snapshot(std::process::id()).unwrap();
+        drop(files);
+        assert!(before.rss_kib > 0);
+        // Other test threads may open or close a few files meanwhile: a loose bound.
+        assert!(during.fds >= before.fds + 32, "{before:?} -> {during:?}");
+    }
 }
