@@ -15,7 +15,7 @@
 # and after a settle time past the churn), and again a few seconds after the tool closed
 # everything. Checks: the tool's run was clean (every connect a valid 101, every echo right,
 # every close completed), the held set all connected, the churn reached 90% of its rate,
-# post-churn RSS within 10% of pre-churn, fds the same before and after the churn and back to
+# post-churn RSS at most 10% above pre-churn, fds the same before and after the churn and back to
 # baseline once all closed, the gateway alive, and no ERROR/WARN line in its log.
 # Artifacts: target/soak/gateway.log, target/soak/bench.json, target/soak/bench.err, target/soak/rss.tsv.
 set -euo pipefail
@@ -124,8 +124,10 @@ check "tool run clean (no failed connect, wrong or missing reply, failed close)"
 check "held set connected ($HELD_OK of $HELD)" "$([ "$HELD_OK" = "$HELD" ] && echo 0 || echo 1)"
 check "churn rate ${CHURN_RATE}/s >= 90% of ${RATE}/s" \
   "$(num "$CHURN_RATE" && awk -v a="$CHURN_RATE" -v b="$RATE" 'BEGIN{exit !(a >= 0.9*b)}' && echo 0 || echo 1)"
-check "post-churn RSS within 10% of pre-churn (held set open both times)" \
-  "$(num "$PRE_RSS" && num "$POST_RSS" && awk -v a="$PRE_RSS" -v b="$POST_RSS" 'BEGIN{exit !(b <= 1.1*a && b >= 0.9*a)}' && echo 0 || echo 1)"
+# One-sided: the check is for what the churn leaves behind. RSS falling is the allocator
+# returning the held set's connect-burst memory late (it varies by a few seconds), not a fault.
+check "post-churn RSS at most 10% above pre-churn (held set open both times)" \
+  "$(num "$PRE_RSS" && num "$POST_RSS" && awk -v a="$PRE_RSS" -v b="$POST_RSS" 'BEGIN{exit !(b <= 1.1*a)}' && echo 0 || echo 1)"
 check "fds unchanged by the churn ($PRE_FD -> $POST_FD, held set open)" \
   "$(num "$PRE_FD" && [ "$PRE_FD" = "$POST_FD" ] && echo 0 || echo 1)"
 check "fds back to baseline once all closed ($FD0 -> $FD2)" \
