@@ -3,6 +3,8 @@
 //! none of the server's runtime, drives many nonblocking sockets per thread, checks every
 //! reply byte for byte, and measures the server's CPU and memory from /proc.
 
+#[path = "ringway-bench/churn.rs"]
+mod churn;
 #[path = "ringway-bench/client.rs"]
 mod client;
 #[path = "ringway-bench/payload.rs"]
@@ -52,6 +54,9 @@ enum Mode {
     Rate(RateArgs),
     /// Open connections and hold them; reports connect rate and server RSS per connection.
     Idle(IdleArgs),
+    /// Soak: hold connections that echo now and then while others connect, echo once and
+    /// close at a fixed rate; reports the server's RSS and descriptors before and after.
+    Churn(churn::ChurnArgs),
 }
 
 #[derive(Debug, Args)]
@@ -191,6 +196,11 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Mode::Idle(idle) => {
             let r = run_idle(idle)?;
+            print(&r, cli.json)?;
+            r.errors
+        }
+        Mode::Churn(args) => {
+            let r = churn::run(args)?;
             print(&r, cli.json)?;
             r.errors
         }
