@@ -35,6 +35,31 @@ fn upgrade(path: &str, extra: &str) -> String {
     )
 }
 
+/// The sum over cores of `ringway_policy_refusals_total{reason}` from the admin listener.
+async fn refusals(gw: &Gateway, reason: &str) -> u64 {
+    let log = gw.log();
+    let i = log
+        .find("admin: http://")
+        .expect("gateway started with --admin");
+    let rest = &log[i + "admin: http://".len()..];
+    let admin = rest[..rest.find('/').unwrap()].to_string();
+    let mut s = tokio::net::TcpStream::connect(&admin).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    timeout(WAIT, s.read_to_string(&mut text))
+        .await
+        .unwrap()
+        .unwrap();
+    let want = format!("reason=\"{reason}\"");
+    text.lines()
+        .filter(|l| l.starts_with("ringway_policy_refusals_total{") && l.contains(&want))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
 async fn echo_works(url: &str) {
     let (mut ws, _) = timeout(WAIT, tokio_tungstenite::connect_async(url))
         .await
@@ -62,6 +87,11 @@ async fn origin_outside_the_allowlist_gets_403() {
     )
     .await;
     assert_eq!(resp.status, 403);
+    assert_eq!(
+        refusals(&gw, "origin").await,
+        2,
+        "both refusals are counted"
+    );
     // Allowed origins connect.
     let mut req = format!("ws://{}/", gw.addr).into_client_request().unwrap();
     req.headers_mut()
@@ -82,7 +112,7 @@ async fn tokens_are_verified_at_the_edge() {
     let config = format!(
         "[[routes]]\npath = \"/*\"\n[routes.jwt]\nalgorithm = \"HS256\"\nsecret = \"{SECRET}\"\npass_claims = [\"tenant\"]\n"
     );
-    let gw = Gateway::with_config(&config, &[]);
+    let gw = Gateway::with_config(&config, &["--admin", "127.0.0.1:0"]);
     let cases = [
         ("no token", String::new()),
         (
@@ -104,6 +134,11 @@ async fn tokens_are_verified_at_the_edge() {
         assert_eq!(resp.header("www-authenticate"), Some("Bearer"), "{what}");
         assert!(!body.trim().is_empty(), "{what}: a reason is given");
     }
+    assert_eq!(
+        refusals(&gw, "auth").await,
+        4,
+        "every failed token is counted"
+    );
     // A valid token, from the header, the query and a subprotocol.
     let mut req = format!("ws://{}/", gw.addr).into_client_request().unwrap();
     req.headers_mut().insert(
@@ -143,7 +178,7 @@ async fn tokens_are_verified_at_the_edge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_flood_is_closed_1008_and_others_are_unaffected() {
     let config = "[[routes]]\npath = \"/*\"\nmessages_per_sec = 20\nmessage_burst = 20\n";
-    let gw = Gateway::with_config(config, &[]);
+    let gw = Gateway::with_config(config, &["--admin", "127.0.0.1:0"]);
     let (mut flood, _) = timeout(WAIT, tokio_tungstenite::connect_async(gw.url()))
         .await
         .unwrap()
@@ -164,13 +199,18 @@ async fn message_flood_is_closed_1008_and_others_are_unaffected() {
         }
     };
     assert_eq!(code, CloseCode::Policy);
+    assert_eq!(
+        refusals(&gw, "message_rate").await,
+        1,
+        "the flood is counted once"
+    );
     echo_works(&gw.url()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_flood_from_one_ip_gets_429() {
     let config = "[ip_limits]\nconnects_per_sec = 5\nconnect_burst = 5\n";
-    let gw = Gateway::with_config(config, &["--workers", "1"]);
+    let gw = Gateway::with_config(config, &["--workers", "1", "--admin", "127.0.0.1:0"]);
     let mut statuses = Vec::new();
     for _ in 0..30 {
         let (resp, _) = common::http_exchange(gw.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;

@@ -206,6 +206,16 @@ impl Collector for Sources {
             "Subscriptions ignored because the connection reached max_subscriptions",
             self.per_core(&[], |s| s.subscription_limit.get()),
         )?;
+        let mut refused = self.per_core(&[("reason", "ip_limit")], |s| s.ip_refused.get());
+        refused.extend(self.per_core(&[("reason", "origin")], |s| s.origin_refused.get()));
+        refused.extend(self.per_core(&[("reason", "auth")], |s| s.auth_failed.get()));
+        refused.extend(self.per_core(&[("reason", "message_rate")], |s| s.rate_limited.get()));
+        counters(
+            e,
+            "ringway_policy_refusals",
+            "Clients refused by the edge policy: per-IP limits (429/503), Origin (403), token (401), message rate (close 1008)",
+            refused,
+        )?;
         let mut slow = self.per_core(&[("action", "closed")], |s| s.overflow_closed.get());
         slow.extend(self.per_core(&[("action", "dropped")], |s| s.overflow_dropped.get()));
         counters(
