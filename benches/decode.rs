@@ -127,6 +127,7 @@ fn decoder() -> MessageDecoder {
         Limits {
             max_frame: 1 << 20,
             max_message: 1 << 20,
+            max_fragments: 0,
         },
     )
 }

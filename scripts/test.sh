@@ -26,4 +26,4 @@ step "fuzzing: handshake, frames, relay decoders (15 s each, when cargo-fuzz is 
 bash scripts/fuzz.sh "${RINGWAY_FUZZ_SECONDS:-15}"
 
 step "Autobahn|Testsuite fuzzingclient (all cases but 12.* and 13.*: compression is not offered)"
-bash scripts/autobahn.sh --binary target/release/ringway -- --max-message 16777216
+bash scripts/autobahn.sh --binary target/release/ringway -- --max-message 16777216 --max-fragments 0

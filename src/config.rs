@@ -119,6 +119,8 @@ pub struct RouteConfig {
     pub pass_headers: Vec<String>,
     pub max_subscriptions: usize,
     pub slow_consumer: SlowConsumer,
+    /// Frames one message may span (0: no limit); beyond it close 1008.
+    pub max_fragments: u32,
     /// Allowed `Origin`s: exact (`https://app.example.com`) or `https://*.example.com`;
     /// empty or `"*"` allows every origin. Others get 403.
     pub origins: Vec<String>,
@@ -144,6 +146,7 @@ impl Default for RouteConfig {
             pass_headers: Vec::new(),
             max_subscriptions: 100,
             slow_consumer: SlowConsumer::Close,
+            max_fragments: DEFAULT_MAX_FRAGMENTS,
             origins: Vec::new(),
             allow_missing_origin: false,
             jwt: None,
@@ -152,6 +155,13 @@ impl Default for RouteConfig {
         }
     }
 }
+
+/// Browsers never fragment what they send; other clients fragment large messages into a
+/// handful of frames. 1,024 frames of a 64 KiB message average 64 bytes each.
+pub const DEFAULT_MAX_FRAGMENTS: u32 = 1024;
+
+/// The smallest memory budget that lets a few connections work at all.
+pub const MIN_MEMORY_BUDGET: u64 = 64 * 1024;
 
 /// The whole runtime configuration, with the defaults users of uWS, Centrifugo and Pushpin
 /// expect (see ARCHITECTURE.md).
@@ -190,6 +200,12 @@ pub struct Config {
     pub max_subscriptions: usize,
     /// Slow-consumer policy when no route sets its own.
     pub slow_consumer: SlowConsumer,
+    /// Frames one message may span when no route sets its own (0: no limit).
+    pub max_fragments: u32,
+    /// Bytes of connection state and buffers (handshake, message assembly, send queues)
+    /// across all cores beyond which new connections get 503; absent means half the memory
+    /// this process may use (RAM, or the cgroup's memory.max when lower).
+    pub memory_budget_bytes: Option<u64>,
     /// Per-client-IP limits on concurrent and new connections (IPv6 by /64), split over cores.
     pub ip_limits: crate::policy::rate::IpLimits,
     /// The admin listener (/metrics, /healthz, /readyz); keep it off public interfaces.
@@ -221,6 +237,8 @@ impl Default for Config {
             relay_queue: 65_536,
             max_subscriptions: 100,
             slow_consumer: SlowConsumer::Close,
+            max_fragments: DEFAULT_MAX_FRAGMENTS,
+            memory_budget_bytes: None,
             ip_limits: Default::default(),
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9091))),
             upstreams: Vec::new(),
@@ -323,6 +341,15 @@ impl Config {
         if self.handshake_timeout_ms == 0 {
             return bad("handshake_timeout_ms", "must be positive");
         }
+        if self
+            .memory_budget_bytes
+            .is_some_and(|b| b < MIN_MEMORY_BUDGET)
+        {
+            return bad(
+                "memory_budget_bytes",
+                "must be at least 65536 (leave it out for half of the memory available)",
+            );
+        }
         Ok(())
     }
 
@@ -330,6 +357,7 @@ impl Config {
         Limits {
             max_frame: self.max_frame_bytes.min(self.max_message_bytes),
             max_message: self.max_message_bytes,
+            max_fragments: self.max_fragments,
         }
     }
 

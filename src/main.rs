@@ -40,6 +40,9 @@ struct Cli {
     /// Largest message (all fragments together) and frame a client may send, in bytes.
     #[arg(long, value_name = "BYTES")]
     max_message: Option<u64>,
+    /// Frames one message may span (0: no limit), for every route.
+    #[arg(long, value_name = "N")]
+    max_fragments: Option<u32>,
     /// Close connections that sent no message for this long, in milliseconds (0: never).
     #[arg(long, value_name = "MS")]
     idle_timeout_ms: Option<u64>,
@@ -103,6 +106,12 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
         config.max_message_bytes = max;
         config.max_frame_bytes = max;
     }
+    if let Some(n) = cli.max_fragments {
+        config.max_fragments = n;
+        for route in &mut config.routes {
+            route.max_fragments = n;
+        }
+    }
     if let Some(ms) = cli.idle_timeout_ms {
         config.idle_timeout_ms = ms;
     }
@@ -124,11 +133,17 @@ fn start_admin(
         return Ok(None);
     };
     let shared = gateway.shared();
+    let budget = gateway.shared();
     let state = Arc::new(AdminState::new(Sources {
         cores: gateway.stats().to_vec(),
         links: gateway.upstream_links().to_vec(),
         open_connections: Arc::new(move || {
             shared.open.load(std::sync::atomic::Ordering::Relaxed) as u64
+        }),
+        memory_budget: Arc::new(move || {
+            budget
+                .memory_budget
+                .load(std::sync::atomic::Ordering::Relaxed)
         }),
         handshake_latency: None,
     }));

@@ -117,6 +117,8 @@ pub struct Route {
     pub pass_headers: Vec<String>,
     pub max_subscriptions: usize,
     pub slow_consumer: SlowConsumer,
+    /// Frames one message may span (0: no limit).
+    pub max_fragments: u32,
 }
 
 /// How a compiled pattern matches.
@@ -192,6 +194,7 @@ impl RouteTable {
             upstream: DEFAULT_UPSTREAM.into(),
             max_subscriptions: config.max_subscriptions,
             slow_consumer: config.slow_consumer,
+            max_fragments: config.max_fragments,
             ..RouteConfig::default()
         }];
         let configs: &[RouteConfig] = if config.routes.is_empty() {
@@ -269,6 +272,7 @@ impl RouteTable {
                     .collect(),
                 max_subscriptions: r.max_subscriptions,
                 slow_consumer: r.slow_consumer,
+                max_fragments: r.max_fragments,
             });
         }
         if table.routes.len() > usize::from(RouteId::MAX) + 1 {
@@ -545,6 +549,7 @@ mod tests {
         authorize = true
         max_subscriptions = 7
         slow_consumer = "drop-newest"
+        max_fragments = 16
         [[routes]]
         path = "/api/*"
         upstream = "billing"
@@ -584,7 +589,9 @@ mod tests {
             ("tcp://backend:9000", Backend::Tcp("backend:9000".into())),
             ("unix:/run/b.sock", Backend::Unix("/run/b.sock".into())),
         ] {
-            let t = table(&format!("upstream = {upstream:?}\nmax_subscriptions = 3"));
+            let t = table(&format!(
+                "upstream = {upstream:?}\nmax_subscriptions = 3\nmax_fragments = 0"
+            ));
             assert_eq!(t.upstreams().len(), 1);
             assert_eq!(t.upstreams()[0].name, "default");
             assert_eq!(t.upstreams()[0].backends, vec![backend]);
@@ -593,6 +600,7 @@ mod tests {
                 assert_eq!((id, route.upstream), (0, 0), "{upstream} {path}");
                 assert_eq!(route.route_key, None);
                 assert_eq!(route.max_subscriptions, 3);
+                assert_eq!(route.max_fragments, 0, "the top-level limit applies");
             }
         }
     }
@@ -623,6 +631,12 @@ mod tests {
         assert!(r.authorize);
         assert_eq!(r.max_subscriptions, 7);
         assert_eq!(r.slow_consumer, SlowConsumer::DropNewest);
+        assert_eq!(r.max_fragments, 16);
+        assert_eq!(
+            t.match_path("/api/x").unwrap().1.max_fragments,
+            crate::config::DEFAULT_MAX_FRAGMENTS,
+            "a route without its own limit has the default"
+        );
         let rk = r.route_key.as_ref().unwrap();
         assert_eq!(&*rk.key, "action");
         assert_eq!(

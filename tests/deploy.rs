@@ -272,6 +272,13 @@ fn every_commented_value_is_the_real_default() {
     let mut loaded = load(&all, "uncommented");
     assert_eq!(loaded.workers, Some(4), "the documented example");
     loaded.workers = None;
+    // Likewise `memory_budget_bytes` (its default depends on the machine).
+    assert_eq!(
+        loaded.memory_budget_bytes,
+        Some(1 << 30),
+        "the documented example"
+    );
+    loaded.memory_budget_bytes = None;
     // Likewise `jwt` (off by default): its documented example must parse and build.
     assert!(
         loaded.routes.iter().any(|r| r.jwt.is_some()),

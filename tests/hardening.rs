@@ -245,3 +245,142 @@ async fn concurrent_connections_per_ip_are_capped_with_503() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     echo_works(&gw.url()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_of_too_many_fragments_is_closed_1008() {
+    let config = "[[routes]]\npath = \"/*\"\nmax_fragments = 4\n";
+    let gw = Gateway::with_config(config, &["--admin", "127.0.0.1:0"]);
+    // Four frames are within the limit and echo as one message.
+    let mut ok = common::RawWs::connect(gw.addr).await;
+    let mut wire = common::masked_frame(false, common::OP_TEXT, b"a");
+    for part in [&b"b"[..], b"c"] {
+        wire.extend(common::masked_frame(false, common::OP_CONT, part));
+    }
+    wire.extend(common::masked_frame(true, common::OP_CONT, b"d"));
+    ok.send(&wire).await;
+    let reply = ok.read_frame().await;
+    assert_eq!(
+        (reply.opcode, &reply.payload[..]),
+        (common::OP_TEXT, &b"abcd"[..])
+    );
+
+    // A stream of empty continuation frames (no message ever completes) is cut off at the
+    // fifth frame, from its header.
+    let mut hostile = common::RawWs::connect(gw.addr).await;
+    let mut wire = common::masked_frame(false, common::OP_BINARY, b"");
+    for _ in 0..1000 {
+        wire.extend(common::masked_frame(false, common::OP_CONT, b""));
+    }
+    hostile.send(&wire).await;
+    let close = hostile.expect_close(1008).await;
+    assert!(
+        close.close_reason().contains("more than 4 frames"),
+        "{}",
+        close.close_reason()
+    );
+    hostile.expect_tcp_closed().await;
+    assert_eq!(refusals(&gw, "fragments").await, 1);
+
+    // The well-behaved client is still served.
+    ok.send(&common::masked_frame(true, common::OP_TEXT, b"again"))
+        .await;
+    assert_eq!(ok.read_frame().await.payload, b"again");
+    echo_works(&gw.url()).await;
+}
+
+/// Send an upgrade request on a fresh connection: the response head, and the body of a
+/// refusal (the TCP connection of a 101 is simply dropped).
+async fn try_upgrade(addr: std::net::SocketAddr) -> (common::HttpResponse, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(upgrade("/", "").as_bytes()).await.unwrap();
+    let (head, rest) = common::read_http_head(&mut stream).await;
+    let resp = common::HttpResponse::parse(&head);
+    if resp.status == 101 {
+        return (resp, String::new());
+    }
+    let mut body = rest;
+    let len: usize = resp.header("content-length").unwrap().parse().unwrap();
+    while body.len() < len {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 1024];
+        let n = timeout(WAIT, stream.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        body.extend_from_slice(&chunk[..n]);
+    }
+    (resp, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A client that sends most of a large message and then stalls holds its assembly buffer.
+async fn hog(addr: std::net::SocketAddr, claim: usize, send: usize) -> common::RawWs {
+    let mut ws = common::RawWs::connect(addr).await;
+    let mask = [1, 2, 3, 4];
+    let mut wire = common::frame_header(true, 0, common::OP_BINARY, Some(mask), claim as u64);
+    wire.extend((0..send).map(|i| (i as u8) ^ mask[i % 4]));
+    ws.send(&wire).await;
+    ws
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_budget_refuses_new_connections_with_503() {
+    let config = "memory_budget_bytes = 262144\nmax_message_bytes = 1048576\n\
+                  max_frame_bytes = 1048576\n";
+    let gw = Gateway::with_config(config, &["--workers", "1", "--admin", "127.0.0.1:0"]);
+    let (mut early, _) = timeout(WAIT, tokio_tungstenite::connect_async(gw.url()))
+        .await
+        .unwrap()
+        .unwrap();
+    // Stalled 200 KB messages hold at least 150 KB of assembly buffer each: the first fits in
+    // the 256 KiB budget, by the second the budget is used up and new clients get 503.
+    let mut hogs = Vec::new();
+    let mut status = 0;
+    let mut body = String::new();
+    for _ in 0..50 {
+        // The cores publish their totals once per loop turn: allow a moment.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (resp, b) = try_upgrade(gw.addr).await;
+        (status, body) = (resp.status, b);
+        if status == 503 {
+            assert_eq!(resp.header("retry-after"), Some("5"));
+            break;
+        }
+        assert!(hogs.len() < 2, "{} hogs admitted", hogs.len());
+        hogs.push(hog(gw.addr, 200_000, 150_000).await);
+    }
+    assert!(!hogs.is_empty(), "refused before any memory was held");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("memory budget"), "{body}");
+    assert!(refusals(&gw, "memory").await >= 1);
+    assert!(
+        gw.log().contains("memory budget reached"),
+        "the refusal is logged: {}",
+        gw.log()
+    );
+
+    // Connections admitted before are still served.
+    early.send(Message::text("still here")).await.unwrap();
+    let reply = timeout(WAIT, early.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(reply, Message::text("still here"));
+
+    // Once the hogs go, their memory is released and new clients are admitted again.
+    drop(hogs);
+    let mut admitted = false;
+    for _ in 0..100 {
+        let (resp, _) = try_upgrade(gw.addr).await;
+        if resp.status == 101 {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(admitted, "memory was not released");
+    echo_works(&gw.url()).await;
+    assert!(
+        gw.log().contains("below the memory budget again"),
+        "{}",
+        gw.log()
+    );
+}

@@ -36,6 +36,7 @@ struct Outcome {
 const LIMITS: Limits = Limits {
     max_frame: 1 << 20,
     max_message: 1 << 20,
+    max_fragments: 0,
 };
 
 fn decode_pieces(pieces: &[&[u8]], limits: Limits) -> Outcome {
@@ -378,6 +379,7 @@ fn bad_streams() -> Vec<Bad> {
     b.limits = Limits {
         max_frame: 1000,
         max_message: 150,
+        max_fragments: 0,
     };
     out.push(b);
     out

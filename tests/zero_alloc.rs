@@ -73,6 +73,7 @@ fn allocs_for(wire: &[u8], check: impl Fn(Event<'_>)) -> usize {
     let limits = Limits {
         max_frame: 1 << 20,
         max_message: 1 << 20,
+        max_fragments: 0,
     };
     let mut dec = MessageDecoder::new(Role::Server, limits);
     let mut buf = wire.to_vec();

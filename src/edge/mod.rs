@@ -37,6 +37,18 @@ pub struct Shared {
     /// relaxed load per loop turn) and take the new one when it moved.
     pub reload_generation: AtomicU64,
     pub reloaded: Mutex<Option<(Arc<Config>, Arc<RouteTable>)>>,
+    /// Bytes of connection state and buffers across all cores: each core adds its change
+    /// once per loop turn, so the sum lags by at most one batch of events per core.
+    pub buffer_bytes: AtomicU64,
+    /// Beyond `buffer_bytes` of this, new connections get 503 (resolved at start and reload).
+    pub memory_budget: AtomicU64,
+}
+
+impl Shared {
+    /// Whether connection buffers use the whole budget: new connections are refused.
+    pub fn over_memory_budget(&self) -> bool {
+        self.buffer_bytes.load(Ordering::Relaxed) >= self.memory_budget.load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +108,25 @@ pub fn check_io_uring() -> Result<(), EdgeError> {
     }
 }
 
+/// The configured memory budget, or half of what the process may use; logged, since it
+/// decides when new connections start getting 503.
+fn resolve_memory_budget(config: &Config) -> u64 {
+    let budget = config
+        .memory_budget_bytes
+        .unwrap_or_else(crate::ops::memory::default_budget);
+    let how = if config.memory_budget_bytes.is_some() {
+        "memory_budget_bytes"
+    } else {
+        "half of the memory available"
+    };
+    tracing::info!(
+        "memory budget for connection buffers: {budget} bytes ({} MiB, {how}); beyond it new \
+         connections get 503",
+        budget >> 20
+    );
+    budget
+}
+
 impl Gateway {
     /// Bind every core's listener, start the cores and the relay, and return once every core
     /// is serving (or the first error any of them hit).
@@ -113,6 +144,9 @@ impl Gateway {
             })?;
         let local_addr = listeners[0].local_addr().map_err(EdgeError::Setup)?;
         let shared = Arc::new(Shared::default());
+        shared
+            .memory_budget
+            .store(resolve_memory_budget(&config), Ordering::Relaxed);
         let cpus = core_affinity::get_core_ids().unwrap_or_default();
 
         let (relay_tx, relay_rx) = crossbeam_channel::bounded(config.relay_queue);
@@ -216,6 +250,9 @@ impl Gateway {
         {
             return Err(EdgeError::NeedsRestart);
         }
+        self.shared
+            .memory_budget
+            .store(resolve_memory_budget(&config), Ordering::Relaxed);
         *self
             .shared
             .reloaded
@@ -233,6 +270,11 @@ impl Gateway {
     /// Every backend link, for metrics and readiness.
     pub fn upstream_links(&self) -> &[crate::ops::metrics::UpstreamLink] {
         &self.upstream_links
+    }
+
+    /// The memory budget in force, in bytes.
+    pub fn memory_budget(&self) -> u64 {
+        self.shared.memory_budget.load(Ordering::Relaxed)
     }
 
     /// Open WebSocket connections across all cores.

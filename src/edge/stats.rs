@@ -55,6 +55,12 @@ pub struct CoreStats {
     pub origin_refused: Counter,
     pub auth_failed: Counter,
     pub rate_limited: Counter,
+    /// Closed 1008 for a message of more frames than the route's max_fragments.
+    pub fragment_limited: Counter,
+    /// Refused with 503 because connection buffers used the whole memory budget.
+    pub memory_refused: Counter,
+    /// Bytes of connection state and buffers this core holds (a gauge).
+    pub buffer_bytes: Counter,
     /// Connections currently held by this core (handshaking, open or closing).
     pub live: Counter,
 }

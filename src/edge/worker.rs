@@ -22,7 +22,8 @@ use crate::policy::rate::{MessageRate, PerIpLimiter};
 use crate::protocol::close;
 use crate::protocol::frame::{self, OpCode, Role, MAX_HEADER_LEN};
 use crate::protocol::handshake::{self, Parsed};
-use crate::protocol::message::{Event, MessageDecoder, MessageKind};
+use crate::protocol::message::{Event, Limits, MessageDecoder, MessageKind};
+use crate::protocol::ProtocolError;
 use crate::relay::{OpenInfo, ToEdge, ToUpstream, Topic};
 use crate::route::RouteTable;
 use std::collections::HashMap;
@@ -182,6 +183,9 @@ impl Worker {
                 arena: BytesMut::new(),
                 stats: setup.stats,
                 now_ms: 0,
+                charged: 0,
+                published: 0,
+                over_budget: false,
             },
             buffers,
             ring,
@@ -248,6 +252,7 @@ impl Worker {
             self.rearm_recvs();
             self.flush_sends();
             self.buffers.publish();
+            self.core.publish_memory();
             let generation = self.core.shared.reload_generation.load(Ordering::Acquire);
             if generation != self.reload_generation {
                 self.reload_generation = generation;
@@ -421,10 +426,23 @@ impl Worker {
         let id = ConnId::new(self.index as u8, slot, generation);
         let decoder = MessageDecoder::new(Role::Server, self.core.config.message_limits());
         let mut conn = Connection::new(id, fd, decoder, self.core.now_ms);
-        // Per-IP admission before anything is read: a refused client gets its answer (429 or
-        // 503 with a reason) once its request arrives, and costs nothing more.
+        // Admission before anything is read: a refused client gets its answer (503 or 429
+        // with a reason) once its request arrives, and costs nothing more.
         conn.ip = peer_addr(fd).map(|a| a.ip());
-        if let Some(ip) = conn.ip {
+        if !self.core.memory_admits() {
+            self.core.stats.memory_refused.inc();
+            let response = handshake::error_response(
+                503,
+                "server memory budget exhausted",
+                &[("Retry-After", "5")],
+            );
+            tracing::debug!(conn = %id, "refused: memory budget exhausted");
+            conn.queue(response);
+            conn.reading_done = true;
+            conn.close_after_flush = true;
+            conn.dirty = true;
+            self.dirty.push(slot);
+        } else if let Some(ip) = conn.ip {
             match self.core.ip_limiter.try_open(ip, self.core.now_ms) {
                 Ok(()) => conn.counted_ip = true,
                 Err(refusal) => {
@@ -444,6 +462,8 @@ impl Worker {
                 }
             }
         }
+        conn.charged = conn.footprint();
+        self.core.charged += conn.charged as u64;
         self.slots[slot as usize].conn = Some(conn);
         self.live += 1;
         self.core.stats.live.set(self.live as u64);
@@ -653,6 +673,9 @@ impl Worker {
         let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
             return;
         };
+        let now = conn.footprint();
+        self.core.charged = self.core.charged - conn.charged as u64 + now as u64;
+        conn.charged = now;
         if std::mem::take(&mut conn.wants_pause) && !conn.paused && !conn.shut && !conn.eof {
             // Inbound backpressure: cancel its multishot recv so the kernel's socket buffer
             // fills and TCP flow control slows the client down.
@@ -718,6 +741,7 @@ impl Worker {
     fn free_slot(&mut self, slot: u32) {
         let s = &mut self.slots[slot as usize];
         let Some(conn) = s.conn.take() else { return };
+        self.core.charged -= conn.charged as u64;
         for topic in &conn.subscriptions {
             unsubscribe(&mut self.topics, topic, slot);
         }
@@ -948,10 +972,33 @@ impl Worker {
         let Some((config, routes)) = reloaded else {
             return;
         };
-        let limits = config.message_limits();
-        for slot in &mut self.slots {
-            if let Some(conn) = slot.conn.as_mut() {
-                conn.decoder.set_limits(limits);
+        // Route ids are indexes into the table: find each open connection's route again by
+        // its pattern. A connection whose route is gone is closed 1001.
+        let mut gone = Vec::new();
+        for (slot, s) in self.slots.iter_mut().enumerate() {
+            let Some(conn) = s.conn.as_mut() else {
+                continue;
+            };
+            let pattern = &self.core.routes.route(conn.route).path;
+            let probe = match pattern.strip_suffix("/*") {
+                Some("") => "/",
+                Some(prefix) => prefix,
+                None => pattern,
+            };
+            match routes.match_path(probe) {
+                Some((id, route)) => {
+                    conn.route = id;
+                    conn.decoder
+                        .set_limits(route_limits(&config, route.max_fragments));
+                }
+                None => {
+                    // Route 0 always exists; a connection still handshaking gets its route then.
+                    conn.route = 0;
+                    conn.decoder.set_limits(config.message_limits());
+                    if conn.is_open() {
+                        gone.push(slot as u32);
+                    }
+                }
             }
         }
         self.core
@@ -959,6 +1006,16 @@ impl Worker {
             .set_limits(config.ip_limits.per_core(self.core.workers));
         self.core.config = config;
         self.core.routes = routes;
+        for &slot in &gone {
+            let conn = self.slots[slot as usize]
+                .conn
+                .as_mut()
+                .expect("listed above");
+            tracing::info!(conn = %conn.id, "route removed by reload: closing 1001");
+            self.core
+                .close_after_replies(conn, close::GOING_AWAY, "route removed");
+            self.after_event(slot);
+        }
         tracing::debug!(core = self.index, "configuration reloaded");
     }
 
@@ -1067,6 +1124,14 @@ fn set_nodelay(fd: RawFd) {
     }
 }
 
+/// A connection's message limits once its route is known: the route sets the fragments.
+fn route_limits(config: &Config, max_fragments: u32) -> Limits {
+    Limits {
+        max_fragments,
+        ..config.message_limits()
+    }
+}
+
 fn opcode_for(kind: MessageKind) -> OpCode {
     match kind {
         MessageKind::Text => OpCode::Text,
@@ -1128,9 +1193,62 @@ struct Core {
     arena: BytesMut,
     stats: Arc<CoreStats>,
     now_ms: u64,
+    /// Bytes its connections hold (`Connection::footprint`), and how much of that the
+    /// shared total already includes.
+    charged: u64,
+    published: u64,
+    /// Refusing for the memory budget: logged once when it starts and once when it ends.
+    over_budget: bool,
 }
 
 impl Core {
+    /// Bring the shared total up to date with this core's connections; once per loop turn.
+    fn publish_memory(&mut self) {
+        if self.charged != self.published {
+            if self.charged > self.published {
+                self.shared
+                    .buffer_bytes
+                    .fetch_add(self.charged - self.published, Ordering::Relaxed);
+            } else {
+                self.shared
+                    .buffer_bytes
+                    .fetch_sub(self.published - self.charged, Ordering::Relaxed);
+            }
+            self.published = self.charged;
+            self.stats.buffer_bytes.set(self.charged);
+        }
+    }
+
+    /// Whether a new connection fits in the memory budget, counting this core's unpublished
+    /// growth too; says so in the log when that changes.
+    fn memory_admits(&mut self) -> bool {
+        let others = self
+            .shared
+            .buffer_bytes
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.published);
+        let used = others + self.charged;
+        let budget = self.shared.memory_budget.load(Ordering::Relaxed);
+        let admits = used < budget;
+        if admits == self.over_budget {
+            self.over_budget = !admits;
+            if admits {
+                tracing::info!(
+                    used,
+                    budget,
+                    "below the memory budget again: accepting new connections"
+                );
+            } else {
+                tracing::warn!(
+                    used,
+                    budget,
+                    "memory budget reached: new connections get 503 until buffers are released"
+                );
+            }
+        }
+        admits
+    }
+
     /// Encode a server frame into the core's arena: frames share its allocations, so a
     /// reply costs no allocation of its own.
     fn encode(&mut self, opcode: OpCode, payload: &[u8]) -> Bytes {
@@ -1338,6 +1456,8 @@ impl Core {
                 }
                 conn.counted_open = true;
                 conn.route = route_id;
+                conn.decoder
+                    .set_limits(route_limits(&self.config, route.max_fragments));
                 let authorize = route.authorize && self.relay.is_some();
                 let mut headers: Vec<(String, String)> = request
                     .headers
@@ -1466,6 +1586,9 @@ impl Core {
                 Ok(r) => r,
                 Err(e) => {
                     self.stats.protocol_errors.inc();
+                    if let ProtocolError::TooManyFragments { .. } = e {
+                        self.stats.fragment_limited.inc();
+                    }
                     tracing::debug!(conn = %conn.id, "protocol error: {e}");
                     let reason = e.to_string();
                     self.close_after_replies(conn, e.close_code(), &reason);

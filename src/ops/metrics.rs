@@ -49,6 +49,8 @@ pub struct Sources {
     pub links: Vec<UpstreamLink>,
     /// Open WebSocket connections across all cores (the gauge the connection limit uses).
     pub open_connections: Probe<u64>,
+    /// The memory budget in force, in bytes.
+    pub memory_budget: Probe<u64>,
     /// Time from accept to the 101 response; `None` omits the metric.
     pub handshake_latency: Option<Probe<HistogramSnapshot>>,
 }
@@ -210,11 +212,25 @@ impl Collector for Sources {
         refused.extend(self.per_core(&[("reason", "origin")], |s| s.origin_refused.get()));
         refused.extend(self.per_core(&[("reason", "auth")], |s| s.auth_failed.get()));
         refused.extend(self.per_core(&[("reason", "message_rate")], |s| s.rate_limited.get()));
+        refused.extend(self.per_core(&[("reason", "fragments")], |s| s.fragment_limited.get()));
+        refused.extend(self.per_core(&[("reason", "memory")], |s| s.memory_refused.get()));
         counters(
             e,
             "ringway_policy_refusals",
-            "Clients refused by the edge policy: per-IP limits (429/503), Origin (403), token (401), message rate (close 1008)",
+            "Clients refused by the edge policy: per-IP limits (429/503), Origin (403), token (401), message rate or fragments per message (close 1008), memory budget (503)",
             refused,
+        )?;
+        gauges(
+            e,
+            "ringway_buffer_bytes",
+            "Bytes of connection state and buffers a core holds (counted by the memory budget)",
+            self.per_core(&[], |s| s.buffer_bytes.get()),
+        )?;
+        gauges(
+            e,
+            "ringway_memory_budget_bytes",
+            "Connection buffers across all cores beyond which new connections get 503",
+            [(Labels::new(), (self.memory_budget)())],
         )?;
         let mut slow = self.per_core(&[("action", "closed")], |s| s.overflow_closed.get());
         slow.extend(self.per_core(&[("action", "dropped")], |s| s.overflow_dropped.get()));
@@ -354,6 +370,8 @@ pub(crate) mod tests {
         b.overflow_closed.add(4);
         b.overflow_dropped.add(6);
         a.live.set(8);
+        b.memory_refused.add(2);
+        a.buffer_bytes.set(4096);
         let up = Arc::new(LinkState::default());
         up.live.store(true, Ordering::Relaxed);
         up.reconnects.store(3, Ordering::Relaxed);
@@ -375,6 +393,7 @@ pub(crate) mod tests {
                 },
             ],
             open_connections: Arc::new(|| 42),
+            memory_budget: Arc::new(|| 1 << 30),
             handshake_latency: None,
         }
     }
@@ -394,6 +413,15 @@ pub(crate) mod tests {
         );
         assert_eq!(g("ringway_connections_open", &[]), Some(42.0));
         assert_eq!(g("ringway_connections_held", &[("core", "0")]), Some(8.0));
+        assert_eq!(g("ringway_buffer_bytes", &[("core", "0")]), Some(4096.0));
+        assert_eq!(g("ringway_memory_budget_bytes", &[]), Some(1073741824.0));
+        assert_eq!(
+            g(
+                "ringway_policy_refusals_total",
+                &[("core", "1"), ("reason", "memory")]
+            ),
+            Some(2.0)
+        );
         assert_eq!(
             g(
                 "ringway_handshakes_total",

@@ -24,6 +24,8 @@ pub enum ProtocolError {
     FrameTooLarge { len: u64, limit: u64 },
     #[error("message of at least {len} bytes exceeds the limit of {limit}")]
     MessageTooLarge { len: u64, limit: u64 },
+    #[error("message spans more than {limit} frames")]
+    TooManyFragments { limit: u32 },
     #[error("continuation frame without a message in progress")]
     UnexpectedContinuation,
     #[error("new data frame while a fragmented message is in progress")]
@@ -48,6 +50,7 @@ impl ProtocolError {
             ProtocolError::InvalidUtf8 | ProtocolError::InvalidCloseReason => {
                 close::INVALID_PAYLOAD
             }
+            ProtocolError::TooManyFragments { .. } => close::POLICY_VIOLATION,
             _ => close::PROTOCOL_ERROR,
         }
     }

@@ -21,6 +21,10 @@ pub struct Limits {
     pub max_frame: u64,
     /// Largest message, all fragments together (1009 beyond it).
     pub max_message: u64,
+    /// Most data frames one message may span (1008 beyond it); 0 means no limit. Without it
+    /// a peer can stream empty continuation frames forever: no message ever completes, so
+    /// neither the message size nor the message rate limit sees them.
+    pub max_fragments: u32,
 }
 
 impl Default for Limits {
@@ -28,6 +32,7 @@ impl Default for Limits {
         Limits {
             max_frame: 64 * 1024,
             max_message: 64 * 1024,
+            max_fragments: 0,
         }
     }
 }
@@ -151,6 +156,8 @@ pub struct MessageDecoder {
     /// Declared payload bytes of `message` so far, checked against `max_message` at each
     /// header, before its payload is read.
     message_len: u64,
+    /// Data frames of `message` so far.
+    fragments: u32,
     utf8: Utf8State,
     frame: Option<FrameInProgress>,
     /// A header cut by the end of an input.
@@ -173,6 +180,7 @@ impl MessageDecoder {
             assembly: BytesMut::new(),
             message: None,
             message_len: 0,
+            fragments: 0,
             utf8: Utf8State::default(),
             frame: None,
             header: [0; MAX_HEADER_LEN],
@@ -363,6 +371,10 @@ impl MessageDecoder {
                 if len > limit {
                     return Err(ProtocolError::MessageTooLarge { len, limit });
                 }
+                let max = self.limits.max_fragments;
+                if max != 0 && self.fragments >= max {
+                    return Err(ProtocolError::TooManyFragments { limit: max });
+                }
             }
             OpCode::Text | OpCode::Binary => {
                 if self.message.is_some() {
@@ -389,6 +401,7 @@ impl MessageDecoder {
             OpCode::Binary => self.begin_message(MessageKind::Binary, h.payload_len),
             OpCode::Continuation => {
                 self.message_len += h.payload_len;
+                self.fragments += 1;
             }
             OpCode::Close | OpCode::Ping | OpCode::Pong => self.control_len = 0,
         }
@@ -404,6 +417,7 @@ impl MessageDecoder {
     fn begin_message(&mut self, kind: MessageKind, len: u64) {
         self.message = Some(kind);
         self.message_len = len;
+        self.fragments = 1;
         self.utf8 = Utf8State::default();
     }
 
@@ -584,6 +598,7 @@ mod tests {
         let limits = Limits {
             max_frame: 1 << 20,
             max_message: 1 << 20,
+            ..Limits::default()
         };
         let mut dec = MessageDecoder::new(Role::Client, limits);
         let body: Vec<u8> = (0..65536u32).map(|i| (i * 7) as u8).collect();
@@ -725,10 +740,54 @@ mod tests {
     }
 
     #[test]
+    fn fragments_per_message_limit() {
+        let limits = Limits {
+            max_fragments: 3,
+            ..Limits::default()
+        };
+        // Three frames are allowed, with control frames between them not counted (§5.4).
+        let mut wire = masked(false, OpCode::Text, b"a");
+        wire.extend(masked(false, OpCode::Continuation, b"b"));
+        wire.extend(masked(true, OpCode::Ping, b"p"));
+        wire.extend(masked(true, OpCode::Continuation, b"c"));
+        let mut dec = MessageDecoder::new(Role::Server, limits);
+        let evs = feed(&mut dec, &wire).unwrap();
+        assert_eq!(
+            evs,
+            vec![Ev::Ping(b"p".to_vec()), text("abc", false)],
+            "three frames pass"
+        );
+        // The count starts again with the next message.
+        let evs = feed(&mut dec, &wire).unwrap();
+        assert_eq!(evs.len(), 2);
+        // A fourth frame, even empty, is refused from its header: 1008.
+        let mut wire = masked(false, OpCode::Binary, b"");
+        for _ in 0..2 {
+            wire.extend(masked(false, OpCode::Continuation, b""));
+        }
+        wire.extend(masked(true, OpCode::Continuation, b""));
+        let e = first_error(&mut MessageDecoder::new(Role::Server, limits), &wire);
+        assert_eq!(e, ProtocolError::TooManyFragments { limit: 3 });
+        assert_eq!(e.close_code(), 1008);
+        // 0 means no limit.
+        let mut wire = masked(false, OpCode::Binary, b"x");
+        for _ in 0..10_000 {
+            wire.extend(masked(false, OpCode::Continuation, b""));
+        }
+        wire.extend(masked(true, OpCode::Continuation, b"y"));
+        let evs = feed(&mut server(), &wire).unwrap();
+        assert_eq!(
+            evs,
+            vec![Ev::Msg(MessageKind::Binary, b"xy".to_vec(), false)]
+        );
+    }
+
+    #[test]
     fn message_too_large_at_the_header() {
         let limits = Limits {
             max_frame: 100,
             max_message: 150,
+            ..Limits::default()
         };
         let mut dec = MessageDecoder::new(Role::Server, limits);
         let mut wire = masked(false, OpCode::Binary, &[1; 100]);
@@ -754,6 +813,7 @@ mod tests {
             Limits {
                 max_frame: 100,
                 max_message: 50,
+                ..Limits::default()
             },
         );
         let e = first_error(&mut dec, &masked(true, OpCode::Text, &[b'a'; 51])[..6]);
@@ -778,6 +838,7 @@ mod tests {
         dec.set_limits(Limits {
             max_frame: 100,
             max_message: 100,
+            ..Limits::default()
         });
         let e = first_error(&mut dec, &wire);
         assert_eq!(

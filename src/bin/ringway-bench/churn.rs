@@ -474,6 +474,7 @@ impl<'a> Worker<'a> {
                 Limits {
                     max_frame: max,
                     max_message: max,
+                    max_fragments: 0,
                 },
             ),
             wbuf: BytesMut::new(),
