@@ -458,6 +458,11 @@ mod tests {
             ("listen = \"127.0.0.1\"\n", "listen", "line 1"),
             ("backlog = 10\nworkers = 0\n", "workers", "line 2"),
             ("read_buffers = 1000\n", "read_buffers", "line 1"),
+            (
+                "backlog = 10\nmemory_budget_bytes = 4096\n",
+                "memory_budget_bytes",
+                "line 2",
+            ),
             ("[[routes]]\npath = \"/x\"\nfoo = 1\n", "foo", "line 3"),
         ];
         for (text, key, line) in cases {

@@ -293,12 +293,19 @@ impl RawWs {
 
     /// Connect and send the upgrade request followed by `pipelined` in the same write.
     pub async fn connect_with(addr: SocketAddr, pipelined: &[u8]) -> RawWs {
+        RawWs::connect_path(addr, "/chat", pipelined).await
+    }
+
+    /// Connect to `path`, sending `pipelined` right after the upgrade request.
+    pub async fn connect_path(addr: SocketAddr, path: &str, pipelined: &[u8]) -> RawWs {
         let mut stream = timeout(WAIT, TcpStream::connect(addr))
             .await
             .expect("connect timed out")
             .expect("connect");
         stream.set_nodelay(true).unwrap();
-        let mut request = upgrade_request(addr).into_bytes();
+        let mut request = upgrade_request(addr)
+            .replacen("GET /chat ", &format!("GET {path} "), 1)
+            .into_bytes();
         request.extend_from_slice(pipelined);
         stream.write_all(&request).await.expect("write request");
         let (head, rest) = read_http_head(&mut stream).await;
