@@ -7,6 +7,8 @@
 mod churn;
 #[path = "ringway-bench/client.rs"]
 mod client;
+#[path = "ringway-bench/conn.rs"]
+mod conn;
 #[path = "ringway-bench/payload.rs"]
 mod payload;
 #[path = "ringway-bench/procfs.rs"]

@@ -19,7 +19,7 @@ use bytes::{Bytes, BytesMut};
 use crossbeam_channel::{Receiver, Sender};
 
 use super::protocol::{self, Decoder, Frame};
-use super::{EdgeSink, ToEdge};
+use super::{EdgeSink, OpenInfo, ToEdge};
 
 /// Where a backend listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,10 +37,11 @@ impl std::fmt::Display for Address {
     }
 }
 
-/// An encoded frame on its way to the backend, tagged so the link can replay opens.
+/// A frame on its way to the backend. Opens come unencoded: the link keeps each one to
+/// replay it, flagged, after a reconnect; closes are tagged so it can forget them.
 #[derive(Debug)]
 pub enum Outbound {
-    Open { conn: u64, frame: Bytes },
+    Open { conn: u64, info: Box<OpenInfo> },
     Close { conn: u64, frame: Bytes },
     Frame(Bytes),
 }
@@ -275,11 +276,7 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
         };
         let mut stream = stream;
         let mut out = BytesMut::new();
-        if let Ok(table) = opens.lock() {
-            for frame in table.values() {
-                out.extend_from_slice(&replayed(frame));
-            }
-        }
+        replay_opens(opens, &mut out);
         out.extend_from_slice(unsent);
         unsent.clear();
         let mut last_write = Instant::now();
@@ -340,12 +337,7 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
 
     fn take(&self, item: Outbound, opens: &Opens, out: &mut BytesMut) {
         match item {
-            Outbound::Open { conn, frame } => {
-                out.extend_from_slice(&frame);
-                if let Ok(mut t) = opens.lock() {
-                    t.insert(conn, frame);
-                }
-            }
+            Outbound::Open { conn, info } => send_open(conn, *info, opens, out),
             Outbound::Close { conn, frame } => {
                 out.extend_from_slice(&frame);
                 if let Ok(mut t) = opens.lock() {
@@ -363,39 +355,36 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
     }
 }
 
-/// The client connections a link carries, with their encoded `open` for replay.
-type Opens = Arc<Mutex<HashMap<u64, Bytes>>>;
+/// The client connections a link carries, each with its `open` as it is replayed: a
+/// [`Frame::Open`] with the replay flag set.
+type Opens = Arc<Mutex<HashMap<u64, Frame>>>;
 
-/// The same open frame with its replay flag set.
-fn replayed(open: &Bytes) -> Bytes {
-    let mut decoder = Decoder::new(usize::MAX);
-    let mut buf = BytesMut::from(&open[..]);
-    match decoder.decode(&mut buf) {
-        Ok(Some(Frame::Open {
-            conn,
-            path,
-            query,
-            headers,
-            peer,
-            authorize,
-            ..
-        })) => {
-            let mut out = BytesMut::new();
-            protocol::encode(
-                &Frame::Open {
-                    conn,
-                    path,
-                    query,
-                    headers,
-                    peer,
-                    authorize,
-                    replay: true,
-                },
-                &mut out,
-            );
-            out.freeze()
+/// Encode `conn`'s first `open` into `out` and keep it, flagged, for replay.
+fn send_open(conn: u64, info: OpenInfo, opens: &Opens, out: &mut BytesMut) {
+    let mut open = Frame::Open {
+        conn,
+        path: info.path,
+        query: info.query,
+        headers: info.headers,
+        peer: info.peer.map(|p| p.to_string()),
+        authorize: info.authorize,
+        replay: false,
+    };
+    protocol::encode(&open, out);
+    if let Frame::Open { replay, .. } = &mut open {
+        *replay = true;
+    }
+    if let Ok(mut t) = opens.lock() {
+        t.insert(conn, open);
+    }
+}
+
+/// Encode the replayed `open` of every connection the link carries into `out`.
+fn replay_opens(opens: &Opens, out: &mut BytesMut) {
+    if let Ok(table) = opens.lock() {
+        for open in table.values() {
+            protocol::encode(open, out);
         }
-        _ => open.clone(),
     }
 }
 
@@ -502,6 +491,69 @@ impl<S: EdgeSink> ReadLoop<S> {
                 }
                 self.sink.send(msg);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(path: &str) -> OpenInfo {
+        OpenInfo {
+            path: path.into(),
+            query: Some("room=1".into()),
+            headers: vec![("x-user".into(), "ann".into())],
+            peer: Some("127.0.0.1:4000".parse().unwrap()),
+            authorize: true,
+        }
+    }
+
+    fn open(conn: u64, path: &str, replay: bool) -> Frame {
+        Frame::Open {
+            conn,
+            path: path.into(),
+            query: Some("room=1".into()),
+            headers: vec![("x-user".into(), "ann".into())],
+            peer: Some("127.0.0.1:4000".into()),
+            authorize: true,
+            replay,
+        }
+    }
+
+    fn decode_all(mut buf: BytesMut) -> Vec<Frame> {
+        let mut decoder = Decoder::new(1 << 20);
+        let mut frames = Vec::new();
+        while let Some(f) = decoder.decode(&mut buf).expect("a valid frame") {
+            frames.push(f);
+        }
+        assert!(buf.is_empty(), "trailing bytes: {buf:?}");
+        frames
+    }
+
+    /// docs/relay-protocol.md "Reconnects": every carried connection's `open` is sent again
+    /// with the replay flag, otherwise as it was first sent.
+    #[test]
+    fn opens_go_out_unflagged_and_replay_flagged_with_the_same_fields() {
+        let opens: Opens = Arc::default();
+        let mut out = BytesMut::new();
+        send_open(7, info("/a"), &opens, &mut out);
+        send_open(9, info("/b"), &opens, &mut out);
+        assert_eq!(
+            decode_all(out),
+            vec![open(7, "/a", false), open(9, "/b", false)]
+        );
+
+        // Replayed on every reconnect, not only the first.
+        for _ in 0..2 {
+            let mut out = BytesMut::new();
+            replay_opens(&opens, &mut out);
+            let mut replayed = decode_all(out);
+            replayed.sort_by_key(|f| match f {
+                Frame::Open { conn, .. } => *conn,
+                _ => u64::MAX,
+            });
+            assert_eq!(replayed, vec![open(7, "/a", true), open(9, "/b", true)]);
         }
     }
 }

@@ -347,27 +347,14 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                 chosen
             }
         };
-        let info = &binding.info;
-        let mut out = BytesMut::new();
-        protocol::encode(
-            &Frame::Open {
-                conn: conn.as_u64(),
-                path: info.path.clone(),
-                query: info.query.clone(),
-                headers: info.headers.clone(),
-                peer: info.peer.map(|p| p.to_string()),
-                authorize: info.authorize,
-                replay: false,
-            },
-            &mut out,
-        );
+        let info = binding.info.clone();
         if !self.push(
             conn,
             upstream,
             link,
             Outbound::Open {
                 conn: conn.as_u64(),
-                frame: out.freeze(),
+                info,
             },
         ) {
             return None;

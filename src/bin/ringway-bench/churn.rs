@@ -8,28 +8,24 @@
 //! ports toward the server.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::BinaryHeap;
 use std::fmt;
-use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::AsRawFd;
+use std::io;
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use bytes::{Buf, BytesMut};
 use clap::Args;
-use mio::net::TcpStream;
-use mio::{Events, Interest, Poll, Token};
-use ringway::protocol::frame::{write_client_frame, OpCode, Role};
-use ringway::protocol::message::{Event, Limits, MessageDecoder, MessageKind};
+use mio::{Events, Interest, Poll, Registry, Token};
+use ringway::protocol::frame::{write_client_frame, OpCode};
 use serde::Serialize;
-use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::payload::{xorshift, PayloadGen};
+use crate::conn::{self, connect, drive, mask, ConnId, Failure, Flow, Mode, State};
+use crate::payload::xorshift;
 use crate::procfs;
 use crate::report::{ErrorKind, ErrorTally};
-use crate::sys::{now_ns, set_bind_address_no_port, sleep_until};
+use crate::sys::{now_ns, sleep_until};
 use crate::ws::{self, Target};
 
 const UNSET: u64 = u64::MAX;
@@ -277,48 +273,72 @@ pub fn run(args: ChurnArgs) -> anyhow::Result<ChurnReport> {
     })
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Connecting,
-    Handshaking,
-    Open,
-    Closing,
-}
+/// `since` counts from connect() until the 101 (the connect timeout), then from the 101
+/// (a churn connection must finish within the reply timeout).
+type Conn = conn::Conn<Extra>;
 
-struct Conn {
-    stream: TcpStream,
-    id: u64,
+struct Extra {
     held: bool,
-    state: State,
-    /// When the current state's deadline started counting.
-    since: u64,
-    key: String,
-    hs: Vec<u8>,
-    dec: MessageDecoder,
-    wbuf: BytesMut,
-    gen: PayloadGen,
-    next_seq: u64,
-    recv_seq: u64,
-    /// Send time of each unanswered message.
-    times: VecDeque<u64>,
-    want_write: bool,
-    token: Token,
-    /// Shared handle of the worker's epoll, for switching write interest on and off.
-    registry: std::sync::Arc<mio::Registry>,
 }
 
-type Failure = (ErrorKind, String);
+/// The pieces of a worker the shared driver needs while one connection is borrowed.
+struct Ctx<'a> {
+    cfg: &'a Cfg,
+    registry: &'a Registry,
+    counts: &'a mut Counts,
+    rng: &'a mut u64,
+}
 
-enum Flow {
-    Keep,
-    Done,
+impl Mode for Ctx<'_> {
+    type Ext = Extra;
+    // The soak must see a server hang-up when it happens, and an error while closing is one.
+    const STOP_AT_SHORT_READ: bool = false;
+    const READ_ERROR_AFTER_CLOSE_IS_DONE: bool = false;
+    const RESTART_CLOCK_ON_CONNECT: bool = false;
+
+    fn target(&self) -> &Target {
+        &self.cfg.target
+    }
+
+    fn registry(&self) -> &Registry {
+        self.registry
+    }
+
+    fn rng(&mut self) -> &mut u64 {
+        self.rng
+    }
+
+    fn opened(&mut self, c: &mut Conn, now: u64) {
+        self.counts.connects += 1;
+        if !c.ext.held {
+            self.counts.churn_connects += 1;
+            send_message(c, self.rng, now);
+        }
+    }
+
+    fn replied(&mut self, c: &mut Conn, _sent_at: Option<u64>, now: u64) {
+        self.counts.messages += 1;
+        if !c.ext.held && c.state == State::Open {
+            c.start_close(self.rng, now);
+        }
+    }
+
+    fn close_answered(&mut self, c: &Conn) -> Result<Flow, Failure> {
+        if !c.times.is_empty() {
+            return Err((
+                ErrorKind::Unanswered,
+                format!("{}: closed with {} replies missing", c.id, c.times.len()),
+            ));
+        }
+        Ok(Flow::Done)
+    }
 }
 
 struct Worker<'a> {
     cfg: &'a Cfg,
     shared: &'a Shared,
     poll: Poll,
-    registry: std::sync::Arc<mio::Registry>,
+    registry: Registry,
     conns: Vec<Option<Conn>>,
     free: Vec<usize>,
     live: usize,
@@ -348,7 +368,7 @@ impl<'a> Worker<'a> {
         Ok(Worker {
             cfg,
             shared,
-            registry: std::sync::Arc::new(poll.registry().try_clone()?),
+            registry: poll.registry().try_clone()?,
             poll,
             conns: Vec::new(),
             free: Vec::new(),
@@ -390,7 +410,7 @@ impl<'a> Worker<'a> {
                     for slot in 0..self.conns.len() {
                         if let Some(c) = &self.conns[slot] {
                             let msg = format!(
-                                "conn {:#x}: no close handshake in {} s",
+                                "{}: no close handshake in {} s",
                                 c.id,
                                 CLOSE_WAIT_NS / 1_000_000_000
                             );
@@ -440,7 +460,7 @@ impl<'a> Worker<'a> {
             self.conns.len() - 1
         });
         let src = self.source();
-        let res = connect(self.cfg.target.addr, src).and_then(|mut s| {
+        let res = connect(self.cfg.target.addr, Some(src)).and_then(|mut s| {
             self.poll.registry().register(
                 &mut s,
                 Token(slot),
@@ -460,32 +480,15 @@ impl<'a> Worker<'a> {
                 return false;
             }
         };
-        let max = self.cfg.size.max(1024) as u64;
-        self.conns[slot] = Some(Conn {
+        self.conns[slot] = Some(Conn::new(
             stream,
-            id,
-            held,
-            state: State::Connecting,
-            since: now,
-            key: ws::new_key(&mut self.rng),
-            hs: Vec::new(),
-            dec: MessageDecoder::new(
-                Role::Client,
-                Limits {
-                    max_frame: max,
-                    max_message: max,
-                    max_fragments: 0,
-                },
-            ),
-            wbuf: BytesMut::new(),
-            gen: PayloadGen::new(self.cfg.size, false, id + 1),
-            next_seq: 0,
-            recv_seq: 0,
-            times: VecDeque::new(),
-            want_write: true,
-            token: Token(slot),
-            registry: self.registry.clone(),
-        });
+            Token(slot),
+            ConnId { n: id, hex: true },
+            (self.cfg.size, false),
+            &mut self.rng,
+            now,
+            Extra { held },
+        ));
         self.live += 1;
         true
     }
@@ -525,12 +528,12 @@ impl<'a> Worker<'a> {
             self.sends.pop();
             let Some(c) = self.conns[slot]
                 .as_mut()
-                .filter(|c| c.id == id && c.state == State::Open)
+                .filter(|c| c.id.n == id && c.state == State::Open)
             else {
                 continue;
             };
             send_message(c, &mut self.rng, now);
-            let r = flush(c);
+            let r = c.flush(&self.registry);
             self.sends
                 .push(Reverse((now + self.cfg.interval_ns, slot, id)));
             if let Err((kind, msg)) = r {
@@ -553,7 +556,7 @@ impl<'a> Worker<'a> {
                 {
                     Some((
                         ErrorKind::Connect,
-                        format!("conn {:#x}: no 101 response in time", c.id),
+                        format!("{}: no 101 response in time", c.id),
                     ))
                 }
                 State::Open | State::Closing
@@ -563,15 +566,15 @@ impl<'a> Worker<'a> {
                 {
                     Some((
                         ErrorKind::Unanswered,
-                        format!("conn {:#x}: reply {} missing", c.id, c.recv_seq),
+                        format!("{}: reply {} missing", c.id, c.recv_seq),
                     ))
                 }
                 State::Open | State::Closing
-                    if !c.held && now - c.since >= self.cfg.reply_timeout_ns =>
+                    if !c.ext.held && now - c.since >= self.cfg.reply_timeout_ns =>
                 {
                     Some((
                         ErrorKind::Closed,
-                        format!("conn {:#x}: churn connection did not finish", c.id),
+                        format!("{}: churn connection did not finish", c.id),
                     ))
                 }
                 _ => None,
@@ -593,15 +596,15 @@ impl<'a> Worker<'a> {
                 continue;
             };
             match c.state {
-                State::Open if c.held => {
-                    start_close(c, &mut self.rng, now);
-                    if let Err((kind, msg)) = flush(c) {
+                State::Open if c.ext.held => {
+                    c.start_close(&mut self.rng, now);
+                    if let Err((kind, msg)) = c.flush(&self.registry) {
                         self.counts.errors.note(kind, 1, msg);
                         self.remove(slot);
                     }
                 }
-                State::Connecting | State::Handshaking if c.held => {
-                    let msg = format!("conn {:#x}: still connecting at the end", c.id);
+                State::Connecting | State::Handshaking if c.ext.held => {
+                    let msg = format!("{}: still connecting at the end", c.id);
                     self.counts.errors.note(ErrorKind::Connect, 1, msg);
                     self.remove(slot);
                 }
@@ -615,22 +618,14 @@ impl<'a> Worker<'a> {
             return;
         };
         let was = c.state;
-        let r = drive(
-            self.cfg,
-            c,
-            &mut self.scratch,
-            &mut self.counts,
-            &mut self.rng,
-            (readable, writable),
-            now,
-        )
-        .and_then(|flow| {
-            if matches!(flow, Flow::Keep) {
-                flush(c)?;
-            }
-            Ok(flow)
-        });
-        let (held, id, state) = (c.held, c.id, c.state);
+        let mut ctx = Ctx {
+            cfg: self.cfg,
+            registry: &self.registry,
+            counts: &mut self.counts,
+            rng: &mut self.rng,
+        };
+        let r = drive(&mut ctx, c, &mut self.scratch, readable, writable, now);
+        let (held, id, state) = (c.ext.held, c.id.n, c.state);
         let opened = matches!(was, State::Connecting | State::Handshaking)
             && matches!(state, State::Open | State::Closing);
         if opened && held {
@@ -655,7 +650,7 @@ impl<'a> Worker<'a> {
 
     fn remove(&mut self, slot: usize) {
         if let Some(c) = self.conns[slot].take() {
-            if c.held && matches!(c.state, State::Connecting | State::Handshaking) {
+            if c.ext.held && matches!(c.state, State::Connecting | State::Handshaking) {
                 self.held_connecting -= 1;
                 self.shared.held_settled.fetch_add(1, Ordering::Relaxed);
             }
@@ -665,238 +660,16 @@ impl<'a> Worker<'a> {
     }
 }
 
-fn connect(addr: SocketAddr, src: Ipv4Addr) -> io::Result<TcpStream> {
-    let s = Socket::new(
-        Domain::IPV4,
-        Type::STREAM.nonblocking().cloexec(),
-        Some(Protocol::TCP),
-    )?;
-    s.set_nodelay(true)?;
-    set_bind_address_no_port(s.as_raw_fd())?;
-    s.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
-    match s.connect(&addr.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    Ok(TcpStream::from_std(std::net::TcpStream::from(s)))
-}
-
 fn send_message(c: &mut Conn, rng: &mut u64, now: u64) {
-    let mask = (xorshift(rng) as u32).to_ne_bytes();
     write_client_frame(
         &mut c.wbuf,
         true,
         OpCode::Text,
-        mask,
+        mask(rng),
         c.gen.with_seq(c.next_seq),
     );
     c.next_seq += 1;
     c.times.push_back(now);
-}
-
-/// Normal closure (RFC 6455 §7.1.2, code 1000 per §7.4.1); done when the server's close
-/// frame or EOF arrives.
-fn start_close(c: &mut Conn, rng: &mut u64, now: u64) {
-    let mask = (xorshift(rng) as u32).to_ne_bytes();
-    write_client_frame(
-        &mut c.wbuf,
-        true,
-        OpCode::Close,
-        mask,
-        &1000u16.to_be_bytes(),
-    );
-    c.state = State::Closing;
-    c.since = now;
-}
-
-/// Write what is queued; writability is watched only while something is left over.
-fn flush(c: &mut Conn) -> Result<(), Failure> {
-    while !c.wbuf.is_empty() {
-        match c.stream.write(&c.wbuf) {
-            Ok(0) => return Err((ErrorKind::Closed, format!("conn {:#x}: write 0", c.id))),
-            Ok(n) => c.wbuf.advance(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err((kind_of(c), format!("conn {:#x}: write: {e}", c.id))),
-        }
-    }
-    let pending = !c.wbuf.is_empty();
-    if pending != c.want_write && c.state != State::Connecting {
-        let interest = if pending {
-            Interest::READABLE | Interest::WRITABLE
-        } else {
-            Interest::READABLE
-        };
-        c.registry
-            .reregister(&mut c.stream, c.token, interest)
-            .map_err(|e| (kind_of(c), format!("conn {:#x}: epoll: {e}", c.id)))?;
-        c.want_write = pending;
-    }
-    Ok(())
-}
-
-fn kind_of(c: &Conn) -> ErrorKind {
-    match c.state {
-        State::Connecting => ErrorKind::Connect,
-        State::Handshaking => ErrorKind::Handshake,
-        _ => ErrorKind::Closed,
-    }
-}
-
-fn drive(
-    cfg: &Cfg,
-    c: &mut Conn,
-    scratch: &mut [u8],
-    counts: &mut Counts,
-    rng: &mut u64,
-    io: (bool, bool),
-    now: u64,
-) -> Result<Flow, Failure> {
-    let (readable, writable) = io;
-    if c.state == State::Connecting {
-        if let Ok(Some(e)) | Err(e) = c.stream.take_error() {
-            return Err((
-                ErrorKind::Connect,
-                format!("conn {:#x}: connect: {e}", c.id),
-            ));
-        }
-        match c.stream.peer_addr() {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(Flow::Keep),
-            Err(e) => {
-                return Err((
-                    ErrorKind::Connect,
-                    format!("conn {:#x}: connect: {e}", c.id),
-                ))
-            }
-        }
-        c.state = State::Handshaking;
-        c.wbuf
-            .extend_from_slice(ws::request(&cfg.target, &c.key).as_bytes());
-        flush(c)?;
-    } else if writable {
-        flush(c)?;
-    }
-    if !readable && c.state != State::Handshaking {
-        return Ok(Flow::Keep);
-    }
-    loop {
-        let n = match c.stream.read(scratch) {
-            Ok(0) if c.state == State::Closing => return Ok(Flow::Done),
-            Ok(0) => {
-                return Err((
-                    kind_of(c),
-                    format!(
-                        "conn {:#x}: server closed the connection ({:?})",
-                        c.id, c.state
-                    ),
-                ))
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flow::Keep),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err((kind_of(c), format!("conn {:#x}: read: {e}", c.id))),
-        };
-        let mut rest;
-        let data: &mut [u8] = if c.state == State::Handshaking {
-            c.hs.extend_from_slice(&scratch[..n]);
-            let len = match ws::check_101(&c.hs, &c.key) {
-                Ok(None) => continue,
-                Ok(Some(len)) => len,
-                Err(e) => return Err((ErrorKind::Handshake, format!("conn {:#x}: {e}", c.id))),
-            };
-            c.state = State::Open;
-            c.since = now;
-            counts.connects += 1;
-            if !c.held {
-                counts.churn_connects += 1;
-                send_message(c, rng, now);
-            }
-            rest = std::mem::take(&mut c.hs).split_off(len);
-            c.key = String::new();
-            &mut rest[..]
-        } else {
-            &mut scratch[..n]
-        };
-        if let Flow::Done = on_data(c, data, counts, rng, now)? {
-            return Ok(Flow::Done);
-        }
-    }
-}
-
-fn on_data(
-    c: &mut Conn,
-    data: &mut [u8],
-    counts: &mut Counts,
-    rng: &mut u64,
-    now: u64,
-) -> Result<Flow, Failure> {
-    let mut pos = 0;
-    while pos < data.len() {
-        let (used, ev) = c
-            .dec
-            .decode(&mut data[pos..])
-            .map_err(|e| (ErrorKind::Protocol, format!("conn {:#x}: {e}", c.id)))?;
-        pos += used;
-        let Some(ev) = ev else {
-            break;
-        };
-        match ev {
-            Event::Message { kind, payload } => {
-                let got = payload.as_slice();
-                if c.recv_seq == c.next_seq {
-                    return Err((
-                        ErrorKind::WrongReply,
-                        format!("conn {:#x}: a {}-byte message nobody sent", c.id, got.len()),
-                    ));
-                }
-                c.gen
-                    .check(c.recv_seq, kind == MessageKind::Binary, got)
-                    .map_err(|m| {
-                        (
-                            ErrorKind::WrongReply,
-                            format!("conn {:#x}: reply {}: {m}", c.id, c.recv_seq),
-                        )
-                    })?;
-                c.times.pop_front();
-                c.recv_seq += 1;
-                counts.messages += 1;
-                if !c.held && c.state == State::Open {
-                    start_close(c, rng, now);
-                }
-            }
-            Event::Ping(p) => {
-                let mask = (xorshift(rng) as u32).to_ne_bytes();
-                write_client_frame(&mut c.wbuf, true, OpCode::Pong, mask, p);
-            }
-            Event::Pong(_) => {}
-            Event::Close(_) if c.state == State::Closing => {
-                if !c.times.is_empty() {
-                    return Err((
-                        ErrorKind::Unanswered,
-                        format!(
-                            "conn {:#x}: closed with {} replies missing",
-                            c.id,
-                            c.times.len()
-                        ),
-                    ));
-                }
-                return Ok(Flow::Done);
-            }
-            Event::Close(code) => {
-                return Err((
-                    ErrorKind::Closed,
-                    format!(
-                        "conn {:#x}: server sent close {:?}",
-                        c.id,
-                        code.map(|(c, r)| format!("{c} {r}"))
-                    ),
-                ))
-            }
-        }
-    }
-    Ok(Flow::Keep)
 }
 
 #[cfg(test)]

@@ -3,25 +3,20 @@
 //! locks or allocation per message; sends are corked into one write per connection per wake.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::AsRawFd;
+use std::io;
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
 use hdrhistogram::Histogram;
-use mio::net::TcpStream;
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token};
-use ringway::protocol::frame::{write_client_frame, OpCode, Role};
-use ringway::protocol::message::{Event, Limits, MessageDecoder, MessageKind};
-use socket2::{Domain, Protocol, Socket, Type};
+use mio::{Events, Interest, Poll, Registry, Token};
+use ringway::protocol::frame::{write_client_frame, OpCode};
 
-use crate::payload::{xorshift, PayloadGen};
+use crate::conn::{self, connect, drive, mask, ConnId, Flow, Mode, State};
 use crate::report::{new_histogram, ErrorKind, ErrorTally};
-use crate::sys::{now_ns, set_bind_address_no_port, set_timer_slack_ns, TimerFd};
-use crate::ws::{self, Target};
+use crate::sys::{now_ns, set_timer_slack_ns, TimerFd};
+use crate::ws::Target;
 
 /// Not yet published by the coordinating thread.
 pub const UNSET: u64 = u64::MAX;
@@ -106,43 +101,13 @@ pub struct WorkerOutput {
     pub send_lag: Histogram<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Connecting,
-    Handshaking,
-    Open,
-    Closing,
-}
+/// `times` holds the send (echo) or scheduled (rate) time of each message; those past the
+/// first `next_seq - recv_seq` wait for the in-flight cap.
+type Conn = conn::Conn<Extra>;
 
-struct Conn {
-    stream: TcpStream,
-    id: u32,
-    state: State,
-    since: u64,
-    key: String,
-    hs: Vec<u8>,
-    dec: MessageDecoder,
-    wbuf: BytesMut,
-    gen: PayloadGen,
-    /// Next sequence number to send.
-    next_seq: u64,
-    /// Sequence number the next reply must carry.
-    recv_seq: u64,
-    /// Send (echo) or scheduled (rate) time of each message from `recv_seq` on: the first
-    /// `next_seq - recv_seq` are on the wire, the rest wait for the in-flight cap.
-    times: VecDeque<u64>,
+struct Extra {
+    /// Queued in the worker's list of connections to flush after this wake.
     dirty: bool,
-    token: Token,
-    /// Registered for writability: only while a write is pending, so that the ACKs of
-    /// every message do not wake the loop.
-    want_write: bool,
-}
-
-type Failure = (ErrorKind, String);
-
-enum Flow {
-    Keep,
-    Done,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -157,7 +122,7 @@ enum Phase {
 /// mutably together.
 struct Ctx<'a> {
     plan: &'a Plan,
-    registry: mio::Registry,
+    registry: Registry,
     shared: &'a Shared,
     traffic: Traffic,
     rng: u64,
@@ -446,31 +411,18 @@ impl<'a> Worker<'a> {
             };
             let _ = &mut stream;
             let plan = self.ctx.plan;
-            let max = plan.size.max(1024) as u64;
-            self.conns[local] = Some(Conn {
+            self.conns[local] = Some(Conn::new(
                 stream,
-                id,
-                state: State::Connecting,
-                since: now_ns(),
-                key: ws::new_key(&mut self.ctx.rng),
-                hs: Vec::new(),
-                dec: MessageDecoder::new(
-                    Role::Client,
-                    Limits {
-                        max_frame: max,
-                        max_message: max,
-                        max_fragments: 0,
-                    },
-                ),
-                wbuf: BytesMut::new(),
-                gen: PayloadGen::new(plan.size, plan.binary, id as u64 + 1),
-                next_seq: 0,
-                recv_seq: 0,
-                times: VecDeque::new(),
-                dirty: false,
-                token: Token(local),
-                want_write: true,
-            });
+                Token(local),
+                ConnId {
+                    n: id.into(),
+                    hex: false,
+                },
+                (plan.size, plan.binary),
+                &mut self.ctx.rng,
+                now_ns(),
+                Extra { dirty: false },
+            ));
             self.ctx.connecting += 1;
             self.live += 1;
         }
@@ -480,7 +432,7 @@ impl<'a> Worker<'a> {
         let Some(c) = self.conns.get_mut(local).and_then(Option::as_mut) else {
             return;
         };
-        match drive(&mut self.ctx, &mut self.scratch, c, readable, writable, now) {
+        match drive(&mut self.ctx, c, &mut self.scratch, readable, writable, now) {
             Ok(Flow::Keep) => {}
             Ok(Flow::Done) => self.remove(local),
             Err((kind, msg)) => {
@@ -510,13 +462,10 @@ impl<'a> Worker<'a> {
                 continue;
             }
             let failure = match c.state {
-                State::Connecting => (
-                    ErrorKind::Connect,
-                    format!("conn {}: connect timed out", c.id),
-                ),
+                State::Connecting => (ErrorKind::Connect, format!("{}: connect timed out", c.id)),
                 State::Handshaking => (
                     ErrorKind::Handshake,
-                    format!("conn {}: no 101 response in time", c.id),
+                    format!("{}: no 101 response in time", c.id),
                 ),
                 _ => continue,
             };
@@ -541,8 +490,8 @@ impl<'a> Worker<'a> {
 
     fn mark_dirty(&mut self, local: usize) {
         if let Some(c) = self.conns[local].as_mut() {
-            if !c.dirty {
-                c.dirty = true;
+            if !c.ext.dirty {
+                c.ext.dirty = true;
                 self.dirty.push(local);
             }
         }
@@ -554,8 +503,8 @@ impl<'a> Worker<'a> {
             let Some(c) = self.conns[local].as_mut() else {
                 continue;
             };
-            c.dirty = false;
-            if let Err((kind, msg)) = flush(c, &self.ctx.registry) {
+            c.ext.dirty = false;
+            if let Err((kind, msg)) = c.flush(&self.ctx.registry) {
                 self.ctx.errors.note(kind, 1, msg);
                 self.remove(local);
             }
@@ -605,7 +554,7 @@ impl<'a> Worker<'a> {
                     ErrorKind::Unanswered,
                     c.times.len() as u64,
                     format!(
-                        "conn {}: {} messages unanswered from sequence {}",
+                        "{}: {} messages unanswered from sequence {}",
                         c.id,
                         c.times.len(),
                         c.recv_seq
@@ -632,16 +581,8 @@ impl<'a> Worker<'a> {
             };
             match c.state {
                 State::Open => {
-                    let mask = (xorshift(&mut self.ctx.rng) as u32).to_ne_bytes();
-                    write_client_frame(
-                        &mut c.wbuf,
-                        true,
-                        OpCode::Close,
-                        mask,
-                        &1000u16.to_be_bytes(),
-                    );
-                    c.state = State::Closing;
-                    if flush(c, &self.ctx.registry).is_err() {
+                    c.start_close(&mut self.ctx.rng, now);
+                    if c.flush(&self.ctx.registry).is_err() {
                         self.remove(local);
                     }
                 }
@@ -650,7 +591,7 @@ impl<'a> Worker<'a> {
                     self.ctx.errors.note(
                         ErrorKind::Connect,
                         1,
-                        format!("conn {id}: still connecting when the run ended"),
+                        format!("{id}: still connecting when the run ended"),
                     );
                     self.remove(local);
                 }
@@ -661,25 +602,6 @@ impl<'a> Worker<'a> {
             deadline: now + self.ctx.plan.close_wait_ns,
         }
     }
-}
-
-fn connect(addr: SocketAddr, src: Option<Ipv4Addr>) -> io::Result<TcpStream> {
-    let s = Socket::new(
-        Domain::IPV4,
-        Type::STREAM.nonblocking().cloexec(),
-        Some(Protocol::TCP),
-    )?;
-    s.set_nodelay(true)?;
-    if let Some(ip) = src {
-        set_bind_address_no_port(s.as_raw_fd())?;
-        s.bind(&SocketAddr::V4(SocketAddrV4::new(ip, 0)).into())?;
-    }
-    match s.connect(&addr.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    Ok(TcpStream::from_std(std::net::TcpStream::from(s)))
 }
 
 /// Write queued messages while they fit; up to K messages go out in one write.
@@ -694,231 +616,49 @@ fn pump(c: &mut Conn, in_flight: usize, rng: &mut u64) {
         if on_wire >= in_flight || on_wire >= c.times.len() {
             return;
         }
-        let mask = (xorshift(rng) as u32).to_ne_bytes();
-        write_client_frame(&mut c.wbuf, true, op, mask, c.gen.with_seq(c.next_seq));
+        write_client_frame(&mut c.wbuf, true, op, mask(rng), c.gen.with_seq(c.next_seq));
         c.next_seq += 1;
     }
 }
 
-fn flush(c: &mut Conn, registry: &mio::Registry) -> Result<(), Failure> {
-    write_out(c)?;
-    let pending = !c.wbuf.is_empty();
-    if pending != c.want_write && c.state != State::Connecting {
-        let interest = if pending {
-            Interest::READABLE | Interest::WRITABLE
-        } else {
-            Interest::READABLE
-        };
-        registry
-            .reregister(&mut c.stream, c.token, interest)
-            .map_err(|e| (closed_kind(c), format!("conn {}: epoll: {e}", c.id)))?;
-        c.want_write = pending;
-    }
-    Ok(())
-}
+impl Mode for Ctx<'_> {
+    type Ext = Extra;
+    const STOP_AT_SHORT_READ: bool = true;
+    const READ_ERROR_AFTER_CLOSE_IS_DONE: bool = true;
+    const RESTART_CLOCK_ON_CONNECT: bool = true;
 
-fn write_out(c: &mut Conn) -> Result<(), Failure> {
-    while !c.wbuf.is_empty() {
-        match c.stream.write(&c.wbuf) {
-            Ok(0) => {
-                return Err((
-                    ErrorKind::Closed,
-                    format!("conn {}: write returned 0", c.id),
-                ))
-            }
-            Ok(n) => c.wbuf.advance(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err((closed_kind(c), format!("conn {}: write: {e}", c.id))),
-        }
+    fn target(&self) -> &Target {
+        &self.plan.target
     }
-    Ok(())
-}
 
-fn closed_kind(c: &Conn) -> ErrorKind {
-    match c.state {
-        State::Connecting => ErrorKind::Connect,
-        State::Handshaking => ErrorKind::Handshake,
-        _ => ErrorKind::Closed,
+    fn registry(&self) -> &Registry {
+        &self.registry
     }
-}
 
-fn drive(
-    ctx: &mut Ctx<'_>,
-    scratch: &mut [u8],
-    c: &mut Conn,
-    readable: bool,
-    writable: bool,
-    now: u64,
-) -> Result<Flow, Failure> {
-    if c.state == State::Connecting {
-        if let Ok(Some(e)) | Err(e) = c.stream.take_error() {
-            return Err((ErrorKind::Connect, format!("conn {}: connect: {e}", c.id)));
-        }
-        match c.stream.peer_addr() {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(Flow::Keep),
-            Err(e) => return Err((ErrorKind::Connect, format!("conn {}: connect: {e}", c.id))),
-        }
-        c.state = State::Handshaking;
-        c.since = now;
-        c.wbuf
-            .extend_from_slice(ws::request(&ctx.plan.target, &c.key).as_bytes());
-        flush(c, &ctx.registry)?;
-        return handshake_read(ctx, scratch, c, now);
+    fn rng(&mut self) -> &mut u64 {
+        &mut self.rng
     }
-    if writable {
-        flush(c, &ctx.registry)?;
-    }
-    let flow = if !readable {
-        Flow::Keep
-    } else if c.state == State::Handshaking {
-        handshake_read(ctx, scratch, c, now)?
-    } else {
-        read_frames(ctx, scratch, c, now)?
-    };
-    flush(c, &ctx.registry)?;
-    Ok(flow)
-}
 
-fn handshake_read(
-    ctx: &mut Ctx<'_>,
-    scratch: &mut [u8],
-    c: &mut Conn,
-    now: u64,
-) -> Result<Flow, Failure> {
-    loop {
-        let n = match c.stream.read(scratch) {
-            Ok(0) => {
-                return Err((
-                    ErrorKind::Handshake,
-                    format!("conn {}: closed before the 101 response", c.id),
-                ))
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flow::Keep),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err((ErrorKind::Handshake, format!("conn {}: read: {e}", c.id))),
-        };
-        c.hs.extend_from_slice(&scratch[..n]);
-        let len = match ws::check_101(&c.hs, &c.key) {
-            Ok(None) => continue,
-            Ok(Some(len)) => len,
-            Err(e) => return Err((ErrorKind::Handshake, format!("conn {}: {e}", c.id))),
-        };
-        c.state = State::Open;
-        ctx.connecting -= 1;
-        ctx.shared.settled.fetch_add(1, Ordering::Relaxed);
-        ctx.shared.opened.fetch_add(1, Ordering::Relaxed);
-        let mut rest = std::mem::take(&mut c.hs);
-        c.key = String::new();
-        if ctx.running && ctx.traffic == Traffic::Echo && now < ctx.me {
-            c.times.extend(std::iter::repeat_n(now, ctx.plan.in_flight));
-            pump(c, ctx.plan.in_flight, &mut ctx.rng);
+    fn opened(&mut self, c: &mut Conn, now: u64) {
+        self.connecting -= 1;
+        self.shared.settled.fetch_add(1, Ordering::Relaxed);
+        self.shared.opened.fetch_add(1, Ordering::Relaxed);
+        if self.running && self.traffic == Traffic::Echo && now < self.me {
+            c.times
+                .extend(std::iter::repeat_n(now, self.plan.in_flight));
+            pump(c, self.plan.in_flight, &mut self.rng);
         }
-        if rest.len() > len {
-            if let Flow::Done = on_data(ctx, c, &mut rest[len..], now)? {
-                return Ok(Flow::Done);
-            }
-        }
-        return read_frames(ctx, scratch, c, now);
     }
-}
 
-fn read_frames(
-    ctx: &mut Ctx<'_>,
-    scratch: &mut [u8],
-    c: &mut Conn,
-    now: u64,
-) -> Result<Flow, Failure> {
-    loop {
-        let n = match c.stream.read(scratch) {
-            Ok(0) if c.state == State::Closing => return Ok(Flow::Done),
-            Ok(0) => {
-                return Err((
-                    ErrorKind::Closed,
-                    format!(
-                        "conn {}: server closed the connection ({} messages unanswered)",
-                        c.id,
-                        c.times.len()
-                    ),
-                ))
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flow::Keep),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) if c.state == State::Closing => return Ok(Flow::Done),
-            Err(e) => return Err((ErrorKind::Closed, format!("conn {}: read: {e}", c.id))),
-        };
-        if let Flow::Done = on_data(ctx, c, &mut scratch[..n], now)? {
-            return Ok(Flow::Done);
+    fn replied(&mut self, c: &mut Conn, sent_at: Option<u64>, now: u64) {
+        self.record(sent_at.unwrap_or(now), now);
+        if self.traffic == Traffic::Echo && now < self.me && c.state == State::Open {
+            c.times.push_back(now);
         }
-        // A short read emptied the socket; epoll reports the next arrival as a new edge,
-        // so the extra read that would only return EAGAIN is skipped.
-        if n < scratch.len() {
-            return Ok(Flow::Keep);
+        if c.state == State::Open {
+            pump(c, self.plan.in_flight, &mut self.rng);
         }
     }
-}
-
-fn on_data(ctx: &mut Ctx<'_>, c: &mut Conn, data: &mut [u8], now: u64) -> Result<Flow, Failure> {
-    let mut pos = 0;
-    while pos < data.len() {
-        let (used, ev) = c
-            .dec
-            .decode(&mut data[pos..])
-            .map_err(|e| (ErrorKind::Protocol, format!("conn {}: {e}", c.id)))?;
-        pos += used;
-        let Some(ev) = ev else {
-            break;
-        };
-        match ev {
-            Event::Message { kind, payload } => {
-                let got = payload.as_slice();
-                if c.recv_seq == c.next_seq {
-                    return Err((
-                        ErrorKind::WrongReply,
-                        format!("conn {}: a {}-byte message nobody sent", c.id, got.len()),
-                    ));
-                }
-                c.gen
-                    .check(c.recv_seq, kind == MessageKind::Binary, got)
-                    .map_err(|m| {
-                        (
-                            ErrorKind::WrongReply,
-                            format!("conn {}: reply {}: {m}", c.id, c.recv_seq),
-                        )
-                    })?;
-                let sent_at = c.times.pop_front().unwrap_or(now);
-                c.recv_seq += 1;
-                ctx.record(sent_at, now);
-                if ctx.traffic == Traffic::Echo && now < ctx.me && c.state == State::Open {
-                    c.times.push_back(now);
-                }
-                if c.state == State::Open {
-                    pump(c, ctx.plan.in_flight, &mut ctx.rng);
-                }
-            }
-            Event::Ping(p) => {
-                let mask = (xorshift(&mut ctx.rng) as u32).to_ne_bytes();
-                write_client_frame(&mut c.wbuf, true, OpCode::Pong, mask, p);
-            }
-            Event::Pong(_) => {}
-            Event::Close(_) if c.state == State::Closing => return Ok(Flow::Done),
-            Event::Close(code) => {
-                return Err((
-                    ErrorKind::Closed,
-                    format!(
-                        "conn {}: server sent close {:?} ({} messages unanswered)",
-                        c.id,
-                        code.map(|(c, r)| format!("{c} {r}")),
-                        c.times.len()
-                    ),
-                ))
-            }
-        }
-    }
-    Ok(Flow::Keep)
 }
 
 #[cfg(test)]
