@@ -131,4 +131,12 @@ fi
 command -v timeout >/dev/null 2>&1 || need_cmd_or_apt timeout coreutils
 need_cmd_or_apt systemd-analyze systemd   # tests/deploy.rs verifies the unit
 
+# cargo-fuzz, so the test command's short fuzzing runs happen (it skips them without it);
+# libFuzzer is C++. One build, about 2 minutes; RINGWAY_NO_FUZZ=1 skips it.
+if [ "${RINGWAY_NO_FUZZ:-0}" != 1 ] && ! cargo fuzz --version >/dev/null 2>&1; then
+  need_cmd_or_apt g++ g++
+  log "cargo install cargo-fuzz (about 2 minutes)"
+  cargo install --locked --quiet cargo-fuzz@0.13.2 || die "cargo install cargo-fuzz failed"
+fi
+
 log "done in $(( $(date +%s) - t0 )) s"

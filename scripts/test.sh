@@ -22,7 +22,7 @@ cargo clippy --release --all-targets -- -D warnings
 step "cargo test --release"
 cargo test --release
 
-step "fuzzing: handshake, frames, relay decoders (15 s each, when cargo-fuzz is installed)"
+step "fuzzing: handshake, frames, relay decoders (15 s each)"
 bash scripts/fuzz.sh "${RINGWAY_FUZZ_SECONDS:-15}"
 
 step "Autobahn|Testsuite fuzzingclient (all cases but 12.* and 13.*: compression is not offered)"
