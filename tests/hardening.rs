@@ -35,8 +35,9 @@ fn upgrade(path: &str, extra: &str) -> String {
     )
 }
 
-/// The sum over cores of `ringway_policy_refusals_total{reason}` from the admin listener.
-async fn refusals(gw: &Gateway, reason: &str) -> u64 {
+/// The sum over cores of the samples of `metric` whose labels contain `labels`, read from
+/// the admin listener.
+async fn metric_sum(gw: &Gateway, metric: &str, labels: &str) -> u64 {
     let log = gw.log();
     let i = log
         .find("admin: http://")
@@ -53,11 +54,21 @@ async fn refusals(gw: &Gateway, reason: &str) -> u64 {
         .await
         .unwrap()
         .unwrap();
-    let want = format!("reason=\"{reason}\"");
+    let prefix = format!("{metric}{{");
     text.lines()
-        .filter(|l| l.starts_with("ringway_policy_refusals_total{") && l.contains(&want))
+        .filter(|l| l.starts_with(&prefix) && l.contains(labels))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
         .sum()
+}
+
+/// The sum over cores of `ringway_policy_refusals_total{reason}`.
+async fn refusals(gw: &Gateway, reason: &str) -> u64 {
+    metric_sum(
+        gw,
+        "ringway_policy_refusals_total",
+        &format!("reason=\"{reason}\""),
+    )
+    .await
 }
 
 async fn echo_works(url: &str) {
@@ -338,9 +349,7 @@ async fn memory_budget_refuses_new_connections_with_503() {
     let mut hogs = Vec::new();
     let mut status = 0;
     let mut body = String::new();
-    for _ in 0..50 {
-        // The cores publish their totals once per loop turn: allow a moment.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..3 {
         let (resp, b) = try_upgrade(gw.addr).await;
         (status, body) = (resp.status, b);
         if status == 503 {
@@ -348,7 +357,17 @@ async fn memory_budget_refuses_new_connections_with_503() {
             break;
         }
         assert!(hogs.len() < 2, "{} hogs admitted", hogs.len());
+        let before = metric_sum(&gw, "ringway_buffer_bytes", "").await;
         hogs.push(hog(gw.addr, 200_000, 150_000).await);
+        // Wait until the core has read it and published its total (once per loop turn).
+        let deadline = std::time::Instant::now() + WAIT;
+        while metric_sum(&gw, "ringway_buffer_bytes", "").await < before + 150_000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the hog's bytes were never counted"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
     assert!(!hogs.is_empty(), "refused before any memory was held");
     assert_eq!(status, 503, "{body}");
