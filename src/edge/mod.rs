@@ -44,13 +44,6 @@ pub struct Shared {
     pub memory_budget: AtomicU64,
 }
 
-impl Shared {
-    /// Whether connection buffers use the whole budget: new connections are refused.
-    pub fn over_memory_budget(&self) -> bool {
-        self.buffer_bytes.load(Ordering::Relaxed) >= self.memory_budget.load(Ordering::Relaxed)
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum EdgeError {
     #[error(
@@ -270,11 +263,6 @@ impl Gateway {
     /// Every backend link, for metrics and readiness.
     pub fn upstream_links(&self) -> &[crate::ops::metrics::UpstreamLink] {
         &self.upstream_links
-    }
-
-    /// The memory budget in force, in bytes.
-    pub fn memory_budget(&self) -> u64 {
-        self.shared.memory_budget.load(Ordering::Relaxed)
     }
 
     /// Open WebSocket connections across all cores.

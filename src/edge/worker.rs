@@ -429,38 +429,35 @@ impl Worker {
         // Admission before anything is read: a refused client gets its answer (503 or 429
         // with a reason) once its request arrives, and costs nothing more.
         conn.ip = peer_addr(fd).map(|a| a.ip());
-        if !self.core.memory_admits() {
+        let refusal = if !self.core.memory_admits() {
             self.core.stats.memory_refused.inc();
-            let response = handshake::error_response(
-                503,
-                "server memory budget exhausted",
-                &[("Retry-After", "5")],
-            );
-            tracing::debug!(conn = %id, "refused: memory budget exhausted");
-            conn.queue(response);
+            Some((503, "server memory budget exhausted", 5))
+        } else if let Some(ip) = conn.ip {
+            match self.core.ip_limiter.try_open(ip, self.core.now_ms) {
+                Ok(()) => {
+                    conn.counted_ip = true;
+                    None
+                }
+                Err(r) => {
+                    self.core.stats.ip_refused.inc();
+                    Some((r.status(), r.reason(), r.retry_after_secs()))
+                }
+            }
+        } else {
+            None
+        };
+        if let Some((status, reason, retry_after)) = refusal {
+            tracing::debug!(conn = %id, ip = ?conn.ip, "refused: {reason}");
+            let retry_after = retry_after.to_string();
+            conn.queue(handshake::error_response(
+                status,
+                reason,
+                &[("Retry-After", &retry_after)],
+            ));
             conn.reading_done = true;
             conn.close_after_flush = true;
             conn.dirty = true;
             self.dirty.push(slot);
-        } else if let Some(ip) = conn.ip {
-            match self.core.ip_limiter.try_open(ip, self.core.now_ms) {
-                Ok(()) => conn.counted_ip = true,
-                Err(refusal) => {
-                    self.core.stats.ip_refused.inc();
-                    let retry = refusal.retry_after_secs().to_string();
-                    let response = handshake::error_response(
-                        refusal.status(),
-                        refusal.reason(),
-                        &[("Retry-After", &retry)],
-                    );
-                    tracing::debug!(conn = %id, %ip, "refused: {}", refusal.reason());
-                    conn.queue(response);
-                    conn.reading_done = true;
-                    conn.close_after_flush = true;
-                    conn.dirty = true;
-                    self.dirty.push(slot);
-                }
-            }
         }
         conn.charged = conn.footprint();
         self.core.charged += conn.charged as u64;
