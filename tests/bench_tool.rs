@@ -1,9 +1,9 @@
 //! `ringway-bench` end to end: against a spawned gateway it must report real throughput and
 //! no errors; against a missing or misbehaving server it must fail loudly.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use bytes::BytesMut;
 use ringway::protocol::frame::{write_server_frame, OpCode, Role};
@@ -11,52 +11,12 @@ use ringway::protocol::handshake::{parse_request, response_101, HandshakeLimits,
 use ringway::protocol::message::{Event, Limits, MessageDecoder};
 use serde_json::Value;
 
-struct Gateway {
-    child: Child,
-    url: String,
-}
+mod common;
+use common::Gateway;
 
-impl Gateway {
-    fn start(upstream: &str) -> Gateway {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ringway"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--workers",
-                "1",
-                "--upstream",
-                upstream,
-            ])
-            .env("RINGWAY_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ringway");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let url = loop {
-            let line = lines
-                .next()
-                .expect("ringway exited before serving")
-                .unwrap();
-            if let Some(i) = line.find("serving ws://") {
-                let rest = &line[i + "serving ".len()..];
-                break rest.split_whitespace().next().unwrap().to_string();
-            }
-        };
-        // Keep draining the log so the gateway never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Gateway { child, url }
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A one-core gateway with this upstream.
+fn gateway(upstream: &str) -> Gateway {
+    Gateway::start(&["--workers", "1", "--upstream", upstream])
 }
 
 /// Run the tool with `--json`; returns its exit code and parsed report.
@@ -78,12 +38,12 @@ fn bench(args: &[&str]) -> (i32, Value) {
 
 #[test]
 fn echo_against_the_gateway_reports_throughput_and_no_errors() {
-    let gw = Gateway::start("echo");
-    let pid = gw.pid();
+    let gw = gateway("echo");
+    let pid = gw.pid().to_string();
     let (code, r) = bench(&[
         "echo",
         "--url",
-        &gw.url,
+        &gw.url(),
         "--connections",
         "10",
         "--duration",
@@ -114,13 +74,13 @@ fn echo_against_the_gateway_reports_throughput_and_no_errors() {
 
 #[test]
 fn open_loop_sends_at_the_requested_rate() {
-    let gw = Gateway::start("local-echo");
+    let gw = gateway("local-echo");
     let (code, r) = bench(&[
         "rate",
         "--rate",
         "2000",
         "--url",
-        &gw.url,
+        &gw.url(),
         "--connections",
         "10",
         "--duration",
@@ -138,12 +98,12 @@ fn open_loop_sends_at_the_requested_rate() {
 
 #[test]
 fn idle_connections_from_spread_sources_are_held_and_measured() {
-    let gw = Gateway::start("echo");
-    let pid = gw.pid();
+    let gw = gateway("echo");
+    let pid = gw.pid().to_string();
     let (code, r) = bench(&[
         "idle",
         "--url",
-        &gw.url,
+        &gw.url(),
         "--connections",
         "50",
         "--hold",

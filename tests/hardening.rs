@@ -299,29 +299,13 @@ async fn message_of_too_many_fragments_is_closed_1008() {
     echo_works(&gw.url()).await;
 }
 
-/// Send an upgrade request on a fresh connection: the response head, and the body of a
-/// refusal (the TCP connection of a 101 is simply dropped).
+/// Send an upgrade request on a fresh connection: the response, and the body of a refusal
+/// (the TCP connection of a 101 is simply dropped).
 async fn try_upgrade(addr: std::net::SocketAddr) -> (common::HttpResponse, String) {
     use tokio::io::AsyncWriteExt;
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream.write_all(upgrade("/", "").as_bytes()).await.unwrap();
-    let (head, rest) = common::read_http_head(&mut stream).await;
-    let resp = common::HttpResponse::parse(&head);
-    if resp.status == 101 {
-        return (resp, String::new());
-    }
-    let mut body = rest;
-    let len: usize = resp.header("content-length").unwrap().parse().unwrap();
-    while body.len() < len {
-        use tokio::io::AsyncReadExt;
-        let mut chunk = [0u8; 1024];
-        let n = timeout(WAIT, stream.read(&mut chunk))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0);
-        body.extend_from_slice(&chunk[..n]);
-    }
+    let (resp, body) = common::read_http_response(&mut stream).await;
     (resp, String::from_utf8_lossy(&body).into_owned())
 }
 

@@ -519,10 +519,14 @@ pub async fn http_exchange(addr: SocketAddr, request: &[u8]) -> (HttpResponse, S
     http_response_then_eof(&mut stream).await
 }
 
-/// Read a whole response (head and Content-Length body) then require EOF.
-pub async fn http_response_then_eof(stream: &mut TcpStream) -> (HttpResponse, String) {
+/// Read a response head and, unless it is a 101, its Content-Length body; bytes after a
+/// 101 (the first frames) are returned as they are.
+pub async fn read_http_response(stream: &mut TcpStream) -> (HttpResponse, Vec<u8>) {
     let (head, mut body) = read_http_head(stream).await;
     let response = HttpResponse::parse(&head);
+    if response.status == 101 {
+        return (response, body);
+    }
     let len: usize = response
         .header("content-length")
         .map_or(0, |v| v.parse().expect("numeric Content-Length"));
@@ -536,6 +540,16 @@ pub async fn http_response_then_eof(stream: &mut TcpStream) -> (HttpResponse, St
         body.extend_from_slice(&chunk[..n]);
     }
     assert_eq!(body.len(), len, "bytes after the body: {body:?}");
+    (response, body)
+}
+
+/// Read a whole response (head and Content-Length body) then require EOF.
+pub async fn http_response_then_eof(stream: &mut TcpStream) -> (HttpResponse, String) {
+    let (response, body) = read_http_response(stream).await;
+    assert!(
+        body.is_empty() || response.status != 101,
+        "bytes after the 101: {body:?}"
+    );
     expect_eof(stream).await;
     (response, String::from_utf8_lossy(&body).into_owned())
 }
