@@ -554,18 +554,38 @@ async fn slow_reader_is_closed_1008_and_fast_one_unaffected() {
 
 // ----- 6: inbound backpressure from a backend that stops reading -----
 
+/// A backend that greets the gateway and then never reads again; it pings now and then so
+/// the link is not dropped for silence.
+struct StuckBackend {
+    addr: std::net::SocketAddr,
+    done: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl StuckBackend {
+    fn start() -> StuckBackend {
+        let (listener, addr) = fake_listener();
+        let (done, done_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let mut link = FakeLink::accept(&listener, WAIT).expect("a link");
+            link.handshake();
+            while done_rx.recv_timeout(Duration::from_secs(2)).is_err() {
+                link.write(&relay_frame(T_PING, &7u64.to_be_bytes()));
+            }
+        });
+        StuckBackend { addr, done, thread }
+    }
+
+    fn stop(self) {
+        self.done.send(()).unwrap();
+        let _ = self.thread.join();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_that_stops_reading_bounds_gateway_memory() {
-    let (listener, addr) = fake_listener();
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-    let backend = std::thread::spawn(move || {
-        let mut link = FakeLink::accept(&listener, WAIT).expect("a link");
-        link.handshake();
-        // Never read again; ping now and then so the link is not dropped for silence.
-        while done_rx.recv_timeout(Duration::from_secs(2)).is_err() {
-            link.write(&relay_frame(T_PING, &7u64.to_be_bytes()));
-        }
-    });
+    let backend = StuckBackend::start();
+    let addr = backend.addr;
     let gw = Gateway::with_config(
         &format!(
             "[[upstreams]]\nname = \"stuck\"\nbackends = [\"tcp://{addr}\"]\nbuffer_messages = 100\n\n\
@@ -616,8 +636,7 @@ async fn backend_that_stops_reading_bounds_gateway_memory() {
         .flatten();
     let hwm = proc_status_kib(gw.pid(), "VmHWM");
     let rss_after = proc_status_kib(gw.pid(), "VmRSS");
-    done_tx.send(()).unwrap();
-    let _ = backend.join();
+    backend.stop();
     let grew_mib = hwm.saturating_sub(rss_before) / 1024;
     eprintln!(
         "inbound backpressure: client wrote {} MiB in {flood_took:?}; writes stalled: {stalled}; \
@@ -735,15 +754,8 @@ fn frames_right_after_hello_are_read() {
 /// on `/echo` keeps answering while `/flood`'s backend is stuck.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stuck_backend_does_not_stall_other_routes() {
-    let (listener, addr) = fake_listener();
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-    let backend = std::thread::spawn(move || {
-        let mut link = FakeLink::accept(&listener, WAIT).expect("a link");
-        link.handshake();
-        while done_rx.recv_timeout(Duration::from_secs(2)).is_err() {
-            link.write(&relay_frame(T_PING, &7u64.to_be_bytes()));
-        }
-    });
+    let backend = StuckBackend::start();
+    let addr = backend.addr;
     let gw = Gateway::with_config(
         &format!(
             "[[upstreams]]\nname = \"stuck\"\nbackends = [\"tcp://{addr}\"]\nbuffer_messages = 100\n\n\
@@ -779,8 +791,7 @@ async fn stuck_backend_does_not_stall_other_routes() {
     }
     send_text(&mut echo, "during".into()).await;
     let got = ws_next_within(&mut echo, WAIT).await;
-    done_tx.send(()).unwrap();
-    let _ = backend.join();
+    backend.stop();
     assert!(
         matches!(&got, Some(Got::Other(Message::Text(t))) if t == "during"),
         "the echo route stalled behind a stuck backend ({} MiB sent to it): got {got:?}",
