@@ -40,6 +40,8 @@ need_cmd_or_apt() {
 
 # Stamp = hash of the requirements file(s) + interpreter version: a change in either forces a reinstall.
 stamp_of() { { cat "$@"; "$PYBIN" -c 'import sys; print(sys.version)' 2>&1; } | sha256sum | cut -d' ' -f1; }
+# Whether the venv at $1 was built for stamp $2.
+stamp_matches() { [ -f "$1/$STAMP" ] && [ "$(cat "$1/$STAMP")" = "$2" ]; }
 
 find_py27() {
   local c
@@ -64,6 +66,7 @@ find_py3() {
 # Makes a Python 3 venv at $1 with interpreter $2; installs python3-venv via apt if the stdlib venv module is broken.
 make_py3_venv() {
   local dir="$1" py="$2"
+  mkdir -p "$(dirname "$dir")"
   if ! "$py" -m venv "$dir" >/dev/null 2>&1; then
     rm -rf "$dir"
     [ "$py" = /usr/bin/python3 ] || die "'$py -m venv' failed"
@@ -85,7 +88,7 @@ fi
 PY27BIN="$(find_py27)" || die "CPython 2.7 not found (looked at \$PY27, pyenv 2.7.x, python2.7 on PATH). Debian 12 ships no python2; this image provides it under pyenv."
 PYBIN="$PY27BIN"
 want27="$(stamp_of "$REQ27")"
-if [ -x "$VENV27/bin/wstest" ] && [ -f "$VENV27/$STAMP" ] && [ "$(cat "$VENV27/$STAMP")" = "$want27" ] \
+if [ -x "$VENV27/bin/wstest" ] && stamp_matches "$VENV27" "$want27" \
    && "$VENV27/bin/python" -c 'import autobahntestsuite' 2>/dev/null; then
   log "wstest up to date ($VENV27, $("$VENV27/bin/wstest" -a 2>/dev/null | tr '\n' ' '))"
 else
@@ -93,7 +96,7 @@ else
   need_cmd_or_apt gcc gcc   # wsaccel is compiled from source
   PYBIN="$PY3BIN"
   wantboot="$(stamp_of "$REQBOOT")"
-  if ! { [ -x "$BOOT/bin/virtualenv" ] && [ -f "$BOOT/$STAMP" ] && [ "$(cat "$BOOT/$STAMP")" = "$wantboot" ]; }; then
+  if ! { [ -x "$BOOT/bin/virtualenv" ] && stamp_matches "$BOOT" "$wantboot"; }; then
     log "creating bootstrap venv $BOOT (virtualenv for 2.7) with $PY3BIN"
     rm -rf "$BOOT"
     make_py3_venv "$BOOT" "$PY3BIN"
@@ -115,7 +118,7 @@ fi
 # --- Python 3 websockets venv ---
 PYBIN="$PY3BIN"
 want3="$(stamp_of "$REQ3")"
-if [ -x "$VENV3/bin/python" ] && [ -f "$VENV3/$STAMP" ] && [ "$(cat "$VENV3/$STAMP")" = "$want3" ] \
+if [ -x "$VENV3/bin/python" ] && stamp_matches "$VENV3" "$want3" \
    && "$VENV3/bin/python" -c 'import websockets, prometheus_client' 2>/dev/null; then
   log "$VENV3 up to date (websockets $("$VENV3/bin/python" -c 'import websockets; print(websockets.__version__)'))"
 else
