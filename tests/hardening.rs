@@ -263,12 +263,7 @@ async fn message_of_too_many_fragments_is_closed_1008() {
     let gw = Gateway::with_config(config, &["--admin", "127.0.0.1:0"]);
     // Four frames are within the limit and echo as one message.
     let mut ok = common::RawWs::connect(gw.addr).await;
-    let mut wire = common::masked_frame(false, common::OP_TEXT, b"a");
-    for part in [&b"b"[..], b"c"] {
-        wire.extend(common::masked_frame(false, common::OP_CONT, part));
-    }
-    wire.extend(common::masked_frame(true, common::OP_CONT, b"d"));
-    ok.send(&wire).await;
+    ok.send(&common::fragmented_text(b"abcd", 4)).await;
     let reply = ok.read_frame().await;
     assert_eq!(
         (reply.opcode, &reply.payload[..]),

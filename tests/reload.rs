@@ -117,21 +117,6 @@ async fn bad_reload_is_refused_and_the_old_config_stays() {
     }
 }
 
-/// One text message in exactly `n` frames.
-fn fragmented(text: &[u8], n: usize) -> Vec<u8> {
-    let mut wire = Vec::new();
-    for i in 0..n {
-        let op = if i == 0 {
-            common::OP_TEXT
-        } else {
-            common::OP_CONT
-        };
-        let piece = &text[i * text.len() / n..(i + 1) * text.len() / n];
-        wire.extend(common::masked_frame(i + 1 == n, op, piece));
-    }
-    wire
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_that_removes_a_route_closes_its_clients_1001_and_keeps_the_others() {
     let before = "[[routes]]\npath = \"/a\"\nmax_fragments = 2\n\
@@ -139,7 +124,7 @@ async fn reload_that_removes_a_route_closes_its_clients_1001_and_keeps_the_other
     let gw = Gateway::with_config(before, &["--workers", "1"]);
     let mut on_a = common::RawWs::connect_path(gw.addr, "/a", &[]).await;
     let mut on_b = common::RawWs::connect_path(gw.addr, "/b/x", &[]).await;
-    on_b.send(&fragmented(b"two frames", 2)).await;
+    on_b.send(&common::fragmented_text(b"two frames", 2)).await;
     assert_eq!(on_b.read_frame().await.payload, b"two frames");
 
     // "/a" goes; "/b/*" moves to the first place and allows 6 frames per message.
@@ -153,10 +138,12 @@ async fn reload_that_removes_a_route_closes_its_clients_1001_and_keeps_the_other
     assert_eq!(close.close_reason(), "route removed");
 
     // The other client keeps its connection and gets its route's new limit.
-    on_b.send(&fragmented(b"now in five frames", 5)).await;
+    on_b.send(&common::fragmented_text(b"now in five frames", 5))
+        .await;
     let reply = on_b.read_frame().await;
     assert_eq!(reply.payload, b"now in five frames");
-    on_b.send(&fragmented(b"but not in seven frames", 7)).await;
+    on_b.send(&common::fragmented_text(b"but not in seven frames", 7))
+        .await;
     on_b.expect_close(1008).await;
     // And the core is alive: new clients are served.
     let (mut ws, _) = timeout(WAIT, tokio_tungstenite::connect_async(gw.url() + "b/y"))

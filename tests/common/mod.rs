@@ -209,6 +209,17 @@ pub fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     frame_bytes(fin, 0, opcode, Some([0x37, 0xfa, 0x21, 0x3d]), payload)
 }
 
+/// One text message in exactly `n` frames.
+pub fn fragmented_text(text: &[u8], n: usize) -> Vec<u8> {
+    let mut wire = Vec::new();
+    for i in 0..n {
+        let op = if i == 0 { OP_TEXT } else { OP_CONT };
+        let piece = &text[i * text.len() / n..(i + 1) * text.len() / n];
+        wire.extend(masked_frame(i + 1 == n, op, piece));
+    }
+    wire
+}
+
 /// A frame with the MASK bit clear, which a server must refuse from a client (§5.1).
 pub fn unmasked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     frame_bytes(fin, 0, opcode, None, payload)
