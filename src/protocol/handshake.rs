@@ -12,6 +12,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use sha1::{Digest, Sha1};
 use std::fmt::Write as _;
 
+use super::path::{self, PathError};
+
 #[derive(Debug, Clone, Copy)]
 pub struct HandshakeLimits {
     /// Request line plus headers, up to and including the blank line; more is 431.
@@ -40,7 +42,10 @@ pub struct ExtensionOffer {
 /// A valid WebSocket upgrade request, with what later policy (routing, origin, auth) needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
+    /// The path in its normal form (RFC 3986 §6.2.2, [`path::normalize`]), without the
+    /// query: what routes are matched on and what the backend's `open` carries.
     pub path: String,
+    /// Everything after the first `?`, exactly as sent.
     pub query: Option<String>,
     pub host: String,
     pub origin: Option<String>,
@@ -73,6 +78,9 @@ pub enum HandshakeError {
     InvalidTarget,
     #[error("request target must not contain a fragment")]
     FragmentInTarget,
+    /// The path has no safe normal form (RFC 3986 §6.2.2; see [`super::path`]).
+    #[error("invalid request path: {0}")]
+    InvalidPath(#[from] PathError),
     #[error("missing Host header")]
     MissingHost,
     #[error("duplicate {0} header")]
@@ -114,6 +122,7 @@ impl HandshakeError {
             | AbsoluteTarget
             | InvalidTarget
             | FragmentInTarget
+            | InvalidPath(_)
             | MissingHost
             | DuplicateHeader(_)
             | InvalidHeaderValue(_)
@@ -131,9 +140,9 @@ impl HandshakeError {
         use HandshakeError::*;
         let extra: &[(&str, &str)] = match self {
             MethodNotAllowed(_) => &[("Allow", "GET")],
-            // RFC 9110 §15.5.22: a 426 carries `Upgrade`; RFC 6455 §4.4 adds the version.
-            NotWebSocketUpgrade => &[("Upgrade", "websocket")],
-            MissingVersion | UnsupportedVersion(_) => {
+            // RFC 9110 §15.5.22: a 426 carries `Upgrade`; RFC 6455 §4.4 adds the version,
+            // for every 426 (the client may not speak WebSocket 13, or not yet say so).
+            NotWebSocketUpgrade | MissingVersion | UnsupportedVersion(_) => {
                 &[("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")]
             }
             _ => &[],
@@ -243,7 +252,9 @@ fn validate(
     if version != 1 {
         return Err(HandshakeError::HttpVersion);
     }
-    let (path, query) = split_target(target)?;
+    let (raw_path, query) = split_target(target)?;
+    // Before anything looks at it: routes, policy, logs and the backend see one normal form.
+    let path = path::normalize(raw_path)?;
 
     let mut seen = Seen::default();
     for h in headers {
@@ -331,7 +342,7 @@ fn validate(
     }
 
     Ok(Request {
-        path: path.to_owned(),
+        path,
         query: query.map(str::to_owned),
         host,
         origin,
