@@ -995,6 +995,107 @@ mod tests {
             assert!(resp.starts_with(b"HTTP/1.1 426 Upgrade Required\r\n"));
             assert!(has_header(&resp, "Upgrade: websocket"));
             assert!(has_header(&resp, "Connection: close"));
+            // RFC 6455 §4.4, and README's table: every 426 says which version we speak.
+            assert!(has_header(&resp, "Sec-WebSocket-Version: 13"));
+        }
+        // `Upgrade: h2c` with no version at all (issue 11) is the same 426.
+        let e = refused(&good_with(
+            &["Upgrade", "Sec-WebSocket-Version"],
+            &[("Upgrade", "h2c")],
+        ));
+        assert_eq!(e, HandshakeError::NotWebSocketUpgrade);
+        assert!(has_header(&e.response(), "Sec-WebSocket-Version: 13"));
+    }
+
+    // RFC 3986 §6.2.2: the request carries the normal form; the query is left as sent.
+    #[test]
+    fn the_path_is_normalised_and_the_query_kept() {
+        for (target, path, query) in [
+            ("/chat//room/./x", "/chat/room/x", None),
+            ("/api/%2e%2e/%61dmin?token=a%2Fb&x=..//", "/admin", Some("token=a%2Fb&x=..//")),
+            ("//?", "/", Some("")),
+            ("/caf%c3%a9?q=%3F", "/caf%C3%A9", Some("q=%3F")),
+        ] {
+            let line = format!("GET {target} HTTP/1.1");
+            let (req, _) = complete(&build(&line, GOOD_HEADERS, &[], &[]));
+            assert_eq!((req.path.as_str(), req.query.as_deref()), (path, query), "{target}");
+        }
+    }
+
+    #[test]
+    fn paths_without_a_safe_normal_form_are_400_with_a_reason() {
+        for (target, reason) in [
+            ("/admin%2f", "percent-encoded `/` not accepted"),
+            ("/admin%3Fx=1", "percent-encoded `?` not accepted"),
+            ("/admin;x", "`;` path parameters not accepted"),
+            ("/a\\b", "`\\` not accepted"),
+            ("/a%00", "control character"),
+            ("/a%zz", "`%` not followed by two hex digits"),
+            ("/caf\u{e9}", "raw non-ASCII byte; percent-encode it"),
+        ] {
+            let e = refused(&build(&format!("GET {target} HTTP/1.1"), GOOD_HEADERS, &[], &[]));
+            assert!(matches!(e, HandshakeError::InvalidPath(_)), "{target}: {e:?}");
+            assert_eq!(e.status(), 400);
+            let (status, _, body) = split_response(&e.response());
+            assert_eq!(status, "HTTP/1.1 400 Bad Request");
+            assert_eq!(body, format!("invalid request path: {reason}\n"), "{target}");
+        }
+    }
+
+    // Issue 11 item 1: bytes >= 0x80 anywhere a field is read, at every position, and
+    // limits at their edges, give an answer and never a panic.
+    #[test]
+    fn non_ascii_and_boundary_inputs_never_panic() {
+        let fields = [
+            "Host",
+            "Upgrade",
+            "Connection",
+            "Sec-WebSocket-Key",
+            "Sec-WebSocket-Version",
+            "Origin",
+            "Sec-WebSocket-Protocol",
+            "Sec-WebSocket-Extensions",
+            "Content-Length",
+            "Authorization",
+        ];
+        let values = [
+            "\u{e9}",
+            "abcdef\u{e9}",
+            "\u{1F600}13",
+            "13\u{e9}",
+            "websocket\u{e9}, websocket",
+            "permessage-deflate; a=\"\u{e9}\"",
+            "permessage-deflate; a=\"\\\u{e9}\"",
+            "x;\u{e9}=1",
+            "\"",
+            "\\",
+            "dGhlIHNhbXBsZSBub25jZQ\u{e9}",
+            "",
+            " \t ",
+        ];
+        for field in fields {
+            for value in values {
+                let mut req = good_with(&[field], &[]);
+                let at = req.len() - 2;
+                req.splice(at..at, format!("{field}: {value}\r\n").into_bytes());
+                // Anything is fine except a panic; a refusal names no header value.
+                if let Err(e) = parse(&req) {
+                    assert!(!e.to_string().contains('\u{e9}'), "{field}: {value:?}: {e}");
+                }
+                for cut in 0..req.len() {
+                    let _ = parse(&req[..cut]);
+                }
+            }
+        }
+        for limit in [0, 1, 3, 17, RFC_SAMPLE.len() - 1, RFC_SAMPLE.len()] {
+            for headers in [0, 1, 7] {
+                let limits = HandshakeLimits {
+                    max_header_bytes: limit,
+                    max_headers: headers,
+                };
+                let _ = parse_request(RFC_SAMPLE, &limits);
+                let _ = parse_request(b"", &limits);
+            }
         }
     }
 
