@@ -681,7 +681,11 @@ mod tests {
         let id = |p: &str| t.match_path(p).map(|(id, _)| id);
         assert_eq!(id("/chat"), Some(0));
         assert_eq!(id("/chat?token=1"), Some(0));
-        assert_eq!(id("/chat/"), Some(0), "an exact route governs its trailing slash");
+        assert_eq!(
+            id("/chat/"),
+            Some(0),
+            "an exact route governs its trailing slash"
+        );
         assert_eq!(id("/chat//"), None);
         assert_eq!(id("/chatroom"), None);
         assert_eq!(id("/api"), Some(1));
@@ -775,9 +779,14 @@ mod tests {
 
     #[test]
     fn an_exact_route_with_its_own_trailing_slash_keeps_it() {
-        let t = table("[[routes]]\npath = \"/x\"\n[[routes]]\npath = \"/x/\"\n[[routes]]\npath = \"/*\"");
+        let t = table(
+            "[[routes]]\npath = \"/x\"\n[[routes]]\npath = \"/x/\"\n[[routes]]\npath = \"/*\"",
+        );
         let id = |p: &str| t.match_path(p).map(|(id, _)| id);
-        assert_eq!((id("/x"), id("/x/"), id("/y/")), (Some(0), Some(1), Some(2)));
+        assert_eq!(
+            (id("/x"), id("/x/"), id("/y/")),
+            (Some(0), Some(1), Some(2))
+        );
         let t = table("[[routes]]\npath = \"/\"\n[[routes]]\npath = \"/x/*\"");
         let id = |p: &str| t.match_path(p).map(|(id, _)| id);
         assert_eq!((id("/"), id("/x/"), id("/y")), (Some(0), Some(1), None));

@@ -66,14 +66,38 @@ async fn no_spelling_of_an_exact_jwt_route_gets_past_its_token_check() {
         ("/api/%2e%2e/admin", 401, ""),
         ("/api//%2E%2e//admin/", 401, ""),
         ("/admin?x=1", 401, ""),
-        ("/admin%2f", 400, "invalid request path: percent-encoded `/` not accepted"),
-        ("/admin;x", 400, "invalid request path: `;` path parameters not accepted"),
-        ("/admin%3Fx=1", 400, "invalid request path: percent-encoded `?` not accepted"),
-        ("/admin%5c", 400, "invalid request path: percent-encoded `\\` not accepted"),
+        (
+            "/admin%2f",
+            400,
+            "invalid request path: percent-encoded `/` not accepted",
+        ),
+        (
+            "/admin;x",
+            400,
+            "invalid request path: `;` path parameters not accepted",
+        ),
+        (
+            "/admin%3Fx=1",
+            400,
+            "invalid request path: percent-encoded `?` not accepted",
+        ),
+        (
+            "/admin%5c",
+            400,
+            "invalid request path: percent-encoded `\\` not accepted",
+        ),
         ("/admin\\", 400, "invalid request path: `\\` not accepted"),
         ("/admin%00", 400, "invalid request path: control character"),
-        ("/adm%zzin", 400, "invalid request path: `%` not followed by two hex digits"),
-        ("/%2561dmin", 400, "invalid request path: percent-encoded `%` not accepted"),
+        (
+            "/adm%zzin",
+            400,
+            "invalid request path: `%` not followed by two hex digits",
+        ),
+        (
+            "/%2561dmin",
+            400,
+            "invalid request path: percent-encoded `%` not accepted",
+        ),
     ];
     for (target, status, reason) in cases {
         let (resp, body) = answer(&gw, &upgrade(target, "")).await;
@@ -92,7 +116,10 @@ async fn no_spelling_of_an_exact_jwt_route_gets_past_its_token_check() {
     );
     let (resp, _) = answer(
         &gw,
-        &upgrade("/api/../admin/", &format!("Authorization: Bearer {token}\r\n")),
+        &upgrade(
+            "/api/../admin/",
+            &format!("Authorization: Bearer {token}\r\n"),
+        ),
     )
     .await;
     assert_eq!(resp.status, 101);
@@ -160,7 +187,10 @@ async fn the_backend_sees_the_normalised_path_and_the_query_as_sent() {
         (link, open)
     });
     let (_link, open) = timeout(WAIT, link).await.unwrap().unwrap();
-    assert_eq!(open.ty, T_OPEN, "the refused request sent nothing first: {open:?}");
+    assert_eq!(
+        open.ty, T_OPEN,
+        "the refused request sent nothing first: {open:?}"
+    );
     let (path, query) = open_path_and_query(&open.body);
     assert_eq!(path, "/chat/room/y");
     assert_eq!(query.as_deref(), Some("q=a%2F..//b&r=%2e%2e"));

@@ -168,9 +168,10 @@ pub fn parse_request(buf: &[u8], limits: &HandshakeLimits) -> Result<Parsed, Han
     // Only the first `max_header_bytes` can belong to an acceptable request, so the parser
     // never looks further; if no blank line fits in them, the request is too large.
     let window = &buf[..buf.len().min(limits.max_header_bytes)];
-    // The shortest header line is `a:\n` (3 bytes), so a window can never hold more fields
-    // than this: a huge `max_headers` cannot make us allocate more than the bytes justify.
-    let slots = limits.max_headers.min(limits.max_header_bytes / 3 + 1);
+    // The shortest header line is `a:\n` (3 bytes), so the bytes received can never hold
+    // more fields than this: neither a huge `max_headers` nor a huge `max_header_bytes` can
+    // make us allocate more slots than the bytes at hand justify.
+    let slots = limits.max_headers.min(window.len() / 3 + 1);
     if slots <= STACK_HEADERS {
         let mut headers = [httparse::EMPTY_HEADER; STACK_HEADERS];
         parse_with(buf.len(), window, &mut headers[..slots], limits)
@@ -881,14 +882,36 @@ mod tests {
 
     #[test]
     fn huge_max_headers_is_bounded_by_bytes() {
-        let limits = HandshakeLimits {
-            max_header_bytes: 8192,
-            max_headers: usize::MAX,
-        };
-        assert!(matches!(
-            parse_request(RFC_SAMPLE, &limits),
-            Ok(Parsed::Complete { .. })
-        ));
+        for max_header_bytes in [8192, usize::MAX] {
+            let limits = HandshakeLimits {
+                max_header_bytes,
+                max_headers: usize::MAX,
+            };
+            assert!(matches!(
+                parse_request(RFC_SAMPLE, &limits),
+                Ok(Parsed::Complete { .. })
+            ));
+            // 200 fields on the heap path: still counted against the limit exactly.
+            let extra: Vec<(String, String)> =
+                (0..200).map(|i| (format!("X-{i}"), "v".into())).collect();
+            let extra: Vec<(&str, &str)> = extra
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            let req = good_with(&[], &extra);
+            assert!(matches!(
+                parse_request(&req, &limits),
+                Ok(Parsed::Complete { .. })
+            ));
+            let tight = HandshakeLimits {
+                max_header_bytes,
+                max_headers: 204,
+            };
+            assert_eq!(
+                parse_request(&req, &tight).unwrap_err(),
+                HandshakeError::TooManyHeaders { limit: 204 }
+            );
+        }
     }
 
     // RFC 6455 §4.2.1 item 1; RFC 9110 §15.5.6: a 405 names the allowed methods.
@@ -1012,13 +1035,21 @@ mod tests {
     fn the_path_is_normalised_and_the_query_kept() {
         for (target, path, query) in [
             ("/chat//room/./x", "/chat/room/x", None),
-            ("/api/%2e%2e/%61dmin?token=a%2Fb&x=..//", "/admin", Some("token=a%2Fb&x=..//")),
+            (
+                "/api/%2e%2e/%61dmin?token=a%2Fb&x=..//",
+                "/admin",
+                Some("token=a%2Fb&x=..//"),
+            ),
             ("//?", "/", Some("")),
             ("/caf%c3%a9?q=%3F", "/caf%C3%A9", Some("q=%3F")),
         ] {
             let line = format!("GET {target} HTTP/1.1");
             let (req, _) = complete(&build(&line, GOOD_HEADERS, &[], &[]));
-            assert_eq!((req.path.as_str(), req.query.as_deref()), (path, query), "{target}");
+            assert_eq!(
+                (req.path.as_str(), req.query.as_deref()),
+                (path, query),
+                "{target}"
+            );
         }
     }
 
@@ -1033,12 +1064,24 @@ mod tests {
             ("/a%zz", "`%` not followed by two hex digits"),
             ("/caf\u{e9}", "raw non-ASCII byte; percent-encode it"),
         ] {
-            let e = refused(&build(&format!("GET {target} HTTP/1.1"), GOOD_HEADERS, &[], &[]));
-            assert!(matches!(e, HandshakeError::InvalidPath(_)), "{target}: {e:?}");
+            let e = refused(&build(
+                &format!("GET {target} HTTP/1.1"),
+                GOOD_HEADERS,
+                &[],
+                &[],
+            ));
+            assert!(
+                matches!(e, HandshakeError::InvalidPath(_)),
+                "{target}: {e:?}"
+            );
             assert_eq!(e.status(), 400);
             let (status, _, body) = split_response(&e.response());
             assert_eq!(status, "HTTP/1.1 400 Bad Request");
-            assert_eq!(body, format!("invalid request path: {reason}\n"), "{target}");
+            assert_eq!(
+                body,
+                format!("invalid request path: {reason}\n"),
+                "{target}"
+            );
         }
     }
 

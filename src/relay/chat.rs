@@ -492,7 +492,11 @@ mod tests {
     #[test]
     fn hostile_json_gets_an_answer_not_a_panic() {
         let mut chat = ChatEcho::with_max_rooms(1);
-        let deep = format!("{{\"action\":{}1{}}}", "[".repeat(10_000), "]".repeat(10_000));
+        let deep = format!(
+            "{{\"action\":{}1{}}}",
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
         let long_room = "\u{e9}".repeat(40_000);
         let cases: Vec<String> = vec![
             deep,
@@ -512,7 +516,11 @@ mod tests {
             assert!(!out.is_empty(), "{:.60}: no answer", m);
         }
         // A non-ASCII room is a room like any other, named exactly.
-        let out = say_text(&mut chat, b(), "{\"action\":\"join\",\"room\":\"caf\u{e9}\"}");
+        let out = say_text(
+            &mut chat,
+            b(),
+            "{\"action\":\"join\",\"room\":\"caf\u{e9}\"}",
+        );
         assert!(
             matches!(&out[0], ToEdge::Subscribe { topic, .. } if &**topic == "room:caf\u{e9}"),
             "{out:?}"

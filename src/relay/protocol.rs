@@ -1287,7 +1287,10 @@ mod tests {
                 conn: u64::MAX,
                 path: "/caf\u{e9}/\u{1F600}".into(),
                 query: Some(long.clone()),
-                headers: vec![("x-\u{e9}".into(), long.clone()), (String::new(), "\u{0}".into())],
+                headers: vec![
+                    ("x-\u{e9}".into(), long.clone()),
+                    (String::new(), "\u{0}".into()),
+                ],
                 peer: Some("[::1]:1".into()),
                 authorize: true,
                 replay: true,
@@ -1316,17 +1319,33 @@ mod tests {
             got.extend(decode_all(&mut dec, &mut buf));
             assert_eq!(got.len(), frames.len(), "cut at {cut}");
             for f in &got {
-                if let Frame::Open { query, headers, path, .. } = f {
+                if let Frame::Open {
+                    query,
+                    headers,
+                    path,
+                    ..
+                } = f
+                {
                     assert_eq!(path, "/caf\u{e9}/\u{1F600}");
                     let q = query.as_deref().unwrap();
-                    assert!(q.len() <= MAX_STRING && long.starts_with(q), "clipped on a boundary");
+                    assert!(
+                        q.len() <= MAX_STRING && long.starts_with(q),
+                        "clipped on a boundary"
+                    );
                     assert_eq!(headers[0].0, "x-\u{e9}");
                 }
             }
         }
         // A string whose bytes stop in the middle of a character is invalid UTF-8: an error.
         let conn = [0u8; 8];
-        let body = [&[ty::SUBSCRIBE][..], &conn, &[0, 3], "\u{e9}".as_bytes(), &[0xc3]].concat();
+        let body = [
+            &[ty::SUBSCRIBE][..],
+            &conn,
+            &[0, 3],
+            "\u{e9}".as_bytes(),
+            &[0xc3],
+        ]
+        .concat();
         assert_eq!(
             Decoder::default().decode(&mut raw(&body)),
             Err(RelayError::InvalidUtf8 {
