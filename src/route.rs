@@ -363,7 +363,7 @@ impl RouteTable {
                 Pattern::Exact(p) if without_slash == Some(p.as_str()) => {
                     slash_exact.get_or_insert(i);
                 }
-                // Compared as bytes: `p.len()` need not be a char boundary of `path`.
+                // Bytes and `get`, no indexing: nothing here can panic whatever `path` holds.
                 Pattern::Prefix(p)
                     if path.as_bytes().starts_with(p.as_bytes())
                         && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
