@@ -10,7 +10,7 @@ use mimalloc::MiMalloc;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use ringway::config::{Config, Upstream};
+use ringway::config::{self, Config, Upstream};
 use ringway::edge::Gateway;
 use ringway::ops::admin::{self, AdminState};
 use ringway::ops::metrics::Sources;
@@ -28,8 +28,10 @@ struct Cli {
     /// Address to serve WebSocket clients on [default: 127.0.0.1:8080].
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<SocketAddr>,
-    /// Event-loop threads, one per core [default: one per CPU the process may use].
-    #[arg(long, value_name = "N")]
+    /// Event-loop threads, one per core (1-255) [default: one per CPU the process may use].
+    #[arg(long, value_name = "N",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+              .range(1..=config::MAX_WORKERS as u64))]
     workers: Option<usize>,
     /// Where client messages go: `echo` (through the relay) or `local-echo` (inside each core).
     #[arg(long, value_name = "NAME")]
@@ -37,14 +39,19 @@ struct Cli {
     /// TOML configuration file; command-line flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Largest message (all fragments together) and frame a client may send, in bytes.
-    #[arg(long, value_name = "BYTES")]
+    /// Largest message (all fragments together) and frame a client may send, in bytes
+    /// (at most 1 GiB).
+    #[arg(long, value_name = "BYTES",
+          value_parser = clap::value_parser!(u64).range(1..=config::MAX_MESSAGE_BYTES))]
     max_message: Option<u64>,
-    /// Frames one message may span (0: no limit), for every route.
-    #[arg(long, value_name = "N")]
+    /// Frames one message may span (0: no limit; at most 1048576), for every route.
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(config::MAX_FRAGMENTS)))]
     max_fragments: Option<u32>,
-    /// Close connections that sent no message for this long, in milliseconds (0: never).
-    #[arg(long, value_name = "MS")]
+    /// Close connections that sent no message for this long, in milliseconds (0: never; at
+    /// most one day, 86400000).
+    #[arg(long, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(0..=config::MAX_CONNECTION_TIMER_MS))]
     idle_timeout_ms: Option<u64>,
     #[command(subcommand)]
     command: Option<Command>,
