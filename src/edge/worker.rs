@@ -867,7 +867,7 @@ impl Worker {
     }
 
     fn run_timers(&mut self) {
-        if self.core.now_ms >= self.last_sweep_ms + 1000 {
+        if self.core.now_ms >= self.last_sweep_ms.saturating_add(1000) {
             self.last_sweep_ms = self.core.now_ms;
             self.core.ip_limiter.sweep(self.core.now_ms);
         }
@@ -934,20 +934,22 @@ impl Worker {
             Phase::Open => {
                 let cfg = self.core.config.clone();
                 if let Some(sent) = conn.ping_sent_ms {
-                    if cfg.pong_timeout_ms > 0 && now >= sent + cfg.pong_timeout_ms {
+                    if cfg.pong_timeout_ms > 0 && now >= sent.saturating_add(cfg.pong_timeout_ms) {
                         self.core
                             .start_close(conn, close::GOING_AWAY, "no pong received");
                         return;
                     }
                 }
-                if cfg.idle_timeout_ms > 0 && now >= conn.last_message_ms + cfg.idle_timeout_ms {
+                if cfg.idle_timeout_ms > 0
+                    && now >= conn.last_message_ms.saturating_add(cfg.idle_timeout_ms)
+                {
                     self.core
                         .start_close(conn, close::GOING_AWAY, "idle timeout");
                     return;
                 }
                 if cfg.ping_interval_ms > 0
                     && conn.ping_sent_ms.is_none()
-                    && now >= conn.last_rx_ms + cfg.ping_interval_ms
+                    && now >= conn.last_rx_ms.saturating_add(cfg.ping_interval_ms)
                 {
                     let ping = self.core.encode(OpCode::Ping, b"");
                     conn.queue(ping);
@@ -1019,7 +1021,10 @@ impl Worker {
     // ----- shutdown -----
 
     fn begin_drain(&mut self) {
-        let deadline = self.core.now_ms + self.core.config.shutdown_grace_ms;
+        let deadline = self
+            .core
+            .now_ms
+            .saturating_add(self.core.config.shutdown_grace_ms);
         self.draining = Some(deadline);
         if self.accept_armed {
             let sqe = opcode::AsyncCancel::new(user_data(OP_ACCEPT, 0, 0))
@@ -1142,17 +1147,20 @@ fn next_deadline(conn: &Connection, config: &Config, draining: Option<u64>) -> O
         return None;
     }
     if let Some(t) = conn.wr_shut_ms.or(conn.fence_ms) {
-        return Some(t + config.close_linger_ms);
+        return Some(t.saturating_add(config.close_linger_ms));
     }
     if conn.close_sent_ms.is_some() || conn.close_after_flush {
-        let linger = conn.close_sent_ms.unwrap_or(conn.last_rx_ms) + config.close_linger_ms;
+        let linger = conn
+            .close_sent_ms
+            .unwrap_or(conn.last_rx_ms)
+            .saturating_add(config.close_linger_ms);
         return Some(match draining {
             Some(d) if conn.is_open() && !conn.close.close_received() => d.max(linger),
             _ => linger,
         });
     }
     match conn.phase {
-        Phase::Handshake(_) => Some(conn.accepted_ms + config.handshake_timeout_ms),
+        Phase::Handshake(_) => Some(conn.accepted_ms.saturating_add(config.handshake_timeout_ms)),
         Phase::Authorizing { until_ms, .. } => Some(until_ms),
         Phase::Open => {
             let mut at: Option<u64> = None;
@@ -1160,14 +1168,14 @@ fn next_deadline(conn: &Connection, config: &Config, draining: Option<u64>) -> O
             if config.ping_interval_ms > 0 {
                 match conn.ping_sent_ms {
                     Some(sent) if config.pong_timeout_ms > 0 => {
-                        consider(sent + config.pong_timeout_ms)
+                        consider(sent.saturating_add(config.pong_timeout_ms))
                     }
                     Some(_) => {}
-                    None => consider(conn.last_rx_ms + config.ping_interval_ms),
+                    None => consider(conn.last_rx_ms.saturating_add(config.ping_interval_ms)),
                 }
             }
             if config.idle_timeout_ms > 0 {
-                consider(conn.last_message_ms + config.idle_timeout_ms);
+                consider(conn.last_message_ms.saturating_add(config.idle_timeout_ms));
             }
             at
         }
@@ -1499,7 +1507,7 @@ impl Core {
                     conn.phase = Phase::Authorizing {
                         request: Box::new(request),
                         rest,
-                        until_ms: self.now_ms + route.authorize_timeout_ms,
+                        until_ms: self.now_ms.saturating_add(route.authorize_timeout_ms),
                     };
                 } else {
                     self.complete_handshake(conn, &request, rest);
