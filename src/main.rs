@@ -29,9 +29,7 @@ struct Cli {
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<SocketAddr>,
     /// Event-loop threads, one per core (1-255) [default: one per CPU the process may use].
-    #[arg(long, value_name = "N",
-          value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
-              .range(1..=config::MAX_WORKERS as u64))]
+    #[arg(long, value_name = "N")]
     workers: Option<usize>,
     /// Where client messages go: `echo` (through the relay) or `local-echo` (inside each core).
     #[arg(long, value_name = "NAME")]
@@ -41,17 +39,14 @@ struct Cli {
     config: Option<PathBuf>,
     /// Largest message (all fragments together) and frame a client may send, in bytes
     /// (at most 1 GiB).
-    #[arg(long, value_name = "BYTES",
-          value_parser = clap::value_parser!(u64).range(1..=config::MAX_MESSAGE_BYTES))]
+    #[arg(long, value_name = "BYTES")]
     max_message: Option<u64>,
     /// Frames one message may span (0: no limit; at most 1048576), for every route.
-    #[arg(long, value_name = "N",
-          value_parser = clap::value_parser!(u32).range(0..=i64::from(config::MAX_FRAGMENTS)))]
+    #[arg(long, value_name = "N")]
     max_fragments: Option<u32>,
     /// Close connections that sent no message for this long, in milliseconds (0: never; at
     /// most one day, 86400000).
-    #[arg(long, value_name = "MS",
-          value_parser = clap::value_parser!(u64).range(0..=config::MAX_CONNECTION_TIMER_MS))]
+    #[arg(long, value_name = "MS")]
     idle_timeout_ms: Option<u64>,
     #[command(subcommand)]
     command: Option<Command>,
@@ -104,22 +99,26 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(workers) = cli.workers {
         anyhow::ensure!(workers > 0, "--workers must be at least 1");
+        flag_within("--workers", workers, 1, config::MAX_WORKERS)?;
         config.workers = Some(workers);
     }
     if let Some(upstream) = &cli.upstream {
         config.upstream = upstream.clone();
     }
     if let Some(max) = cli.max_message {
+        flag_within("--max-message", max, 1, config::MAX_MESSAGE_BYTES)?;
         config.max_message_bytes = max;
         config.max_frame_bytes = max;
     }
     if let Some(n) = cli.max_fragments {
+        flag_within("--max-fragments", n, 0, config::MAX_FRAGMENTS)?;
         config.max_fragments = n;
         for route in &mut config.routes {
             route.max_fragments = n;
         }
     }
     if let Some(ms) = cli.idle_timeout_ms {
+        flag_within("--idle-timeout-ms", ms, 0, config::MAX_CONNECTION_TIMER_MS)?;
         config.idle_timeout_ms = ms;
     }
     if let Some(admin) = cli.admin {
@@ -127,6 +126,21 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     }
     config.validate("command line")?;
     Ok(config)
+}
+
+/// A flag's value within the bounds of its config key (src/config.rs), else an error naming
+/// the flag.
+fn flag_within<T: PartialOrd + std::fmt::Display>(
+    flag: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        value >= min && value <= max,
+        "{flag} must be between {min} and {max}, not {value}"
+    );
+    Ok(())
 }
 
 /// The admin listener. The default address failing to bind (another ringway, a test run)

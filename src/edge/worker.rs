@@ -432,6 +432,9 @@ impl Worker {
         let refusal = if !self.core.memory_admits() {
             self.core.stats.memory_refused.inc();
             Some((503, "server memory budget exhausted", 5))
+        } else if !self.core.count_toward_limit(&mut conn) {
+            self.core.stats.limit_refused.inc();
+            Some((503, "connection limit reached", 5))
         } else if let Some(ip) = conn.ip {
             match self.core.ip_limiter.try_open(ip, self.core.now_ms) {
                 Ok(()) => {
@@ -448,6 +451,8 @@ impl Worker {
         };
         if let Some((status, reason, retry_after)) = refusal {
             tracing::debug!(conn = %id, ip = ?conn.ip, "refused: {reason}");
+            // A refused client takes no place under max_connections while its answer leaves.
+            self.core.release_limit(&mut conn);
             let retry_after = retry_after.to_string();
             conn.queue(handshake::error_response(
                 status,
@@ -753,8 +758,10 @@ impl Worker {
         // SAFETY: every ring operation on this fd has completed (`Connection::finished`), and
         // the fd is owned by this connection alone.
         unsafe { libc::close(conn.fd) };
-        if conn.counted_open {
+        if conn.counted_limit {
             self.core.shared.open.fetch_sub(1, Ordering::Relaxed);
+        }
+        if conn.counted_open {
             if let Some(relay) = &self.core.relay {
                 let event = ToUpstream::Closed {
                     conn: conn.id,
@@ -1448,17 +1455,7 @@ impl Core {
                         }
                     }
                 }
-                let open = self.shared.open.fetch_add(1, Ordering::Relaxed);
-                if open >= self.config.max_connections {
-                    self.shared.open.fetch_sub(1, Ordering::Relaxed);
-                    let response = handshake::error_response(
-                        503,
-                        "connection limit reached",
-                        &[("Retry-After", "5")],
-                    );
-                    self.refuse(conn, response, &"connection limit reached");
-                    return;
-                }
+                // Its place under max_connections was taken at accept (`count_toward_limit`).
                 conn.counted_open = true;
                 conn.route = route_id;
                 conn.decoder
@@ -1576,8 +1573,27 @@ impl Core {
         }
     }
 
+    /// The relay was told `Closed`: it must not hear of this connection again. Its place
+    /// under max_connections stays taken until its slot is freed.
     fn release_open(&mut self, conn: &mut Connection) {
-        if std::mem::take(&mut conn.counted_open) {
+        conn.counted_open = false;
+    }
+
+    /// Take a place under `max_connections` for a connection just accepted (handshaking
+    /// connections count); false, and nothing taken, when every place is taken.
+    fn count_toward_limit(&mut self, conn: &mut Connection) -> bool {
+        let open = self.shared.open.fetch_add(1, Ordering::Relaxed);
+        if open >= self.config.max_connections {
+            self.shared.open.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        conn.counted_limit = true;
+        true
+    }
+
+    /// Give back the place `count_toward_limit` took, if it took one.
+    fn release_limit(&mut self, conn: &mut Connection) {
+        if std::mem::take(&mut conn.counted_limit) {
             self.shared.open.fetch_sub(1, Ordering::Relaxed);
         }
     }
