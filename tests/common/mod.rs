@@ -639,3 +639,21 @@ pub async fn http_response_then_eof(stream: &mut TcpStream) -> (HttpResponse, St
     expect_eof(stream).await;
     (response, String::from_utf8_lossy(&body).into_owned())
 }
+
+/// An HS256 JWT over `claims` signed with `secret`, for routes with `[routes.jwt]`.
+pub fn hs256_token(secret: &str, claims: &serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("signing a test token")
+}
+
+/// Seconds since the Unix epoch, for `exp` claims.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64
+}
