@@ -278,7 +278,7 @@ mod tests {
         assert_eq!(u64::from_ne_bytes(buf), 1, "one wake for the batch");
     }
 
-    fn close(core: usize) -> ToEdge {
+    fn close(core: u8) -> ToEdge {
         ToEdge::Close {
             conn: ConnId::new(core, 1, 1),
             code: 1000,
@@ -286,7 +286,7 @@ mod tests {
         }
     }
 
-    fn send(core: usize, n: usize) -> ToEdge {
+    fn send(core: u8, n: usize) -> ToEdge {
         ToEdge::Send {
             conn: ConnId::new(core, 1, 1),
             kind: crate::protocol::message::MessageKind::Binary,
@@ -304,7 +304,7 @@ mod tests {
         let w = Arc::new(Waker::new().unwrap());
         let mut links = CoreLinks::new(vec![tx], vec![w], gauges.clone())
             .with_wait(Duration::from_millis(30));
-        let big = (INBOX_BYTES / 4) as usize;
+        let big = (INBOX_BYTES / 4) as usize - crate::relay::ENTRY_OVERHEAD;
         for _ in 0..4 {
             links.send(send(0, big));
         }

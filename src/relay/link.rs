@@ -744,7 +744,7 @@ mod tests {
         send_open(7, info("/a"), &opens, &mut out, &gauges);
         send_open(9, info("/b"), &opens, &mut out, &gauges);
         let held = gauges.held();
-        assert_eq!(held, 2 * (info("/a").held_bytes() + ENTRY_OVERHEAD));
+        assert_eq!(held, 2 * (info("/a").held_bytes() + ENTRY_OVERHEAD) as u64);
         assert_eq!(
             decode_all(out),
             vec![open(7, "/a", false), open(9, "/b", false)]
