@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{Gateway, WAIT};
 use common_relay::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -93,8 +93,11 @@ async fn shutdown_is_bounded(fate: BackendFate) {
         let payload = vec![0x5au8; 60 * 1024];
         for ws in clients.iter_mut() {
             for _ in 0..40 {
-                let _ = timeout(Duration::from_secs(2), ws.send(Message::Binary(payload.clone())))
-                    .await;
+                let _ = timeout(
+                    Duration::from_secs(2),
+                    ws.send(Message::Binary(payload.clone())),
+                )
+                .await;
             }
         }
     }
@@ -136,7 +139,8 @@ async fn shutdown_is_bounded(fate: BackendFate) {
         codes.push(r.await.unwrap());
     }
     eprintln!("exit {status:?} after {took:?}; clients got {codes:?}");
-    let status = status.unwrap_or_else(|| panic!("still running 11 s after SIGTERM:\n{}", gw.log()));
+    let status =
+        status.unwrap_or_else(|| panic!("still running 11 s after SIGTERM:\n{}", gw.log()));
     assert!(status.success(), "exit status {status:?}:\n{}", gw.log());
     assert!(
         took <= limit,
@@ -166,12 +170,14 @@ async fn sigterm_with_backend_that_never_reads_exits_in_grace_plus_1s() {
 
 // ----- 2: a backend that floods pings and never reads its pongs -----
 
-fn two_routes(addr: std::net::SocketAddr, extra: &str) -> String {
+/// `/fake` to the fake backend at `addr`, `/echo` to the embedded upstream; `route` is added
+/// to both routes.
+fn two_routes(addr: std::net::SocketAddr, route: &str) -> String {
     format!(
-        "{extra}\n[[upstreams]]\nname = \"fake\"\nbackends = [\"tcp://{addr}\"]\n\n\
+        "[[upstreams]]\nname = \"fake\"\nbackends = [\"tcp://{addr}\"]\n\n\
          [[upstreams]]\nname = \"local\"\nbackends = [\"echo\"]\n\n\
-         [[routes]]\npath = \"/fake\"\nupstream = \"fake\"\n\n\
-         [[routes]]\npath = \"/echo\"\nupstream = \"local\"\n"
+         [[routes]]\npath = \"/fake\"\nupstream = \"fake\"\n{route}\n\n\
+         [[routes]]\npath = \"/echo\"\nupstream = \"local\"\n{route}\n"
     )
 }
 
@@ -199,10 +205,13 @@ async fn ping_flood_without_reading_resets_the_link_and_bounds_memory() {
         }
         // The gateway comes back on a new link; this one reads and answers.
         let second = FakeLink::accept(&listener, WAIT);
-        (sent, second.map(|mut l| {
-            l.handshake();
-            l
-        }))
+        (
+            sent,
+            second.map(|mut l| {
+                l.handshake();
+                l
+            }),
+        )
     });
     let gw = Gateway::with_config(&two_routes(addr, ""), &["--admin", "127.0.0.1:0"]);
     let admin = admin_addr(&gw);
@@ -236,11 +245,23 @@ async fn ping_flood_without_reading_resets_the_link_and_bounds_memory() {
         &admin,
         &format!("ringway_upstream_stalled_total{{upstream=\"fake\",backend=\"tcp://{addr}\"}}"),
     );
-    assert!(stalled >= Some(1.0), "ringway_upstream_stalled: {stalled:?}");
+    assert!(
+        stalled >= Some(1.0),
+        "ringway_upstream_stalled: {stalled:?}"
+    );
     // A client of the re-established link is served.
     let mut link = second.unwrap();
     let _client = ws_connect(&url(&gw, "/fake")).await;
-    let open = link.read_non_ping(WAIT).expect("an open on the new link");
+    // (The batch whose write failed, pongs included, is sent again first.)
+    let open = tokio::task::spawn_blocking(move || loop {
+        match link.read_non_ping(WAIT) {
+            Some(f) if f.ty == T_PONG => continue,
+            other => return other,
+        }
+    })
+    .await
+    .unwrap()
+    .expect("an open on the new link");
     assert_eq!(open.ty, T_OPEN, "{open:?}");
     send_text(&mut echo, "after".into()).await;
     assert!(echoed(&mut echo, "after", WAIT).await);
@@ -248,13 +269,17 @@ async fn ping_flood_without_reading_resets_the_link_and_bounds_memory() {
 
 // ----- 3: a backend broadcast flood to slow readers -----
 
-/// 50 clients that never read; the backend floods 64 KiB broadcasts for 3 s. The inboxes
-/// are bounded (the link reader waits, so TCP slows the backend), RSS grows < 160 MiB, and a
-/// fresh client is answered by the embedded echo.
+/// 50 clients that never read (kept: `slow_consumer = "drop-newest"`, so their 1 MiB queues stay
+/// full); the backend floods 64 KiB broadcasts for 3 s. The inboxes are bounded (the link
+/// reader waits, so TCP slows the backend), RSS grows < 160 MiB, and a fresh client is
+/// answered by the embedded echo.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broadcast_flood_to_slow_readers_bounds_memory() {
     let (listener, addr) = fake_listener();
-    let gw = Gateway::with_config(&two_routes(addr, ""), &["--admin", "127.0.0.1:0"]);
+    let gw = Gateway::with_config(
+        &two_routes(addr, "slow_consumer = \"drop-newest\""),
+        &["--admin", "127.0.0.1:0"],
+    );
     let admin = admin_addr(&gw);
     let flooding = std::thread::spawn(move || {
         let mut link = FakeLink::accept(&listener, WAIT).expect("a link");
@@ -302,7 +327,10 @@ async fn broadcast_flood_to_slow_readers_bounds_memory() {
         hwm / 1024
     );
     assert!(answered, "a fresh client was not answered during the flood");
-    assert!(grew_mib < 160, "RSS grew {grew_mib} MiB under a broadcast flood");
+    assert!(
+        grew_mib < 160,
+        "RSS grew {grew_mib} MiB under a broadcast flood"
+    );
     drop(slow);
 }
 
@@ -319,8 +347,19 @@ async fn long_room_names_are_refused_and_held_bytes_are_metered() {
     let admin = admin_addr(&gw);
     let mut ws = ws_connect(&gw.url()).await;
     let rss_before = proc_status_kib(gw.pid(), "VmRSS");
-    let held_before = scrape(&admin, "ringway_relay_buffer_bytes").expect("the relay gauge");
-    assert!(held_before > 0.0, "a connection's stored open is held: {held_before}");
+    let deadline = Instant::now() + WAIT;
+    let held_before = loop {
+        // The connection's stored open is held once the relay has it.
+        let held = scrape(&admin, "ringway_relay_buffer_bytes").expect("the relay gauge");
+        if held > 0.0 {
+            break held;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no bytes held for an open connection"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     for i in 0..100 {
         let room = format!("{i:03}{}", "r".repeat(65_000));
         send_text(&mut ws, join_msg(&room)).await;
@@ -332,7 +371,10 @@ async fn long_room_names_are_refused_and_held_bytes_are_metered() {
         );
     }
     let rss_after = proc_status_kib(gw.pid(), "VmRSS");
-    let refused = scrape(&admin, "ringway_relay_limit_refusals_total{reason=\"topic_length\"}");
+    let refused = scrape(
+        &admin,
+        "ringway_relay_limit_refusals_total{reason=\"topic_length\"}",
+    );
     assert_eq!(refused, Some(100.0));
     let held = scrape(&admin, "ringway_relay_buffer_bytes").unwrap();
     assert!(
@@ -348,7 +390,10 @@ async fn long_room_names_are_refused_and_held_bytes_are_metered() {
         serde_json::json!({"event": "error", "reason": "too many rooms"})
     );
     assert_eq!(
-        scrape(&admin, "ringway_relay_limit_refusals_total{reason=\"rooms\"}"),
+        scrape(
+            &admin,
+            "ringway_relay_limit_refusals_total{reason=\"rooms\"}"
+        ),
         Some(1.0)
     );
     let held_rooms = scrape(&admin, "ringway_relay_buffer_bytes").unwrap();
@@ -414,7 +459,10 @@ async fn backend_over_long_topics_are_ignored_and_counted() {
         other => panic!("expected the backend's send, got {other:?}"),
     }
     assert_eq!(
-        scrape(&admin, "ringway_relay_limit_refusals_total{reason=\"topic_length\"}"),
+        scrape(
+            &admin,
+            "ringway_relay_limit_refusals_total{reason=\"topic_length\"}"
+        ),
         Some(2.0)
     );
     assert!(!gw.log().contains("backend link lost"), "{}", gw.log());

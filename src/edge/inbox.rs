@@ -302,8 +302,8 @@ mod tests {
         let gauges = Arc::new(RelayGauges::default());
         let (tx, rx) = channel(gauges.clone());
         let w = Arc::new(Waker::new().unwrap());
-        let mut links = CoreLinks::new(vec![tx], vec![w], gauges.clone())
-            .with_wait(Duration::from_millis(30));
+        let mut links =
+            CoreLinks::new(vec![tx], vec![w], gauges.clone()).with_wait(Duration::from_millis(30));
         let big = (INBOX_BYTES / 4) as usize - crate::relay::ENTRY_OVERHEAD;
         for _ in 0..4 {
             links.send(send(0, big));

@@ -314,7 +314,11 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
             }
             match read_more(&mut stream, &mut buf) {
                 Ok(()) => {}
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -447,7 +451,10 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e)
-                    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
                 {
                     if self.stop.load(Ordering::Acquire) {
                         return Err(WriteError::Stopping);

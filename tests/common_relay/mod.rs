@@ -580,7 +580,11 @@ pub fn admin_addr(gw: &Gateway) -> String {
 pub fn scrape(admin: &str, name: &str) -> Option<f64> {
     let mut s = TcpStream::connect(admin).expect("connecting to the admin listener");
     s.set_read_timeout(Some(WAIT)).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut text = String::new();
     let _ = s.read_to_string(&mut text);
     text.lines()
