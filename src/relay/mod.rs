@@ -76,7 +76,7 @@ pub const ENTRY_OVERHEAD: usize = 64;
 
 impl OpenInfo {
     /// Bytes this copy holds, as charged to [`RelayGauges::bytes`]. The handshake limit
-    /// (`max_handshake_bytes`, 8 KiB by default) bounds path, query and headers together:
+    /// (`max_handshake_bytes`, 8 KiB by default, at most 64 KiB) bounds path, query and headers:
     /// they are slices of the request head, which the handshake parser never reads past it.
     pub fn held_bytes(&self) -> usize {
         std::mem::size_of::<OpenInfo>()
