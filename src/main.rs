@@ -167,6 +167,7 @@ fn start_admin(
                 .load(std::sync::atomic::Ordering::Relaxed)
         }),
         handshake_latency: None,
+        relay: gateway.shared().relay.clone(),
     }));
     match admin::spawn(addr, state.clone()) {
         Ok((bound, _)) => {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Sender, TrySendError};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::config::{Config, SlowConsumer, Upstream};
@@ -83,7 +83,7 @@ pub struct WorkerSetup {
     pub listener: TcpListener,
     pub config: Arc<Config>,
     pub relay: Option<Sender<ToUpstream>>,
-    pub inbox: Receiver<ToEdge>,
+    pub inbox: super::inbox::Inbox,
     pub waker: Arc<Waker>,
     pub shared: Arc<Shared>,
 }
@@ -108,7 +108,7 @@ pub struct Worker {
     due: Vec<timer::Entry>,
     pending_sqes: Vec<squeue::Entry>,
     cqes: Vec<(u64, i32, u32)>,
-    inbox: Receiver<ToEdge>,
+    inbox: super::inbox::Inbox,
     waker: Arc<Waker>,
     wake_buf: Box<u64>,
     tick: Box<types::Timespec>,
@@ -1239,7 +1239,8 @@ impl Core {
             .buffer_bytes
             .load(Ordering::Relaxed)
             .saturating_sub(self.published);
-        let used = others + self.charged;
+        // What the relay holds for peers counts too (inboxes, link queues, opens, rooms).
+        let used = others + self.charged + self.shared.relay.held();
         let budget = self.shared.memory_budget.load(Ordering::Relaxed);
         let admits = used < budget;
         if admits == self.over_budget {

@@ -15,6 +15,7 @@ use prometheus_client::registry::Registry;
 
 use crate::edge::CoreStats;
 use crate::relay::link::LinkState;
+use crate::relay::RelayGauges;
 
 /// The `Content-Type` of what [`render`] returns.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -54,6 +55,8 @@ pub struct Sources {
     pub memory_budget: Probe<u64>,
     /// Time from accept to the 101 response; `None` omits the metric.
     pub handshake_latency: Option<Probe<HistogramSnapshot>>,
+    /// What the relay holds for peers and what it refused or dropped.
+    pub relay: Arc<RelayGauges>,
 }
 
 impl fmt::Debug for Sources {
@@ -230,6 +233,33 @@ impl Collector for Sources {
         )?;
         gauges(
             e,
+            "ringway_relay_buffer_bytes",
+            "Bytes the relay holds for peers: core inboxes, backend link queues, stored opens, chat rooms (counted by the memory budget)",
+            [(Labels::new(), self.relay.held())],
+        )?;
+        counters(
+            e,
+            "ringway_relay_inbox_dropped",
+            "Replies dropped because a core's inbox stayed full (messages, publishes, broadcasts, subscribes)",
+            [(Labels::new(), self.relay.inbox_dropped.load(Ordering::Relaxed))],
+        )?;
+        counters(
+            e,
+            "ringway_relay_limit_refusals",
+            "Refused by the relay's limits: topic or room names over 256 bytes, chat joins past the room limit",
+            [
+                (
+                    vec![("reason", "topic_length".to_string())],
+                    self.relay.topic_refused.load(Ordering::Relaxed),
+                ),
+                (
+                    vec![("reason", "rooms".to_string())],
+                    self.relay.rooms_refused.load(Ordering::Relaxed),
+                ),
+            ],
+        )?;
+        gauges(
+            e,
             "ringway_memory_budget_bytes",
             "Connection buffers across all cores beyond which new connections get 503",
             [(Labels::new(), (self.memory_budget)())],
@@ -253,6 +283,12 @@ impl Collector for Sources {
             "ringway_upstream_reconnects",
             "Times the link to this backend was re-established",
             self.per_link(|l| l.reconnects.load(Ordering::Relaxed)),
+        )?;
+        counters(
+            e,
+            "ringway_upstream_stalled",
+            "Times the link to this backend was dropped because the backend did not read (pongs/gone piled up, or a write blocked past 5 s)",
+            self.per_link(|l| l.stalled.load(Ordering::Relaxed)),
         )?;
         gauges(
             e,
@@ -397,6 +433,11 @@ pub(crate) mod tests {
             open_connections: Arc::new(|| 42),
             memory_budget: Arc::new(|| 1 << 30),
             handshake_latency: None,
+            relay: {
+                let r = Arc::new(RelayGauges::default());
+                r.charge(777);
+                r
+            },
         }
     }
 
