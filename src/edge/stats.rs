@@ -59,6 +59,8 @@ pub struct CoreStats {
     pub fragment_limited: Counter,
     /// Refused with 503 because connection buffers used the whole memory budget.
     pub memory_refused: Counter,
+    /// Connections closed 1008 "server memory budget" to bring the core back under it.
+    pub memory_shed: Counter,
     /// Bytes of connection state and buffers this core holds (a gauge).
     pub buffer_bytes: Counter,
     /// Connections currently held by this core (handshaking, open or closing).

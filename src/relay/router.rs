@@ -231,6 +231,7 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                 upstream,
                 kind,
                 payload,
+                guard,
             } => {
                 if self.is_embedded(upstream) {
                     let sink = &mut self.sink;
@@ -240,6 +241,7 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                             upstream,
                             kind,
                             payload,
+                            guard,
                         },
                         &mut |m| sink.send(m),
                     );
