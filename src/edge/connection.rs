@@ -247,6 +247,12 @@ impl Connection {
                 .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// What the outbound queue costs, as compared with `send_queue_bytes`: its bytes plus
+    /// `ENTRY_BYTES` per queued frame (so 3-byte frames cannot hold 30x the cap).
+    pub fn queued_cost(&self) -> usize {
+        self.out_bytes + self.out.len() * ENTRY_BYTES
+    }
+
     /// Queue a pong, replacing a queued pong the kernel has not been handed yet.
     pub fn queue_pong(&mut self, bytes: Bytes) {
         if self.pong_queued && self.out.len() > self.sending {

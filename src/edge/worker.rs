@@ -683,7 +683,7 @@ impl Worker {
         let now = conn.footprint();
         self.core.charged = self.core.charged - conn.charged as u64 + now as u64;
         conn.charged = now;
-        if conn.out_bytes > self.core.config.send_queue_bytes && !conn.close.close_sent() {
+        if conn.queued_cost() > self.core.config.send_queue_bytes && !conn.close.close_sent() {
             // Over its outbound queue: read nothing more until it drains (closed 1008 after
             // SLOW_CONSUMER_GRACE_MS, in `flush_relay_backlog`).
             conn.wants_pause = true;
@@ -879,7 +879,9 @@ impl Worker {
             .iter()
             .enumerate()
             .filter_map(|(i, s)| s.conn.as_ref().map(|c| (i as u32, c)))
-            .filter(|(_, c)| !c.shut && !c.reading_done && c.holds() > 4 * super::connection::BASE_BYTES)
+            .filter(|(_, c)| {
+                !c.shut && !c.reading_done && c.holds() > 4 * super::connection::BASE_BYTES
+            })
             .max_by_key(|(_, c)| c.holds())
             .map(|(i, _)| i);
         let Some(slot) = largest else { return };
@@ -1340,7 +1342,7 @@ impl Core {
     /// Whether a connection must stop being read: its outbound queue is over
     /// `send_queue_bytes`, or it (or its core) has too much in flight to the relay.
     fn must_pause(&self, conn: &Connection) -> bool {
-        conn.out_bytes > self.config.send_queue_bytes
+        conn.queued_cost() > self.config.send_queue_bytes
             || conn.relay_in_flight.load(Ordering::Relaxed)
                 > super::connection::relay_in_flight_limit(self.config.max_message_bytes as usize)
             || self.relay_in_flight.load(Ordering::Relaxed) > CORE_RELAY_IN_FLIGHT
@@ -1349,7 +1351,7 @@ impl Core {
     /// Whether a paused connection may be read again (with hysteresis on the relay counts).
     fn may_resume(&self, conn: &Connection) -> bool {
         self.relay_backlog.is_empty()
-            && conn.out_bytes <= self.config.send_queue_bytes
+            && conn.queued_cost() <= self.config.send_queue_bytes
             && conn.relay_in_flight.load(Ordering::Relaxed)
                 <= super::connection::relay_in_flight_limit(self.config.max_message_bytes as usize)
                     / 2
@@ -1397,7 +1399,10 @@ impl Core {
     /// A single message larger than the cap is still sent when nothing else is queued: the
     /// cap is for clients that do not read, not a second message size limit.
     fn queue_data(&mut self, conn: &mut Connection, frame: Bytes) {
-        if conn.out_bytes > 0 && conn.out_bytes + frame.len() > self.config.send_queue_bytes {
+        if conn.out_bytes > 0
+            && conn.queued_cost() + frame.len() + super::connection::ENTRY_BYTES
+                > self.config.send_queue_bytes
+        {
             tracing::debug!(conn = %conn.id, queued = conn.out_bytes, "slow consumer");
             self.stats.overflow_closed.inc();
             self.start_close(conn, close::POLICY_VIOLATION, "slow consumer");
@@ -1409,8 +1414,9 @@ impl Core {
 
     /// Queue a topic or broadcast frame, applying the slow-consumer policy on overflow.
     fn queue_fanout(&mut self, conn: &mut Connection, frame: Bytes) {
-        let full =
-            conn.out_bytes > 0 && conn.out_bytes + frame.len() > self.config.send_queue_bytes;
+        let full = conn.out_bytes > 0
+            && conn.queued_cost() + frame.len() + super::connection::ENTRY_BYTES
+                > self.config.send_queue_bytes;
         if full && self.routes.route(conn.route).slow_consumer == SlowConsumer::DropNewest {
             self.stats.overflow_dropped.inc();
             return;
