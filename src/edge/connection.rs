@@ -349,9 +349,13 @@ mod tests {
         let idle = c.footprint();
         assert!(idle >= BASE_BYTES);
         c.queue(Bytes::from(vec![0; 10_000]));
-        assert_eq!(c.footprint(), idle + 10_000, "queued output counts");
+        assert!(
+            c.footprint() >= idle + 10_000 + ENTRY_BYTES,
+            "queued output counts"
+        );
         c.advance_out(10_000);
-        assert_eq!(c.footprint(), idle);
+        let slots = c.out.capacity() * std::mem::size_of::<Bytes>();
+        assert_eq!(c.footprint(), idle + slots);
         // A half-received message: the assembly buffer counts.
         let mut wire = BytesMut::new();
         crate::protocol::frame::write_client_frame(
@@ -367,6 +371,60 @@ mod tests {
         assert!(c.footprint() >= idle + 14_000, "{}", c.footprint());
         c.phase = Phase::Handshake(BytesMut::with_capacity(4096));
         assert!(c.footprint() >= idle + 4096 + 14_000);
+    }
+
+    #[test]
+    fn only_the_newest_unsent_pong_is_kept() {
+        let mut c = conn();
+        c.queue(Bytes::from_static(b"data"));
+        for i in 0..1000u16 {
+            c.queue_pong(Bytes::from(i.to_be_bytes().to_vec()));
+        }
+        assert_eq!(c.out.len(), 2);
+        assert_eq!(&c.out[1][..], &999u16.to_be_bytes());
+        assert_eq!(c.out_bytes, 6);
+        // A pong the kernel is sending stays; the next one is queued behind it.
+        c.sending = 2;
+        c.queue_pong(Bytes::from_static(b"zz"));
+        assert_eq!(c.out.len(), 3);
+        // Partly sent: it is on the wire, never replaced.
+        c.advance_out(5);
+        assert_eq!(c.out.len(), 2);
+        c.queue_pong(Bytes::from_static(b"yy"));
+        assert_eq!(&c.out[1][..], b"yy");
+        c.advance_out(2);
+        assert_eq!(c.out.len(), 1, "yy is partly sent");
+        c.queue_pong(Bytes::from_static(b"xx"));
+        assert_eq!(c.out.len(), 2, "{:?}", c.out);
+        assert_eq!(c.out_bytes, 3);
+    }
+
+    #[test]
+    fn per_entry_overhead_is_charged() {
+        let mut c = conn();
+        let idle = c.footprint();
+        for _ in 0..100 {
+            c.queue(Bytes::from_static(b"abc"));
+        }
+        assert!(c.footprint() >= idle + 100 * (3 + ENTRY_BYTES));
+        assert_eq!(c.queued_cost(), 100 * (3 + ENTRY_BYTES));
+    }
+
+    #[test]
+    fn in_flight_guard_subtracts_on_drop() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let (a, b) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let g = InFlight::new(&a, &b, 100);
+        let h = InFlight::new(&a, &b, 50);
+        assert_eq!(
+            (a.load(Ordering::Relaxed), b.load(Ordering::Relaxed)),
+            (150, 150)
+        );
+        drop(g);
+        assert_eq!(a.load(Ordering::Relaxed), 50);
+        drop(h);
+        assert_eq!(b.load(Ordering::Relaxed), 0);
     }
 
     #[test]
