@@ -887,7 +887,10 @@ impl Worker {
             .enumerate()
             .filter_map(|(i, s)| s.conn.as_ref().map(|c| (i as u32, c)))
             .filter(|(_, c)| {
-                !c.shut && !c.reading_done && c.holds() > 4 * super::connection::BASE_BYTES
+                c.is_open()
+                    && !c.shut
+                    && !c.reading_done
+                    && c.holds() > 4 * super::connection::BASE_BYTES
             })
             .max_by_key(|(_, c)| c.holds())
             .map(|(i, _)| i);
