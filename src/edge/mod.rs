@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 pub use conn_id::{ConnId, GENERATION_MASK};
+pub use connection::InFlight;
 pub use stats::CoreStats;
 
 use crate::config::{Config, Upstream};

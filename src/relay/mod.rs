@@ -105,6 +105,9 @@ pub enum ToUpstream {
         upstream: UpstreamId,
         kind: MessageKind,
         payload: Bytes,
+        /// Charges the payload to its connection's and core's relay in-flight bytes until
+        /// dropped (the edge pauses a connection with too much in flight).
+        guard: crate::edge::InFlight,
     },
     /// The core reads nothing more from this connection: hand back a `ToEdge::Close` with
     /// this code once every reply passed on before it is on its way, so the client gets

@@ -286,6 +286,7 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                 upstream,
                 kind,
                 payload,
+                guard,
             } => {
                 if self.is_embedded(upstream) {
                     let sink = &mut self.sink;
@@ -295,6 +296,7 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                             upstream,
                             kind,
                             payload,
+                            guard,
                         },
                         &mut |m| sink.send(m),
                     );
