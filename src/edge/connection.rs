@@ -58,6 +58,8 @@ pub struct Connection {
     pub send_in_flight: bool,
     /// Whether it counts towards the open-connection limit.
     pub counted_open: bool,
+    /// The relay was told it closed (on a protocol error, at once): no second `Closed`.
+    pub relay_closed: bool,
     /// Outbound bytes; the front `in_flight` items are being sent.
     pub out: VecDeque<Bytes>,
     pub out_bytes: usize,
@@ -109,6 +111,7 @@ impl Connection {
             recv_armed: false,
             send_in_flight: false,
             counted_open: false,
+            relay_closed: false,
             out: VecDeque::new(),
             out_bytes: 0,
             close_code: crate::protocol::close::ABNORMAL,
