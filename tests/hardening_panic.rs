@@ -21,7 +21,10 @@ const SECRET: &str = "Bearer s3cr3t-t0ken-do-not-log";
 async fn echoes(ws: &mut RawWs, text: &str) {
     ws.send(&masked_frame(true, OP_TEXT, text.as_bytes())).await;
     let f = ws.read_frame().await;
-    assert_eq!(f.opcode, OP_TEXT, "expected the echo of {text:?}, got {f:?}");
+    assert_eq!(
+        f.opcode, OP_TEXT,
+        "expected the echo of {text:?}, got {f:?}"
+    );
     assert_eq!(f.payload, text.as_bytes());
 }
 
@@ -42,8 +45,14 @@ fn check_panic_log(log: &str, want: usize) {
         assert!(l.contains("conn="), "no connection id: {l}");
         assert!(l.contains("worker.rs:"), "no location: {l}");
     }
-    assert!(!log.contains("s3cr3t"), "a header value reached the log:\n{log}");
-    assert!(!log.contains("test hook"), "a panic message reached the log:\n{log}");
+    assert!(
+        !log.contains("s3cr3t"),
+        "a header value reached the log:\n{log}"
+    );
+    assert!(
+        !log.contains("test hook"),
+        "a panic message reached the log:\n{log}"
+    );
     assert!(
         !log.contains("panicked at"),
         "the hook printed a contained panic:\n{log}"
@@ -145,7 +154,9 @@ async fn protocol_error_is_heard_first(on_close: OnClose) {
     let mut opens = Vec::new();
     let close = loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let f = frames.recv_timeout(left).expect("the backend got close 1007");
+        let f = frames
+            .recv_timeout(left)
+            .expect("the backend got close 1007");
         match f.ty {
             T_OPEN => opens.push(f.conn()),
             T_CLOSE => break f,

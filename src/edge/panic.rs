@@ -15,9 +15,10 @@ thread_local! {
 /// only, never the payload. Called once at start by the binary.
 pub fn install_hook() {
     panic::set_hook(Box::new(|info| {
-        let location = info
-            .location()
-            .map_or_else(|| "unknown".to_string(), |l| format!("{}:{}", l.file(), l.line()));
+        let location = info.location().map_or_else(
+            || "unknown".to_string(),
+            |l| format!("{}:{}", l.file(), l.line()),
+        );
         if CONTAINING.with(Cell::get) {
             LOCATION.with(|l| *l.borrow_mut() = Some(location));
         } else {

@@ -604,7 +604,8 @@ impl Worker {
             ToEdge::Subscribe { topic, .. } => {
                 if conn.subscriptions.contains(&topic) {
                     // Already subscribed: nothing to do.
-                } else if conn.subscriptions.len() >= core.routes.route(conn.route).max_subscriptions
+                } else if conn.subscriptions.len()
+                    >= core.routes.route(conn.route).max_subscriptions
                 {
                     // Ignored and counted (docs/relay-protocol.md): the backend asked too much,
                     // the client did nothing wrong.
