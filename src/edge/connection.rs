@@ -59,8 +59,6 @@ pub struct Connection {
     /// The relay knows it (its `Open` went out): the relay gets `Closed` when the slot is
     /// freed, and a client's protocol error is fenced through the relay.
     pub counted_open: bool,
-    /// The relay was told it closed (on a protocol error, at once): no second `Closed`.
-    pub relay_closed: bool,
     /// Counted in `Shared::open` towards `max_connections`, from accept (handshaking) until
     /// the slot is freed.
     pub counted_limit: bool,
@@ -115,7 +113,6 @@ impl Connection {
             recv_armed: false,
             send_in_flight: false,
             counted_open: false,
-            relay_closed: false,
             counted_limit: false,
             out: VecDeque::new(),
             out_bytes: 0,

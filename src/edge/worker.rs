@@ -818,7 +818,7 @@ impl Worker {
             self.core.shared.open.fetch_sub(1, Ordering::Relaxed);
         }
         if conn.counted_open {
-            if let (Some(relay), false) = (&self.core.relay, conn.relay_closed) {
+            if let Some(relay) = &self.core.relay {
                 let event = ToUpstream::Closed {
                     conn: conn.id,
                     code: conn.close_code,
@@ -1415,12 +1415,12 @@ impl Core {
         conn.closing_without_reply = true;
         self.start_close(conn, code, reason);
         conn.close_after_flush = true;
-        if self.relay.is_some() && conn.counted_open && !conn.relay_closed {
-            conn.relay_closed = true;
+        if self.relay.is_some() && conn.counted_open {
             self.send_to_relay(ToUpstream::Closed {
                 conn: conn.id,
                 code,
             });
+            self.release_open(conn);
         }
     }
 
