@@ -66,6 +66,8 @@ enum Command {
 }
 
 fn main() {
+    // Panic messages can quote input (a header, a credential): print the location only.
+    ringway::edge::panic::install_hook();
     let cli = Cli::parse();
     init_logging(&cli.log_format);
     if let Err(e) = run(cli) {

@@ -10,6 +10,7 @@ mod conn_id;
 mod connection;
 mod inbox;
 mod listener;
+pub mod panic;
 pub mod stats;
 mod timer;
 mod worker;

@@ -43,6 +43,8 @@ pub struct CoreStats {
     pub protocol_errors: Counter,
     /// Replies for connections that were already gone (dropped, never misdelivered).
     pub stale_replies: Counter,
+    /// Panics contained to one connection (that connection was closed 1011 or 500).
+    pub panics: Counter,
     pub subscription_limit: Counter,
     /// Clients closed 1008 "slow consumer".
     pub overflow_closed: Counter,

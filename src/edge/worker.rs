@@ -31,6 +31,7 @@ use std::collections::HashMap;
 use super::buffers::{self, BufferRing};
 use super::connection::{Connection, Phase};
 use super::inbox::Waker;
+use super::panic;
 use super::stats::CoreStats;
 use super::timer::{self, TimerWheel};
 use super::{ConnId, Shared, GENERATION_MASK};
@@ -194,6 +195,7 @@ impl Worker {
                 charged: 0,
                 published: 0,
                 over_budget: false,
+                panic_on: panic_hook_from_env(),
             },
             buffers,
             ring,
@@ -507,7 +509,10 @@ impl Worker {
                     .conn
                     .as_mut()
                     .expect("checked above");
-                self.core.on_bytes(conn, data);
+                let core = &mut self.core;
+                if let Err(location) = panic::contain(|| core.on_bytes(conn, data)) {
+                    self.contained_panic(slot, &location);
+                }
             }
             self.buffers.recycle(bid);
             if !more {
@@ -604,40 +609,44 @@ impl Worker {
             self.core.stats.stale_replies.inc();
             return;
         };
-        match msg {
+        let (core, topics) = (&mut self.core, &mut self.topics);
+        let handled = panic::contain(|| match msg {
             ToEdge::Send { kind, payload, .. } => {
-                let frame = self.core.encode(opcode_for(kind), &payload);
-                self.core.queue_data(conn, frame);
+                let frame = core.encode(opcode_for(kind), &payload);
+                core.queue_data(conn, frame);
             }
-            ToEdge::Close { code, reason, .. } => self.core.on_relay_close(conn, code, &reason),
+            ToEdge::Close { code, reason, .. } => core.on_relay_close(conn, code, &reason),
             ToEdge::Subscribe { topic, .. } => {
                 if conn.subscriptions.contains(&topic) {
                     // Already subscribed: nothing to do.
                 } else if conn.subscriptions.len()
-                    >= self.core.routes.route(conn.route).max_subscriptions
+                    >= core.routes.route(conn.route).max_subscriptions
                 {
                     // Ignored and counted (docs/relay-protocol.md): the backend asked too much,
                     // the client did nothing wrong.
-                    self.core.stats.subscription_limit.inc();
+                    core.stats.subscription_limit.inc();
                     tracing::debug!(conn = %conn.id, topic = %topic, "subscription limit reached; ignored");
                 } else {
                     conn.subscriptions.push(topic.clone());
-                    self.topics.entry(topic).or_default().push(slot);
+                    topics.entry(topic).or_default().push(slot);
                 }
             }
             ToEdge::Unsubscribe { topic, .. } => {
                 if let Some(i) = conn.subscriptions.iter().position(|t| *t == topic) {
                     conn.subscriptions.swap_remove(i);
-                    unsubscribe(&mut self.topics, &topic, slot);
+                    unsubscribe(topics, &topic, slot);
                 }
             }
-            ToEdge::Accept { .. } => self.core.on_authorization(conn, Ok(())),
+            ToEdge::Accept { .. } => core.on_authorization(conn, Ok(())),
             ToEdge::Reject { status, reason, .. } => {
-                self.core.on_authorization(conn, Err((status, reason)))
+                core.on_authorization(conn, Err((status, reason)))
             }
             ToEdge::Publish { .. } | ToEdge::Broadcast { .. } => {
                 unreachable!("fan-out has no conn")
             }
+        });
+        if let Err(location) = handled {
+            self.contained_panic(slot, &location);
         }
         self.after_event(slot);
     }
@@ -674,7 +683,10 @@ impl Worker {
             if !conn.is_open() || conn.close.close_sent() || conn.shut {
                 continue;
             }
-            self.core.queue_fanout(conn, frame.clone());
+            let core = &mut self.core;
+            if let Err(location) = panic::contain(|| core.queue_fanout(conn, frame.clone())) {
+                self.contained_panic(slot, &location);
+            }
             self.after_event(slot);
         }
     }
@@ -732,6 +744,50 @@ impl Worker {
             self.free_slot(slot);
         } else {
             self.arm_timer(slot);
+        }
+    }
+
+    /// A panic in this connection's handling was caught: close it (1011 if open, 500 in its
+    /// handshake, dropped when neither can be sent), count it and log one line without the
+    /// panic's message. It reads nothing more and ends through the normal freeing path; the
+    /// core serves everyone else.
+    fn contained_panic(&mut self, slot: u32, location: &str) {
+        self.core.stats.panics.inc();
+        // Every frame has its own allocation (`Core::encode`); only the routing scratch is
+        // shared and must not carry a half-parsed message into the next one.
+        self.core.scratch.clear();
+        let now = self.core.now_ms;
+        let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
+            return;
+        };
+        tracing::error!(conn = %conn.id, location, "panic while handling this connection; closing it");
+        conn.reading_done = true;
+        conn.closing_without_reply = true;
+        conn.wants_pause = false;
+        let sendable = if conn.shut || conn.eof {
+            false
+        } else if conn.is_open() {
+            let can = !conn.close.close_sent();
+            if can {
+                self.core
+                    .start_close(conn, close::INTERNAL_ERROR, "internal error");
+            }
+            can
+        } else if conn.out.is_empty() && !conn.send_in_flight {
+            // In its handshake (or held for authorization): nothing sent yet, so a 500 fits.
+            conn.phase = Phase::Handshake(BytesMut::new());
+            self.core.stats.handshakes_rejected.inc();
+            conn.queue(handshake::error_response(500, "internal error", &[]));
+            conn.close_code = close::INTERNAL_ERROR;
+            true
+        } else {
+            false
+        };
+        if sendable {
+            conn.close_after_flush = true;
+            conn.close_sent_ms.get_or_insert(now);
+        } else {
+            self.shut(slot);
         }
     }
 
@@ -967,7 +1023,9 @@ impl Worker {
                 let fire =
                     next_deadline(conn, &self.core.config, draining).is_some_and(|d| d <= now);
                 if fire {
-                    self.on_deadline(entry.slot);
+                    if let Err(location) = panic::contain(|| self.on_deadline(entry.slot)) {
+                        self.contained_panic(entry.slot, &location);
+                    }
                 }
             }
             self.after_event(entry.slot);
@@ -1171,6 +1229,12 @@ fn conn_in(slots: &mut [Slot], slot: u32, generation: u32) -> Option<&mut Connec
     s.conn.as_mut()
 }
 
+/// The test-only panic hook: `RINGWAY_TEST_PANIC_ON=<text>`, read once per worker at start.
+/// Never set it in production: it lets a client crash its own connection on purpose.
+fn panic_hook_from_env() -> Option<Vec<u8>> {
+    std::env::var_os("RINGWAY_TEST_PANIC_ON").map(|v| v.into_encoded_bytes())
+}
+
 /// Wall-clock Unix seconds, for token expiry (the loop's clock is monotonic).
 fn unix_now_s() -> u64 {
     std::time::SystemTime::now()
@@ -1286,6 +1350,9 @@ struct Core {
     published: u64,
     /// Refusing for the memory budget: logged once when it starts and once when it ends.
     over_budget: bool,
+    /// Test-only (`RINGWAY_TEST_PANIC_ON`): a text message equal to these bytes, or a
+    /// handshake for `/__panic`, panics, to exercise panic containment.
+    panic_on: Option<Vec<u8>>,
 }
 
 impl Core {
@@ -1466,6 +1533,25 @@ impl Core {
         }
     }
 
+    /// End the connection for the client's protocol error or a refused message: queue the
+    /// close frame (code and reason) at once, read nothing more, and tell the relay it is
+    /// closed (after everything already sent for it); TCP goes after the client's answer or
+    /// the linger time. Unlike a fence, replies the backend had not yet sent are not waited
+    /// for (docs/relay-protocol.md, "Closing").
+    fn close_for_error(&mut self, conn: &mut Connection, code: u16, reason: &str) {
+        conn.reading_done = true;
+        conn.closing_without_reply = true;
+        self.start_close(conn, code, reason);
+        conn.close_after_flush = true;
+        if self.relay.is_some() && conn.counted_open {
+            self.send_to_relay(ToUpstream::Closed {
+                conn: conn.id,
+                code,
+            });
+            self.release_open(conn);
+        }
+    }
+
     /// The relay handed back a close, a fence's or a backend's.
     fn on_relay_close(&mut self, conn: &mut Connection, code: u16, reason: &str) {
         let fenced = conn.fence_ms.take().is_some();
@@ -1531,6 +1617,10 @@ impl Core {
             Ok(Parsed::Partial) => conn.phase = Phase::Handshake(std::mem::take(buf)),
             Err(e) => self.refuse(conn, e.response(), &e),
             Ok(Parsed::Complete { request, consumed }) => {
+                if self.panic_on.is_some() && request.path == "/__panic" {
+                    // The message quotes input, as a real panic's might: it must not be logged.
+                    panic!("test hook: handshake with {:?}", request.headers);
+                }
                 let routes = self.routes.clone();
                 let Some((route_id, route)) = routes.match_path(&request.path) else {
                     let response = handshake::error_response(404, "no route for this path", &[]);
@@ -1740,13 +1830,19 @@ impl Core {
                     }
                     tracing::debug!(conn = %conn.id, "protocol error: {e}");
                     let reason = e.to_string();
-                    self.close_after_replies(conn, e.close_code(), &reason);
+                    self.close_for_error(conn, e.close_code(), &reason);
                     return;
                 }
             };
             off += n;
             let Some(event) = event else { break };
             let action = match event {
+                Event::Message {
+                    kind: MessageKind::Text,
+                    payload,
+                } if self.panic_on.as_deref() == Some(payload.as_slice()) => {
+                    panic!("test hook: message {:?}", payload.as_slice())
+                }
                 Event::Message { .. }
                     if conn
                         .rate
@@ -1826,7 +1922,7 @@ impl Core {
                 Action::Refuse(reason) => {
                     self.stats.protocol_errors.inc();
                     tracing::debug!(conn = %conn.id, "message refused: {reason}");
-                    self.close_after_replies(conn, close::POLICY_VIOLATION, &reason);
+                    self.close_for_error(conn, close::POLICY_VIOLATION, &reason);
                     return;
                 }
                 Action::Control(frame) => {

@@ -208,6 +208,12 @@ impl Collector for Sources {
         )?;
         counters(
             e,
+            "ringway_panics",
+            "Panics contained to one connection, which was closed (1011, or 500 in its handshake)",
+            self.per_core(&[], |s| s.panics.get()),
+        )?;
+        counters(
+            e,
             "ringway_subscription_limit",
             "Subscriptions ignored because the connection reached max_subscriptions",
             self.per_core(&[], |s| s.subscription_limit.get()),

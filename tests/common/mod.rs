@@ -47,7 +47,13 @@ static NEXT_CONFIG: AtomicU64 = AtomicU64::new(0);
 impl Gateway {
     /// Start with these extra command-line arguments (on top of a free port and 2 workers).
     pub fn start(args: &[&str]) -> Gateway {
-        Gateway::spawn(None, args)
+        Gateway::spawn(None, args, &[])
+    }
+
+    /// Start with extra environment variables (e.g. the test-only `RINGWAY_TEST_PANIC_ON`).
+    #[allow(dead_code)]
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Gateway {
+        Gateway::spawn(None, args, env)
     }
 
     /// Start with `toml` written to a config file passed as `--config`, plus `args`.
@@ -58,10 +64,10 @@ impl Gateway {
             NEXT_CONFIG.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::write(&path, toml).expect("writing the test config file");
-        Gateway::spawn(Some(path), args)
+        Gateway::spawn(Some(path), args, &[])
     }
 
-    fn spawn(config_path: Option<PathBuf>, args: &[&str]) -> Gateway {
+    fn spawn(config_path: Option<PathBuf>, args: &[&str], env: &[(&str, &str)]) -> Gateway {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringway"));
         cmd.args(["--listen", "127.0.0.1:0"]);
         if !args.contains(&"--workers") {
@@ -70,6 +76,7 @@ impl Gateway {
         if let Some(path) = &config_path {
             cmd.arg("--config").arg(path);
         }
+        cmd.envs(env.iter().copied());
         cmd.args(args)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -638,6 +645,11 @@ pub async fn http_response_then_eof(stream: &mut TcpStream) -> (HttpResponse, St
     );
     expect_eof(stream).await;
     (response, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// [`metric_sum`] under the name the panic tests use.
+pub async fn admin_metric_sum(gw: &Gateway, metric: &str, labels: &str) -> u64 {
+    metric_sum(gw, metric, labels).await
 }
 
 /// An HS256 JWT over `claims` signed with `secret`, for routes with `[routes.jwt]`.

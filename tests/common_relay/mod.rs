@@ -590,3 +590,66 @@ pub fn scrape(admin: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
+
+/// `close` for `conn` with `code` and an empty reason, as a backend answers one.
+pub fn close_frame_for(conn: u64, code: u16) -> Vec<u8> {
+    let mut body = conn.to_be_bytes().to_vec();
+    body.extend_from_slice(&code.to_be_bytes());
+    body.extend(rstring(""));
+    relay_frame(T_CLOSE, &body)
+}
+
+/// How a [`spawn_echo_backend`] treats the gateway's `close` events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnClose {
+    /// Never answer them.
+    Ignore,
+    /// Answer each with `close` carrying the same code.
+    Answer,
+}
+
+/// A fake backend on one link: echoes every text `message` back as `send`, treats `close`
+/// as `on_close` says, and reports every non-ping frame it receives on the returned channel.
+/// It stops when `stop` is dropped or sent to, or after `limit`.
+pub fn spawn_echo_backend(
+    listener: TcpListener,
+    on_close: OnClose,
+    limit: Duration,
+) -> (
+    mpsc::Receiver<RelayFrame>,
+    mpsc::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
+    let (frames_tx, frames_rx) = mpsc::channel();
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let handle = std::thread::spawn(move || {
+        let mut link = FakeLink::accept(&listener, WAIT).expect("a link from the gateway");
+        link.handshake();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            match stop_rx.try_recv() {
+                Err(mpsc::TryRecvError::Empty) => {}
+                _ => break,
+            }
+            let Some(f) = link.read_non_ping(Duration::from_millis(50)) else {
+                continue;
+            };
+            match f.ty {
+                T_MESSAGE => {
+                    // conn u64, kind u8, u32 length, payload
+                    let text = String::from_utf8_lossy(&f.body[13..]).into_owned();
+                    link.write(&send_frame(f.conn(), &text));
+                }
+                T_CLOSE if on_close == OnClose::Answer => {
+                    let code = u16::from_be_bytes([f.body[8], f.body[9]]);
+                    link.write(&close_frame_for(f.conn(), code));
+                }
+                _ => {}
+            }
+            if frames_tx.send(f).is_err() {
+                break;
+            }
+        }
+    });
+    (frames_rx, stop_tx, handle)
+}
