@@ -89,6 +89,8 @@ pub struct Connection {
     pub protocol: Option<String>,
     /// Bytes charged to its core's memory meter, as of the last `footprint`.
     pub charged: usize,
+    /// When its JWT expires, on the core's clock: then it is closed 1008 "token expired".
+    pub token_expiry_ms: Option<u64>,
 }
 
 impl Connection {
@@ -128,6 +130,7 @@ impl Connection {
             rate: None,
             protocol: None,
             charged: 0,
+            token_expiry_ms: None,
         }
     }
 
