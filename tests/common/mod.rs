@@ -564,3 +564,31 @@ pub async fn http_response_then_eof(stream: &mut TcpStream) -> (HttpResponse, St
     expect_eof(stream).await;
     (response, String::from_utf8_lossy(&body).into_owned())
 }
+
+/// The sum over cores of the samples of `metric` whose labels contain `labels`, read from
+/// the admin listener (the gateway must run with `--admin 127.0.0.1:0`).
+pub async fn metric_total(gw: &Gateway, metric: &str, labels: &str) -> u64 {
+    let log = gw.log();
+    let i = log
+        .find("admin: http://")
+        .expect("gateway started with --admin");
+    let rest = &log[i + "admin: http://".len()..];
+    let admin = rest[..rest.find('/').unwrap()].to_string();
+    let mut s = timeout(WAIT, TcpStream::connect(&admin))
+        .await
+        .expect("admin connect timed out")
+        .expect("admin connect");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    timeout(WAIT, s.read_to_string(&mut text))
+        .await
+        .expect("metrics timed out")
+        .unwrap();
+    let prefix = format!("{metric}{{");
+    text.lines()
+        .filter(|l| l.starts_with(&prefix) && l.contains(labels))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
