@@ -98,11 +98,7 @@ pub fn is_claim_header(name: &str) -> bool {
 
 /// Run the handshake policy chain for `request` at `now_unix_s` (wall-clock Unix seconds,
 /// for the token's `exp`/`nbf`).
-pub fn admit(
-    request: &Request,
-    routes: &RouteTable,
-    now_unix_s: u64,
-) -> Result<Admitted, Refusal> {
+pub fn admit(request: &Request, routes: &RouteTable, now_unix_s: u64) -> Result<Admitted, Refusal> {
     let (route_id, route) = routes.match_path(&request.path).ok_or(Refusal::NoRoute)?;
     let policy = routes.policy(route_id);
     if !policy.origins.allows(request.origin.as_deref()) {
@@ -174,7 +170,11 @@ pub fn admit(
 /// that clock is `unix_now_ms` on the wall clock. Saturates instead of wrapping; an expiry
 /// already past is due at once.
 pub fn expiry_deadline_ms(expiry_unix_s: u64, now_ms: u64, unix_now_ms: u64) -> u64 {
-    now_ms.saturating_add(expiry_unix_s.saturating_mul(1000).saturating_sub(unix_now_ms))
+    now_ms.saturating_add(
+        expiry_unix_s
+            .saturating_mul(1000)
+            .saturating_sub(unix_now_ms),
+    )
 }
 
 #[cfg(test)]
@@ -263,7 +263,11 @@ pass_headers = ["x-claim-sub", "x-request-id"]
             ],
             "no client-sent x-claim-*, no Authorization"
         );
-        assert_eq!(a.query.as_deref(), Some("a=1"), "token stripped from a Bearer request");
+        assert_eq!(
+            a.query.as_deref(),
+            Some("a=1"),
+            "token stripped from a Bearer request"
+        );
         assert_eq!(a.protocol, None);
         assert_eq!(a.token_expiry_s, Some(NOW + 65), "exp + leeway");
     }
@@ -273,8 +277,15 @@ pass_headers = ["x-claim-sub", "x-request-id"]
         let req = request("/open?token=abc", "X-Claim-Sub: admin\r\n");
         let a = admit(&req, &routes(), NOW).unwrap();
         assert_eq!(a.route_id, 2);
-        assert_eq!(a.headers, [("x-claim-sub".to_string(), "admin".to_string())]);
-        assert_eq!(a.query.as_deref(), Some("token=abc"), "not a JWT route: untouched");
+        assert_eq!(
+            a.headers,
+            [("x-claim-sub".to_string(), "admin".to_string())]
+        );
+        assert_eq!(
+            a.query.as_deref(),
+            Some("token=abc"),
+            "not a JWT route: untouched"
+        );
         assert_eq!(a.token_expiry_s, None);
     }
 
@@ -296,15 +307,24 @@ pass_headers = ["x-claim-sub", "x-request-id"]
             NOW,
         )
         .unwrap_err();
-        assert_eq!((e, e.status(), e.metric()), (Refusal::Origin, 403, Some("origin")));
+        assert_eq!(
+            (e, e.status(), e.metric()),
+            (Refusal::Origin, 403, Some("origin"))
+        );
         assert!(e.response().starts_with(b"HTTP/1.1 403 "));
         // Token problems are 401s with the WWW-Authenticate challenge.
         let cases = [
             (String::new(), AuthError::Missing),
             ("Authorization: abcdefé\r\n".to_string(), AuthError::Missing),
-            ("Authorization: Bearer é\r\n".to_string(), AuthError::Malformed),
             (
-                format!("Authorization: Bearer {}\r\n", token(json!({"exp": NOW - 5}))),
+                "Authorization: Bearer é\r\n".to_string(),
+                AuthError::Malformed,
+            ),
+            (
+                format!(
+                    "Authorization: Bearer {}\r\n",
+                    token(json!({"exp": NOW - 5}))
+                ),
                 AuthError::Expired,
             ),
             (
@@ -322,7 +342,10 @@ pass_headers = ["x-claim-sub", "x-request-id"]
             let resp = e.response();
             let text = String::from_utf8_lossy(&resp);
             assert!(text.contains("WWW-Authenticate: Bearer\r\n"), "{text}");
-            assert!(text.ends_with(&format!("\r\n\r\n{}\n", want.reason())), "{text}");
+            assert!(
+                text.ends_with(&format!("\r\n\r\n{}\n", want.reason())),
+                "{text}"
+            );
         }
         assert_eq!(
             Refusal::Auth(AuthError::ClaimControlCharacters).reason(),
@@ -366,7 +389,11 @@ pass_headers = ["x-claim-sub", "x-request-id"]
     fn expiry_deadline_saturates() {
         assert_eq!(expiry_deadline_ms(NOW + 2, 500, NOW * 1000), 2_500);
         assert_eq!(expiry_deadline_ms(NOW + 2, 500, NOW * 1000 + 750), 1_750);
-        assert_eq!(expiry_deadline_ms(NOW, 500, NOW * 1000 + 750), 500, "past: due now");
+        assert_eq!(
+            expiry_deadline_ms(NOW, 500, NOW * 1000 + 750),
+            500,
+            "past: due now"
+        );
         assert_eq!(expiry_deadline_ms(u64::MAX, 500, 0), u64::MAX);
         assert_eq!(expiry_deadline_ms(u64::MAX, u64::MAX, 0), u64::MAX);
         assert_eq!(expiry_deadline_ms(0, 0, u64::MAX), 0);

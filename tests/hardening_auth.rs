@@ -66,10 +66,8 @@ async fn echo_with_token(url: &str, token: &str) {
 
 async fn connect_bearer(url: &str, token: &str) -> common_relay::Ws {
     let mut req = url.into_client_request().unwrap();
-    req.headers_mut().insert(
-        "Authorization",
-        format!("Bearer {token}").parse().unwrap(),
-    );
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
     let (ws, resp) = timeout(WAIT, tokio_tungstenite::connect_async(req))
         .await
         .expect("handshake timed out")
@@ -209,7 +207,13 @@ async fn claim_with_control_characters_is_401_and_never_opened() {
     let routes = jwt_route("/*", "pass_headers = [\"x-request-id\"]");
     let (gw, mut link) = gateway_with_fake_backend(&routes).await;
     let exp = now_s() + 3600;
-    for sub in ["alice\r\nx-admin: 1", "alice\n", "nul\0", "del\u{7f}", "tab\t"] {
+    for sub in [
+        "alice\r\nx-admin: 1",
+        "alice\n",
+        "nul\0",
+        "del\u{7f}",
+        "tab\t",
+    ] {
         let bad = token(sub, exp);
         let (resp, body) = common::http_exchange(
             gw.addr,
@@ -334,7 +338,10 @@ async fn connection_is_closed_1008_when_its_token_expires() {
     // The expired token itself is refused at a new handshake.
     let (resp, body) = common::http_exchange(
         gw.addr,
-        &upgrade("/strict", format!("Authorization: Bearer {short}\r\n").as_bytes()),
+        &upgrade(
+            "/strict",
+            format!("Authorization: Bearer {short}\r\n").as_bytes(),
+        ),
     )
     .await;
     assert_eq!((resp.status, body.as_str()), (401, "token expired\n"));

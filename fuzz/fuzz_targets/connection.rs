@@ -114,7 +114,9 @@ fuzz_target!(|data: &[u8]| {
             assert!(!value.bytes().any(|b| b < 0x20 || b == 0x7f));
         }
         if let Some(q) = &admitted.query {
-            assert!(!q.split('&').any(|p| p == "token" || p.starts_with("token=")));
+            assert!(!q
+                .split('&')
+                .any(|p| p == "token" || p.starts_with("token=")));
         }
         assert!(admitted.token_expiry_s.is_some());
     } else {
@@ -127,7 +129,8 @@ fuzz_target!(|data: &[u8]| {
     let response = response_101(&request, admitted.protocol.as_deref());
     assert!(response.starts_with(b"HTTP/1.1 101 Switching Protocols\r\n"));
     assert!(response.ends_with(b"\r\n\r\n"));
-    let _ = admission::expiry_deadline_ms(admitted.token_expiry_s.unwrap_or(u64::MAX), 0, NOW_S * 1000);
+    let _ =
+        admission::expiry_deadline_ms(admitted.token_expiry_s.unwrap_or(u64::MAX), 0, NOW_S * 1000);
 
     // The frames the client pipelined after its request.
     let msg_limits = Limits {

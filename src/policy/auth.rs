@@ -251,7 +251,9 @@ pub fn strip_token_param(query: &str) -> Option<String> {
         .split('&')
         .filter(|pair| {
             let name = pair.split_once('=').map_or(*pair, |(k, _)| k);
-            !pair.is_empty() && name != TOKEN_QUERY_PARAM && percent_decode(name) != TOKEN_QUERY_PARAM
+            !pair.is_empty()
+                && name != TOKEN_QUERY_PARAM
+                && percent_decode(name) != TOKEN_QUERY_PARAM
         })
         .collect();
     (!kept.is_empty()).then(|| kept.join("&"))
@@ -956,7 +958,14 @@ mod tests {
         let offered: Vec<String> = vec!["access_token.é".into()];
         assert_eq!(extract_token(&[], None, &offered).unwrap().token, "é");
         // Query values that are not ASCII or hold broken escapes.
-        for q in ["token=%", "token=%é", "token=é%4", "é=é&token=%f", "&&&", ""] {
+        for q in [
+            "token=%",
+            "token=%é",
+            "token=é%4",
+            "é=é&token=%f",
+            "&&&",
+            "",
+        ] {
             let _ = extract_token(&[], Some(q), &[]);
             let _ = strip_token_param(q);
         }
@@ -969,7 +978,14 @@ mod tests {
             ..hs_config()
         })
         .unwrap();
-        for bad in ["alice\r\nX-Admin: 1", "a\nb", "nul\0", "bell\u{7}", "del\u{7f}", "\t"] {
+        for bad in [
+            "alice\r\nX-Admin: 1",
+            "a\nb",
+            "nul\0",
+            "bell\u{7}",
+            "del\u{7f}",
+            "\t",
+        ] {
             assert_eq!(
                 v.verify(&hs(json!({"exp": NOW + 60, "sub": bad})), NOW),
                 Err(AuthError::ClaimControlCharacters),

@@ -619,7 +619,10 @@ mod tests {
         let mut slow = TokenBucket::new(1, 1);
         assert!(slow.try_take(u64::MAX - 1));
         assert_eq!(slow.wait_ms(u64::MAX - 1), Some(1000));
-        assert!(!slow.try_take(u64::MAX), "1 milli-token gained, not a whole one");
+        assert!(
+            !slow.try_take(u64::MAX),
+            "1 milli-token gained, not a whole one"
+        );
         assert_eq!(TokenBucket::new(0, 0).wait_ms(u64::MAX), None);
 
         let mut m = MessageRate::new(u32::MAX, 0).unwrap();
