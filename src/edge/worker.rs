@@ -1481,10 +1481,10 @@ impl Core {
 
     /// Count a handshake refused by the admission policy under its metric.
     fn count_refusal(&self, refusal: &admission::Refusal) {
-        match refusal.metric() {
-            Some("origin") => self.stats.origin_refused.inc(),
-            Some("auth") => self.stats.auth_failed.inc(),
-            _ => {}
+        match refusal {
+            admission::Refusal::Origin => self.stats.origin_refused.inc(),
+            admission::Refusal::Auth(_) => self.stats.auth_failed.inc(),
+            admission::Refusal::NoRoute => {}
         }
     }
 
