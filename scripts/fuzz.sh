@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Short, bounded fuzzing of the three decoders that face untrusted bytes: the handshake
-# parser, the frame/message decoder and the relay protocol decoder. Seeds come from
+# Short, bounded fuzzing of what faces untrusted bytes: the handshake parser, the
+# frame/message decoder, the relay protocol decoder, and a whole connection (handshake,
+# admission policy with Origin and JWT, 101, frames, routing key). Seeds come from
 # fuzz/corpus/<target>/ (kept clean: new inputs go to a scratch folder). Any crash fails
 # the run; its input is left in fuzz/artifacts/<target>/ to be kept as a regression test.
 #
@@ -16,7 +17,7 @@ cd "$ROOT/fuzz"
 # Stable Rust: RUSTC_BOOTSTRAP lets the sanitizer flags through.
 export RUSTC_BOOTSTRAP=1
 passed=0; failed=0
-for target in handshake frames relay; do
+for target in handshake frames relay connection; do
   scratch="$(mktemp -d)"
   echo "fuzz: $target for ${SECS}s"
   if timeout $((SECS + 600)) cargo fuzz run --sanitizer "${RINGWAY_FUZZ_SANITIZER:-none}" "$target" "$scratch" "corpus/$target" -- \

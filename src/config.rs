@@ -129,6 +129,9 @@ pub struct RouteConfig {
     /// Verify a JWT at the edge (Authorization: Bearer, `?token=`, or a subprotocol
     /// `access_token.<jwt>`); failures get 401.
     pub jwt: Option<crate::policy::auth::JwtConfig>,
+    /// With `jwt`: close an open connection 1008 "token expired" once its token's `exp`
+    /// (plus `leeway_s`) passes. `false` lets it outlive the token.
+    pub close_at_token_expiry: bool,
     /// Messages per second one connection may send (0: no limit); beyond it close 1008.
     pub messages_per_sec: u32,
     pub message_burst: u32,
@@ -150,6 +153,7 @@ impl Default for RouteConfig {
             origins: Vec::new(),
             allow_missing_origin: false,
             jwt: None,
+            close_at_token_expiry: true,
             messages_per_sec: 0,
             message_burst: 0,
         }

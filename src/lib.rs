@@ -4,6 +4,7 @@
 //! io_uring loops; `protocol` (sans-IO) turns those bytes into handshakes, frames and messages;
 //! `relay` carries messages to upstreams and brings replies back to the owning core.
 
+pub mod admission;
 pub mod config;
 pub mod edge;
 pub mod ops;

@@ -143,6 +143,8 @@ pub struct RouteTable {
 pub struct RoutePolicy {
     pub origins: OriginPolicy,
     pub jwt: Option<JwtVerifier>,
+    /// With `jwt`: close the connection 1008 when its token expires.
+    pub close_at_token_expiry: bool,
     pub messages_per_sec: u32,
     pub message_burst: u32,
 }
@@ -255,6 +257,7 @@ impl RouteTable {
             table.policies.push(RoutePolicy {
                 origins,
                 jwt,
+                close_at_token_expiry: r.close_at_token_expiry,
                 messages_per_sec: r.messages_per_sec,
                 message_burst: r.message_burst.max(r.messages_per_sec),
             });

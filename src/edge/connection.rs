@@ -160,6 +160,8 @@ pub struct Connection {
     pub over_queue_ms: Option<u64>,
     /// Bytes of its messages the relay has not let go of yet (see `InFlight`).
     pub relay_in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// When its JWT expires, on the core's clock: then it is closed 1008 "token expired".
+    pub token_expiry_ms: Option<u64>,
 }
 
 impl Connection {
@@ -204,6 +206,7 @@ impl Connection {
             sending: 0,
             over_queue_ms: None,
             relay_in_flight: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            token_expiry_ms: None,
         }
     }
 

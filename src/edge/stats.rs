@@ -57,6 +57,8 @@ pub struct CoreStats {
     pub origin_refused: Counter,
     pub auth_failed: Counter,
     pub rate_limited: Counter,
+    /// Open connections closed 1008 "token expired" when their JWT's `exp` passed.
+    pub token_expired: Counter,
     /// Closed 1008 for a message of more frames than the route's max_fragments.
     pub fragment_limited: Counter,
     /// Refused with 503 because connection buffers used the whole memory budget.

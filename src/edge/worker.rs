@@ -16,8 +16,8 @@ use bytes::{Bytes, BytesMut};
 use crossbeam_channel::{Sender, TrySendError};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
+use crate::admission;
 use crate::config::{Config, SlowConsumer, Upstream};
-use crate::policy::auth::{self, TokenFrom};
 use crate::policy::rate::{MessageRate, PerIpLimiter};
 use crate::protocol::close;
 use crate::protocol::frame::{self, OpCode, Role, MAX_HEADER_LEN};
@@ -1070,6 +1070,12 @@ impl Worker {
                 conn.close_sent_ms = Some(now);
             }
             Phase::Open => {
+                if conn.token_expiry_ms.is_some_and(|t| now >= t) {
+                    self.core.stats.token_expired.inc();
+                    self.core
+                        .start_close(conn, close::POLICY_VIOLATION, "token expired");
+                    return;
+                }
                 let cfg = self.core.config.clone();
                 if let Some(sent) = conn.ping_sent_ms {
                     if cfg.pong_timeout_ms > 0 && now >= sent.saturating_add(cfg.pong_timeout_ms) {
@@ -1237,9 +1243,14 @@ fn panic_hook_from_env() -> Option<Vec<u8>> {
 
 /// Wall-clock Unix seconds, for token expiry (the loop's clock is monotonic).
 fn unix_now_s() -> u64 {
+    unix_now_ms() / 1000
+}
+
+/// Wall-clock Unix milliseconds, to turn a token's expiry into a deadline on the loop's clock.
+fn unix_now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The client's address, for the backend's `open` event.
@@ -1320,6 +1331,9 @@ fn next_deadline(conn: &Connection, config: &Config, draining: Option<u64>) -> O
             }
             if config.idle_timeout_ms > 0 {
                 consider(conn.last_message_ms.saturating_add(config.idle_timeout_ms));
+            }
+            if let Some(t) = conn.token_expiry_ms {
+                consider(t);
             }
             at
         }
@@ -1622,92 +1636,32 @@ impl Core {
                     panic!("test hook: handshake with {:?}", request.headers);
                 }
                 let routes = self.routes.clone();
-                let Some((route_id, route)) = routes.match_path(&request.path) else {
-                    let response = handshake::error_response(404, "no route for this path", &[]);
-                    self.refuse(conn, response, &format!("no route for {}", request.path));
-                    return;
-                };
-                let policy = routes.policy(route_id);
-                if !policy.origins.allows(request.origin.as_deref()) {
-                    self.stats.origin_refused.inc();
-                    let response = handshake::error_response(403, "origin not allowed", &[]);
-                    let why = format!("origin {:?} not allowed on {}", request.origin, route.path);
-                    self.refuse(conn, response, &why);
-                    return;
-                }
-                let mut claims = Vec::new();
-                let mut protocol = None;
-                let mut query = request.query.clone();
-                if let Some(verifier) = &policy.jwt {
-                    let source = auth::extract_token(
-                        &request.headers,
-                        request.query.as_deref(),
-                        &request.protocols,
-                    );
-                    let verdict = match &source {
-                        None => Err(auth::AuthError::Missing),
-                        Some(src) => verifier.verify(&src.token, unix_now_s()),
-                    };
-                    match verdict {
-                        Err(e) => {
-                            self.stats.auth_failed.inc();
-                            let response = handshake::error_response(
-                                e.status(),
-                                e.reason(),
-                                &[("WWW-Authenticate", "Bearer")],
-                            );
-                            self.refuse(conn, response, &e.reason());
-                            return;
-                        }
-                        Ok(c) => {
-                            claims = c.pass;
-                            match source.map(|s| s.from) {
-                                Some(TokenFrom::Subprotocol { select, .. }) => {
-                                    protocol = Some(select)
-                                }
-                                Some(TokenFrom::Query) => {
-                                    query = query.as_deref().and_then(auth::strip_token_param)
-                                }
-                                _ => {}
-                            }
-                        }
+                let admitted = match admission::admit(&request, &routes, unix_now_s()) {
+                    Ok(admitted) => admitted,
+                    Err(refusal) => {
+                        self.count_refusal(&refusal);
+                        self.refuse(conn, refusal.response(), &refusal);
+                        return;
                     }
-                }
+                };
+                let route_id = admitted.route_id;
+                let route = routes.route(route_id);
+                let policy = routes.policy(route_id);
                 // Its place under max_connections was taken at accept (`count_toward_limit`).
                 conn.counted_open = true;
                 conn.route = route_id;
                 conn.decoder
                     .set_limits(route_limits(&self.config, route.max_fragments));
                 let authorize = route.authorize && self.relay.is_some();
-                let mut headers: Vec<(String, String)> = request
-                    .headers
-                    .iter()
-                    .filter(|(name, _)| {
-                        // Credentials the edge verified stay at the edge.
-                        let secret = policy.jwt.is_some()
-                            && (name.eq_ignore_ascii_case("authorization")
-                                || name.eq_ignore_ascii_case("sec-websocket-protocol"));
-                        !secret
-                            && route
-                                .pass_headers
-                                .iter()
-                                .any(|p| p.eq_ignore_ascii_case(name))
-                    })
-                    .map(|(name, value)| {
-                        (
-                            name.to_ascii_lowercase(),
-                            String::from_utf8_lossy(value).into_owned(),
-                        )
-                    })
-                    .collect();
-                // Verified claims reach the backend as `x-claim-<name>` in `open`.
-                headers.extend(claims.into_iter().map(|(k, v)| (format!("x-claim-{k}"), v)));
                 conn.rate = MessageRate::new(policy.messages_per_sec, policy.message_burst);
-                conn.protocol = protocol;
+                conn.protocol = admitted.protocol;
+                conn.token_expiry_ms = admitted
+                    .token_expiry_s
+                    .map(|s| admission::expiry_deadline_ms(s, self.now_ms, unix_now_ms()));
                 let info = OpenInfo {
                     path: request.path.clone(),
-                    query,
-                    headers,
+                    query: admitted.query,
+                    headers: admitted.headers,
                     peer: peer_addr(conn.fd),
                     authorize,
                 };
@@ -1745,6 +1699,15 @@ impl Core {
         tracing::debug!(conn = %conn.id, path = %request.path, "open");
         if !rest.is_empty() {
             self.on_frames(conn, &mut rest);
+        }
+    }
+
+    /// Count a handshake refused by the admission policy under its metric.
+    fn count_refusal(&self, refusal: &admission::Refusal) {
+        match refusal {
+            admission::Refusal::Origin => self.stats.origin_refused.inc(),
+            admission::Refusal::Auth(_) => self.stats.auth_failed.inc(),
+            admission::Refusal::NoRoute => {}
         }
     }
 

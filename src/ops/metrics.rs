@@ -222,6 +222,7 @@ impl Collector for Sources {
         refused.extend(self.per_core(&[("reason", "origin")], |s| s.origin_refused.get()));
         refused.extend(self.per_core(&[("reason", "auth")], |s| s.auth_failed.get()));
         refused.extend(self.per_core(&[("reason", "message_rate")], |s| s.rate_limited.get()));
+        refused.extend(self.per_core(&[("reason", "token_expired")], |s| s.token_expired.get()));
         refused.extend(self.per_core(&[("reason", "fragments")], |s| s.fragment_limited.get()));
         refused.extend(self.per_core(&[("reason", "memory")], |s| s.memory_refused.get()));
         refused.extend(self.per_core(&[("reason", "memory_shed")], |s| s.memory_shed.get()));
@@ -229,7 +230,7 @@ impl Collector for Sources {
         counters(
             e,
             "ringway_policy_refusals",
-            "Clients refused by the edge policy: per-IP limits (429/503), Origin (403), token (401), message rate or fragments per message (close 1008), memory budget (503, or close 1008 for the largest holders: memory_shed), connection limit (503)",
+            "Clients refused by the edge policy: per-IP limits (429/503), Origin (403), token (401), message rate, fragments per message or token expiry (close 1008), memory budget (503, or close 1008 for the largest holders: memory_shed), connection limit (503)",
             refused,
         )?;
         gauges(

@@ -22,6 +22,9 @@ use serde_json::Value;
 /// JWT characters (base64url and `.`) are all valid in a protocol token (RFC 6455 §4.1).
 pub const TOKEN_PROTOCOL_PREFIX: &str = "access_token.";
 
+/// The `Authorization` auth-scheme (and its separating space) that carries a token.
+const BEARER: &[u8] = b"bearer ";
+
 /// The query parameter that carries a token.
 pub const TOKEN_QUERY_PARAM: &str = "token";
 
@@ -110,6 +113,10 @@ pub enum AuthError {
     WrongAudience,
     #[error("unsupported token algorithm")]
     UnsupportedAlgorithm,
+    /// A claim the route passes to its backend holds a control character (CR, LF, NUL,
+    /// another C0 or DEL): forwarded, it could split a header or a log line downstream.
+    #[error("token claim has control characters")]
+    ClaimControlCharacters,
 }
 
 impl AuthError {
@@ -130,6 +137,7 @@ impl AuthError {
             AuthError::WrongIssuer => "wrong token issuer",
             AuthError::WrongAudience => "wrong token audience",
             AuthError::UnsupportedAlgorithm => "unsupported token algorithm",
+            AuthError::ClaimControlCharacters => "token claim has control characters",
         }
     }
 }
@@ -188,19 +196,24 @@ pub fn extract_token(
         if !name.eq_ignore_ascii_case("authorization") {
             continue;
         }
-        let Ok(value) = std::str::from_utf8(value) else {
+        // Bytes, not text: the value is the client's, and slicing a `str` at a byte that is
+        // not a character boundary would panic (`Authorization: abcdefé`).
+        let value = value.trim_ascii();
+        // The auth-scheme is case-insensitive (RFC 9110 §11.1).
+        let Some((scheme, rest)) = value.split_at_checked(BEARER.len()) else {
             continue;
         };
-        let value = value.trim();
-        // The auth-scheme is case-insensitive (RFC 9110 §11.1).
-        if value.len() > 7 && value[..7].eq_ignore_ascii_case("bearer ") {
-            let token = value[7..].trim();
-            if !token.is_empty() {
-                return Some(TokenSource {
-                    token: token.to_string(),
-                    from: TokenFrom::AuthorizationHeader,
-                });
-            }
+        if !scheme.eq_ignore_ascii_case(BEARER) {
+            continue;
+        }
+        let Ok(token) = std::str::from_utf8(rest.trim_ascii()) else {
+            continue;
+        };
+        if !token.is_empty() {
+            return Some(TokenSource {
+                token: token.to_string(),
+                from: TokenFrom::AuthorizationHeader,
+            });
         }
     }
     if let Some(index) = protocols.iter().position(|p| is_token_protocol(p)) {
@@ -209,8 +222,13 @@ pub fn extract_token(
             .find(|p| !is_token_protocol(p))
             .unwrap_or(&protocols[index])
             .clone();
+        // `is_token_protocol` matched an ASCII prefix, so its end is a character boundary;
+        // `get` keeps that from being a panic if it ever changes.
+        let token = protocols[index]
+            .get(TOKEN_PROTOCOL_PREFIX.len()..)
+            .unwrap_or_default();
         return Some(TokenSource {
-            token: protocols[index][TOKEN_PROTOCOL_PREFIX.len()..].to_string(),
+            token: token.to_string(),
             from: TokenFrom::Subprotocol { index, select },
         });
     }
@@ -226,11 +244,16 @@ pub fn extract_token(
 }
 
 /// The query without its `token` parameters, to pass to a backend; `None` if nothing is left.
+/// A name that percent-decodes to `token` (`%74oken=`) is stripped too: a backend that
+/// decodes the query would read it as the token.
 pub fn strip_token_param(query: &str) -> Option<String> {
     let kept: Vec<&str> = query
         .split('&')
         .filter(|pair| {
-            !pair.is_empty() && pair.split_once('=').map_or(*pair, |(k, _)| k) != TOKEN_QUERY_PARAM
+            let name = pair.split_once('=').map_or(*pair, |(k, _)| k);
+            !pair.is_empty()
+                && name != TOKEN_QUERY_PARAM
+                && percent_decode(name) != TOKEN_QUERY_PARAM
         })
         .collect();
     (!kept.is_empty()).then(|| kept.join("&"))
@@ -353,6 +376,11 @@ impl JwtVerifier {
         })
     }
 
+    /// Seconds past `exp` a token is still accepted: it expires at `exp + leeway_s`.
+    pub fn leeway_s(&self) -> u64 {
+        self.leeway_s
+    }
+
     /// Check the token's algorithm, signature, `exp` (required), `nbf`, `iss` and `aud` at
     /// `now_s` (Unix seconds).
     pub fn verify(&self, token: &str, now_s: u64) -> Result<Claims, AuthError> {
@@ -414,7 +442,7 @@ impl JwtVerifier {
                 return Err(AuthError::WrongAudience);
             }
         }
-        let pass = self
+        let pass: Vec<(String, String)> = self
             .pass_claims
             .iter()
             .filter_map(|name| {
@@ -425,6 +453,13 @@ impl JwtVerifier {
                 Some((name.clone(), value))
             })
             .collect();
+        // JSON text escapes control characters; a string claim is passed as it is.
+        if pass
+            .iter()
+            .any(|(_, v)| v.bytes().any(|b| b < 0x20 || b == 0x7f))
+        {
+            return Err(AuthError::ClaimControlCharacters);
+        }
         Ok(Claims {
             subject: claims.get("sub").and_then(Value::as_str).map(str::to_owned),
             expires_at_s: exp,
@@ -878,5 +913,127 @@ mod tests {
                 Some("u")
             );
         }
+    }
+
+    #[test]
+    fn authorization_values_that_are_not_ascii_never_panic() {
+        // Non-ASCII at and around the scheme's end (byte 7), empty, huge, and invalid UTF-8.
+        let mut values: Vec<Vec<u8>> = vec![
+            "abcdefé".into(),
+            "abcdeé".into(),
+            "Bearer é".into(),
+            "Beareré x".into(),
+            "é".into(),
+            "ééééééééé".into(),
+            "\u{1F600}\u{1F600}".into(),
+            b"Bearer \xff\xfe".to_vec(),
+            b"\xff\xff\xff\xff\xff\xff\xff\xff".to_vec(),
+            Vec::new(),
+            b"       ".to_vec(),
+            vec![b'a'; 1 << 20],
+        ];
+        for n in 0..12 {
+            let mut v = b"Bearer ".to_vec();
+            v.truncate(n.min(7));
+            v.extend_from_slice("é".as_bytes());
+            values.push(v);
+        }
+        for value in values {
+            let headers = [("Authorization".to_string(), value.clone())];
+            let found = extract_token(&headers, None, &[]);
+            assert!(
+                found.is_none() || value.starts_with(b"Bearer "),
+                "{:?}",
+                String::from_utf8_lossy(&value)
+            );
+        }
+        // A non-ASCII token after a real scheme is found (and then fails verification).
+        let t = extract_token(&[header("Authorization", "Bearer é.é.é")], None, &[]).unwrap();
+        assert_eq!(t.token, "é.é.é");
+        let v = JwtVerifier::new(&hs_config()).unwrap();
+        assert_eq!(v.verify(&t.token, NOW), Err(AuthError::Malformed));
+        // Subprotocol entries that are not ASCII.
+        let offered: Vec<String> = vec!["access_tokené".into(), "é".into(), String::new()];
+        assert_eq!(extract_token(&[], None, &offered), None);
+        let offered: Vec<String> = vec!["access_token.é".into()];
+        assert_eq!(extract_token(&[], None, &offered).unwrap().token, "é");
+        // Query values that are not ASCII or hold broken escapes.
+        for q in [
+            "token=%",
+            "token=%é",
+            "token=é%4",
+            "é=é&token=%f",
+            "&&&",
+            "",
+        ] {
+            let _ = extract_token(&[], Some(q), &[]);
+            let _ = strip_token_param(q);
+        }
+    }
+
+    #[test]
+    fn passed_claims_with_control_characters_are_refused() {
+        let v = JwtVerifier::new(&JwtConfig {
+            pass_claims: vec!["sub".into(), "roles".into()],
+            ..hs_config()
+        })
+        .unwrap();
+        for bad in [
+            "alice\r\nX-Admin: 1",
+            "a\nb",
+            "nul\0",
+            "bell\u{7}",
+            "del\u{7f}",
+            "\t",
+        ] {
+            assert_eq!(
+                v.verify(&hs(json!({"exp": NOW + 60, "sub": bad})), NOW),
+                Err(AuthError::ClaimControlCharacters),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            AuthError::ClaimControlCharacters.reason(),
+            "token claim has control characters"
+        );
+        // Inside a non-string claim, JSON text escapes them: passed as `"a\nb"`.
+        let c = v
+            .verify(&hs(json!({"exp": NOW + 60, "roles": ["a\nb"]})), NOW)
+            .unwrap();
+        assert_eq!(c.pass, [("roles".to_string(), r#"["a\nb"]"#.to_string())]);
+        // Claims the route does not pass are not checked (they go nowhere).
+        assert!(v
+            .verify(&hs(json!({"exp": NOW + 60, "other": "a\r\n"})), NOW)
+            .is_ok());
+        // Non-ASCII text is not a control character.
+        assert!(v
+            .verify(&hs(json!({"exp": NOW + 60, "sub": "zoë ✓"})), NOW)
+            .is_ok());
+    }
+
+    #[test]
+    fn token_param_is_stripped_even_when_percent_encoded() {
+        assert_eq!(
+            strip_token_param("%74oken=SECRET&a=1&token=x").as_deref(),
+            Some("a=1")
+        );
+        assert_eq!(strip_token_param("tok%65n").as_deref(), None);
+        assert_eq!(strip_token_param("tokens=1").as_deref(), Some("tokens=1"));
+    }
+
+    #[test]
+    fn huge_times_and_leeway_saturate() {
+        let v = JwtVerifier::new(&JwtConfig {
+            leeway_s: u64::MAX,
+            ..hs_config()
+        })
+        .unwrap();
+        assert_eq!(v.leeway_s(), u64::MAX);
+        let token = hs(json!({"exp": u64::MAX, "nbf": u64::MAX}));
+        assert!(v.verify(&token, u64::MAX - 1).is_ok());
+        // `exp + leeway` saturates at u64::MAX: expired there, never wrapped to the past.
+        assert_eq!(v.verify(&token, u64::MAX), Err(AuthError::Expired));
+        assert!(v.verify(&hs(json!({"exp": 1e300})), NOW).is_ok());
+        assert!(v.verify(&hs(json!({"exp": 0})), 0).is_ok());
     }
 }

@@ -323,4 +323,55 @@ mod tests {
         // The message names the pattern, for the config error.
         assert!(error("nope").to_string().contains("\"nope\""));
     }
+
+    #[test]
+    fn hostile_origin_values_never_panic_and_never_match() {
+        let p = policy(&["https://app.example.com", "https://*.example.org:8443"]);
+        let huge_host = format!("https://{}.example.org:8443", "a".repeat(1 << 20));
+        let values = [
+            "",
+            ":",
+            "://",
+            "https://",
+            "https://:",
+            "https://[",
+            "https://[]",
+            "https://[é]",
+            "https://app.example.com:",
+            "https://app.example.com:99999",
+            "https://app.example.com:4é3",
+            "https://app.example.com:é",
+            "https://appé.example.com",
+            "é://app.example.com",
+            "https://é",
+            "https://ééé:é",
+            "https://*.example.org:8443",
+            "https://.example.org:8443",
+            "https://app.example.com\0",
+            "https://app.example.com\r\nX: y",
+            "\u{1F600}",
+        ];
+        for v in values {
+            assert!(!p.allows(Some(v)), "{v:?}");
+        }
+        assert!(!p.allows(Some(&"é".repeat(1 << 16))));
+        // A huge but well-formed subdomain is matched without trouble.
+        assert!(p.allows(Some(&huge_host)));
+        // Patterns with the same shapes are refused at config load, not panicked on.
+        for bad in [
+            "",
+            "é",
+            "https://é",
+            "https://*.é",
+            "https://*é.example.com",
+            "https://[",
+            "https://*.",
+            "https://a:é",
+        ] {
+            assert!(
+                OriginPolicy::from_patterns(&[bad.to_string()]).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
 }

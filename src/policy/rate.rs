@@ -605,4 +605,53 @@ mod tests {
         assert_eq!(IpLimits::default().per_core(4).max_concurrent, 0);
         assert_eq!(total.per_core(0), total);
     }
+
+    #[test]
+    fn extreme_rates_times_and_counts_never_overflow() {
+        let mut b = TokenBucket::new(u32::MAX, u32::MAX);
+        assert!(b.try_take(0));
+        assert!(b.try_take(u64::MAX));
+        assert_eq!(b.available(u64::MAX), u32::MAX - 1);
+        // The clock going backwards adds nothing and does not panic.
+        assert!(b.try_take(0));
+        assert_eq!(b.wait_ms(0), Some(0));
+
+        let mut slow = TokenBucket::new(1, 1);
+        assert!(slow.try_take(u64::MAX - 1));
+        assert_eq!(slow.wait_ms(u64::MAX - 1), Some(1000));
+        assert!(
+            !slow.try_take(u64::MAX),
+            "1 milli-token gained, not a whole one"
+        );
+        assert_eq!(TokenBucket::new(0, 0).wait_ms(u64::MAX), None);
+
+        let mut m = MessageRate::new(u32::MAX, 0).unwrap();
+        assert!(m.on_message(u64::MAX));
+        assert!(MessageRate::new(0, u32::MAX).is_none());
+
+        let limits = IpLimits {
+            max_concurrent: u32::MAX,
+            connects_per_sec: u32::MAX,
+            connect_burst: u32::MAX,
+            max_tracked_ips: usize::MAX,
+        };
+        assert_eq!(limits.per_core(0).max_concurrent, u32::MAX);
+        assert_eq!(limits.per_core(usize::MAX).max_concurrent, 1);
+        assert_eq!(limits.per_core(usize::MAX).max_tracked_ips, 1);
+        let mut l = PerIpLimiter::new(limits);
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        assert!(l.try_open(ip, u64::MAX).is_ok());
+        l.closed(ip, 0);
+        l.closed(ip, u64::MAX);
+        l.sweep(u64::MAX);
+        assert_eq!(
+            Refusal::RateLimited {
+                retry_after_ms: u64::MAX
+            }
+            .retry_after_secs(),
+            u64::MAX.div_ceil(1000)
+        );
+        let v6 = IpAddr::V6(Ipv6Addr::new(0xffff, 0xffff, 0xffff, 0xffff, 1, 2, 3, 4));
+        assert_eq!(IpKey::of(v6), IpKey::V6Net64(u64::MAX));
+    }
 }

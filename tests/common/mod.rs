@@ -647,6 +647,11 @@ pub async fn http_response_then_eof(stream: &mut TcpStream) -> (HttpResponse, St
     (response, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// [`metric_sum`] under the name the auth tests use.
+pub async fn metric_total(gw: &Gateway, metric: &str, labels: &str) -> u64 {
+    metric_sum(gw, metric, labels).await
+}
+
 /// [`metric_sum`] under the name the panic tests use.
 pub async fn admin_metric_sum(gw: &Gateway, metric: &str, labels: &str) -> u64 {
     metric_sum(gw, metric, labels).await
@@ -694,18 +699,21 @@ pub async fn metric_sum(gw: &Gateway, metric: &str, labels: &str) -> u64 {
         .expect("gateway started with --admin");
     let rest = &log[i + "admin: http://".len()..];
     let admin = rest[..rest.find('/').unwrap()].to_string();
-    let mut s = TcpStream::connect(&admin).await.unwrap();
+    let mut s = timeout(WAIT, TcpStream::connect(&admin))
+        .await
+        .expect("admin connect timed out")
+        .expect("admin connect");
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
     let mut text = String::new();
     timeout(WAIT, s.read_to_string(&mut text))
         .await
-        .unwrap()
+        .expect("metrics timed out")
         .unwrap();
     let prefix = format!("{metric}{{");
     text.lines()
         .filter(|l| l.starts_with(&prefix) && l.contains(labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
         .sum()
 }

@@ -653,3 +653,63 @@ pub fn spawn_echo_backend(
     });
     (frames_rx, stop_tx, handle)
 }
+
+/// The fields of an `open` event (docs/relay-protocol.md "Frame types").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenEvent {
+    pub conn: u64,
+    pub flags: u8,
+    pub path: String,
+    pub query: Option<String>,
+    pub peer: Option<String>,
+    pub headers: Vec<(String, String)>,
+}
+
+/// Reads the fields of a frame body in order.
+struct Fields<'a> {
+    body: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Fields<'a> {
+    fn take(&mut self, n: usize) -> &'a [u8] {
+        let s = &self.body[self.at..self.at + n];
+        self.at += n;
+        s
+    }
+
+    fn string(&mut self) -> String {
+        let n = u16::from_be_bytes(self.take(2).try_into().unwrap()) as usize;
+        String::from_utf8(self.take(n).to_vec()).expect("UTF-8 string field")
+    }
+
+    fn opt_string(&mut self) -> Option<String> {
+        (self.take(1)[0] == 1).then(|| self.string())
+    }
+}
+
+impl RelayFrame {
+    /// Parse this frame as `open`, failing the test if it is not a well-formed one.
+    pub fn open(&self) -> OpenEvent {
+        assert_eq!(self.ty, T_OPEN, "not an open: {self:?}");
+        let mut f = Fields {
+            body: &self.body,
+            at: 8,
+        };
+        let flags = f.take(1)[0];
+        let path = f.string();
+        let query = f.opt_string();
+        let peer = f.opt_string();
+        let count = u16::from_be_bytes(f.take(2).try_into().unwrap());
+        let headers = (0..count).map(|_| (f.string(), f.string())).collect();
+        assert_eq!(f.at, self.body.len(), "bytes after the last header");
+        OpenEvent {
+            conn: self.conn(),
+            flags,
+            path,
+            query,
+            peer,
+            headers,
+        }
+    }
+}
