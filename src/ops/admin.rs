@@ -196,10 +196,10 @@ impl Server {
     }
 
     fn serve(mut self) {
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut self.listener, LISTENER, Interest::READABLE)
+        if let Err(e) =
+            self.poll
+                .registry()
+                .register(&mut self.listener, LISTENER, Interest::READABLE)
         {
             tracing::error!("admin listener: cannot poll the listening socket: {e}");
             return;
@@ -214,8 +214,7 @@ impl Server {
                 .chain(self.accept_retry)
                 .min();
             let wait = next.map_or(Duration::from_secs(1), |d| {
-                d.saturating_duration_since(now)
-                    .min(Duration::from_secs(1))
+                d.saturating_duration_since(now).min(Duration::from_secs(1))
             });
             if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
                 if e.kind() != io::ErrorKind::Interrupted {

@@ -47,7 +47,28 @@ static NEXT_CONFIG: AtomicU64 = AtomicU64::new(0);
 impl Gateway {
     /// Start with these extra command-line arguments (on top of a free port and 2 workers).
     pub fn start(args: &[&str]) -> Gateway {
-        Gateway::spawn(None, args)
+        Gateway::spawn(None, args, &[])
+    }
+
+    /// Like [`Gateway::start`], with extra environment variables for the process.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Gateway {
+        Gateway::spawn(None, args, env)
+    }
+
+    /// The admin listener's address, from its start-up line (needs `--admin 127.0.0.1:0`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let log = self.log();
+            if let Some(i) = log.find("admin: http://") {
+                let rest = &log[i + "admin: http://".len()..];
+                if let Some(end) = rest.find('/') {
+                    return rest[..end].parse().expect("admin address");
+                }
+            }
+            assert!(Instant::now() < deadline, "no admin address in:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Start with `toml` written to a config file passed as `--config`, plus `args`.
@@ -58,10 +79,10 @@ impl Gateway {
             NEXT_CONFIG.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::write(&path, toml).expect("writing the test config file");
-        Gateway::spawn(Some(path), args)
+        Gateway::spawn(Some(path), args, &[])
     }
 
-    fn spawn(config_path: Option<PathBuf>, args: &[&str]) -> Gateway {
+    fn spawn(config_path: Option<PathBuf>, args: &[&str], env: &[(&str, &str)]) -> Gateway {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringway"));
         cmd.args(["--listen", "127.0.0.1:0"]);
         if !args.contains(&"--workers") {
@@ -70,6 +91,7 @@ impl Gateway {
         if let Some(path) = &config_path {
             cmd.arg("--config").arg(path);
         }
+        cmd.envs(env.iter().copied());
         cmd.args(args)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
