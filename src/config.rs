@@ -257,23 +257,172 @@ pub enum ConfigError {
     },
     #[error("config file {path}: {message}")]
     Parse { path: String, message: String },
+    /// `key` is a path into the file: `read_buffers`, `ip_limits.max_concurrent`,
+    /// `routes[1].authorize_timeout_ms`, `upstreams[0].buffer_messages`.
     #[error("{origin}: `{key}` {problem}")]
     Invalid {
         origin: String,
-        key: &'static str,
+        key: String,
         problem: String,
     },
 }
 
-/// The 1-based line where top-level `key` is set in a TOML text, if it is.
+// Bounds of every timeout, size and count. deploy/ringway.toml states each beside its key's
+// default; `Config::validate` refuses values outside them, naming the key.
+
+/// One day: the longest any connection timer may be.
+pub const DAY_MS: u64 = 86_400_000;
+/// 1 GiB: the largest message, frame or send queue.
+pub const GIB: u64 = 1 << 30;
+/// `workers`: a connection id keeps its core in 8 bits.
+pub const MAX_WORKERS: usize = 255;
+/// `backlog`: what listen(2) can use (net.core.somaxconn caps it further).
+pub const MAX_BACKLOG: i32 = 65_535;
+/// `max_connections` (and `ip_limits.max_concurrent`).
+pub const MAX_CONNECTIONS: usize = 10_000_000;
+/// `max_message_bytes`, `max_frame_bytes`.
+pub const MAX_MESSAGE_BYTES: u64 = GIB;
+/// `max_handshake_bytes`, at least [`MIN_HANDSHAKE_BYTES`].
+pub const MIN_HANDSHAKE_BYTES: usize = 256;
+pub const MAX_HANDSHAKE_BYTES: usize = 64 * 1024;
+/// `handshake_timeout_ms`: a handshake that takes minutes is an attack, not a client.
+pub const MIN_HANDSHAKE_TIMEOUT_MS: u64 = 100;
+pub const MAX_HANDSHAKE_TIMEOUT_MS: u64 = 300_000;
+/// `ping_interval_ms` when not 0: pinging every client more often is a ping storm.
+pub const MIN_PING_INTERVAL_MS: u64 = 100;
+/// `ping_interval_ms`, `pong_timeout_ms`, `idle_timeout_ms`.
+pub const MAX_CONNECTION_TIMER_MS: u64 = DAY_MS;
+/// `close_linger_ms`.
+pub const MAX_CLOSE_LINGER_MS: u64 = 60_000;
+/// `shutdown_grace_ms`.
+pub const MAX_SHUTDOWN_GRACE_MS: u64 = 600_000;
+/// `send_queue_bytes`: below a close frame and a small message nothing could be sent.
+pub const MIN_SEND_QUEUE_BYTES: usize = 1024;
+pub const MAX_SEND_QUEUE_BYTES: usize = GIB as usize;
+/// `read_buffers` (what a provided-buffer ring takes), `read_buffer_bytes` (powers of two),
+/// and their product per core.
+pub const MAX_READ_BUFFERS: u16 = 32_768;
+pub const MIN_READ_BUFFER_BYTES: usize = 512;
+pub const MAX_READ_BUFFER_BYTES: usize = 1 << 20;
+pub const MAX_READ_BUFFER_MEMORY: usize = 256 << 20;
+/// `relay_queue` (messages per core).
+pub const MAX_RELAY_QUEUE: usize = 1 << 20;
+/// `max_subscriptions` (top level and per route).
+pub const MAX_SUBSCRIPTIONS: usize = 10_000;
+/// `max_fragments` (top level and per route) when not 0.
+pub const MAX_FRAGMENTS: u32 = 1 << 20;
+/// `memory_budget_bytes`: 16 TiB.
+pub const MAX_MEMORY_BUDGET: u64 = 1 << 44;
+/// Rates and bursts: `messages_per_sec`, `message_burst`, `ip_limits.connects_per_sec`,
+/// `ip_limits.connect_burst`.
+pub const MAX_RATE: u32 = 1_000_000;
+/// `ip_limits.max_tracked_ips`.
+pub const MAX_TRACKED_IPS: usize = 1 << 24;
+/// `upstreams[].buffer_messages`.
+pub const MAX_BUFFER_MESSAGES: usize = 1_000_000;
+/// `routes[].authorize_timeout_ms`.
+pub const MAX_AUTHORIZE_TIMEOUT_MS: u64 = 300_000;
+/// `routes[].jwt.leeway_s`: clock skew of more than an hour is a broken clock.
+pub const MAX_JWT_LEEWAY_S: u64 = 3_600;
+
+/// Whether a trimmed line sets `key` (`key = ...`, `key=...`).
+fn sets_key(line: &str, key: &str) -> bool {
+    line.trim_start()
+        .strip_prefix(key)
+        .is_some_and(|rest| rest.trim_start().starts_with('='))
+}
+
+/// The name in a table header line: `routes` for `[[routes]]`, `ip_limits` for
+/// `[ip_limits]`, `routes.jwt` for `[routes.jwt]`; `None` for other lines.
+fn header_of(line: &str) -> Option<(&str, bool)> {
+    let l = line.trim();
+    if let Some(rest) = l.strip_prefix("[[") {
+        return Some((rest.split("]]").next()?.trim(), true));
+    }
+    let rest = l.strip_prefix('[')?;
+    Some((rest.split(']').next()?.trim(), false))
+}
+
+/// The 1-based line where `key` (a path as in [`ConfigError::Invalid`]) is set in a TOML
+/// text: the key's own line, else the line of the inline table or `[[table]]` that holds it.
 fn line_of(text: &str, key: &str) -> Option<usize> {
-    text.lines()
-        .position(|l| {
-            let l = l.trim_start();
-            l.strip_prefix(key)
-                .is_some_and(|rest| rest.trim_start().starts_with('='))
+    let lines: Vec<&str> = text.lines().collect();
+    let mut parts = key.split('.');
+    let first = parts.next()?;
+    let rest: Vec<&str> = parts.collect();
+    let (name, index) = match first.split_once('[') {
+        Some((name, i)) => (name, Some(i.trim_end_matches(']').parse::<usize>().ok()?)),
+        None => (first, None),
+    };
+    let next_header = |from: usize, within: &str| {
+        (from..lines.len())
+            .find(|&i| {
+                header_of(lines[i])
+                    .is_some_and(|(h, _)| h != within && !h.starts_with(&format!("{within}.")))
+            })
+            .unwrap_or(lines.len())
+    };
+    // The lines that may hold the key: [start, end), and the line to fall back to.
+    let (start, end, fallback) = if let Some(index) = index {
+        let header = (0..lines.len())
+            .filter(|&i| header_of(lines[i]) == Some((name, true)))
+            .nth(index)?;
+        (header + 1, next_header(header + 1, name), Some(header))
+    } else if let Some(header) = (!rest.is_empty())
+        .then(|| (0..lines.len()).find(|&i| header_of(lines[i]) == Some((name, false))))
+        .flatten()
+    {
+        (header + 1, next_header(header + 1, name), Some(header))
+    } else {
+        // Top level: only before the first table, where a route's key of the same name
+        // cannot be mistaken for it.
+        let end = (0..lines.len())
+            .find(|&i| header_of(lines[i]).is_some())
+            .unwrap_or(lines.len());
+        let line = (0..end).find(|&i| sets_key(lines[i], name))?;
+        if rest.is_empty() {
+            return Some(line + 1);
+        }
+        (line, line + 1, Some(line))
+    };
+    let region = start..end;
+    let own = rest.last().copied().unwrap_or(name);
+    region
+        .clone()
+        .filter(|&i| !lines[i].trim_start().starts_with('#'))
+        .find(|&i| sets_key(lines[i], own) || lines[i].contains(&format!(" {own} =")))
+        .or_else(|| {
+            let table = rest.first()?;
+            region.clone().find(|&i| sets_key(lines[i], table))
         })
+        .or(fallback)
         .map(|i| i + 1)
+}
+
+/// `value` within `range`, else the problem to report.
+fn within<T: PartialOrd + std::fmt::Display + Copy>(
+    value: T,
+    min: T,
+    max: T,
+) -> Result<(), String> {
+    if value < min || value > max {
+        Err(format!("must be between {min} and {max}, not {value}"))
+    } else {
+        Ok(())
+    }
+}
+
+/// 0 (off), or within `min..=max`.
+fn off_or_within<T: PartialOrd + std::fmt::Display + Copy + Default>(
+    value: T,
+    min: T,
+    max: T,
+) -> Result<(), String> {
+    if value == T::default() {
+        return Ok(());
+    }
+    within(value, min, max)
+        .map_err(|_| format!("must be 0 (off) or between {min} and {max}, not {value}"))
 }
 
 impl Config {
@@ -287,7 +436,7 @@ impl Config {
             message: e.to_string(),
         })?;
         if let Err(ConfigError::Invalid { key, problem, .. }) = config.validate("") {
-            let origin = match line_of(&text, key) {
+            let origin = match line_of(&text, &key) {
                 Some(line) => format!("config file {}, line {line}", path.display()),
                 None => format!("config file {}", path.display()),
             };
@@ -302,53 +451,187 @@ impl Config {
 
     /// Reject values the runtime cannot honour; `origin` names where they came from.
     pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        let bad = |key, problem: &str| {
-            Err(ConfigError::Invalid {
-                origin: origin.to_string(),
-                key,
-                problem: problem.to_string(),
-            })
-        };
+        self.check().map_err(|(key, problem)| ConfigError::Invalid {
+            origin: origin.to_string(),
+            key,
+            problem,
+        })
+    }
+
+    /// The first key out of its bounds, and why.
+    fn check(&self) -> Result<(), (String, String)> {
+        fn key<T>(name: &str, r: Result<T, String>) -> Result<T, (String, String)> {
+            r.map_err(|p| (name.to_string(), p))
+        }
         if let Some(w) = self.workers {
-            if w == 0 || w > 255 {
-                return bad(
-                    "workers",
-                    "must be between 1 and 255 (leave it out for one per CPU)",
-                );
-            }
+            key(
+                "workers",
+                within(w, 1, MAX_WORKERS)
+                    .map_err(|p| format!("{p} (leave it out for one per CPU)")),
+            )?;
         }
-        if !self.read_buffers.is_power_of_two() || self.read_buffers > 32768 {
-            return bad(
+        key("backlog", within(self.backlog, 1, MAX_BACKLOG))?;
+        key(
+            "max_connections",
+            within(self.max_connections, 1, MAX_CONNECTIONS),
+        )?;
+        if !self.read_buffers.is_power_of_two() || self.read_buffers > MAX_READ_BUFFERS {
+            key(
                 "read_buffers",
-                "must be a power of two no larger than 32768",
-            );
+                Err(format!(
+                    "must be a power of two no larger than {MAX_READ_BUFFERS}, not {}",
+                    self.read_buffers
+                )),
+            )?;
         }
-        if !(512..=1 << 20).contains(&self.read_buffer_bytes) {
-            return bad("read_buffer_bytes", "must be between 512 and 1048576");
-        }
-        if self.max_frame_bytes == 0 || self.max_message_bytes == 0 {
-            return bad("max_message_bytes", "and max_frame_bytes must be positive");
-        }
-        if self.max_handshake_bytes < 256 {
-            return bad("max_handshake_bytes", "must be at least 256");
-        }
-        if self.max_connections == 0 {
-            return bad("max_connections", "must be positive");
-        }
-        if self.relay_queue == 0 {
-            return bad("relay_queue", "must be positive");
-        }
-        if self.handshake_timeout_ms == 0 {
-            return bad("handshake_timeout_ms", "must be positive");
-        }
-        if self
-            .memory_budget_bytes
-            .is_some_and(|b| b < MIN_MEMORY_BUDGET)
+        if !self.read_buffer_bytes.is_power_of_two()
+            || !(MIN_READ_BUFFER_BYTES..=MAX_READ_BUFFER_BYTES).contains(&self.read_buffer_bytes)
         {
-            return bad(
+            key(
+                "read_buffer_bytes",
+                Err(format!(
+                    "must be a power of two between {MIN_READ_BUFFER_BYTES} and \
+                     {MAX_READ_BUFFER_BYTES}, not {}",
+                    self.read_buffer_bytes
+                )),
+            )?;
+        }
+        let per_core = usize::from(self.read_buffers) * self.read_buffer_bytes;
+        if per_core > MAX_READ_BUFFER_MEMORY {
+            // Name the one of the two that was changed from its default.
+            let name = if self.read_buffers != Config::default().read_buffers {
+                "read_buffers"
+            } else {
+                "read_buffer_bytes"
+            };
+            key(
+                name,
+                Err(format!(
+                    "makes read_buffers * read_buffer_bytes {per_core} bytes per core; at \
+                     most {MAX_READ_BUFFER_MEMORY} (256 MiB)"
+                )),
+            )?;
+        }
+        key(
+            "max_message_bytes",
+            within(self.max_message_bytes, 1, MAX_MESSAGE_BYTES),
+        )?;
+        key(
+            "max_frame_bytes",
+            within(self.max_frame_bytes, 1, MAX_MESSAGE_BYTES),
+        )?;
+        key(
+            "max_handshake_bytes",
+            within(
+                self.max_handshake_bytes,
+                MIN_HANDSHAKE_BYTES,
+                MAX_HANDSHAKE_BYTES,
+            ),
+        )?;
+        key(
+            "send_queue_bytes",
+            within(
+                self.send_queue_bytes,
+                MIN_SEND_QUEUE_BYTES,
+                MAX_SEND_QUEUE_BYTES,
+            ),
+        )?;
+        key("relay_queue", within(self.relay_queue, 1, MAX_RELAY_QUEUE))?;
+        key(
+            "handshake_timeout_ms",
+            within(
+                self.handshake_timeout_ms,
+                MIN_HANDSHAKE_TIMEOUT_MS,
+                MAX_HANDSHAKE_TIMEOUT_MS,
+            ),
+        )?;
+        key(
+            "ping_interval_ms",
+            off_or_within(
+                self.ping_interval_ms,
+                MIN_PING_INTERVAL_MS,
+                MAX_CONNECTION_TIMER_MS,
+            ),
+        )?;
+        key(
+            "pong_timeout_ms",
+            within(self.pong_timeout_ms, 0, MAX_CONNECTION_TIMER_MS),
+        )?;
+        key(
+            "idle_timeout_ms",
+            within(self.idle_timeout_ms, 0, MAX_CONNECTION_TIMER_MS),
+        )?;
+        key(
+            "close_linger_ms",
+            within(self.close_linger_ms, 0, MAX_CLOSE_LINGER_MS),
+        )?;
+        key(
+            "shutdown_grace_ms",
+            within(self.shutdown_grace_ms, 0, MAX_SHUTDOWN_GRACE_MS),
+        )?;
+        key(
+            "max_subscriptions",
+            within(self.max_subscriptions, 0, MAX_SUBSCRIPTIONS),
+        )?;
+        key(
+            "max_fragments",
+            within(self.max_fragments, 0, MAX_FRAGMENTS),
+        )?;
+        if let Some(b) = self.memory_budget_bytes {
+            key(
                 "memory_budget_bytes",
-                "must be at least 65536 (leave it out for half of the memory available)",
-            );
+                within(b, MIN_MEMORY_BUDGET, MAX_MEMORY_BUDGET)
+                    .map_err(|p| format!("{p} (leave it out for half of the memory available)")),
+            )?;
+        }
+        let ip = &self.ip_limits;
+        key(
+            "ip_limits.max_concurrent",
+            within(ip.max_concurrent as usize, 0, MAX_CONNECTIONS),
+        )?;
+        key(
+            "ip_limits.connects_per_sec",
+            within(ip.connects_per_sec, 0, MAX_RATE),
+        )?;
+        key(
+            "ip_limits.connect_burst",
+            within(ip.connect_burst, 0, MAX_RATE),
+        )?;
+        key(
+            "ip_limits.max_tracked_ips",
+            within(ip.max_tracked_ips, 1, MAX_TRACKED_IPS),
+        )?;
+        for (i, u) in self.upstreams.iter().enumerate() {
+            key(
+                &format!("upstreams[{i}].buffer_messages"),
+                within(u.buffer_messages, 0, MAX_BUFFER_MESSAGES),
+            )?;
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let k = |name: &str| format!("routes[{i}].{name}");
+            key(
+                &k("authorize_timeout_ms"),
+                within(r.authorize_timeout_ms, 1, MAX_AUTHORIZE_TIMEOUT_MS),
+            )?;
+            key(
+                &k("max_subscriptions"),
+                within(r.max_subscriptions, 0, MAX_SUBSCRIPTIONS),
+            )?;
+            key(
+                &k("max_fragments"),
+                within(r.max_fragments, 0, MAX_FRAGMENTS),
+            )?;
+            key(
+                &k("messages_per_sec"),
+                within(r.messages_per_sec, 0, MAX_RATE),
+            )?;
+            key(&k("message_burst"), within(r.message_burst, 0, MAX_RATE))?;
+            if let Some(jwt) = &r.jwt {
+                key(
+                    &k("jwt.leeway_s"),
+                    within(jwt.leeway_s, 0, MAX_JWT_LEEWAY_S),
+                )?;
+            }
         }
         Ok(())
     }
@@ -464,6 +747,105 @@ mod tests {
                 "line 2",
             ),
             ("[[routes]]\npath = \"/x\"\nfoo = 1\n", "foo", "line 3"),
+            // Bounds (issue 11): every timeout, size and count has a maximum.
+            // u64::MAX (which wrapped deadline additions) is not a TOML integer; i64::MAX is.
+            (
+                "idle_timeout_ms = 18446744073709551615\n",
+                "idle_timeout_ms",
+                "line 1",
+            ),
+            (
+                "idle_timeout_ms = 9223372036854775807\n",
+                "`idle_timeout_ms` must be between 0 and 86400000",
+                "line 1",
+            ),
+            (
+                "backlog = 10\nhandshake_timeout_ms = 300001\n",
+                "`handshake_timeout_ms`",
+                "line 2",
+            ),
+            ("handshake_timeout_ms = 0\n", "`handshake_timeout_ms`", "line 1"),
+            ("ping_interval_ms = 1\n", "must be 0 (off) or between 100", "line 1"),
+            ("ping_interval_ms = 86400001\n", "`ping_interval_ms`", "line 1"),
+            ("pong_timeout_ms = 86400001\n", "`pong_timeout_ms`", "line 1"),
+            ("close_linger_ms = 60001\n", "`close_linger_ms`", "line 1"),
+            ("shutdown_grace_ms = 600001\n", "`shutdown_grace_ms`", "line 1"),
+            ("max_message_bytes = 1073741825\n", "`max_message_bytes`", "line 1"),
+            ("max_frame_bytes = 0\n", "`max_frame_bytes`", "line 1"),
+            ("send_queue_bytes = 1073741825\n", "`send_queue_bytes`", "line 1"),
+            ("send_queue_bytes = 0\n", "`send_queue_bytes`", "line 1"),
+            (
+                "read_buffers = 32768\nread_buffer_bytes = 1048576\n",
+                "`read_buffers` makes read_buffers * read_buffer_bytes",
+                "line 1",
+            ),
+            (
+                "backlog = 10\nread_buffer_bytes = 1048576\n",
+                "`read_buffer_bytes` makes",
+                "line 2",
+            ),
+            ("read_buffer_bytes = 1000\n", "power of two", "line 1"),
+            ("read_buffer_bytes = 256\n", "`read_buffer_bytes`", "line 1"),
+            ("relay_queue = 0\n", "`relay_queue`", "line 1"),
+            ("relay_queue = 1048577\n", "`relay_queue`", "line 1"),
+            ("max_connections = 10000001\n", "`max_connections`", "line 1"),
+            ("max_connections = 0\n", "`max_connections`", "line 1"),
+            ("workers = 256\n", "`workers`", "line 1"),
+            ("backlog = 0\n", "`backlog`", "line 1"),
+            ("backlog = 65536\n", "`backlog`", "line 1"),
+            ("max_handshake_bytes = 65537\n", "`max_handshake_bytes`", "line 1"),
+            ("max_subscriptions = 10001\n", "`max_subscriptions`", "line 1"),
+            ("max_fragments = 1048577\n", "`max_fragments`", "line 1"),
+            (
+                "memory_budget_bytes = 17592186044417\n",
+                "`memory_budget_bytes`",
+                "line 1",
+            ),
+            (
+                "backlog = 10\nip_limits = { max_concurrent = 3, connects_per_sec = 1000001 }\n",
+                "`ip_limits.connects_per_sec`",
+                "line 2",
+            ),
+            (
+                "[ip_limits]\nmax_concurrent = 3\nmax_tracked_ips = 0\n",
+                "`ip_limits.max_tracked_ips`",
+                "line 3",
+            ),
+            (
+                "[[upstreams]]\nname = \"a\"\nbackends = [\"echo\"]\nbuffer_messages = 1000001\n",
+                "`upstreams[0].buffer_messages`",
+                "line 4",
+            ),
+            (
+                "[[routes]]\npath = \"/a\"\n\n[[routes]]\npath = \"/b\"\n#authorize_timeout_ms = 5000\nauthorize_timeout_ms = 0\n",
+                "`routes[1].authorize_timeout_ms`",
+                "line 7",
+            ),
+            (
+                "max_subscriptions = 5\n[[routes]]\npath = \"/x\"\nmax_subscriptions = 20000\n",
+                "`routes[0].max_subscriptions`",
+                "line 4",
+            ),
+            (
+                "[[routes]]\npath = \"/x\"\nmax_fragments = 2000000\n",
+                "`routes[0].max_fragments`",
+                "line 3",
+            ),
+            (
+                "[[routes]]\npath = \"/x\"\nmessages_per_sec = 5\nmessage_burst = 1000001\n",
+                "`routes[0].message_burst`",
+                "line 4",
+            ),
+            (
+                "[[routes]]\npath = \"/x\"\nmessages_per_sec = 1000001\n",
+                "`routes[0].messages_per_sec`",
+                "line 3",
+            ),
+            (
+                "[[routes]]\npath = \"/x\"\njwt = { algorithm = \"HS256\", leeway_s = 3601 }\n",
+                "`routes[0].jwt.leeway_s`",
+                "line 3",
+            ),
         ];
         for (text, key, line) in cases {
             let f = write(text);
@@ -480,6 +862,101 @@ mod tests {
         let err = Config::from_file(&f.0).unwrap_err().to_string();
         assert!(
             err.contains("read_buffers") && err.contains("power of two"),
+            "{err}"
+        );
+    }
+
+    /// Nested keys are found in their own `[[table]]`, not in another of the same name.
+    #[test]
+    fn line_of_finds_nested_keys() {
+        let text = "max_fragments = 1\n\
+                    ip_limits = { max_concurrent = 2 }\n\
+                    [[upstreams]]\n\
+                    name = \"a\"\n\
+                    [[routes]]\n\
+                    max_fragments = 3\n\
+                    [routes.jwt]\n\
+                    leeway_s = 4\n\
+                    [[routes]]\n\
+                    path = \"/b\"\n";
+        assert_eq!(line_of(text, "max_fragments"), Some(1));
+        assert_eq!(line_of(text, "ip_limits.max_concurrent"), Some(2));
+        assert_eq!(line_of(text, "upstreams[0].name"), Some(4));
+        assert_eq!(line_of(text, "routes[0].max_fragments"), Some(6));
+        assert_eq!(line_of(text, "routes[0].jwt.leeway_s"), Some(8));
+        // Not set in that route: the route's header.
+        assert_eq!(line_of(text, "routes[1].max_fragments"), Some(9));
+        assert_eq!(line_of(text, "routes[2].max_fragments"), None);
+        assert_eq!(line_of(text, "backlog"), None);
+    }
+
+    /// Every bound holds the default, and the bounds themselves are accepted.
+    #[test]
+    fn bounds_are_inclusive_and_hold_the_defaults() {
+        Config::default().validate("default").unwrap();
+        let at_max = Config {
+            workers: Some(MAX_WORKERS),
+            backlog: MAX_BACKLOG,
+            max_connections: MAX_CONNECTIONS,
+            max_message_bytes: MAX_MESSAGE_BYTES,
+            max_frame_bytes: MAX_MESSAGE_BYTES,
+            max_handshake_bytes: MAX_HANDSHAKE_BYTES,
+            handshake_timeout_ms: MAX_HANDSHAKE_TIMEOUT_MS,
+            ping_interval_ms: MAX_CONNECTION_TIMER_MS,
+            pong_timeout_ms: MAX_CONNECTION_TIMER_MS,
+            idle_timeout_ms: MAX_CONNECTION_TIMER_MS,
+            close_linger_ms: MAX_CLOSE_LINGER_MS,
+            shutdown_grace_ms: MAX_SHUTDOWN_GRACE_MS,
+            send_queue_bytes: MAX_SEND_QUEUE_BYTES,
+            read_buffers: 256,
+            read_buffer_bytes: MAX_READ_BUFFER_BYTES,
+            relay_queue: MAX_RELAY_QUEUE,
+            max_subscriptions: MAX_SUBSCRIPTIONS,
+            max_fragments: MAX_FRAGMENTS,
+            memory_budget_bytes: Some(MAX_MEMORY_BUDGET),
+            ..Config::default()
+        };
+        at_max.validate("max").unwrap();
+        let at_min = Config {
+            workers: Some(1),
+            backlog: 1,
+            max_connections: 1,
+            max_message_bytes: 1,
+            max_frame_bytes: 1,
+            max_handshake_bytes: MIN_HANDSHAKE_BYTES,
+            handshake_timeout_ms: MIN_HANDSHAKE_TIMEOUT_MS,
+            ping_interval_ms: MIN_PING_INTERVAL_MS,
+            pong_timeout_ms: 0,
+            idle_timeout_ms: 0,
+            close_linger_ms: 0,
+            shutdown_grace_ms: 0,
+            send_queue_bytes: MIN_SEND_QUEUE_BYTES,
+            read_buffers: 1,
+            read_buffer_bytes: MIN_READ_BUFFER_BYTES,
+            relay_queue: 1,
+            memory_budget_bytes: Some(MIN_MEMORY_BUDGET),
+            ..Config::default()
+        };
+        at_min.validate("min").unwrap();
+        // 32768 buffers fit when small enough.
+        let many = Config {
+            read_buffers: MAX_READ_BUFFERS,
+            read_buffer_bytes: 8192,
+            ..Config::default()
+        };
+        many.validate("many").unwrap();
+    }
+
+    /// The command line's values get the same bounds, named with where they came from.
+    #[test]
+    fn validate_names_the_origin() {
+        let c = Config {
+            idle_timeout_ms: u64::MAX,
+            ..Config::default()
+        };
+        let err = c.validate("command line").unwrap_err().to_string();
+        assert!(
+            err.starts_with("command line: `idle_timeout_ms` must be between 0 and 86400000"),
             "{err}"
         );
     }

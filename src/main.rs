@@ -10,7 +10,7 @@ use mimalloc::MiMalloc;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use ringway::config::{Config, Upstream};
+use ringway::config::{self, Config, Upstream};
 use ringway::edge::Gateway;
 use ringway::ops::admin::{self, AdminState};
 use ringway::ops::metrics::Sources;
@@ -28,7 +28,7 @@ struct Cli {
     /// Address to serve WebSocket clients on [default: 127.0.0.1:8080].
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<SocketAddr>,
-    /// Event-loop threads, one per core [default: one per CPU the process may use].
+    /// Event-loop threads, one per core (1-255) [default: one per CPU the process may use].
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
     /// Where client messages go: `echo` (through the relay) or `local-echo` (inside each core).
@@ -37,13 +37,15 @@ struct Cli {
     /// TOML configuration file; command-line flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Largest message (all fragments together) and frame a client may send, in bytes.
+    /// Largest message (all fragments together) and frame a client may send, in bytes
+    /// (at most 1 GiB).
     #[arg(long, value_name = "BYTES")]
     max_message: Option<u64>,
-    /// Frames one message may span (0: no limit), for every route.
+    /// Frames one message may span (0: no limit; at most 1048576), for every route.
     #[arg(long, value_name = "N")]
     max_fragments: Option<u32>,
-    /// Close connections that sent no message for this long, in milliseconds (0: never).
+    /// Close connections that sent no message for this long, in milliseconds (0: never; at
+    /// most one day, 86400000).
     #[arg(long, value_name = "MS")]
     idle_timeout_ms: Option<u64>,
     #[command(subcommand)]
@@ -97,22 +99,26 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(workers) = cli.workers {
         anyhow::ensure!(workers > 0, "--workers must be at least 1");
+        flag_within("--workers", workers, 1, config::MAX_WORKERS)?;
         config.workers = Some(workers);
     }
     if let Some(upstream) = &cli.upstream {
         config.upstream = upstream.clone();
     }
     if let Some(max) = cli.max_message {
+        flag_within("--max-message", max, 1, config::MAX_MESSAGE_BYTES)?;
         config.max_message_bytes = max;
         config.max_frame_bytes = max;
     }
     if let Some(n) = cli.max_fragments {
+        flag_within("--max-fragments", n, 0, config::MAX_FRAGMENTS)?;
         config.max_fragments = n;
         for route in &mut config.routes {
             route.max_fragments = n;
         }
     }
     if let Some(ms) = cli.idle_timeout_ms {
+        flag_within("--idle-timeout-ms", ms, 0, config::MAX_CONNECTION_TIMER_MS)?;
         config.idle_timeout_ms = ms;
     }
     if let Some(admin) = cli.admin {
@@ -120,6 +126,21 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     }
     config.validate("command line")?;
     Ok(config)
+}
+
+/// A flag's value within the bounds of its config key (src/config.rs), else an error naming
+/// the flag.
+fn flag_within<T: PartialOrd + std::fmt::Display>(
+    flag: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        value >= min && value <= max,
+        "{flag} must be between {min} and {max}, not {value}"
+    );
+    Ok(())
 }
 
 /// The admin listener. The default address failing to bind (another ringway, a test run)

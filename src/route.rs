@@ -344,18 +344,29 @@ impl RouteTable {
     }
 
     /// The route for a handshake's request path (any `?query` is ignored): an exact
-    /// pattern first, else the longest matching `PREFIX/*`. None: answer the handshake 404.
+    /// pattern first (an exact `/x` also governs `/x/`, unless `/x/` is a route of its own),
+    /// else the longest matching `PREFIX/*`. None: answer the handshake 404.
+    ///
+    /// `path` is the normal form the handshake made ([`crate::protocol::path::normalize`]);
+    /// patterns are checked to be in normal form when the table is built, so `//admin`,
+    /// `/%61dmin` or `/api/../admin` cannot reach past an exact `/admin` through `/*`.
     pub fn match_path(&self, path: &str) -> Option<(RouteId, &Route)> {
         let path = path.split_once('?').map_or(path, |(p, _)| p);
+        let without_slash = path.strip_suffix('/').filter(|p| !p.is_empty());
+        let mut slash_exact: Option<usize> = None;
         let mut best: Option<(usize, usize)> = None; // (index, prefix length)
         for (i, pattern) in self.patterns.iter().enumerate() {
             match pattern {
                 Pattern::Exact(p) if p == path => {
                     return Some((i as RouteId, &self.routes[i]));
                 }
+                Pattern::Exact(p) if without_slash == Some(p.as_str()) => {
+                    slash_exact.get_or_insert(i);
+                }
+                // Bytes and `get`, no indexing: nothing here can panic whatever `path` holds.
                 Pattern::Prefix(p)
-                    if path.starts_with(p.as_str())
-                        && (path.len() == p.len() || path.as_bytes()[p.len()] == b'/')
+                    if path.as_bytes().starts_with(p.as_bytes())
+                        && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
                         && best.is_none_or(|(_, len)| p.len() > len) =>
                 {
                     best = Some((i, p.len()));
@@ -363,7 +374,9 @@ impl RouteTable {
                 _ => {}
             }
         }
-        best.map(|(i, _)| (i as RouteId, &self.routes[i]))
+        slash_exact
+            .or(best.map(|(i, _)| i))
+            .map(|i| (i as RouteId, &self.routes[i]))
     }
 
     /// The upstream for one client message. Binary messages, routes without actions and
@@ -473,10 +486,25 @@ fn parse_pattern(key: &str, pattern: &str) -> Result<Pattern, RouteError> {
     if !pattern.starts_with('/') {
         return Err(bad("must start with `/`"));
     }
-    match pattern.strip_suffix("/*") {
-        Some(prefix) if !prefix.contains('*') => Ok(Pattern::Prefix(prefix.into())),
-        None if !pattern.contains('*') => Ok(Pattern::Exact(pattern.into())),
-        _ => Err(bad("`*` is only allowed as a trailing `/*`")),
+    let (compiled, path) = match pattern.strip_suffix("/*") {
+        Some(prefix) if !prefix.contains('*') => {
+            (Pattern::Prefix(prefix.into()), format!("{prefix}/"))
+        }
+        None if !pattern.contains('*') => (Pattern::Exact(pattern.into()), pattern.into()),
+        _ => return Err(bad("`*` is only allowed as a trailing `/*`")),
+    };
+    // Request paths are matched in normal form, so a pattern in any other form could never
+    // match (or would mean something else than it seems to).
+    match crate::protocol::path::normalize(&path) {
+        Ok(n) if n == path => Ok(compiled),
+        Ok(_) => Err(bad(
+            "not in normal form (no `//`, `.` or `..` segments, escapes only where needed, \
+             upper-case hex)",
+        )),
+        Err(_) => Err(bad(
+            "not a valid path (no `;`, `\\`, control characters, raw non-ASCII or \
+             percent-encoded `/ ? # \\ ; %`)",
+        )),
     }
 }
 
@@ -653,7 +681,12 @@ mod tests {
         let id = |p: &str| t.match_path(p).map(|(id, _)| id);
         assert_eq!(id("/chat"), Some(0));
         assert_eq!(id("/chat?token=1"), Some(0));
-        assert_eq!(id("/chat/"), None);
+        assert_eq!(
+            id("/chat/"),
+            Some(0),
+            "an exact route governs its trailing slash"
+        );
+        assert_eq!(id("/chat//"), None);
         assert_eq!(id("/chatroom"), None);
         assert_eq!(id("/api"), Some(1));
         assert_eq!(id("/api/"), Some(1));
@@ -664,6 +697,133 @@ mod tests {
         assert_eq!(id("/api/v2x"), Some(1));
         assert_eq!(id("/api/exact"), Some(3));
         assert_eq!(id("/"), None);
+    }
+
+    /// An exact `/admin` behind a JWT, beside `/api/*` and `/*` without one.
+    const ADMIN: &str = r#"
+        [[routes]]
+        path = "/admin"
+        [routes.jwt]
+        algorithm = "HS256"
+        secret = "a-test-secret-that-is-at-least-32-bytes-long"
+        [[routes]]
+        path = "/api/*"
+        [[routes]]
+        path = "/*"
+    "#;
+
+    /// The handshake's answer for a request to `target`: the route it reaches, or the status
+    /// it is refused with before routing.
+    fn route_of(t: &RouteTable, target: &str) -> Result<Option<RouteId>, u16> {
+        use crate::protocol::handshake::{parse_request, HandshakeLimits, Parsed};
+        let req = format!(
+            "GET {target} HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        match parse_request(req.as_bytes(), &HandshakeLimits::default()) {
+            Ok(Parsed::Complete { request, .. }) => {
+                Ok(t.match_path(&request.path).map(|(id, _)| id))
+            }
+            Ok(Parsed::Partial) => panic!("{target}: partial"),
+            Err(e) => Err(e.status()),
+        }
+    }
+
+    // Issue 11: each of these once reached `/*` or `/api/*` and skipped `/admin`'s JWT.
+    #[test]
+    fn no_spelling_of_admin_bypasses_its_exact_route() {
+        let t = table(ADMIN);
+        assert!(t.policy(0).jwt.is_some() && t.policy(1).jwt.is_none());
+        for target in [
+            "/admin",
+            "/admin/",
+            "//admin",
+            "/%61dmin",
+            "/%61%64%6D%69%6E",
+            "/admin%2f",
+            "/admin/.",
+            "/api/../admin",
+            "/api/%2e%2e/admin",
+            "/api/.%2E/admin/",
+            "/api//..//admin",
+            "/admin;x",
+            "/admin%3Fx=1",
+            "/admin%3fx=1",
+            "/admin%23",
+            "/admin%5c",
+            "/admin\\",
+            "/admin%00",
+            "/%2561dmin",
+            "/admin?token=x",
+            "/./admin",
+            "/../admin",
+        ] {
+            match route_of(&t, target) {
+                Ok(Some(0)) | Err(400) => {}
+                other => panic!("{target}: {other:?} (must be route 0, /admin, or 400)"),
+            }
+        }
+        // Refusals are 400 (not routed at all); these normalise onto /admin.
+        assert_eq!(route_of(&t, "/admin%2f"), Err(400));
+        assert_eq!(route_of(&t, "/admin;x"), Err(400));
+        assert_eq!(route_of(&t, "/admin%3Fx=1"), Err(400));
+        assert_eq!(route_of(&t, "/api/%2e%2e/admin"), Ok(Some(0)));
+        // What is not /admin still goes where it should.
+        assert_eq!(route_of(&t, "/admins"), Ok(Some(2)));
+        assert_eq!(route_of(&t, "/admin/x"), Ok(Some(2)));
+        assert_eq!(route_of(&t, "/admin//"), Ok(Some(0)));
+        assert_eq!(route_of(&t, "/api/x/../y"), Ok(Some(1)));
+        assert_eq!(route_of(&t, "/api/%61dmin"), Ok(Some(1)));
+        assert_eq!(route_of(&t, "/"), Ok(Some(2)));
+    }
+
+    #[test]
+    fn an_exact_route_with_its_own_trailing_slash_keeps_it() {
+        let t = table(
+            "[[routes]]\npath = \"/x\"\n[[routes]]\npath = \"/x/\"\n[[routes]]\npath = \"/*\"",
+        );
+        let id = |p: &str| t.match_path(p).map(|(id, _)| id);
+        assert_eq!(
+            (id("/x"), id("/x/"), id("/y/")),
+            (Some(0), Some(1), Some(2))
+        );
+        let t = table("[[routes]]\npath = \"/\"\n[[routes]]\npath = \"/x/*\"");
+        let id = |p: &str| t.match_path(p).map(|(id, _)| id);
+        assert_eq!((id("/"), id("/x/"), id("/y")), (Some(0), Some(1), None));
+    }
+
+    #[test]
+    fn prefixes_compare_bytes_whatever_the_path_holds() {
+        // A prefix length that falls inside a multi-byte character must not panic.
+        let t = table("[[routes]]\npath = \"/ab/*\"");
+        for p in ["/a\u{e9}", "/\u{e9}\u{e9}", "/ab\u{e9}", "/a", ""] {
+            assert_eq!(t.match_path(p).map(|(id, _)| id), None, "{p:?}");
+        }
+        assert_eq!(t.match_path("/ab/\u{e9}").map(|(id, _)| id), Some(0));
+    }
+
+    #[test]
+    fn patterns_must_be_in_normal_form() {
+        for bad in [
+            "//admin",
+            "/a//*",
+            "/a/./b",
+            "/a/../b",
+            "/%61dmin",
+            "/caf%c3%a9",
+            "/a;b",
+            "/a%2Fb",
+            "/caf\u{e9}",
+            "/a\\b",
+            "/a/.",
+        ] {
+            let e = err(&format!("[[routes]]\npath = {bad:?}"));
+            assert!(
+                matches!(&e, RouteError::BadPath { key, .. } if key == "routes[0].path"),
+                "{bad}: {e}"
+            );
+        }
+        table("[[routes]]\npath = \"/caf%C3%A9\"\n[[routes]]\npath = \"/a%20b/*\"");
     }
 
     #[test]

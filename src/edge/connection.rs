@@ -56,8 +56,12 @@ pub struct Connection {
     pub shut: bool,
     pub recv_armed: bool,
     pub send_in_flight: bool,
-    /// Whether it counts towards the open-connection limit.
+    /// The relay knows it (its `Open` went out): the relay gets `Closed` when the slot is
+    /// freed, and a client's protocol error is fenced through the relay.
     pub counted_open: bool,
+    /// Counted in `Shared::open` towards `max_connections`, from accept (handshaking) until
+    /// the slot is freed.
+    pub counted_limit: bool,
     /// Outbound bytes; the front `in_flight` items are being sent.
     pub out: VecDeque<Bytes>,
     pub out_bytes: usize,
@@ -109,6 +113,7 @@ impl Connection {
             recv_armed: false,
             send_in_flight: false,
             counted_open: false,
+            counted_limit: false,
             out: VecDeque::new(),
             out_bytes: 0,
             close_code: crate::protocol::close::ABNORMAL,

@@ -32,7 +32,9 @@ use crate::route::RouteTable;
 #[derive(Debug, Default)]
 pub struct Shared {
     pub draining: AtomicBool,
-    /// Open WebSocket connections across all cores, for the connection limit.
+    /// Connections open or in their handshake across all cores, for the connection limit:
+    /// taken at accept, given back when the connection's slot is freed (or at once when it
+    /// is refused at accept).
     pub open: AtomicUsize,
     /// A reloaded configuration, and its generation: cores compare the generation (one
     /// relaxed load per loop turn) and take the new one when it moved.
@@ -332,7 +334,7 @@ impl Gateway {
         &self.upstream_links
     }
 
-    /// Open WebSocket connections across all cores.
+    /// Connections open or in their handshake across all cores (what max_connections counts).
     pub fn open_connections(&self) -> u64 {
         self.shared.open.load(Ordering::Relaxed) as u64
     }

@@ -108,6 +108,8 @@ pub struct CoreStats {
     pub fragment_limited: Counter,
     /// Refused with 503 because connection buffers used the whole memory budget.
     pub memory_refused: Counter,
+    /// Refused with 503 at accept because `max_connections` were open or handshaking.
+    pub limit_refused: Counter,
     /// Bytes of connection state and buffers this core holds (a gauge).
     pub buffer_bytes: Counter,
     /// Connections currently held by this core (handshaking, open or closing).

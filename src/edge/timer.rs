@@ -97,6 +97,43 @@ mod tests {
         assert!(due[0].at_ms > 400, "the caller sees it is not due yet");
     }
 
+    /// A deadline at the end of time (a saturated `now + timeout`) neither overflows nor
+    /// fires: it comes round at most once per turn, the caller sees it is not due and
+    /// schedules it again, while a near deadline beside it fires once, on time.
+    #[test]
+    fn a_far_future_deadline_never_fires_and_never_overflows() {
+        let mut w = TimerWheel::new(1_000, 100, 8);
+        let far = e(1, u64::MAX);
+        w.schedule(far);
+        w.schedule(e(2, 1_250));
+        let mut near_fired = 0;
+        let mut far_seen = 0;
+        let mut due = Vec::new();
+        // 40 ticks (5 turns), then a clock at the end of time, twice.
+        let clocks = (1..=40)
+            .map(|t| 1_000 + t * 100)
+            .chain([u64::MAX, u64::MAX]);
+        for now in clocks {
+            w.advance(now, &mut due);
+            for entry in due.drain(..) {
+                if entry.slot == 2 {
+                    assert!(now >= 1_250, "the near one fired early at {now}");
+                    near_fired += 1;
+                } else {
+                    assert_eq!(entry, far);
+                    assert!(entry.at_ms > now || now == u64::MAX);
+                    far_seen += 1;
+                    w.schedule(far);
+                }
+            }
+        }
+        assert_eq!(near_fired, 1);
+        assert!(
+            (5..=7).contains(&far_seen),
+            "once per turn, not per tick: {far_seen}"
+        );
+    }
+
     #[test]
     fn a_long_sleep_drains_each_bucket_once() {
         let mut w = TimerWheel::new(0, 10, 16);

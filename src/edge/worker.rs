@@ -435,6 +435,9 @@ impl Worker {
         let refusal = if !self.core.memory_admits() {
             self.core.stats.memory_refused.inc();
             Some((503, "server memory budget exhausted", 5))
+        } else if !self.core.count_toward_limit(&mut conn) {
+            self.core.stats.limit_refused.inc();
+            Some((503, "connection limit reached", 5))
         } else if let Some(ip) = conn.ip {
             match self.core.ip_limiter.try_open(ip, self.core.now_ms) {
                 Ok(()) => {
@@ -451,6 +454,8 @@ impl Worker {
         };
         if let Some((status, reason, retry_after)) = refusal {
             tracing::debug!(conn = %id, ip = ?conn.ip, "refused: {reason}");
+            // A refused client takes no place under max_connections while its answer leaves.
+            self.core.release_limit(&mut conn);
             let retry_after = retry_after.to_string();
             conn.queue(handshake::error_response(
                 status,
@@ -756,8 +761,10 @@ impl Worker {
         // SAFETY: every ring operation on this fd has completed (`Connection::finished`), and
         // the fd is owned by this connection alone.
         unsafe { libc::close(conn.fd) };
-        if conn.counted_open {
+        if conn.counted_limit {
             self.core.shared.open.fetch_sub(1, Ordering::Relaxed);
+        }
+        if conn.counted_open {
             if let Some(relay) = &self.core.relay {
                 let event = ToUpstream::Closed {
                     conn: conn.id,
@@ -870,7 +877,7 @@ impl Worker {
     }
 
     fn run_timers(&mut self) {
-        if self.core.now_ms >= self.last_sweep_ms + 1000 {
+        if self.core.now_ms >= self.last_sweep_ms.saturating_add(1000) {
             self.last_sweep_ms = self.core.now_ms;
             self.core.ip_limiter.sweep(self.core.now_ms);
         }
@@ -937,20 +944,22 @@ impl Worker {
             Phase::Open => {
                 let cfg = self.core.config.clone();
                 if let Some(sent) = conn.ping_sent_ms {
-                    if cfg.pong_timeout_ms > 0 && now >= sent + cfg.pong_timeout_ms {
+                    if cfg.pong_timeout_ms > 0 && now >= sent.saturating_add(cfg.pong_timeout_ms) {
                         self.core
                             .start_close(conn, close::GOING_AWAY, "no pong received");
                         return;
                     }
                 }
-                if cfg.idle_timeout_ms > 0 && now >= conn.last_message_ms + cfg.idle_timeout_ms {
+                if cfg.idle_timeout_ms > 0
+                    && now >= conn.last_message_ms.saturating_add(cfg.idle_timeout_ms)
+                {
                     self.core
                         .start_close(conn, close::GOING_AWAY, "idle timeout");
                     return;
                 }
                 if cfg.ping_interval_ms > 0
                     && conn.ping_sent_ms.is_none()
-                    && now >= conn.last_rx_ms + cfg.ping_interval_ms
+                    && now >= conn.last_rx_ms.saturating_add(cfg.ping_interval_ms)
                 {
                     let ping = self.core.encode(OpCode::Ping, b"");
                     conn.queue(ping);
@@ -1022,7 +1031,10 @@ impl Worker {
     // ----- shutdown -----
 
     fn begin_drain(&mut self) {
-        let deadline = self.core.now_ms + self.core.config.shutdown_grace_ms;
+        let deadline = self
+            .core
+            .now_ms
+            .saturating_add(self.core.config.shutdown_grace_ms);
         self.draining = Some(deadline);
         if self.accept_armed {
             let sqe = opcode::AsyncCancel::new(user_data(OP_ACCEPT, 0, 0))
@@ -1145,17 +1157,20 @@ fn next_deadline(conn: &Connection, config: &Config, draining: Option<u64>) -> O
         return None;
     }
     if let Some(t) = conn.wr_shut_ms.or(conn.fence_ms) {
-        return Some(t + config.close_linger_ms);
+        return Some(t.saturating_add(config.close_linger_ms));
     }
     if conn.close_sent_ms.is_some() || conn.close_after_flush {
-        let linger = conn.close_sent_ms.unwrap_or(conn.last_rx_ms) + config.close_linger_ms;
+        let linger = conn
+            .close_sent_ms
+            .unwrap_or(conn.last_rx_ms)
+            .saturating_add(config.close_linger_ms);
         return Some(match draining {
             Some(d) if conn.is_open() && !conn.close.close_received() => d.max(linger),
             _ => linger,
         });
     }
     match conn.phase {
-        Phase::Handshake(_) => Some(conn.accepted_ms + config.handshake_timeout_ms),
+        Phase::Handshake(_) => Some(conn.accepted_ms.saturating_add(config.handshake_timeout_ms)),
         Phase::Authorizing { until_ms, .. } => Some(until_ms),
         Phase::Open => {
             let mut at: Option<u64> = None;
@@ -1163,14 +1178,14 @@ fn next_deadline(conn: &Connection, config: &Config, draining: Option<u64>) -> O
             if config.ping_interval_ms > 0 {
                 match conn.ping_sent_ms {
                     Some(sent) if config.pong_timeout_ms > 0 => {
-                        consider(sent + config.pong_timeout_ms)
+                        consider(sent.saturating_add(config.pong_timeout_ms))
                     }
                     Some(_) => {}
-                    None => consider(conn.last_rx_ms + config.ping_interval_ms),
+                    None => consider(conn.last_rx_ms.saturating_add(config.ping_interval_ms)),
                 }
             }
             if config.idle_timeout_ms > 0 {
-                consider(conn.last_message_ms + config.idle_timeout_ms);
+                consider(conn.last_message_ms.saturating_add(config.idle_timeout_ms));
             }
             at
         }
@@ -1443,17 +1458,7 @@ impl Core {
                         }
                     }
                 }
-                let open = self.shared.open.fetch_add(1, Ordering::Relaxed);
-                if open >= self.config.max_connections {
-                    self.shared.open.fetch_sub(1, Ordering::Relaxed);
-                    let response = handshake::error_response(
-                        503,
-                        "connection limit reached",
-                        &[("Retry-After", "5")],
-                    );
-                    self.refuse(conn, response, &"connection limit reached");
-                    return;
-                }
+                // Its place under max_connections was taken at accept (`count_toward_limit`).
                 conn.counted_open = true;
                 conn.route = route_id;
                 conn.decoder
@@ -1502,7 +1507,7 @@ impl Core {
                     conn.phase = Phase::Authorizing {
                         request: Box::new(request),
                         rest,
-                        until_ms: self.now_ms + route.authorize_timeout_ms,
+                        until_ms: self.now_ms.saturating_add(route.authorize_timeout_ms),
                     };
                 } else {
                     self.complete_handshake(conn, &request, rest);
@@ -1571,8 +1576,27 @@ impl Core {
         }
     }
 
+    /// The relay was told `Closed`: it must not hear of this connection again. Its place
+    /// under max_connections stays taken until its slot is freed.
     fn release_open(&mut self, conn: &mut Connection) {
-        if std::mem::take(&mut conn.counted_open) {
+        conn.counted_open = false;
+    }
+
+    /// Take a place under `max_connections` for a connection just accepted (handshaking
+    /// connections count); false, and nothing taken, when every place is taken.
+    fn count_toward_limit(&mut self, conn: &mut Connection) -> bool {
+        let open = self.shared.open.fetch_add(1, Ordering::Relaxed);
+        if open >= self.config.max_connections {
+            self.shared.open.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        conn.counted_limit = true;
+        true
+    }
+
+    /// Give back the place `count_toward_limit` took, if it took one.
+    fn release_limit(&mut self, conn: &mut Connection) {
+        if std::mem::take(&mut conn.counted_limit) {
             self.shared.open.fetch_sub(1, Ordering::Relaxed);
         }
     }

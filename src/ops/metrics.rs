@@ -48,7 +48,8 @@ pub struct Sources {
     /// Index in this vector = the `core` label.
     pub cores: Vec<Arc<CoreStats>>,
     pub links: Vec<UpstreamLink>,
-    /// Open WebSocket connections across all cores (the gauge the connection limit uses).
+    /// Connections open or in their handshake across all cores (what `max_connections`
+    /// counts).
     pub open_connections: Probe<u64>,
     /// The memory budget in force, in bytes.
     pub memory_budget: Probe<u64>,
@@ -180,7 +181,7 @@ impl Collector for Sources {
         gauges(
             e,
             "ringway_connections_open",
-            "Open WebSocket connections across all cores (counted by the connection limit)",
+            "Connections open or in their handshake across all cores (what max_connections counts)",
             [(Labels::new(), (self.open_connections)())],
         )?;
         gauges(
@@ -238,10 +239,11 @@ impl Collector for Sources {
         refused.extend(self.per_core(&[("reason", "message_rate")], |s| s.rate_limited.get()));
         refused.extend(self.per_core(&[("reason", "fragments")], |s| s.fragment_limited.get()));
         refused.extend(self.per_core(&[("reason", "memory")], |s| s.memory_refused.get()));
+        refused.extend(self.per_core(&[("reason", "connection_limit")], |s| s.limit_refused.get()));
         counters(
             e,
             "ringway_policy_refusals",
-            "Clients refused by the edge policy: per-IP limits (429/503), Origin (403), token (401), message rate or fragments per message (close 1008), memory budget (503)",
+            "Clients refused by the edge policy: per-IP limits (429/503), Origin (403), token (401), message rate or fragments per message (close 1008), memory budget (503), connection limit (503)",
             refused,
         )?;
         gauges(

@@ -12,6 +12,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use sha1::{Digest, Sha1};
 use std::fmt::Write as _;
 
+use super::path::{self, PathError};
+
 #[derive(Debug, Clone, Copy)]
 pub struct HandshakeLimits {
     /// Request line plus headers, up to and including the blank line; more is 431.
@@ -40,7 +42,10 @@ pub struct ExtensionOffer {
 /// A valid WebSocket upgrade request, with what later policy (routing, origin, auth) needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
+    /// The path in its normal form (RFC 3986 §6.2.2, [`path::normalize`]), without the
+    /// query: what routes are matched on and what the backend's `open` carries.
     pub path: String,
+    /// Everything after the first `?`, exactly as sent.
     pub query: Option<String>,
     pub host: String,
     pub origin: Option<String>,
@@ -73,6 +78,9 @@ pub enum HandshakeError {
     InvalidTarget,
     #[error("request target must not contain a fragment")]
     FragmentInTarget,
+    /// The path has no safe normal form (RFC 3986 §6.2.2; see [`super::path`]).
+    #[error("invalid request path: {0}")]
+    InvalidPath(#[from] PathError),
     #[error("missing Host header")]
     MissingHost,
     #[error("duplicate {0} header")]
@@ -114,6 +122,7 @@ impl HandshakeError {
             | AbsoluteTarget
             | InvalidTarget
             | FragmentInTarget
+            | InvalidPath(_)
             | MissingHost
             | DuplicateHeader(_)
             | InvalidHeaderValue(_)
@@ -131,9 +140,9 @@ impl HandshakeError {
         use HandshakeError::*;
         let extra: &[(&str, &str)] = match self {
             MethodNotAllowed(_) => &[("Allow", "GET")],
-            // RFC 9110 §15.5.22: a 426 carries `Upgrade`; RFC 6455 §4.4 adds the version.
-            NotWebSocketUpgrade => &[("Upgrade", "websocket")],
-            MissingVersion | UnsupportedVersion(_) => {
+            // RFC 9110 §15.5.22: a 426 carries `Upgrade`; RFC 6455 §4.4 adds the version,
+            // for every 426 (the client may not speak WebSocket 13, or not yet say so).
+            NotWebSocketUpgrade | MissingVersion | UnsupportedVersion(_) => {
                 &[("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")]
             }
             _ => &[],
@@ -159,9 +168,10 @@ pub fn parse_request(buf: &[u8], limits: &HandshakeLimits) -> Result<Parsed, Han
     // Only the first `max_header_bytes` can belong to an acceptable request, so the parser
     // never looks further; if no blank line fits in them, the request is too large.
     let window = &buf[..buf.len().min(limits.max_header_bytes)];
-    // The shortest header line is `a:\n` (3 bytes), so a window can never hold more fields
-    // than this: a huge `max_headers` cannot make us allocate more than the bytes justify.
-    let slots = limits.max_headers.min(limits.max_header_bytes / 3 + 1);
+    // The shortest header line is `a:\n` (3 bytes), so the bytes received can never hold
+    // more fields than this: neither a huge `max_headers` nor a huge `max_header_bytes` can
+    // make us allocate more slots than the bytes at hand justify.
+    let slots = limits.max_headers.min(window.len() / 3 + 1);
     if slots <= STACK_HEADERS {
         let mut headers = [httparse::EMPTY_HEADER; STACK_HEADERS];
         parse_with(buf.len(), window, &mut headers[..slots], limits)
@@ -243,7 +253,9 @@ fn validate(
     if version != 1 {
         return Err(HandshakeError::HttpVersion);
     }
-    let (path, query) = split_target(target)?;
+    let (raw_path, query) = split_target(target)?;
+    // Before anything looks at it: routes, policy, logs and the backend see one normal form.
+    let path = path::normalize(raw_path)?;
 
     let mut seen = Seen::default();
     for h in headers {
@@ -331,7 +343,7 @@ fn validate(
     }
 
     Ok(Request {
-        path: path.to_owned(),
+        path,
         query: query.map(str::to_owned),
         host,
         origin,
@@ -870,14 +882,36 @@ mod tests {
 
     #[test]
     fn huge_max_headers_is_bounded_by_bytes() {
-        let limits = HandshakeLimits {
-            max_header_bytes: 8192,
-            max_headers: usize::MAX,
-        };
-        assert!(matches!(
-            parse_request(RFC_SAMPLE, &limits),
-            Ok(Parsed::Complete { .. })
-        ));
+        for max_header_bytes in [8192, usize::MAX] {
+            let limits = HandshakeLimits {
+                max_header_bytes,
+                max_headers: usize::MAX,
+            };
+            assert!(matches!(
+                parse_request(RFC_SAMPLE, &limits),
+                Ok(Parsed::Complete { .. })
+            ));
+            // 200 fields on the heap path: still counted against the limit exactly.
+            let extra: Vec<(String, String)> =
+                (0..200).map(|i| (format!("X-{i}"), "v".into())).collect();
+            let extra: Vec<(&str, &str)> = extra
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            let req = good_with(&[], &extra);
+            assert!(matches!(
+                parse_request(&req, &limits),
+                Ok(Parsed::Complete { .. })
+            ));
+            let tight = HandshakeLimits {
+                max_header_bytes,
+                max_headers: 204,
+            };
+            assert_eq!(
+                parse_request(&req, &tight).unwrap_err(),
+                HandshakeError::TooManyHeaders { limit: 204 }
+            );
+        }
     }
 
     // RFC 6455 §4.2.1 item 1; RFC 9110 §15.5.6: a 405 names the allowed methods.
@@ -984,6 +1018,127 @@ mod tests {
             assert!(resp.starts_with(b"HTTP/1.1 426 Upgrade Required\r\n"));
             assert!(has_header(&resp, "Upgrade: websocket"));
             assert!(has_header(&resp, "Connection: close"));
+            // RFC 6455 §4.4, and README's table: every 426 says which version we speak.
+            assert!(has_header(&resp, "Sec-WebSocket-Version: 13"));
+        }
+        // `Upgrade: h2c` with no version at all (issue 11) is the same 426.
+        let e = refused(&good_with(
+            &["Upgrade", "Sec-WebSocket-Version"],
+            &[("Upgrade", "h2c")],
+        ));
+        assert_eq!(e, HandshakeError::NotWebSocketUpgrade);
+        assert!(has_header(&e.response(), "Sec-WebSocket-Version: 13"));
+    }
+
+    // RFC 3986 §6.2.2: the request carries the normal form; the query is left as sent.
+    #[test]
+    fn the_path_is_normalised_and_the_query_kept() {
+        for (target, path, query) in [
+            ("/chat//room/./x", "/chat/room/x", None),
+            (
+                "/api/%2e%2e/%61dmin?token=a%2Fb&x=..//",
+                "/admin",
+                Some("token=a%2Fb&x=..//"),
+            ),
+            ("//?", "/", Some("")),
+            ("/caf%c3%a9?q=%3F", "/caf%C3%A9", Some("q=%3F")),
+        ] {
+            let line = format!("GET {target} HTTP/1.1");
+            let (req, _) = complete(&build(&line, GOOD_HEADERS, &[], &[]));
+            assert_eq!(
+                (req.path.as_str(), req.query.as_deref()),
+                (path, query),
+                "{target}"
+            );
+        }
+    }
+
+    #[test]
+    fn paths_without_a_safe_normal_form_are_400_with_a_reason() {
+        for (target, reason) in [
+            ("/admin%2f", "percent-encoded `/` not accepted"),
+            ("/admin%3Fx=1", "percent-encoded `?` not accepted"),
+            ("/admin;x", "`;` path parameters not accepted"),
+            ("/a\\b", "`\\` not accepted"),
+            ("/a%00", "control character"),
+            ("/a%zz", "`%` not followed by two hex digits"),
+            ("/caf\u{e9}", "raw non-ASCII byte; percent-encode it"),
+        ] {
+            let e = refused(&build(
+                &format!("GET {target} HTTP/1.1"),
+                GOOD_HEADERS,
+                &[],
+                &[],
+            ));
+            assert!(
+                matches!(e, HandshakeError::InvalidPath(_)),
+                "{target}: {e:?}"
+            );
+            assert_eq!(e.status(), 400);
+            let (status, _, body) = split_response(&e.response());
+            assert_eq!(status, "HTTP/1.1 400 Bad Request");
+            assert_eq!(
+                body,
+                format!("invalid request path: {reason}\n"),
+                "{target}"
+            );
+        }
+    }
+
+    // Issue 11 item 1: bytes >= 0x80 anywhere a field is read, at every position, and
+    // limits at their edges, give an answer and never a panic.
+    #[test]
+    fn non_ascii_and_boundary_inputs_never_panic() {
+        let fields = [
+            "Host",
+            "Upgrade",
+            "Connection",
+            "Sec-WebSocket-Key",
+            "Sec-WebSocket-Version",
+            "Origin",
+            "Sec-WebSocket-Protocol",
+            "Sec-WebSocket-Extensions",
+            "Content-Length",
+            "Authorization",
+        ];
+        let values = [
+            "\u{e9}",
+            "abcdef\u{e9}",
+            "\u{1F600}13",
+            "13\u{e9}",
+            "websocket\u{e9}, websocket",
+            "permessage-deflate; a=\"\u{e9}\"",
+            "permessage-deflate; a=\"\\\u{e9}\"",
+            "x;\u{e9}=1",
+            "\"",
+            "\\",
+            "dGhlIHNhbXBsZSBub25jZQ\u{e9}",
+            "",
+            " \t ",
+        ];
+        for field in fields {
+            for value in values {
+                let mut req = good_with(&[field], &[]);
+                let at = req.len() - 2;
+                req.splice(at..at, format!("{field}: {value}\r\n").into_bytes());
+                // Anything is fine except a panic; a refusal names no header value.
+                if let Err(e) = parse(&req) {
+                    assert!(!e.to_string().contains('\u{e9}'), "{field}: {value:?}: {e}");
+                }
+                for cut in 0..req.len() {
+                    let _ = parse(&req[..cut]);
+                }
+            }
+        }
+        for limit in [0, 1, 3, 17, RFC_SAMPLE.len() - 1, RFC_SAMPLE.len()] {
+            for headers in [0, 1, 7] {
+                let limits = HandshakeLimits {
+                    max_header_bytes: limit,
+                    max_headers: headers,
+                };
+                let _ = parse_request(RFC_SAMPLE, &limits);
+                let _ = parse_request(b"", &limits);
+            }
         }
     }
 

@@ -487,6 +487,48 @@ mod tests {
         assert_eq!(reply_to(&out[1..], a())["event"], "joined");
     }
 
+    // Issue 11 item 1: the chat parses client JSON; hostile or odd input gets an answer
+    // (a reply, an error or the echo), never a panic.
+    #[test]
+    fn hostile_json_gets_an_answer_not_a_panic() {
+        let mut chat = ChatEcho::with_max_rooms(1);
+        let deep = format!(
+            "{{\"action\":{}1{}}}",
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        let long_room = "\u{e9}".repeat(40_000);
+        let cases: Vec<String> = vec![
+            deep,
+            r#"{"action":"join","room":"\ud800"}"#.into(), // lone surrogate: not JSON
+            r#"{"action":"join","room":"\u00e9\u0000\n"}"#.into(),
+            r#"{"action":"say","room":"\u{1F600}","text":"\udbff\udfff"}"#.into(),
+            format!(r#"{{"action":"join","room":"{long_room}"}}"#),
+            r#"{"action":"join","room":"x","room":"y"}"#.into(),
+            r#"{"action":1e999}"#.into(),
+            r#"{"action":"say","room":"x","text":18446744073709551616}"#.into(),
+            "{\"action\":\"say\",\"room\":\"\u{e9}\",\"text\":\"\u{1F600}\"}".into(),
+            "{\"action\":\"jo".into(),
+            "{".into(),
+        ];
+        for m in &cases {
+            let out = say_text(&mut chat, a(), m);
+            assert!(!out.is_empty(), "{:.60}: no answer", m);
+        }
+        // A non-ASCII room is a room like any other, named exactly.
+        let out = say_text(
+            &mut chat,
+            b(),
+            "{\"action\":\"join\",\"room\":\"caf\u{e9}\"}",
+        );
+        assert!(
+            matches!(&out[0], ToEdge::Subscribe { topic, .. } if &**topic == "room:caf\u{e9}"),
+            "{out:?}"
+        );
+        assert_eq!(reply_to(&out[1..], b())["room"], "caf\u{e9}");
+        assert!(chat.rooms_of(a()).count() <= 1, "max_rooms holds");
+    }
+
     #[test]
     fn fence_closes_at_once() {
         let mut chat = ChatEcho::new();

@@ -535,7 +535,9 @@ impl Decoder {
         if len == 0 {
             return Err(RelayError::EmptyFrame);
         }
-        let total = LEN_PREFIX + len;
+        // Cannot overflow on 64-bit (len fits in u32); saturates on smaller targets, where a
+        // frame that large could never be buffered anyway.
+        let total = LEN_PREFIX.saturating_add(len);
         let Some(&code) = buf.get(LEN_PREFIX) else {
             buf.reserve(total - buf.len());
             return Ok(None);
@@ -1269,6 +1271,88 @@ mod tests {
         };
         assert_eq!(reason.len(), 65_534);
         assert!(reason.chars().all(|c| c == 'é'));
+    }
+
+    // Issue 11 item 1: multi-byte characters in every string field, cut at the u16 limit
+    // and at every byte of the stream, decode to the same text (or wait), never a panic.
+    #[test]
+    fn non_ascii_strings_in_every_field_survive_the_wire() {
+        let long = "\u{1F600}".repeat(MAX_STRING / 4 + 1); // 4-byte chars across the limit
+        let frames = [
+            Frame::Hello {
+                version: VERSION,
+                name: "gw-\u{e9}".into(),
+            },
+            Frame::Open {
+                conn: u64::MAX,
+                path: "/caf\u{e9}/\u{1F600}".into(),
+                query: Some(long.clone()),
+                headers: vec![
+                    ("x-\u{e9}".into(), long.clone()),
+                    (String::new(), "\u{0}".into()),
+                ],
+                peer: Some("[::1]:1".into()),
+                authorize: true,
+                replay: true,
+            },
+            Frame::Close {
+                conn: 0,
+                code: u16::MAX,
+                reason: long.clone(),
+            },
+            Frame::Subscribe {
+                conn: 1,
+                topic: Topic::from(long.as_str()),
+            },
+            Frame::Reject {
+                conn: 2,
+                status: 0,
+                reason: "\u{e9}".repeat(MAX_STRING),
+            },
+        ];
+        let whole = encoded(&frames);
+        for cut in [0, 1, 3, 4, 5, whole.len() / 2, whole.len() - 1, whole.len()] {
+            let mut dec = Decoder::default();
+            let mut buf = BytesMut::from(&whole[..cut]);
+            let mut got = decode_all(&mut dec, &mut buf);
+            buf.extend_from_slice(&whole[cut..]);
+            got.extend(decode_all(&mut dec, &mut buf));
+            assert_eq!(got.len(), frames.len(), "cut at {cut}");
+            for f in &got {
+                if let Frame::Open {
+                    query,
+                    headers,
+                    path,
+                    ..
+                } = f
+                {
+                    assert_eq!(path, "/caf\u{e9}/\u{1F600}");
+                    let q = query.as_deref().unwrap();
+                    assert!(
+                        q.len() <= MAX_STRING && long.starts_with(q),
+                        "clipped on a boundary"
+                    );
+                    assert_eq!(headers[0].0, "x-\u{e9}");
+                }
+            }
+        }
+        // A string whose bytes stop in the middle of a character is invalid UTF-8: an error.
+        let conn = [0u8; 8];
+        let body = [
+            &[ty::SUBSCRIBE][..],
+            &conn,
+            &[0, 3],
+            "\u{e9}".as_bytes(),
+            &[0xc3],
+        ]
+        .concat();
+        assert_eq!(
+            Decoder::default().decode(&mut raw(&body)),
+            Err(RelayError::InvalidUtf8 {
+                frame: "subscribe",
+                field: "topic"
+            })
+        );
     }
 
     /// Writes the fuzz seed corpus (fuzz/corpus/relay/) when RINGWAY_WRITE_RELAY_CORPUS is

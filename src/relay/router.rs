@@ -390,7 +390,7 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
         if let Outbound::Frame(frame) = &item {
             let queued = handle.state.queued.load(Ordering::Relaxed);
             let bytes = handle.state.queued_bytes.load(Ordering::Relaxed);
-            if queued >= handle.limit || bytes + frame.len() > LINK_BUFFER_BYTES {
+            if queued >= handle.limit || bytes.saturating_add(frame.len()) > LINK_BUFFER_BYTES {
                 self.stats.refused += 1;
                 tracing::debug!(conn = %conn, queued, bytes, "upstream buffer full; closing the client 1013");
                 self.sink.send(ToEdge::Close {

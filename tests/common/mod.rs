@@ -169,6 +169,58 @@ impl Gateway {
         assert_eq!(rc, 0, "kill({}, {sig}) failed", self.pid());
     }
 
+    /// The admin listener's address, from the start-up log (start with `--admin 127.0.0.1:0`).
+    #[allow(dead_code)]
+    pub fn admin_addr(&self) -> SocketAddr {
+        // The admin line follows the serving line: wait for it.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let log = self.log();
+            if let Some(i) = log.find("admin: http://") {
+                let rest = &log[i + "admin: http://".len()..];
+                return rest[..rest.find('/').unwrap()].parse().unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no admin listener: started with --admin?"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The text of `GET /metrics` from the admin listener.
+    #[allow(dead_code)]
+    pub async fn metrics(&self) -> String {
+        let mut s = timeout(WAIT, TcpStream::connect(self.admin_addr()))
+            .await
+            .expect("admin connect timed out")
+            .expect("admin connect");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        timeout(WAIT, s.read_to_string(&mut text))
+            .await
+            .expect("/metrics timed out")
+            .expect("reading /metrics");
+        text
+    }
+
+    /// The sum of the samples of `metric` (exact name, with or without labels) whose labels
+    /// contain `labels`, from `/metrics`.
+    #[allow(dead_code)]
+    pub async fn metric(&self, metric: &str, labels: &str) -> u64 {
+        let text = self.metrics().await;
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(metric)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+                    && l.contains(labels)
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+
     /// Wait up to `limit` for the process to exit; None if it is still running.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + limit;
@@ -198,6 +250,29 @@ impl Drop for Gateway {
             eprintln!("---- ringway stderr ----\n{}", self.log());
         }
     }
+}
+
+/// Run the binary with `args` to its exit (killed after 20 s: a gateway that serves instead
+/// of failing then fails the caller on its exit status).
+#[allow(dead_code)]
+pub fn run_to_exit(args: &[&str]) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ringway"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning the ringway binary");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("waitpid").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("collecting its output")
 }
 
 /// The address from the startup line `... serving ws://127.0.0.1:PORT/ with ...`.
@@ -585,4 +660,22 @@ pub async fn http_response_then_eof(stream: &mut TcpStream) -> (HttpResponse, St
     );
     expect_eof(stream).await;
     (response, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// An HS256 JWT over `claims` signed with `secret`, for routes with `[routes.jwt]`.
+pub fn hs256_token(secret: &str, claims: &serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("signing a test token")
+}
+
+/// Seconds since the Unix epoch, for `exp` claims.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64
 }
