@@ -55,22 +55,6 @@ impl Gateway {
         Gateway::spawn(None, args, env)
     }
 
-    /// The admin listener's address, from its start-up line (needs `--admin 127.0.0.1:0`).
-    pub fn admin_addr(&self) -> SocketAddr {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let log = self.log();
-            if let Some(i) = log.find("admin: http://") {
-                let rest = &log[i + "admin: http://".len()..];
-                if let Some(end) = rest.find('/') {
-                    return rest[..end].parse().expect("admin address");
-                }
-            }
-            assert!(Instant::now() < deadline, "no admin address in:\n{log}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     /// Start with `toml` written to a config file passed as `--config`, plus `args`.
     pub fn with_config(toml: &str, args: &[&str]) -> Gateway {
         let path = std::env::temp_dir().join(format!(
