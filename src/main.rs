@@ -168,6 +168,7 @@ fn start_admin(
         }),
         handshake_latency: None,
         relay_heartbeat: gateway.relay_heartbeat(),
+        relay: gateway.shared().relay.clone(),
     }));
     match admin::spawn(addr, state.clone()) {
         Ok((bound, _)) => {

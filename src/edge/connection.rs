@@ -17,6 +17,64 @@ use super::ConnId;
 /// (ringway-bench idle, 10,000 connections).
 pub const BASE_BYTES: usize = 2048;
 
+/// What one queued frame costs besides its bytes: its `VecDeque` slot (a `Bytes`, 32 B), the
+/// shared header a cloned `Bytes` gets (32 B) and the allocator's rounding of a small
+/// allocation (up to ~32 B with mimalloc's size classes). Every frame `Core::encode` makes has
+/// its own exact allocation, so nothing else is pinned (no shared arena chunk).
+pub const ENTRY_BYTES: usize = 96;
+
+/// What one subscription costs besides its topic name: its slot in `subscriptions`, its
+/// entry in the core's topic table (key, Vec header, slot index) and the `Arc<str>` counts.
+pub const SUBSCRIPTION_BYTES: usize = 96;
+
+/// Bytes a connection's messages may have in flight to the relay (core backlog, channel and
+/// the relay's hands) before its reads pause: `max(1 MiB, 4 x max_message_bytes)`.
+pub fn relay_in_flight_limit(max_message_bytes: usize) -> usize {
+    (1 << 20).max(max_message_bytes.saturating_mul(4))
+}
+
+/// A count of bytes some holder still has, decremented when the holder lets go: the relay
+/// drops the `ToUpstream::Message` carrying this once it is done with its payload.
+#[derive(Debug)]
+pub struct InFlight {
+    counters: [std::sync::Arc<std::sync::atomic::AtomicUsize>; 2],
+    bytes: usize,
+}
+
+impl InFlight {
+    /// Charge `bytes` to the connection's and the core's counters until dropped.
+    pub fn new(
+        conn: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        core: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        bytes: usize,
+    ) -> InFlight {
+        use std::sync::atomic::Ordering;
+        conn.fetch_add(bytes, Ordering::Relaxed);
+        core.fetch_add(bytes, Ordering::Relaxed);
+        InFlight {
+            counters: [conn.clone(), core.clone()],
+            bytes,
+        }
+    }
+
+    /// A guard that charges nothing (for tests and relay-made messages).
+    pub fn none() -> InFlight {
+        let zero = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        InFlight {
+            counters: [zero.clone(), zero],
+            bytes: 0,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        for c in &self.counters {
+            c.fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 #[derive(Debug)]
 pub enum Phase {
     /// Waiting for the complete upgrade request; bytes so far.
@@ -93,6 +151,15 @@ pub struct Connection {
     pub protocol: Option<String>,
     /// Bytes charged to its core's memory meter, as of the last `footprint`.
     pub charged: usize,
+    /// The last queued item is a pong not yet handed to the kernel: a newer pong replaces
+    /// it (RFC 6455 §5.5.3), so a ping flood holds one pong, not one per ping.
+    pub pong_queued: bool,
+    /// How many of the front items of `out` the in-flight `sendmsg` covers.
+    pub sending: usize,
+    /// Paused because its outbound queue is over `send_queue_bytes`; since when, in ms.
+    pub over_queue_ms: Option<u64>,
+    /// Bytes of its messages the relay has not let go of yet (see `InFlight`).
+    pub relay_in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Connection {
@@ -133,6 +200,10 @@ impl Connection {
             rate: None,
             protocol: None,
             charged: 0,
+            pong_queued: false,
+            sending: 0,
+            over_queue_ms: None,
+            relay_in_flight: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         }
     }
 
@@ -155,7 +226,47 @@ impl Connection {
             }
             Phase::Open => 0,
         };
-        BASE_BYTES + phase + self.decoder.heap_bytes() + self.out_bytes
+        // Outbound queue: limit `send_queue_bytes` (checked in `Core::queue_data` and for
+        // control frames in `Core::queue_control`), charged here with per-entry overhead.
+        let queue = self.out_bytes
+            + self.out.len() * ENTRY_BYTES
+            + self.out.capacity() * std::mem::size_of::<Bytes>();
+        // Subscriptions: limit the route's `max_subscriptions` (topic length: the relay's
+        // frame limit); charged here with the core's topic table share.
+        let subscriptions: usize = self
+            .subscriptions
+            .iter()
+            .map(|t| t.len() + SUBSCRIPTION_BYTES)
+            .sum::<usize>()
+            + self.subscriptions.capacity() * std::mem::size_of::<crate::relay::Topic>();
+        let protocol = self.protocol.as_ref().map_or(0, String::capacity);
+        BASE_BYTES + phase + self.decoder.heap_bytes() + queue + subscriptions + protocol
+    }
+
+    /// What shedding for the memory budget compares: its footprint plus its bytes in
+    /// flight to the relay.
+    pub fn holds(&self) -> usize {
+        self.charged
+            + self
+                .relay_in_flight
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// What the outbound queue costs, as compared with `send_queue_bytes`: its bytes plus
+    /// `ENTRY_BYTES` per queued frame (so 3-byte frames cannot hold 30x the cap).
+    pub fn queued_cost(&self) -> usize {
+        self.out_bytes + self.out.len() * ENTRY_BYTES
+    }
+
+    /// Queue a pong, replacing a queued pong the kernel has not been handed yet.
+    pub fn queue_pong(&mut self, bytes: Bytes) {
+        if self.pong_queued && self.out.len() > self.sending {
+            if let Some(last) = self.out.pop_back() {
+                self.out_bytes -= last.len();
+            }
+        }
+        self.queue(bytes);
+        self.pong_queued = true;
     }
 
     pub fn is_open(&self) -> bool {
@@ -163,6 +274,7 @@ impl Connection {
     }
 
     pub fn queue(&mut self, bytes: Bytes) {
+        self.pong_queued = false;
         self.out_bytes += bytes.len();
         self.out.push_back(bytes);
     }
@@ -170,6 +282,7 @@ impl Connection {
     /// Account for `sent` bytes having left, dropping fully sent items.
     pub fn advance_out(&mut self, mut sent: usize) {
         self.out_bytes -= sent;
+        self.sending = 0;
         while sent > 0 {
             let front = self.out.front_mut().expect("sent more than was queued");
             if front.len() <= sent {
@@ -178,6 +291,10 @@ impl Connection {
             } else {
                 front.advance(sent);
                 sent = 0;
+                if self.out.len() == 1 {
+                    // A partly sent pong is on the wire already: it must not be replaced.
+                    self.pong_queued = false;
+                }
             }
         }
         if self.out.is_empty() && self.out.capacity() > 16 {
@@ -237,9 +354,13 @@ mod tests {
         let idle = c.footprint();
         assert!(idle >= BASE_BYTES);
         c.queue(Bytes::from(vec![0; 10_000]));
-        assert_eq!(c.footprint(), idle + 10_000, "queued output counts");
+        assert!(
+            c.footprint() >= idle + 10_000 + ENTRY_BYTES,
+            "queued output counts"
+        );
         c.advance_out(10_000);
-        assert_eq!(c.footprint(), idle);
+        let slots = c.out.capacity() * std::mem::size_of::<Bytes>();
+        assert_eq!(c.footprint(), idle + slots);
         // A half-received message: the assembly buffer counts.
         let mut wire = BytesMut::new();
         crate::protocol::frame::write_client_frame(
@@ -255,6 +376,60 @@ mod tests {
         assert!(c.footprint() >= idle + 14_000, "{}", c.footprint());
         c.phase = Phase::Handshake(BytesMut::with_capacity(4096));
         assert!(c.footprint() >= idle + 4096 + 14_000);
+    }
+
+    #[test]
+    fn only_the_newest_unsent_pong_is_kept() {
+        let mut c = conn();
+        c.queue(Bytes::from_static(b"data"));
+        for i in 0..1000u16 {
+            c.queue_pong(Bytes::from(i.to_be_bytes().to_vec()));
+        }
+        assert_eq!(c.out.len(), 2);
+        assert_eq!(&c.out[1][..], &999u16.to_be_bytes());
+        assert_eq!(c.out_bytes, 6);
+        // A pong the kernel is sending stays; the next one is queued behind it.
+        c.sending = 2;
+        c.queue_pong(Bytes::from_static(b"zz"));
+        assert_eq!(c.out.len(), 3);
+        // Partly sent: it is on the wire, never replaced.
+        c.advance_out(5);
+        assert_eq!(c.out.len(), 2);
+        c.queue_pong(Bytes::from_static(b"yy"));
+        assert_eq!(&c.out[1][..], b"yy");
+        c.advance_out(2);
+        assert_eq!(c.out.len(), 1, "yy is partly sent");
+        c.queue_pong(Bytes::from_static(b"xx"));
+        assert_eq!(c.out.len(), 2, "{:?}", c.out);
+        assert_eq!(c.out_bytes, 3);
+    }
+
+    #[test]
+    fn per_entry_overhead_is_charged() {
+        let mut c = conn();
+        let idle = c.footprint();
+        for _ in 0..100 {
+            c.queue(Bytes::from_static(b"abc"));
+        }
+        assert!(c.footprint() >= idle + 100 * (3 + ENTRY_BYTES));
+        assert_eq!(c.queued_cost(), 100 * (3 + ENTRY_BYTES));
+    }
+
+    #[test]
+    fn in_flight_guard_subtracts_on_drop() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let (a, b) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let g = InFlight::new(&a, &b, 100);
+        let h = InFlight::new(&a, &b, 50);
+        assert_eq!(
+            (a.load(Ordering::Relaxed), b.load(Ordering::Relaxed)),
+            (150, 150)
+        );
+        drop(g);
+        assert_eq!(a.load(Ordering::Relaxed), 50);
+        drop(h);
+        assert_eq!(b.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -1,15 +1,91 @@
 //! Each core's inbox: the relay's replies travel on a crossbeam channel, and an eventfd wakes
 //! the core's ring when something arrived. The relay drains its input before waking, so a
 //! burst costs one wake-up per core, not one per message.
+//!
+//! Each inbox is bounded in messages ([`INBOX_MESSAGES`]) and bytes ([`INBOX_BYTES`]). A
+//! producer that finds it full wakes the core and waits (up to its `wait`): a link reader
+//! then stops reading its backend, so TCP slows the backend down. What is still full after
+//! the wait is dropped if it may be ([`ToEdge::droppable`]), counted
+//! (`ringway_relay_inbox_dropped`) and logged; closes and handshake answers always go, up to
+//! twice the message bound.
 
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
-use crate::relay::{EdgeSink, ToEdge};
+use crate::relay::{EdgeSink, RelayGauges, ToEdge};
+
+/// Messages one core's inbox holds before producers wait.
+pub const INBOX_MESSAGES: usize = 65_536;
+/// Bytes (payloads, strings, per-entry overhead) one core's inbox holds before producers
+/// wait; a single message larger than this still goes when the inbox is empty.
+pub const INBOX_BYTES: u64 = 32 * 1024 * 1024;
+/// How long a backend link's reader waits for room in a full inbox.
+pub const LINK_INBOX_WAIT: Duration = Duration::from_secs(1);
+/// How long the relay thread (embedded upstream, 1013 closes) waits: short, since it serves
+/// every route.
+pub const RELAY_INBOX_WAIT: Duration = Duration::from_millis(100);
+
+/// What one inbox holds now.
+#[derive(Debug, Default)]
+struct Fill {
+    messages: AtomicUsize,
+    bytes: AtomicU64,
+    /// The core's end is gone: nobody will make room.
+    closed: AtomicBool,
+}
+
+/// A core's end of its inbox.
+#[derive(Debug)]
+pub struct Inbox {
+    rx: Receiver<ToEdge>,
+    fill: Arc<Fill>,
+    gauges: Arc<RelayGauges>,
+}
+
+impl Inbox {
+    pub fn try_recv(&self) -> Result<ToEdge, TryRecvError> {
+        let msg = self.rx.try_recv()?;
+        let n = msg.held_bytes();
+        self.fill.messages.fetch_sub(1, Ordering::Relaxed);
+        self.fill.bytes.fetch_sub(n as u64, Ordering::Relaxed);
+        self.gauges.release(n);
+        Ok(msg)
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        // Whatever is still queued is freed with the channel: stop charging it.
+        self.fill.closed.store(true, Ordering::Release);
+        while self.try_recv().is_ok() {}
+    }
+}
+
+/// The relay's end of one core's inbox.
+#[derive(Debug, Clone)]
+pub struct InboxSender {
+    tx: Sender<ToEdge>,
+    fill: Arc<Fill>,
+}
+
+/// A new inbox whose contents are charged to `gauges`.
+pub fn channel(gauges: Arc<RelayGauges>) -> (InboxSender, Inbox) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let fill = Arc::new(Fill::default());
+    (
+        InboxSender {
+            tx,
+            fill: fill.clone(),
+        },
+        Inbox { rx, fill, gauges },
+    )
+}
 
 /// A core's wake-up: writing to it completes the read its ring keeps pending.
 #[derive(Debug)]
@@ -45,49 +121,117 @@ impl Waker {
 /// The relay's side of every core's inbox.
 #[derive(Clone)]
 pub struct CoreLinks {
-    senders: Vec<Sender<ToEdge>>,
+    senders: Vec<InboxSender>,
     wakers: Vec<Arc<Waker>>,
     pending: Vec<bool>,
+    gauges: Arc<RelayGauges>,
+    /// How long a send waits for room in a full inbox.
+    wait: Duration,
+    /// When this producer last logged a drop (one line per second at most).
+    last_drop_log: Option<Instant>,
     /// Replies addressed to a core that does not exist (a forged or corrupt id).
     pub misaddressed: u64,
 }
 
 impl CoreLinks {
-    pub fn new(senders: Vec<Sender<ToEdge>>, wakers: Vec<Arc<Waker>>) -> CoreLinks {
+    pub fn new(
+        senders: Vec<InboxSender>,
+        wakers: Vec<Arc<Waker>>,
+        gauges: Arc<RelayGauges>,
+    ) -> CoreLinks {
         let pending = vec![false; senders.len()];
         CoreLinks {
             senders,
             wakers,
             pending,
+            gauges,
+            wait: RELAY_INBOX_WAIT,
+            last_drop_log: None,
             misaddressed: 0,
         }
+    }
+
+    /// Queue `msg` for `core`, waiting up to `self.wait` for room.
+    fn send_to(&mut self, core: usize, msg: ToEdge) {
+        let Some(inbox) = self.senders.get(core) else {
+            self.misaddressed += 1;
+            return;
+        };
+        let size = msg.held_bytes();
+        let mut deadline = None;
+        loop {
+            let queued = inbox.fill.messages.load(Ordering::Relaxed);
+            let bytes = inbox.fill.bytes.load(Ordering::Relaxed);
+            if queued == 0 || (queued < INBOX_MESSAGES && bytes + size as u64 <= INBOX_BYTES) {
+                break;
+            }
+            // Full: make sure the core is awake to drain it, then wait (backpressure).
+            self.wakers[core].wake();
+            self.pending[core] = false;
+            let now = Instant::now();
+            let until = *deadline.get_or_insert(now + self.wait);
+            if now >= until {
+                if !msg.droppable() && queued < 2 * INBOX_MESSAGES {
+                    break;
+                }
+                self.gauges.inbox_dropped.fetch_add(1, Ordering::Relaxed);
+                if self
+                    .last_drop_log
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+                {
+                    self.last_drop_log = Some(now);
+                    tracing::warn!(
+                        core,
+                        queued,
+                        bytes,
+                        dropped_total = self.gauges.inbox_dropped.load(Ordering::Relaxed),
+                        "core inbox full for {} ms; dropping a reply",
+                        self.wait.as_millis()
+                    );
+                }
+                return;
+            }
+            if inbox.fill.closed.load(Ordering::Acquire) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        inbox.fill.messages.fetch_add(1, Ordering::Relaxed);
+        inbox.fill.bytes.fetch_add(size as u64, Ordering::Relaxed);
+        self.gauges.charge(size);
+        match inbox.tx.send(msg) {
+            Ok(()) => self.pending[core] = true,
+            // The core is exiting: nothing will read it.
+            Err(_) => {
+                inbox.fill.messages.fetch_sub(1, Ordering::Relaxed);
+                inbox.fill.bytes.fetch_sub(size as u64, Ordering::Relaxed);
+                self.gauges.release(size);
+            }
+        }
+    }
+
+    /// This producer waits up to `wait` for room in a full inbox.
+    pub fn with_wait(mut self, wait: Duration) -> CoreLinks {
+        self.wait = wait;
+        self
     }
 }
 
 impl EdgeSink for CoreLinks {
     fn send(&mut self, msg: ToEdge) {
         match msg.conn() {
-            Some(conn) => {
-                let core = conn.core();
-                match self.senders.get(core) {
-                    // The receiver lives as long as the core; an error means it is exiting.
-                    Some(tx) => {
-                        if tx.send(msg).is_ok() {
-                            self.pending[core] = true;
-                        }
-                    }
-                    None => self.misaddressed += 1,
-                }
-            }
+            Some(conn) => self.send_to(conn.core(), msg),
             None => {
                 // A publish or broadcast: each core gets it once and fans it out itself.
-                for (core, tx) in self.senders.iter().enumerate() {
-                    if tx.send(msg.clone()).is_ok() {
-                        self.pending[core] = true;
-                    }
+                for core in 0..self.senders.len() {
+                    self.send_to(core, msg.clone());
                 }
             }
         }
+    }
+
+    fn for_link(&self) -> Self {
+        self.clone().with_wait(LINK_INBOX_WAIT)
     }
 
     fn flush(&mut self) {
@@ -107,11 +251,12 @@ mod tests {
 
     #[test]
     fn replies_reach_the_owning_core_and_wake_it_once_per_flush() {
-        let (tx0, rx0) = crossbeam_channel::unbounded();
-        let (tx1, rx1) = crossbeam_channel::unbounded();
+        let gauges = Arc::new(RelayGauges::default());
+        let (tx0, rx0) = channel(gauges.clone());
+        let (tx1, rx1) = channel(gauges.clone());
         let w0 = Arc::new(Waker::new().unwrap());
         let w1 = Arc::new(Waker::new().unwrap());
-        let mut links = CoreLinks::new(vec![tx0, tx1], vec![w0.clone(), w1.clone()]);
+        let mut links = CoreLinks::new(vec![tx0, tx1], vec![w0.clone(), w1.clone()], gauges);
         for _ in 0..3 {
             links.send(ToEdge::Close {
                 conn: ConnId::new(1, 4, 2),
@@ -125,11 +270,79 @@ mod tests {
             reason: String::new(),
         });
         links.flush();
-        assert_eq!(rx1.len(), 3);
-        assert!(rx0.is_empty());
+        assert_eq!(rx1.rx.len(), 3);
+        assert!(rx0.rx.is_empty());
         assert_eq!(links.misaddressed, 1);
         let mut buf = [0u8; 8];
         (&w1.file).read_exact(&mut buf).unwrap();
         assert_eq!(u64::from_ne_bytes(buf), 1, "one wake for the batch");
+    }
+
+    fn close(core: u8) -> ToEdge {
+        ToEdge::Close {
+            conn: ConnId::new(core, 1, 1),
+            code: 1000,
+            reason: String::new(),
+        }
+    }
+
+    fn send(core: u8, n: usize) -> ToEdge {
+        ToEdge::Send {
+            conn: ConnId::new(core, 1, 1),
+            kind: crate::protocol::message::MessageKind::Binary,
+            payload: bytes::Bytes::from(vec![0u8; n]),
+        }
+    }
+
+    /// A full inbox (bytes) makes the producer wait, then drop what may be dropped (counted)
+    /// and still deliver closes; what is queued is charged to the relay gauge and released
+    /// when the core takes it.
+    #[test]
+    fn a_full_inbox_waits_then_drops_data_but_not_closes() {
+        let gauges = Arc::new(RelayGauges::default());
+        let (tx, rx) = channel(gauges.clone());
+        let w = Arc::new(Waker::new().unwrap());
+        let mut links =
+            CoreLinks::new(vec![tx], vec![w], gauges.clone()).with_wait(Duration::from_millis(30));
+        let big = (INBOX_BYTES / 4) as usize - crate::relay::ENTRY_OVERHEAD;
+        for _ in 0..4 {
+            links.send(send(0, big));
+        }
+        assert_eq!(rx.rx.len(), 4);
+        let held = gauges.held();
+        assert!(held >= INBOX_BYTES, "{held}");
+        let t = Instant::now();
+        links.send(send(0, big));
+        assert!(t.elapsed() >= Duration::from_millis(30), "waited for room");
+        assert_eq!(gauges.inbox_dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(rx.rx.len(), 4, "the data message was dropped");
+        links.send(close(0));
+        assert_eq!(rx.rx.len(), 5, "a close always goes");
+        while rx.try_recv().is_ok() {}
+        assert_eq!(gauges.held(), 0, "everything taken is released");
+    }
+
+    /// A producer waiting on a full inbox gets through as soon as the core drains it.
+    #[test]
+    fn a_waiting_producer_proceeds_when_the_core_drains() {
+        let gauges = Arc::new(RelayGauges::default());
+        let (tx, rx) = channel(gauges.clone());
+        let w = Arc::new(Waker::new().unwrap());
+        let mut links =
+            CoreLinks::new(vec![tx], vec![w], gauges.clone()).with_wait(Duration::from_secs(5));
+        for _ in 0..INBOX_MESSAGES {
+            links.send(send(0, 0));
+        }
+        let drain = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            for _ in 0..INBOX_MESSAGES {
+                rx.try_recv().unwrap();
+            }
+            rx
+        });
+        links.send(send(0, 0));
+        let rx = drain.join().unwrap();
+        assert_eq!(rx.rx.len(), 1);
+        assert_eq!(gauges.inbox_dropped.load(Ordering::Relaxed), 0);
     }
 }

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 pub use conn_id::{ConnId, GENERATION_MASK};
+pub use connection::InFlight;
 pub use stats::{CoreStats, Heartbeat};
 
 use crate::config::{Config, Upstream};
@@ -45,6 +46,9 @@ pub struct Shared {
     pub buffer_bytes: AtomicU64,
     /// Beyond `buffer_bytes` of this, new connections get 503 (resolved at start and reload).
     pub memory_budget: AtomicU64,
+    /// What the relay holds for peers (inboxes, link queues, stored opens, chat rooms);
+    /// its `bytes` count toward the memory budget with `buffer_bytes`.
+    pub relay: Arc<relay::RelayGauges>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,7 +206,7 @@ impl Gateway {
         let mut workers = Vec::with_capacity(count);
         let mut stats = Vec::with_capacity(count);
         for (index, listener) in listeners.into_iter().enumerate() {
-            let (inbox_tx, inbox_rx) = crossbeam_channel::unbounded();
+            let (inbox_tx, inbox_rx) = inbox::channel(shared.relay.clone());
             let waker = Arc::new(inbox::Waker::new().map_err(EdgeError::Setup)?);
             inbox_txs.push(inbox_tx);
             wakers.push(waker.clone());
@@ -243,8 +247,13 @@ impl Gateway {
             workers.push(handle);
         }
         drop(relay_tx);
-        let links = inbox::CoreLinks::new(inbox_txs, wakers.clone());
-        let router = relay::router::Router::new(&routes, links, relay::protocol::DEFAULT_MAX_FRAME);
+        let links = inbox::CoreLinks::new(inbox_txs, wakers.clone(), shared.relay.clone());
+        let router = relay::router::Router::new(
+            &routes,
+            links,
+            relay::protocol::DEFAULT_MAX_FRAME,
+            shared.relay.clone(),
+        );
         let upstream_links = router.links();
         // With `local-echo` no core holds a relay sender, so the relay ends at once: then it
         // is neither watched nor reported.

@@ -108,6 +108,8 @@ pub struct CoreStats {
     pub fragment_limited: Counter,
     /// Refused with 503 because connection buffers used the whole memory budget.
     pub memory_refused: Counter,
+    /// Connections closed 1008 "server memory budget" to bring the core back under it.
+    pub memory_shed: Counter,
     /// Refused with 503 at accept because `max_connections` were open or handshaking.
     pub limit_refused: Counter,
     /// Bytes of connection state and buffers this core holds (a gauge).

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Sender, TrySendError};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::config::{Config, SlowConsumer, Upstream};
@@ -43,6 +43,14 @@ const OP_WAKE: u64 = 5;
 const OP_CANCEL: u64 = 6;
 
 const TICK_MS: u64 = 50;
+/// Bytes of one core's client messages that may be in flight to the relay (its backlog, the
+/// channel and the relay thread) before its connections stop being read.
+const CORE_RELAY_IN_FLIGHT: usize = 16 << 20;
+/// What one relayed message costs besides its payload: the `ToUpstream` and its guard.
+const RELAY_ENTRY_BYTES: usize = 128;
+/// A client paused because its outbound queue is over `send_queue_bytes` is closed 1008
+/// "slow consumer" if it is still over after this long.
+const SLOW_CONSUMER_GRACE_MS: u64 = 5_000;
 const MAX_IOV: usize = 64;
 
 fn user_data(op: u64, slot: u32, generation: u32) -> u64 {
@@ -83,7 +91,7 @@ pub struct WorkerSetup {
     pub listener: TcpListener,
     pub config: Arc<Config>,
     pub relay: Option<Sender<ToUpstream>>,
-    pub inbox: Receiver<ToEdge>,
+    pub inbox: super::inbox::Inbox,
     pub waker: Arc<Waker>,
     pub shared: Arc<Shared>,
 }
@@ -108,7 +116,7 @@ pub struct Worker {
     due: Vec<timer::Entry>,
     pending_sqes: Vec<squeue::Entry>,
     cqes: Vec<(u64, i32, u32)>,
-    inbox: Receiver<ToEdge>,
+    inbox: super::inbox::Inbox,
     waker: Arc<Waker>,
     wake_buf: Box<u64>,
     tick: Box<types::Timespec>,
@@ -180,7 +188,7 @@ impl Worker {
                 shared: setup.shared,
                 relay: setup.relay,
                 relay_backlog: VecDeque::new(),
-                arena: BytesMut::new(),
+                relay_in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
                 stats: setup.stats,
                 now_ms: 0,
                 charged: 0,
@@ -248,6 +256,7 @@ impl Worker {
             }
             self.cqes = cqes;
             self.flush_relay_backlog();
+            self.shed_for_budget();
             self.run_timers();
             self.rearm_recvs();
             self.flush_sends();
@@ -553,6 +562,7 @@ impl Worker {
             return;
         };
         conn.send_in_flight = false;
+        conn.sending = 0;
         if res < 0 {
             // EPIPE/ECONNRESET: the client is gone; what is queued cannot be delivered.
             conn.out.clear();
@@ -681,6 +691,12 @@ impl Worker {
         let now = conn.footprint();
         self.core.charged = self.core.charged - conn.charged as u64 + now as u64;
         conn.charged = now;
+        if conn.queued_cost() > self.core.config.send_queue_bytes && !conn.close.close_sent() {
+            // Over its outbound queue: read nothing more until it drains (closed 1008 after
+            // SLOW_CONSUMER_GRACE_MS, in `flush_relay_backlog`).
+            conn.wants_pause = true;
+            conn.over_queue_ms.get_or_insert(self.core.now_ms);
+        }
         if std::mem::take(&mut conn.wants_pause) && !conn.paused && !conn.shut && !conn.eof {
             // Inbound backpressure: cancel its multishot recv so the kernel's socket buffer
             // fills and TCP flow control slows the client down.
@@ -809,6 +825,7 @@ impl Worker {
         buf.msg.msg_iov = buf.iov.as_mut_ptr();
         buf.msg.msg_iovlen = n as _;
         conn.send_in_flight = true;
+        conn.sending = n;
         let sqe = opcode::SendMsg::new(types::Fd(conn.fd), &buf.msg)
             .flags(libc::MSG_NOSIGNAL as u32)
             .build()
@@ -823,14 +840,70 @@ impl Worker {
 
     fn flush_relay_backlog(&mut self) {
         self.drain_relay_backlog();
-        if self.core.relay_backlog.is_empty() && !self.paused.is_empty() {
+        if !self.paused.is_empty() {
+            let now = self.core.now_ms;
+            let mut touched = Vec::new();
             for (slot, generation) in std::mem::take(&mut self.paused) {
-                if let Some(conn) = conn_in(&mut self.slots, slot, generation) {
-                    conn.paused = false;
-                    self.recv_rearm.push(slot);
+                let Some(conn) = conn_in(&mut self.slots, slot, generation) else {
+                    continue;
+                };
+                if !conn.paused {
+                    continue;
                 }
+                if self.core.may_resume(conn) || conn.shut {
+                    conn.paused = false;
+                    conn.over_queue_ms = None;
+                    self.recv_rearm.push(slot);
+                    continue;
+                }
+                if conn
+                    .over_queue_ms
+                    .is_some_and(|t| now.saturating_sub(t) >= SLOW_CONSUMER_GRACE_MS)
+                    && !conn.close.close_sent()
+                {
+                    tracing::debug!(conn = %conn.id, queued = conn.out_bytes, "slow consumer");
+                    self.core.stats.overflow_closed.inc();
+                    self.core
+                        .start_close(conn, close::POLICY_VIOLATION, "slow consumer");
+                    conn.reading_done = true;
+                    conn.closing_without_reply = true;
+                    conn.close_after_flush = true;
+                    touched.push(slot);
+                }
+                self.paused.push((slot, generation));
+            }
+            for slot in touched {
+                self.after_event(slot);
             }
         }
+    }
+
+    /// Over the memory budget: close this core's largest holder 1008 "server memory budget"
+    /// (one per loop turn, until the published total is back under the budget).
+    fn shed_for_budget(&mut self) {
+        if !self.core.over_memory_budget() {
+            return;
+        }
+        let largest = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.conn.as_ref().map(|c| (i as u32, c)))
+            .filter(|(_, c)| {
+                c.is_open()
+                    && !c.shut
+                    && !c.reading_done
+                    && c.holds() > 4 * super::connection::BASE_BYTES
+            })
+            .max_by_key(|(_, c)| c.holds())
+            .map(|(i, _)| i);
+        let Some(slot) = largest else { return };
+        let conn = self.slots[slot as usize]
+            .conn
+            .as_mut()
+            .expect("found above");
+        self.core.shed(conn);
+        self.after_event(slot);
     }
 
     fn drain_relay_backlog(&mut self) {
@@ -1205,7 +1278,9 @@ struct Core {
     shared: Arc<Shared>,
     relay: Option<Sender<ToUpstream>>,
     relay_backlog: VecDeque<ToUpstream>,
-    arena: BytesMut,
+    /// Bytes of this core's client messages the relay has not let go of (core backlog,
+    /// channel, relay thread): limit `CORE_RELAY_IN_FLIGHT`, charged in `publish_memory`.
+    relay_in_flight: Arc<std::sync::atomic::AtomicUsize>,
     stats: Arc<CoreStats>,
     now_ms: u64,
     /// Bytes its connections hold (`Connection::footprint`), and how much of that the
@@ -1219,19 +1294,26 @@ struct Core {
 impl Core {
     /// Bring the shared total up to date with this core's connections; once per loop turn.
     fn publish_memory(&mut self) {
-        if self.charged != self.published {
-            if self.charged > self.published {
+        let total = self.total();
+        if total != self.published {
+            if total > self.published {
                 self.shared
                     .buffer_bytes
-                    .fetch_add(self.charged - self.published, Ordering::Relaxed);
+                    .fetch_add(total - self.published, Ordering::Relaxed);
             } else {
                 self.shared
                     .buffer_bytes
-                    .fetch_sub(self.published - self.charged, Ordering::Relaxed);
+                    .fetch_sub(self.published - total, Ordering::Relaxed);
             }
-            self.published = self.charged;
-            self.stats.buffer_bytes.set(self.charged);
+            self.published = total;
+            self.stats.buffer_bytes.set(total);
         }
+    }
+
+    /// Whether the gateway is over its memory budget (as of the published totals).
+    fn over_memory_budget(&self) -> bool {
+        self.shared.buffer_bytes.load(Ordering::Relaxed)
+            > self.shared.memory_budget.load(Ordering::Relaxed)
     }
 
     /// Whether a new connection fits in the memory budget, counting this core's unpublished
@@ -1242,7 +1324,8 @@ impl Core {
             .buffer_bytes
             .load(Ordering::Relaxed)
             .saturating_sub(self.published);
-        let used = others + self.charged;
+        // What the relay holds for peers counts too (inboxes, link queues, opens, rooms).
+        let used = others + self.total() + self.shared.relay.held();
         let budget = self.shared.memory_budget.load(Ordering::Relaxed);
         let admits = used < budget;
         if admits == self.over_budget {
@@ -1264,15 +1347,56 @@ impl Core {
         admits
     }
 
-    /// Encode a server frame into the core's arena: frames share its allocations, so a
-    /// reply costs no allocation of its own.
+    /// Encode a server frame into an allocation of its own, sized to the frame: a queued
+    /// tiny frame pins its few bytes (charged with `connection::ENTRY_BYTES`), never a
+    /// shared arena chunk.
     fn encode(&mut self, opcode: OpCode, payload: &[u8]) -> Bytes {
-        if self.arena.capacity() < MAX_HEADER_LEN + payload.len() {
-            self.arena
-                .reserve((MAX_HEADER_LEN + payload.len()).max(64 * 1024));
+        let mut buf = BytesMut::with_capacity(MAX_HEADER_LEN + payload.len());
+        frame::write_server_frame(&mut buf, true, opcode, payload);
+        buf.freeze()
+    }
+
+    /// Bytes this core holds for its clients: connection footprints plus relay in-flight.
+    fn total(&self) -> u64 {
+        self.charged + self.relay_in_flight.load(Ordering::Relaxed) as u64
+    }
+
+    /// Whether a connection must stop being read: its outbound queue is over
+    /// `send_queue_bytes`, or it (or its core) has too much in flight to the relay.
+    fn must_pause(&self, conn: &Connection) -> bool {
+        conn.queued_cost() > self.config.send_queue_bytes
+            || conn.relay_in_flight.load(Ordering::Relaxed)
+                > super::connection::relay_in_flight_limit(self.config.max_message_bytes as usize)
+            || self.relay_in_flight.load(Ordering::Relaxed) > CORE_RELAY_IN_FLIGHT
+    }
+
+    /// Whether a paused connection may be read again (with hysteresis on the relay counts).
+    fn may_resume(&self, conn: &Connection) -> bool {
+        self.relay_backlog.is_empty()
+            && conn.queued_cost() <= self.config.send_queue_bytes
+            && conn.relay_in_flight.load(Ordering::Relaxed)
+                <= super::connection::relay_in_flight_limit(self.config.max_message_bytes as usize)
+                    / 2
+            && self.relay_in_flight.load(Ordering::Relaxed) <= CORE_RELAY_IN_FLIGHT / 2
+    }
+
+    /// Close a connection 1008 "server memory budget" and let go of what it holds now:
+    /// its unsent queue (what the kernel is sending stays) and its message assembly.
+    fn shed(&mut self, conn: &mut Connection) {
+        self.stats.memory_shed.inc();
+        tracing::warn!(conn = %conn.id, holds = conn.holds(), "over the memory budget: closing the largest holder 1008");
+        let keep = if conn.send_in_flight { conn.sending } else { 0 };
+        conn.out.truncate(keep);
+        conn.out_bytes = conn.out.iter().map(Bytes::len).sum();
+        conn.pong_queued = false;
+        conn.decoder = MessageDecoder::new(Role::Server, self.config.message_limits());
+        conn.reading_done = true;
+        conn.closing_without_reply = true;
+        conn.close_after_flush = true;
+        self.start_close(conn, close::POLICY_VIOLATION, "server memory budget");
+        if conn.close.close_sent() {
+            conn.close_after_flush = true;
         }
-        frame::write_server_frame(&mut self.arena, true, opcode, payload);
-        self.arena.split().freeze()
     }
 
     /// Pass a message to the relay; false when it had to wait in the core's backlog.
@@ -1297,7 +1421,10 @@ impl Core {
     /// A single message larger than the cap is still sent when nothing else is queued: the
     /// cap is for clients that do not read, not a second message size limit.
     fn queue_data(&mut self, conn: &mut Connection, frame: Bytes) {
-        if conn.out_bytes > 0 && conn.out_bytes + frame.len() > self.config.send_queue_bytes {
+        if conn.out_bytes > 0
+            && conn.queued_cost() + frame.len() + super::connection::ENTRY_BYTES
+                > self.config.send_queue_bytes
+        {
             tracing::debug!(conn = %conn.id, queued = conn.out_bytes, "slow consumer");
             self.stats.overflow_closed.inc();
             self.start_close(conn, close::POLICY_VIOLATION, "slow consumer");
@@ -1309,8 +1436,9 @@ impl Core {
 
     /// Queue a topic or broadcast frame, applying the slow-consumer policy on overflow.
     fn queue_fanout(&mut self, conn: &mut Connection, frame: Bytes) {
-        let full =
-            conn.out_bytes > 0 && conn.out_bytes + frame.len() > self.config.send_queue_bytes;
+        let full = conn.out_bytes > 0
+            && conn.queued_cost() + frame.len() + super::connection::ENTRY_BYTES
+                > self.config.send_queue_bytes;
         if full && self.routes.route(conn.route).slow_consumer == SlowConsumer::DropNewest {
             self.stats.overflow_dropped.inc();
             return;
@@ -1648,12 +1776,24 @@ impl Core {
                                     payload.as_slice(),
                                     &mut self.scratch,
                                 ) {
-                                    Ok(upstream) => Action::Relay(ToUpstream::Message {
-                                        conn: conn.id,
-                                        upstream,
-                                        kind,
-                                        payload: payload.into_bytes(),
-                                    }),
+                                    Ok(upstream) => {
+                                        let payload = payload.into_bytes();
+                                        // Relay in-flight: limit `relay_in_flight_limit` per
+                                        // connection, `CORE_RELAY_IN_FLIGHT` per core;
+                                        // charged until the relay drops the guard.
+                                        let guard = super::connection::InFlight::new(
+                                            &conn.relay_in_flight,
+                                            &self.relay_in_flight,
+                                            payload.len() + RELAY_ENTRY_BYTES,
+                                        );
+                                        Action::Relay(ToUpstream::Message {
+                                            conn: conn.id,
+                                            upstream,
+                                            kind,
+                                            payload,
+                                            guard,
+                                        })
+                                    }
                                     Err(e) => Action::Refuse(e.to_string()),
                                 }
                             }
@@ -1680,8 +1820,9 @@ impl Core {
                 }
                 Action::Relay(msg) => {
                     conn.last_message_ms = self.now_ms;
-                    if !self.send_to_relay(msg) {
-                        // The relay is behind: stop reading this client until it catches up.
+                    if !self.send_to_relay(msg) || self.must_pause(conn) {
+                        // The relay is behind, or this client has too much in flight to it:
+                        // stop reading this client until it catches up.
                         conn.wants_pause = true;
                     }
                 }
@@ -1691,7 +1832,11 @@ impl Core {
                     self.close_after_replies(conn, close::POLICY_VIOLATION, &reason);
                     return;
                 }
-                Action::Control(frame) => conn.queue(frame),
+                Action::Control(frame) => {
+                    // Only the newest unanswered pong is kept (RFC 6455 §5.5.3); a queue over
+                    // `send_queue_bytes` stops reading (`after_event`).
+                    conn.queue_pong(frame);
+                }
                 Action::Pong => conn.ping_sent_ms = None,
                 Action::Close(code, reason) => {
                     tracing::debug!(conn = %conn.id, code, reason = %reason, "client sent close");

@@ -16,6 +16,7 @@ use prometheus_client::registry::Registry;
 use crate::edge::stats::Heartbeat;
 use crate::edge::CoreStats;
 use crate::relay::link::LinkState;
+use crate::relay::RelayGauges;
 
 /// The `Content-Type` of what [`render`] returns.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -57,6 +58,8 @@ pub struct Sources {
     pub handshake_latency: Option<Probe<HistogramSnapshot>>,
     /// The relay thread's heartbeat; `None` when no relay runs (`local-echo`).
     pub relay_heartbeat: Option<Arc<Heartbeat>>,
+    /// What the relay holds for peers and what it refused or dropped.
+    pub relay: Arc<RelayGauges>,
 }
 
 impl fmt::Debug for Sources {
@@ -239,11 +242,12 @@ impl Collector for Sources {
         refused.extend(self.per_core(&[("reason", "message_rate")], |s| s.rate_limited.get()));
         refused.extend(self.per_core(&[("reason", "fragments")], |s| s.fragment_limited.get()));
         refused.extend(self.per_core(&[("reason", "memory")], |s| s.memory_refused.get()));
+        refused.extend(self.per_core(&[("reason", "memory_shed")], |s| s.memory_shed.get()));
         refused.extend(self.per_core(&[("reason", "connection_limit")], |s| s.limit_refused.get()));
         counters(
             e,
             "ringway_policy_refusals",
-            "Clients refused by the edge policy: per-IP limits (429/503), Origin (403), token (401), message rate or fragments per message (close 1008), memory budget (503), connection limit (503)",
+            "Clients refused by the edge policy: per-IP limits (429/503), Origin (403), token (401), message rate or fragments per message (close 1008), memory budget (503, or close 1008 for the largest holders: memory_shed), connection limit (503)",
             refused,
         )?;
         gauges(
@@ -251,6 +255,33 @@ impl Collector for Sources {
             "ringway_buffer_bytes",
             "Bytes of connection state and buffers a core holds (counted by the memory budget)",
             self.per_core(&[], |s| s.buffer_bytes.get()),
+        )?;
+        gauges(
+            e,
+            "ringway_relay_buffer_bytes",
+            "Bytes the relay holds for peers: core inboxes, backend link queues, stored opens, chat rooms (counted by the memory budget)",
+            [(Labels::new(), self.relay.held())],
+        )?;
+        counters(
+            e,
+            "ringway_relay_inbox_dropped",
+            "Replies dropped because a core's inbox stayed full (messages, publishes, broadcasts, subscribes)",
+            [(Labels::new(), self.relay.inbox_dropped.load(Ordering::Relaxed))],
+        )?;
+        counters(
+            e,
+            "ringway_relay_limit_refusals",
+            "Refused by the relay's limits: topic or room names over 256 bytes, chat joins past the room limit",
+            [
+                (
+                    vec![("reason", "topic_length".to_string())],
+                    self.relay.topic_refused.load(Ordering::Relaxed),
+                ),
+                (
+                    vec![("reason", "rooms".to_string())],
+                    self.relay.rooms_refused.load(Ordering::Relaxed),
+                ),
+            ],
         )?;
         gauges(
             e,
@@ -277,6 +308,12 @@ impl Collector for Sources {
             "ringway_upstream_reconnects",
             "Times the link to this backend was re-established",
             self.per_link(|l| l.reconnects.load(Ordering::Relaxed)),
+        )?;
+        counters(
+            e,
+            "ringway_upstream_stalled",
+            "Times the link to this backend was dropped because the backend did not read (pongs/gone piled up, or a write blocked past 5 s)",
+            self.per_link(|l| l.stalled.load(Ordering::Relaxed)),
         )?;
         gauges(
             e,
@@ -434,6 +471,11 @@ pub(crate) mod tests {
             memory_budget: Arc::new(|| 1 << 30),
             handshake_latency: None,
             relay_heartbeat: Some(Arc::new(Heartbeat::default())),
+            relay: {
+                let r = Arc::new(RelayGauges::default());
+                r.charge(777);
+                r
+            },
         }
     }
 

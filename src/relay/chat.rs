@@ -5,26 +5,34 @@
 //! The echo path costs one look at the first non-whitespace byte.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::{ToEdge, ToUpstream, Topic};
+use super::{RelayGauges, ToEdge, ToUpstream, Topic, ENTRY_OVERHEAD, MAX_TOPIC_BYTES};
 use crate::edge::ConnId;
 use crate::protocol::message::MessageKind;
 
-/// Rooms recorded per connection for [`ChatEcho::rooms_of`] unless
-/// [`ChatEcho::with_max_rooms`] says otherwise; it bounds this upstream's memory per
-/// connection. The route's `max_subscriptions` bounds the subscriptions themselves.
+/// Rooms one connection may be in unless [`ChatEcho::with_max_rooms`] says otherwise (the
+/// relay passes the largest `max_subscriptions` of any route); a join past it is answered
+/// with the error "too many rooms". Each route's `max_subscriptions` also bounds the
+/// subscriptions the core holds.
 pub const DEFAULT_MAX_ROOMS: usize = 100;
+
+/// Longest room name: its topic `room:NAME` must fit in [`MAX_TOPIC_BYTES`].
+pub const MAX_ROOM_BYTES: usize = MAX_TOPIC_BYTES - ROOM_PREFIX.len();
+const ROOM_PREFIX: &str = "room:";
 
 /// The error reasons of the chat contract, checked in this order (the doc's table; a
 /// binary or non-JSON message never gets here: it is echoed).
 const UNKNOWN_ACTION: &str = "unknown action";
 const MISSING_ROOM: &str = "missing room";
 const MISSING_TEXT: &str = "missing text";
+const ROOM_TOO_LONG: &str = "room name too long";
+const TOO_MANY_ROOMS: &str = "too many rooms";
 
 /// Which rooms each connection joined, for introspection only: the chat contract keeps no
 /// state (a sender need not have joined to `say`); the edge holds the subscriptions.
@@ -32,6 +40,8 @@ const MISSING_TEXT: &str = "missing text";
 pub struct ChatEcho {
     rooms: HashMap<ConnId, HashSet<Box<str>>>,
     max_rooms: usize,
+    /// The rooms' bytes are charged here.
+    gauges: Arc<RelayGauges>,
 }
 
 impl Default for ChatEcho {
@@ -74,10 +84,20 @@ impl ChatEcho {
     }
 
     pub fn with_max_rooms(max_rooms: usize) -> ChatEcho {
+        ChatEcho::with_limits(max_rooms, Arc::default())
+    }
+
+    /// At most `max_rooms` rooms per connection, their bytes charged to `gauges`.
+    pub fn with_limits(max_rooms: usize, gauges: Arc<RelayGauges>) -> ChatEcho {
         ChatEcho {
             rooms: HashMap::new(),
             max_rooms,
+            gauges,
         }
+    }
+
+    fn room_bytes(room: &str) -> usize {
+        room.len() + ENTRY_OVERHEAD
     }
 
     /// Handle one message from a core; replies go to `out` in the order the client must
@@ -108,12 +128,15 @@ impl ChatEcho {
             ToUpstream::Fence { conn, code, reason } => out(ToEdge::Close { conn, code, reason }),
             ToUpstream::Open { .. } => {}
             ToUpstream::Closed { conn, .. } => {
-                self.rooms.remove(&conn);
+                if let Some(rooms) = self.rooms.remove(&conn) {
+                    let held: usize = rooms.iter().map(|r| Self::room_bytes(r)).sum();
+                    self.gauges.release(held);
+                }
             }
         }
     }
 
-    /// Rooms `conn` joined and has not left (at most `max_rooms` of them are recorded).
+    /// Rooms `conn` joined and has not left (at most `max_rooms`).
     pub fn rooms_of(&self, conn: ConnId) -> impl Iterator<Item = &str> {
         self.rooms.get(&conn).into_iter().flatten().map(|r| &**r)
     }
@@ -138,10 +161,19 @@ impl ChatEcho {
         else {
             return error(conn, MISSING_ROOM, out);
         };
+        if room.len() > MAX_ROOM_BYTES {
+            self.gauges.topic_refused.fetch_add(1, Ordering::Relaxed);
+            return error(conn, ROOM_TOO_LONG, out);
+        }
         match action {
             Action::Join => {
                 let rooms = self.rooms.entry(conn).or_default();
-                if rooms.len() < self.max_rooms && !rooms.contains(room) {
+                if !rooms.contains(room) {
+                    if rooms.len() >= self.max_rooms {
+                        self.gauges.rooms_refused.fetch_add(1, Ordering::Relaxed);
+                        return error(conn, TOO_MANY_ROOMS, out);
+                    }
+                    self.gauges.charge(Self::room_bytes(room));
                     rooms.insert(room.into());
                 }
                 out(ToEdge::Subscribe {
@@ -152,7 +184,9 @@ impl ChatEcho {
             }
             Action::Leave => {
                 if let Some(rooms) = self.rooms.get_mut(&conn) {
-                    rooms.remove(room);
+                    if rooms.remove(room) {
+                        self.gauges.release(Self::room_bytes(room));
+                    }
                     if rooms.is_empty() {
                         self.rooms.remove(&conn);
                     }
@@ -184,7 +218,7 @@ impl ChatEcho {
 }
 
 fn topic(room: &str) -> Topic {
-    Arc::from(format!("room:{room}"))
+    Arc::from(format!("{ROOM_PREFIX}{room}"))
 }
 
 fn to_bytes(v: &impl Serialize) -> Bytes {
@@ -241,6 +275,7 @@ mod tests {
             upstream: 0,
             kind,
             payload: Bytes::copy_from_slice(payload),
+            guard: crate::edge::InFlight::none(),
         }
     }
 
@@ -426,9 +461,10 @@ mod tests {
     }
 
     #[test]
-    fn recorded_rooms_are_bounded_but_joins_still_answer() {
-        let mut chat = ChatEcho::with_max_rooms(2);
-        for r in ["a", "b", "a", "c"] {
+    fn rooms_per_connection_are_bounded_with_an_error() {
+        let gauges = Arc::new(RelayGauges::default());
+        let mut chat = ChatEcho::with_limits(2, gauges.clone());
+        for r in ["a", "b", "a"] {
             let out = say_text(
                 &mut chat,
                 a(),
@@ -440,9 +476,48 @@ mod tests {
             );
             assert_eq!(reply_to(&out[1..], a())["event"], "joined", "{r}");
         }
+        let out = say_text(&mut chat, a(), r#"{"action":"join","room":"c"}"#);
+        assert_eq!(reason(&out, a()), "too many rooms");
+        assert_eq!(gauges.rooms_refused.load(Ordering::Relaxed), 1);
         let mut rooms: Vec<_> = chat.rooms_of(a()).collect();
         rooms.sort_unstable();
         assert_eq!(rooms, ["a", "b"]);
+        assert_eq!(gauges.held(), 2 * (1 + ENTRY_OVERHEAD) as u64);
+        // Leaving makes room again; closing releases everything.
+        say_text(&mut chat, a(), r#"{"action":"leave","room":"a"}"#);
+        let out = say_text(&mut chat, a(), r#"{"action":"join","room":"c"}"#);
+        assert_eq!(reply_to(&out[1..], a())["event"], "joined");
+        run(
+            &mut chat,
+            ToUpstream::Closed {
+                conn: a(),
+                code: 1000,
+            },
+        );
+        assert_eq!(gauges.held(), 0);
+    }
+
+    #[test]
+    fn over_long_room_names_are_refused_with_an_error() {
+        let gauges = Arc::new(RelayGauges::default());
+        let mut chat = ChatEcho::with_limits(100, gauges.clone());
+        let fits = "r".repeat(MAX_ROOM_BYTES);
+        let out = say_text(&mut chat, a(), &join_json(&fits));
+        assert!(
+            matches!(&out[0], ToEdge::Subscribe { topic, .. } if topic.len() == MAX_TOPIC_BYTES),
+            "{out:?}"
+        );
+        for action in ["join", "leave", "say"] {
+            let m = serde_json::json!({"action": action, "room": "r".repeat(MAX_ROOM_BYTES + 1), "text": "t"});
+            let out = say_text(&mut chat, a(), &m.to_string());
+            assert_eq!(reason(&out, a()), "room name too long", "{action}");
+        }
+        assert_eq!(gauges.topic_refused.load(Ordering::Relaxed), 3);
+        assert_eq!(chat.rooms_of(a()).count(), 1);
+    }
+
+    fn join_json(room: &str) -> String {
+        serde_json::json!({"action": "join", "room": room}).to_string()
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //! reader turns the backend's frames into [`ToEdge`] messages for the cores.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -19,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 use crossbeam_channel::{Receiver, Sender};
 
 use super::protocol::{self, Decoder, Frame};
-use super::{EdgeSink, OpenInfo, ToEdge};
+use super::{EdgeSink, OpenInfo, RelayGauges, ToEdge, ENTRY_OVERHEAD, MAX_TOPIC_BYTES};
 
 /// Where a backend listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +56,9 @@ pub struct LinkState {
     /// applies to. Opens and closes are not counted: they must always get through, in order.
     pub queued: AtomicUsize,
     pub queued_bytes: AtomicUsize,
+    /// Links dropped because the backend did not read what we sent: its pongs/`gone`s piled
+    /// up past [`CTL_QUEUE`] or a write blocked for [`WRITE_TIMEOUT`].
+    pub stalled: AtomicU64,
 }
 
 /// The link's heartbeat: a ping after this long without writing, and the link is dropped
@@ -65,6 +69,17 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// The backend must answer our hello within this.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A TCP connect must complete within this (a backend whose accept queue is full, a
+/// blackholed address).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A write to the backend that makes no progress for this long drops the link (the backend
+/// is not reading); it is re-established with backoff.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Link-level answers (pongs, `gone`s) that may wait for the writer; a backend that makes
+/// more without reading them is not reading, and its link is dropped.
+pub const CTL_QUEUE: usize = 1024;
+/// Every blocking socket call on a link returns at least this often, to check `stop`.
+const POLL: Duration = Duration::from_millis(100);
 
 enum Stream {
     Tcp(TcpStream),
@@ -72,15 +87,33 @@ enum Stream {
 }
 
 impl Stream {
+    /// Connect within [`CONNECT_TIMEOUT`] (per resolved address); writes return at least
+    /// every [`POLL`] so a stalled backend is noticed and `stop` is checked.
     fn connect(addr: &Address) -> io::Result<Stream> {
-        Ok(match addr {
+        let stream = match addr {
             Address::Tcp(a) => {
-                let s = TcpStream::connect(a)?;
+                let mut last = io::Error::other(format!("{a} resolves to no address"));
+                let mut connected = None;
+                for sa in a.to_socket_addrs()? {
+                    match TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT) {
+                        Ok(s) => {
+                            connected = Some(s);
+                            break;
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                let s = connected.ok_or(last)?;
                 s.set_nodelay(true)?;
                 Stream::Tcp(s)
             }
             Address::Unix(p) => Stream::Unix(UnixStream::connect(p)?),
-        })
+        };
+        match &stream {
+            Stream::Tcp(s) => s.set_write_timeout(Some(POLL))?,
+            Stream::Unix(s) => s.set_write_timeout(Some(POLL))?,
+        }
+        Ok(stream)
     }
     fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {
@@ -132,6 +165,45 @@ pub struct Link<S: EdgeSink + Clone + 'static> {
     pub sink: S,
     pub max_frame: usize,
     pub stop: Arc<AtomicBool>,
+    /// This link's index among all links, for its backoff jitter seed.
+    pub index: usize,
+    pub gauges: Arc<RelayGauges>,
+}
+
+/// A per-link seed for the backoff jitter: links (and gateways) that lose their backends
+/// together must not retry in lockstep.
+fn jitter_seed(index: usize, addr: &Address) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    index.hash(&mut h);
+    addr.to_string().hash(&mut h);
+    std::process::id().hash(&mut h);
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+        .hash(&mut h);
+    h.finish()
+}
+
+/// The next wait: `backoff` scaled by a factor in [0.5, 1) from the seed's sequence.
+fn jittered(backoff: Duration, seed: &mut u64) -> Duration {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    backoff.mul_f64(0.5 + (*seed >> 11) as f64 / (1u64 << 53) as f64 * 0.5)
+}
+
+/// Why a write to the backend did not complete.
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("the backend read nothing for {} ms", WRITE_TIMEOUT.as_millis())]
+    Stalled,
+    #[error("the link is being reset")]
+    Reset,
+    #[error("the gateway is stopping")]
+    Stopping,
 }
 
 impl<S: EdgeSink + Clone + 'static> Link<S> {
@@ -141,7 +213,7 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
         // A batch whose write failed: sent again, after the replayed opens, on the next link.
         let mut unsent = BytesMut::new();
         let mut backoff = BACKOFF_MIN;
-        let mut seed = (Instant::now().elapsed().as_nanos() as u64) ^ (std::process::id() as u64);
+        let mut seed = jitter_seed(self.index, &self.addr);
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return;
@@ -151,11 +223,7 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
                 Err(e) => {
                     // Exponential backoff with full jitter, so a fleet of gateways does not
                     // reconnect in lockstep when a backend comes back.
-                    seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    let wait =
-                        backoff.mul_f64(0.5 + (seed >> 11) as f64 / (1u64 << 53) as f64 * 0.5);
+                    let wait = jittered(backoff, &mut seed);
                     tracing::warn!(
                         upstream = %self.name, backend = %self.addr,
                         "backend unreachable: {e}; retrying in {} ms", wait.as_millis()
@@ -207,9 +275,14 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
             },
             &mut out,
         );
-        stream.write_all(&out)?;
-        // The backend must answer hello before anything else, and soon.
-        stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
+        self.write_bounded(&mut stream, &out, &AtomicBool::new(true))
+            .map_err(|e| match e {
+                WriteError::Io(e) => e,
+                other => io::Error::other(other.to_string()),
+            })?;
+        // The backend must answer hello before anything else, and soon; read in short
+        // slices so a stop is noticed.
+        stream.set_read_timeout(Some(POLL))?;
         let deadline = Instant::now() + HELLO_TIMEOUT;
         let mut decoder = Decoder::new(self.max_frame);
         let mut buf = BytesMut::with_capacity(4096);
@@ -236,7 +309,18 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
                     "no hello from the backend within 5 s",
                 ));
             }
-            read_more(&mut stream, &mut buf)?;
+            if self.stop.load(Ordering::Acquire) {
+                return Err(io::Error::other("the gateway is stopping"));
+            }
+            match read_more(&mut stream, &mut buf) {
+                Ok(()) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(e),
+            }
         }
         stream.set_read_timeout(Some(DEAD_AFTER))?;
         Ok((stream, buf))
@@ -258,17 +342,21 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
             }
         };
         // The reader's answers that must go out on this link (pongs, gone events).
-        let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded::<Frame>();
+        let (ctl_tx, ctl_rx) = crossbeam_channel::bounded::<Frame>(CTL_QUEUE);
         let reader_alive = Arc::new(AtomicBool::new(true));
         let reader = {
             let ctx = ReadLoop {
-                sink: self.sink.clone(),
+                sink: self.sink.for_link(),
+                state: self.state.clone(),
+                gauges: self.gauges.clone(),
+                reset: reader_stream.try_clone().ok(),
                 max_frame: self.max_frame,
                 name: self.name.clone(),
                 addr: self.addr.to_string(),
                 alive: reader_alive.clone(),
                 opens: opens.clone(),
                 ctl: ctl_tx,
+                last_topic_log: None,
             };
             std::thread::Builder::new()
                 .name(format!("ringway-link-{}", self.name))
@@ -282,10 +370,19 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
         let mut last_write = Instant::now();
         let ok = loop {
             if !out.is_empty() {
-                if let Err(e) = stream.write_all(&out) {
-                    tracing::warn!(upstream = %self.name, backend = %self.addr, "backend link lost while writing: {e}");
-                    *unsent = out;
-                    break true;
+                match self.write_bounded(&mut stream, &out, &reader_alive) {
+                    Ok(()) => {}
+                    Err(WriteError::Stopping) => break false,
+                    Err(e) => {
+                        if matches!(e, WriteError::Stalled) {
+                            self.state.stalled.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(upstream = %self.name, backend = %self.addr, "backend does not read what we send ({e}); resetting the link");
+                        } else if !matches!(e, WriteError::Reset) {
+                            tracing::warn!(upstream = %self.name, backend = %self.addr, "backend link lost while writing: {e}");
+                        }
+                        *unsent = out;
+                        break true;
+                    }
                 }
                 out.clear();
                 last_write = Instant::now();
@@ -295,7 +392,7 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
                 while let Ok(frame) = ctl_rx.try_recv() {
                     protocol::encode(&frame, &mut out);
                 }
-                let _ = stream.write_all(&out);
+                let _ = self.write_bounded(&mut stream, &out, &AtomicBool::new(true));
                 out.clear();
                 break true;
             }
@@ -335,20 +432,59 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
         ok
     }
 
+    /// Write all of `buf`, giving up when no byte went out for [`WRITE_TIMEOUT`], when
+    /// `alive` goes false (the reader reset the link) or when the gateway stops.
+    fn write_bounded(
+        &self,
+        stream: &mut Stream,
+        buf: &[u8],
+        alive: &AtomicBool,
+    ) -> Result<(), WriteError> {
+        let mut done = 0;
+        let mut progress = Instant::now();
+        while done < buf.len() {
+            match stream.write(&buf[done..]) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Ok(n) => {
+                    done += n;
+                    progress = Instant::now();
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if self.stop.load(Ordering::Acquire) {
+                        return Err(WriteError::Stopping);
+                    }
+                    if !alive.load(Ordering::Acquire) {
+                        return Err(WriteError::Reset);
+                    }
+                    if progress.elapsed() >= WRITE_TIMEOUT {
+                        return Err(WriteError::Stalled);
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     fn take(&self, item: Outbound, opens: &Opens, out: &mut BytesMut) {
         match item {
-            Outbound::Open { conn, info } => send_open(conn, *info, opens, out),
+            Outbound::Open { conn, info } => send_open(conn, *info, opens, out, &self.gauges),
             Outbound::Close { conn, frame } => {
                 out.extend_from_slice(&frame);
-                if let Ok(mut t) = opens.lock() {
-                    t.remove(&conn);
-                }
+                forget_open(conn, opens, &self.gauges);
             }
             Outbound::Frame(frame) => {
                 self.state.queued.fetch_sub(1, Ordering::Relaxed);
                 self.state
                     .queued_bytes
                     .fetch_sub(frame.len(), Ordering::Relaxed);
+                self.gauges.release(frame.len() + ENTRY_OVERHEAD);
                 out.extend_from_slice(&frame)
             }
         }
@@ -357,10 +493,25 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
 
 /// The client connections a link carries, each with its `open` as it is replayed: a
 /// [`Frame::Open`] with the replay flag set.
-type Opens = Arc<Mutex<HashMap<u64, Frame>>>;
+type Opens = Arc<Mutex<HashMap<u64, (Frame, usize)>>>;
+
+/// Bytes a stored `open` holds, as charged to the relay gauge.
+fn open_bytes(info: &OpenInfo) -> usize {
+    info.held_bytes() + ENTRY_OVERHEAD
+}
+
+/// Forget `conn`'s stored `open` (its close went out), releasing its charge.
+fn forget_open(conn: u64, opens: &Opens, gauges: &RelayGauges) {
+    if let Ok(mut t) = opens.lock() {
+        if let Some((_, bytes)) = t.remove(&conn) {
+            gauges.release(bytes);
+        }
+    }
+}
 
 /// Encode `conn`'s first `open` into `out` and keep it, flagged, for replay.
-fn send_open(conn: u64, info: OpenInfo, opens: &Opens, out: &mut BytesMut) {
+fn send_open(conn: u64, info: OpenInfo, opens: &Opens, out: &mut BytesMut, gauges: &RelayGauges) {
+    let bytes = open_bytes(&info);
     let mut open = Frame::Open {
         conn,
         path: info.path,
@@ -375,14 +526,17 @@ fn send_open(conn: u64, info: OpenInfo, opens: &Opens, out: &mut BytesMut) {
         *replay = true;
     }
     if let Ok(mut t) = opens.lock() {
-        t.insert(conn, open);
+        gauges.charge(bytes);
+        if let Some((_, old)) = t.insert(conn, (open, bytes)) {
+            gauges.release(old);
+        }
     }
 }
 
 /// Encode the replayed `open` of every connection the link carries into `out`.
 fn replay_opens(opens: &Opens, out: &mut BytesMut) {
     if let Ok(table) = opens.lock() {
-        for open in table.values() {
+        for (open, _) in table.values() {
             protocol::encode(open, out);
         }
     }
@@ -418,12 +572,18 @@ fn read_more(stream: &mut Stream, buf: &mut BytesMut) -> io::Result<()> {
 
 struct ReadLoop<S> {
     sink: S,
+    state: Arc<LinkState>,
+    gauges: Arc<RelayGauges>,
+    /// A handle on the link's socket, to cut it when the backend must be dropped.
+    reset: Option<Stream>,
     max_frame: usize,
     name: String,
     addr: String,
     alive: Arc<AtomicBool>,
     opens: Opens,
     ctl: Sender<Frame>,
+    /// When an over-long topic was last logged (one line per second at most).
+    last_topic_log: Option<Instant>,
 }
 
 impl<S: EdgeSink> ReadLoop<S> {
@@ -434,7 +594,12 @@ impl<S: EdgeSink> ReadLoop<S> {
         loop {
             loop {
                 match decoder.decode(&mut buf) {
-                    Ok(Some(frame)) => self.on_frame(frame),
+                    Ok(Some(frame)) => {
+                        if !self.on_frame(frame) {
+                            self.sink.flush();
+                            return;
+                        }
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         tracing::error!(
@@ -443,7 +608,7 @@ impl<S: EdgeSink> ReadLoop<S> {
                         );
                         self.sink.flush();
                         // The writer sends this, then drops the link.
-                        let _ = self.ctl.send(Frame::Error {
+                        let _ = self.ctl.try_send(Frame::Error {
                             reason: format!("invalid frame: {e}"),
                         });
                         self.alive.store(false, Ordering::Release);
@@ -463,14 +628,56 @@ impl<S: EdgeSink> ReadLoop<S> {
         }
     }
 
-    fn on_frame(&mut self, frame: Frame) {
-        match frame {
-            Frame::Ping(nonce) => {
-                let _ = self.ctl.send(Frame::Pong(nonce));
+    /// Queue a link-level answer for the writer; false (and the link reset) when the backend
+    /// let [`CTL_QUEUE`] of them pile up: it is not reading.
+    fn answer(&mut self, frame: Frame) -> bool {
+        match self.ctl.try_send(frame) {
+            Ok(()) | Err(crossbeam_channel::TrySendError::Disconnected(_)) => true,
+            Err(crossbeam_channel::TrySendError::Full(_)) => {
+                self.state.stalled.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    upstream = %self.name, backend = %self.addr,
+                    "backend does not read what we send ({CTL_QUEUE} pongs/gone waiting); resetting the link"
+                );
+                self.alive.store(false, Ordering::Release);
+                if let Some(s) = &self.reset {
+                    s.shutdown();
+                }
+                false
             }
+        }
+    }
+
+    /// Handle one backend frame; false when the link must be dropped.
+    fn on_frame(&mut self, frame: Frame) -> bool {
+        let topic_len = match &frame {
+            Frame::Subscribe { topic, .. }
+            | Frame::Unsubscribe { topic, .. }
+            | Frame::Publish { topic, .. } => topic.len(),
+            _ => 0,
+        };
+        if topic_len > MAX_TOPIC_BYTES {
+            self.gauges.topic_refused.fetch_add(1, Ordering::Relaxed);
+            if self
+                .last_topic_log
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+            {
+                self.last_topic_log = Some(Instant::now());
+                tracing::warn!(
+                    upstream = %self.name, backend = %self.addr,
+                    "backend sent {} with a {topic_len}-byte topic (limit {MAX_TOPIC_BYTES}); ignored",
+                    frame.name()
+                );
+            }
+            return true;
+        }
+        match frame {
+            Frame::Ping(nonce) => return self.answer(Frame::Pong(nonce)),
             Frame::Pong(_) | Frame::Hello { .. } => {}
             frame => {
-                let Some(msg) = frame.into_edge() else { return };
+                let Some(msg) = frame.into_edge() else {
+                    return true;
+                };
                 if let Some(conn) = msg.conn() {
                     let known = self
                         .opens
@@ -479,19 +686,22 @@ impl<S: EdgeSink> ReadLoop<S> {
                         .unwrap_or(true);
                     if !known {
                         // A connection this link never carried or already closed.
-                        let _ = self.ctl.send(Frame::Gone {
+                        if !self.answer(Frame::Gone {
                             conn: conn.as_u64(),
-                        });
+                        }) {
+                            return false;
+                        }
                         // A backend's answer to our close crosses the removal: the core
                         // still waits for it (or ignores it if the client is gone).
                         if !matches!(msg, ToEdge::Close { .. }) {
-                            return;
+                            return true;
                         }
                     }
                 }
                 self.sink.send(msg);
             }
         }
+        true
     }
 }
 
@@ -536,9 +746,12 @@ mod tests {
     #[test]
     fn opens_go_out_unflagged_and_replay_flagged_with_the_same_fields() {
         let opens: Opens = Arc::default();
+        let gauges = RelayGauges::default();
         let mut out = BytesMut::new();
-        send_open(7, info("/a"), &opens, &mut out);
-        send_open(9, info("/b"), &opens, &mut out);
+        send_open(7, info("/a"), &opens, &mut out, &gauges);
+        send_open(9, info("/b"), &opens, &mut out, &gauges);
+        let held = gauges.held();
+        assert_eq!(held, 2 * (info("/a").held_bytes() + ENTRY_OVERHEAD) as u64);
         assert_eq!(
             decode_all(out),
             vec![open(7, "/a", false), open(9, "/b", false)]
@@ -554,6 +767,29 @@ mod tests {
                 _ => u64::MAX,
             });
             assert_eq!(replayed, vec![open(7, "/a", true), open(9, "/b", true)]);
+        }
+        forget_open(7, &opens, &gauges);
+        forget_open(7, &opens, &gauges);
+        assert_eq!(gauges.held(), held / 2, "a close releases its open once");
+    }
+
+    /// Two links that start together draw different first backoff delays (their seeds mix
+    /// the link index and address, not a shared clock reading).
+    #[test]
+    fn two_links_first_backoff_delays_differ() {
+        let addr = Address::Tcp("127.0.0.1:9".into());
+        let mut a = jitter_seed(0, &addr);
+        let mut b = jitter_seed(1, &addr);
+        let mut c = jitter_seed(0, &Address::Tcp("127.0.0.1:10".into()));
+        let (da, db, dc) = (
+            jittered(BACKOFF_MIN, &mut a),
+            jittered(BACKOFF_MIN, &mut b),
+            jittered(BACKOFF_MIN, &mut c),
+        );
+        assert_ne!(da, db);
+        assert_ne!(da, dc);
+        for d in [da, db, dc] {
+            assert!(d >= BACKOFF_MIN / 2 && d < BACKOFF_MIN, "{d:?}");
         }
     }
 }

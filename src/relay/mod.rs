@@ -8,6 +8,7 @@ pub mod protocol;
 pub mod router;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -31,6 +32,64 @@ pub struct OpenInfo {
     pub authorize: bool,
 }
 
+/// Longest topic name the relay accepts (bytes), from a backend's `subscribe`,
+/// `unsubscribe` or `publish` and for the embedded chat's `room:NAME` topics. Longer ones are
+/// refused and counted (`ringway_relay_limit_refusals{reason="topic_length"}`).
+pub const MAX_TOPIC_BYTES: usize = 256;
+
+/// What the relay holds on behalf of peers and how much it refused or dropped; shared by the
+/// relay's threads, read by the cores' memory budget and by the metrics.
+#[derive(Debug, Default)]
+pub struct RelayGauges {
+    /// Bytes the relay holds for peers: messages in the cores' inboxes, messages queued on
+    /// backend links, stored copies of each connection's `open` (path, query, headers) and
+    /// the embedded chat's rooms. Charged to the memory budget.
+    pub bytes: AtomicU64,
+    /// Replies dropped because a core's inbox stayed full past the wait.
+    pub inbox_dropped: AtomicU64,
+    /// Topic names over [`MAX_TOPIC_BYTES`] refused (backend frames or chat rooms).
+    pub topic_refused: AtomicU64,
+    /// Chat joins refused because the connection is in as many rooms as its route allows.
+    pub rooms_refused: AtomicU64,
+}
+
+impl RelayGauges {
+    pub fn charge(&self, n: usize) {
+        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    pub fn release(&self, n: usize) {
+        let n = n as u64;
+        let _ = self
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n))
+            });
+    }
+    pub fn held(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Bookkeeping bytes charged per stored item on top of its strings (map entry, allocation
+/// headers): an estimate, so that many small items are not charged as nothing.
+pub const ENTRY_OVERHEAD: usize = 64;
+
+impl OpenInfo {
+    /// Bytes this copy holds, as charged to [`RelayGauges::bytes`]. The handshake limit
+    /// (`max_handshake_bytes`, 8 KiB by default, at most 64 KiB) bounds path, query and headers:
+    /// they are slices of the request head, which the handshake parser never reads past it.
+    pub fn held_bytes(&self) -> usize {
+        std::mem::size_of::<OpenInfo>()
+            + self.path.len()
+            + self.query.as_ref().map_or(0, String::len)
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + ENTRY_OVERHEAD)
+                .sum::<usize>()
+    }
+}
+
 /// What a core tells the relay.
 #[derive(Debug)]
 pub enum ToUpstream {
@@ -46,6 +105,9 @@ pub enum ToUpstream {
         upstream: UpstreamId,
         kind: MessageKind,
         payload: Bytes,
+        /// Charges the payload to its connection's and core's relay in-flight bytes until
+        /// dropped (the edge pauses a connection with too much in flight).
+        guard: crate::edge::InFlight,
     },
     /// The core reads nothing more from this connection: hand back a `ToEdge::Close` with
     /// this code once every reply passed on before it is on its way, so the client gets
@@ -107,6 +169,37 @@ pub enum ToEdge {
 }
 
 impl ToEdge {
+    /// Bytes this message holds while it waits in a core's inbox (payload, strings and a
+    /// fixed per-entry overhead).
+    pub fn held_bytes(&self) -> usize {
+        ENTRY_OVERHEAD
+            + match self {
+                ToEdge::Send { payload, .. }
+                | ToEdge::Publish { payload, .. }
+                | ToEdge::Broadcast { payload, .. } => payload.len(),
+                ToEdge::Close { reason, .. } | ToEdge::Reject { reason, .. } => reason.len(),
+                ToEdge::Subscribe { topic, .. } | ToEdge::Unsubscribe { topic, .. } => topic.len(),
+                ToEdge::Accept { .. } => 0,
+            }
+            + match self {
+                ToEdge::Publish { topic, .. } => topic.len(),
+                _ => 0,
+            }
+    }
+
+    /// Whether this may be dropped when a core's inbox stays full: messages and
+    /// subscriptions may (counted); closes, accepts, rejects and unsubscribes may not, so
+    /// no client is left waiting for a close or a handshake answer that never comes.
+    pub fn droppable(&self) -> bool {
+        matches!(
+            self,
+            ToEdge::Send { .. }
+                | ToEdge::Publish { .. }
+                | ToEdge::Broadcast { .. }
+                | ToEdge::Subscribe { .. }
+        )
+    }
+
     /// The connection this is for; None for messages every core gets.
     pub fn conn(&self) -> Option<ConnId> {
         match self {
@@ -128,4 +221,12 @@ pub trait EdgeSink: Send {
     fn send(&mut self, msg: ToEdge);
     /// Wake every core that was sent something since the last flush.
     fn flush(&mut self);
+    /// The clone a backend link's reader uses: it may wait longer for room than the relay
+    /// thread, since blocking it only slows its own backend.
+    fn for_link(&self) -> Self
+    where
+        Self: Sized + Clone,
+    {
+        self.clone()
+    }
 }

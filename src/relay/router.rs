@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use crossbeam_channel::{Receiver, Sender};
@@ -17,7 +18,7 @@ use crossbeam_channel::{Receiver, Sender};
 use super::chat::ChatEcho;
 use super::link::{Address, Link, LinkState, Outbound};
 use super::protocol::{self, Frame};
-use super::{EdgeSink, OpenInfo, ToEdge, ToUpstream, UpstreamId};
+use super::{EdgeSink, OpenInfo, RelayGauges, ToEdge, ToUpstream, UpstreamId, ENTRY_OVERHEAD};
 use crate::config::Balance;
 use crate::edge::ConnId;
 use crate::protocol::close;
@@ -25,6 +26,12 @@ use crate::route::{Backend, RouteTable};
 
 /// Bytes of messages that may wait for one backend link, whatever their count.
 pub const LINK_BUFFER_BYTES: usize = 16 * 1024 * 1024;
+
+/// At shutdown, how long the links get to write what they hold once the cores are gone,
+/// and then how long they get to notice `stop`; a link still busy after both (a write or
+/// connect the OS has not returned from) is left behind, so the process exits in time.
+const LINK_FLUSH: Duration = Duration::from_millis(300);
+const LINK_STOP: Duration = Duration::from_millis(300);
 
 struct LinkHandle {
     tx: Sender<Outbound>,
@@ -67,13 +74,19 @@ pub struct Router<S: EdgeSink + Clone + 'static> {
     links: Vec<crate::ops::metrics::UpstreamLink>,
     stop: Arc<AtomicBool>,
     scratch: BytesMut,
+    gauges: Arc<RelayGauges>,
     pub stats: RelayStats,
     heartbeat: Arc<crate::edge::stats::Heartbeat>,
 }
 
 impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
     /// Start one link (two threads) per backend of every upstream that has them.
-    pub fn new(table: &RouteTable, sink: S, max_frame: usize) -> Router<S> {
+    pub fn new(
+        table: &RouteTable,
+        sink: S,
+        max_frame: usize,
+        gauges: Arc<RelayGauges>,
+    ) -> Router<S> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         let mut upstreams = Vec::new();
@@ -98,6 +111,8 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                     sink: sink.clone(),
                     max_frame,
                     stop: stop.clone(),
+                    index: threads.len(),
+                    gauges: gauges.clone(),
                 };
                 let handle = std::thread::Builder::new()
                     .name(format!("ringway-up-{}", spec.name))
@@ -133,11 +148,22 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
             sink,
             upstreams,
             conns: HashMap::new(),
-            chat: ChatEcho::default(),
+            // The embedded chat answers a join past this with an error; the core holds the
+            // subscriptions themselves to each route's own max_subscriptions.
+            chat: ChatEcho::with_limits(
+                table
+                    .routes()
+                    .iter()
+                    .map(|r| r.max_subscriptions)
+                    .max()
+                    .unwrap_or(super::chat::DEFAULT_MAX_ROOMS),
+                gauges.clone(),
+            ),
             threads,
             links: described,
             stop,
             scratch: BytesMut::new(),
+            gauges,
             stats: RelayStats::default(),
             heartbeat: Arc::default(),
         }
@@ -177,13 +203,39 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
             }
             self.sink.flush();
         }
-        // Dropping the senders lets each link write what it holds and end.
+        self.stop_links();
+        self.stats
+    }
+
+    /// Dropping the senders lets each link write what it holds and end; `stop` then ends
+    /// links that are connecting, backing off or blocked on a backend that does not read.
+    /// Bounded: the process must exit within the shutdown grace plus one second.
+    fn stop_links(&mut self) {
         self.upstreams.clear();
-        for t in std::mem::take(&mut self.threads) {
-            let _ = t.join();
+        let threads = std::mem::take(&mut self.threads);
+        let flushed = Instant::now() + LINK_FLUSH;
+        while Instant::now() < flushed && !threads.iter().all(JoinHandle::is_finished) {
+            std::thread::sleep(Duration::from_millis(5));
         }
         self.stop.store(true, Ordering::Release);
-        self.stats
+        let stopped = Instant::now() + LINK_STOP;
+        while Instant::now() < stopped && !threads.iter().all(JoinHandle::is_finished) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut left = 0;
+        for t in threads {
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                left += 1;
+            }
+        }
+        if left > 0 {
+            tracing::warn!(
+                links = left,
+                "backend links still blocked at shutdown; exiting without them"
+            );
+        }
     }
 
     fn is_embedded(&self, upstream: UpstreamId) -> bool {
@@ -200,14 +252,17 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                 upstream,
                 info,
             } => {
-                self.conns.insert(
+                self.gauges.charge(info.held_bytes() + ENTRY_OVERHEAD);
+                if let Some(old) = self.conns.insert(
                     conn,
                     Binding {
                         info: info.clone(),
                         close_sent: false,
                         bound: Vec::new(),
                     },
-                );
+                ) {
+                    self.gauges.release(old.info.held_bytes() + ENTRY_OVERHEAD);
+                }
                 if self.is_embedded(upstream) && info.authorize {
                     // The embedded upstream's authorization rule, as the example backends:
                     // a non-empty `token` query parameter (docs/relay-protocol.md).
@@ -246,6 +301,7 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                 upstream,
                 kind,
                 payload,
+                guard,
             } => {
                 if self.is_embedded(upstream) {
                     let sink = &mut self.sink;
@@ -255,6 +311,7 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                             upstream,
                             kind,
                             payload,
+                            guard,
                         },
                         &mut |m| sink.send(m),
                     );
@@ -297,6 +354,8 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
             }
             ToUpstream::Closed { conn, code } => {
                 if let Some(binding) = self.conns.remove(&conn) {
+                    self.gauges
+                        .release(binding.info.held_bytes() + ENTRY_OVERHEAD);
                     if binding.close_sent {
                         // Each side sends exactly one close per connection.
                     } else {
@@ -407,6 +466,7 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                 .state
                 .queued_bytes
                 .fetch_add(frame.len(), Ordering::Relaxed);
+            self.gauges.charge(frame.len() + ENTRY_OVERHEAD);
         }
         // The link's receiver lives as long as this router.
         let _ = handle.tx.send(item);

@@ -663,3 +663,43 @@ pub fn unix_now() -> i64 {
         .expect("clock after 1970")
         .as_secs() as i64
 }
+
+/// Resident set size of process `pid`, in bytes (`VmRSS:` of /proc/PID/status).
+pub fn rss_bytes(pid: libc::pid_t) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("VmRSS line");
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+/// The sum over cores of the samples of `metric` whose labels contain `labels`, read from
+/// the admin listener of a gateway started with `--admin 127.0.0.1:0`.
+pub async fn metric_sum(gw: &Gateway, metric: &str, labels: &str) -> u64 {
+    let log = gw.log();
+    let i = log
+        .find("admin: http://")
+        .expect("gateway started with --admin");
+    let rest = &log[i + "admin: http://".len()..];
+    let admin = rest[..rest.find('/').unwrap()].to_string();
+    let mut s = TcpStream::connect(&admin).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    timeout(WAIT, s.read_to_string(&mut text))
+        .await
+        .unwrap()
+        .unwrap();
+    let prefix = format!("{metric}{{");
+    text.lines()
+        .filter(|l| l.starts_with(&prefix) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}

@@ -549,3 +549,44 @@ pub fn fake_listener() -> (TcpListener, SocketAddr) {
     let addr = l.local_addr().unwrap();
     (l, addr)
 }
+
+/// `broadcast` of a binary message to every client.
+pub fn broadcast_frame(payload: &[u8]) -> Vec<u8> {
+    let mut body = vec![2u8];
+    body.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    body.extend_from_slice(payload);
+    relay_frame(0x26, &body)
+}
+
+// ----- the admin listener -----
+
+/// The admin address from the gateway's `admin: http://ADDR/metrics` line (started with
+/// `--admin 127.0.0.1:0`).
+pub fn admin_addr(gw: &Gateway) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let log = gw.log();
+        if let Some(i) = log.find("admin: http://") {
+            let rest = &log[i + "admin: http://".len()..];
+            return rest[..rest.find('/').expect("admin URL")].to_string();
+        }
+        assert!(Instant::now() < deadline, "no admin line:\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// GET /metrics and return the value of the sample `name` (exact, labels included, e.g.
+/// `ringway_relay_limit_refusals_total{reason="rooms"}`); None if absent.
+pub fn scrape(admin: &str, name: &str) -> Option<f64> {
+    let mut s = TcpStream::connect(admin).expect("connecting to the admin listener");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
