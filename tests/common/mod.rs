@@ -682,13 +682,8 @@ pub fn rss_bytes(pid: libc::pid_t) -> u64 {
 /// The sum over cores of the samples of `metric` whose labels contain `labels`, read from
 /// the admin listener of a gateway started with `--admin 127.0.0.1:0`.
 pub async fn metric_sum(gw: &Gateway, metric: &str, labels: &str) -> u64 {
-    let log = gw.log();
-    let i = log
-        .find("admin: http://")
-        .expect("gateway started with --admin");
-    let rest = &log[i + "admin: http://".len()..];
-    let admin = rest[..rest.find('/').unwrap()].to_string();
-    let mut s = TcpStream::connect(&admin).await.unwrap();
+    // admin_addr waits for the admin line, which is logged just after the serving line.
+    let mut s = TcpStream::connect(gw.admin_addr()).await.unwrap();
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
