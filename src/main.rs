@@ -169,6 +169,7 @@ fn start_admin(
                 .load(std::sync::atomic::Ordering::Relaxed)
         }),
         handshake_latency: None,
+        relay_heartbeat: gateway.relay_heartbeat(),
         relay: gateway.shared().relay.clone(),
     }));
     match admin::spawn(addr, state.clone()) {
@@ -199,6 +200,34 @@ fn spawn_status(n: Arc<Notifier>, shared: Arc<ringway::edge::Shared>, addr: Sock
             let open = shared.open.load(std::sync::atomic::Ordering::Relaxed);
             n.status(&format!("serving ws://{addr}/, {open} connections open"));
         });
+}
+
+/// A core or the relay whose thread ends while we are not draining (its event loop returned
+/// an error or panicked) leaves a process that can no longer serve: log it once and exit
+/// non-zero at once, so the service manager restarts us (never a running process without
+/// its cores).
+fn spawn_supervisor(gateway: &Gateway) -> anyhow::Result<()> {
+    /// EX_SOFTWARE (sysexits.h): an internal error.
+    const LOOP_DIED: i32 = 70;
+    let endings = gateway.loop_endings();
+    let shared = gateway.shared();
+    std::thread::Builder::new()
+        .name("ringway-supervisor".into())
+        .spawn(move || {
+            for ended in endings.iter() {
+                if shared.draining.load(std::sync::atomic::Ordering::Acquire) {
+                    continue;
+                }
+                tracing::error!(
+                    "{} stopped: its event loop {}; exiting with code {LOOP_DIED} so the service manager restarts ringway",
+                    ended.name,
+                    ended.how
+                );
+                std::process::exit(LOOP_DIED);
+            }
+        })
+        .context("starting the supervisor thread")?;
+    Ok(())
 }
 
 fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
@@ -232,6 +261,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         config.upstream,
         gateway.workers()
     );
+    spawn_supervisor(&gateway)?;
     let admin = start_admin(&cli, &config, &gateway)?;
     let notifier = Notifier::from_env().map(Arc::new);
     if let Some(n) = &notifier {
@@ -241,7 +271,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             gateway.local_addr()
         ));
         spawn_status(n.clone(), gateway.shared(), gateway.local_addr());
-        ringway::ops::notify::spawn_watchdog(n.clone(), || true);
+        // Fed only while every core and the relay turn (the /healthz condition).
+        let cores = gateway.stats().to_vec();
+        let relay = gateway.relay_heartbeat();
+        ringway::ops::notify::spawn_watchdog(n.clone(), move || {
+            ringway::ops::health::liveness(&cores, relay.as_deref()).is_ok()
+        });
     }
     let mut grace = config.shutdown_grace_ms;
     for signal in signals.forever() {

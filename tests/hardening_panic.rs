@@ -61,7 +61,7 @@ fn check_panic_log(log: &str, want: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panic_in_one_connection_is_contained_1011_or_500_and_the_core_serves_on() {
-    let gw = Gateway::start_env(
+    let gw = Gateway::start_with_env(
         &["--workers", "1", "--admin", "127.0.0.1:0"],
         &[("RINGWAY_TEST_PANIC_ON", TRIGGER)],
     );

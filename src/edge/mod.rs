@@ -12,6 +12,7 @@ mod inbox;
 mod listener;
 pub mod panic;
 pub mod stats;
+pub mod test_hooks;
 mod timer;
 mod worker;
 
@@ -23,7 +24,7 @@ use std::thread::JoinHandle;
 
 pub use conn_id::{ConnId, GENERATION_MASK};
 pub use connection::InFlight;
-pub use stats::CoreStats;
+pub use stats::{CoreStats, Heartbeat};
 
 use crate::config::{Config, Upstream};
 use crate::relay;
@@ -93,6 +94,55 @@ pub struct Gateway {
     relay: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
     wakers: Vec<Arc<inbox::Waker>>,
+    /// The relay loop's heartbeat, when a relay serves (not with `local-echo`).
+    relay_heartbeat: Option<Arc<Heartbeat>>,
+    /// One message per core or relay thread that ended (see [`LoopEnded`]).
+    ended: crossbeam_channel::Receiver<LoopEnded>,
+}
+
+/// A core's or the relay's thread ended: normally while draining, or by an error or panic
+/// of its event loop, which the binary turns into an exit (src/main.rs).
+#[derive(Debug, Clone)]
+pub struct LoopEnded {
+    /// `core 1`, `relay`.
+    pub name: String,
+    /// `returned`, `failed: <error>`, `panicked`.
+    pub how: String,
+}
+
+/// Lives on a core's or the relay's thread; reports how the thread ended when dropped, which
+/// happens however it ends, unwinding from a panic included.
+struct EndGuard {
+    name: String,
+    how: Option<String>,
+    tx: crossbeam_channel::Sender<LoopEnded>,
+}
+
+impl EndGuard {
+    fn new(name: String, tx: &crossbeam_channel::Sender<LoopEnded>) -> EndGuard {
+        EndGuard {
+            name,
+            how: None,
+            tx: tx.clone(),
+        }
+    }
+
+    fn finished<T, E: std::fmt::Display>(mut self, result: &Result<T, E>) {
+        self.how = Some(match result {
+            Ok(_) => "returned".into(),
+            Err(e) => format!("failed: {e}"),
+        });
+    }
+}
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        let how = self.how.take().unwrap_or_else(|| "panicked".into());
+        let _ = self.tx.send(LoopEnded {
+            name: std::mem::take(&mut self.name),
+            how,
+        });
+    }
 }
 
 /// Fail early, with a message an operator can act on, when io_uring cannot be used at all.
@@ -153,6 +203,7 @@ impl Gateway {
         let mut inbox_txs = Vec::with_capacity(count);
         let mut wakers = Vec::with_capacity(count);
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(count);
+        let (ended_tx, ended) = crossbeam_channel::unbounded();
         let mut workers = Vec::with_capacity(count);
         let mut stats = Vec::with_capacity(count);
         for (index, listener) in listeners.into_iter().enumerate() {
@@ -176,16 +227,21 @@ impl Gateway {
                 shared: shared.clone(),
             };
             let ready = ready_tx.clone();
+            let guard = EndGuard::new(format!("core {index}"), &ended_tx);
             let handle = std::thread::Builder::new()
                 .name(format!("ringway-core-{index}"))
                 .spawn(move || match worker::Worker::new(setup) {
                     Ok(w) => {
                         let _ = ready.send(Ok(()));
-                        w.run()
+                        let result = w.run();
+                        guard.finished(&result);
+                        result
                     }
                     Err(e) => {
                         let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
-                        Err(e)
+                        let result = Err(e);
+                        guard.finished(&result);
+                        result
                     }
                 })
                 .map_err(EdgeError::Setup)?;
@@ -200,10 +256,19 @@ impl Gateway {
             shared.relay.clone(),
         );
         let upstream_links = router.links();
+        // With `local-echo` no core holds a relay sender, so the relay ends at once: then it
+        // is neither watched nor reported.
+        let relay_used = config.upstream != Upstream::LocalEcho;
+        let relay_heartbeat = relay_used.then(|| router.heartbeat());
+        let relay_guard = relay_used.then(|| EndGuard::new("relay".into(), &ended_tx));
+        drop(ended_tx);
         let relay = std::thread::Builder::new()
             .name("ringway-relay".into())
             .spawn(move || {
                 router.run(relay_rx);
+                if let Some(g) = relay_guard {
+                    g.finished(&Ok::<(), &str>(()));
+                }
             })
             .map_err(EdgeError::Setup)?;
 
@@ -217,6 +282,8 @@ impl Gateway {
             relay: Some(relay),
             shared,
             wakers,
+            relay_heartbeat,
+            ended,
         };
         for core in 0..count {
             match ready_rx.recv() {
@@ -302,6 +369,22 @@ impl Gateway {
         for w in &self.wakers {
             w.wake();
         }
+    }
+
+    /// The relay loop's heartbeat; `None` when no relay serves (`local-echo`).
+    pub fn relay_heartbeat(&self) -> Option<Arc<Heartbeat>> {
+        self.relay_heartbeat.clone()
+    }
+
+    /// Reports every core or relay thread that ends. Outside a drain, any report means the
+    /// gateway lost a loop: the binary logs it and exits non-zero.
+    pub fn loop_endings(&self) -> crossbeam_channel::Receiver<LoopEnded> {
+        self.ended.clone()
+    }
+
+    /// Ok while every core and the relay turned recently; otherwise which ones are stuck.
+    pub fn liveness(&self) -> Result<(), String> {
+        crate::ops::health::liveness(&self.stats, self.relay_heartbeat.as_deref())
     }
 
     /// Every core's counters, for metrics and the exit summary.

@@ -264,6 +264,9 @@ impl Worker {
             self.flush_sends();
             self.buffers.publish();
             self.core.publish_memory();
+            // Liveness for /healthz, /readyz and the watchdog (src/ops/health.rs).
+            self.core.stats.heartbeat.beat();
+            super::test_hooks::on_loop_turn(super::test_hooks::Loop::Core(self.index));
             let generation = self.core.shared.reload_generation.load(Ordering::Acquire);
             if generation != self.reload_generation {
                 self.reload_generation = generation;

@@ -1,24 +1,36 @@
-//! The admin HTTP server: `/metrics` for Prometheus, `/healthz` (the process answers) and
+//! The admin HTTP server: `/metrics` for Prometheus, `/healthz` (every event loop turns) and
 //! `/readyz` (it should get traffic) for load balancers and orchestrators. Deliberately
-//! small and off the data path: std threads and blocking sockets, one request per
-//! connection, bounded in size, time and concurrency, so a bad client cannot hurt the cores.
+//! small and off the data path: one thread running one mio event loop over non-blocking
+//! sockets, one request per connection, bounded in size and in time (a whole-request
+//! deadline from accept, the answer's write included), and up to [`MAX_CONNECTIONS`] at once,
+//! so slow clients can neither hurt the cores nor starve the probes.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
 
 use super::metrics::{self, Sources, UpstreamLink};
 use crate::edge::CoreStats;
 
 /// Request head limit; a larger request gets 431.
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
-/// A client must send its whole request within this, and take our answer within it.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Requests served at once; more get 503 at once instead of a thread each.
-pub const MAX_CONCURRENT: usize = 16;
+/// From accept, a client must send its whole request and take our whole answer within this;
+/// then it gets 408 (or, while our answer is being written, is closed).
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// Connections served at once. A new one beyond this closes the oldest, so clients that hold
+/// connections open cannot lock out a probe.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// After an error answer, how long (and how many bytes) we keep reading what the client still
+/// sends, so closing does not reset the connection before it reads the answer.
+const LINGER: Duration = Duration::from_millis(500);
+const LINGER_BYTES: usize = 64 * 1024;
 
 /// What the admin endpoints read. Shared with the code that starts, reloads and drains the
 /// gateway, which flips `ready` and may swap the sources.
@@ -70,9 +82,16 @@ impl AdminState {
         metrics::render(&self.sources())
     }
 
-    /// Ready: the flag is set and every upstream that has backend links has at least one
+    /// Live: every core and the relay turned within `health::STALL_AFTER`.
+    pub fn liveness(&self) -> Result<(), String> {
+        let sources = self.sources();
+        super::health::liveness(&sources.cores, sources.relay_heartbeat.as_deref())
+    }
+
+    /// Ready: live, the flag is set (listeners open, not draining) and every upstream that has backend links has at least one
     /// live one (embedded upstreams have no links and are always up). Otherwise the reason.
     pub fn readiness(&self) -> Result<(), String> {
+        self.liveness()?;
         if !self.ready.load(Ordering::Acquire) {
             return Err("not ready: starting or draining".into());
         }
@@ -103,53 +122,296 @@ impl AdminState {
 pub fn spawn(addr: SocketAddr, state: Arc<AdminState>) -> io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let poll = Poll::new()?;
     let handle = std::thread::Builder::new()
         .name("ringway-admin".into())
-        .spawn(move || serve(listener, state))?;
+        .spawn(move || Server::new(listener, poll, state).serve())?;
     Ok((local, handle))
 }
 
-fn serve(listener: TcpListener, state: Arc<AdminState>) {
-    let busy = Arc::new(AtomicUsize::new(0));
-    for stream in listener.incoming() {
-        let mut stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!("admin accept: {e}");
-                std::thread::sleep(Duration::from_millis(100));
+const LISTENER: Token = Token(usize::MAX);
+
+enum Phase {
+    /// Reading the request head into `buf`.
+    Reading,
+    /// Writing `out` from `sent`.
+    Writing,
+    /// Answer written and our side shut: swallow what the client still sends, then close.
+    Lingering { until: Instant, left: usize },
+}
+
+struct Conn {
+    stream: TcpStream,
+    accepted: Instant,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    sent: usize,
+    /// The answer was an error: linger after writing it.
+    linger: bool,
+    phase: Phase,
+}
+
+impl Conn {
+    fn deadline(&self) -> Instant {
+        match self.phase {
+            Phase::Lingering { until, .. } => until,
+            _ => self.accepted + REQUEST_DEADLINE,
+        }
+    }
+
+    fn answer(&mut self, r: &Response) {
+        self.out = encode(r);
+        self.sent = 0;
+        self.linger = r.status >= 400;
+        self.phase = Phase::Writing;
+    }
+}
+
+enum Step {
+    Keep,
+    Close,
+}
+
+struct Server {
+    listener: mio::net::TcpListener,
+    poll: Poll,
+    state: Arc<AdminState>,
+    conns: HashMap<usize, Conn>,
+    next_token: usize,
+    /// Accepting failed for lack of descriptors (or similar): try again at this time.
+    accept_retry: Option<Instant>,
+}
+
+impl Server {
+    fn new(listener: TcpListener, poll: Poll, state: Arc<AdminState>) -> Server {
+        Server {
+            listener: mio::net::TcpListener::from_std(listener),
+            poll,
+            state,
+            conns: HashMap::new(),
+            next_token: 0,
+            accept_retry: None,
+        }
+    }
+
+    fn serve(mut self) {
+        if let Err(e) =
+            self.poll
+                .registry()
+                .register(&mut self.listener, LISTENER, Interest::READABLE)
+        {
+            tracing::error!("admin listener: cannot poll the listening socket: {e}");
+            return;
+        }
+        let mut events = Events::with_capacity(256);
+        loop {
+            let now = Instant::now();
+            let next = self
+                .conns
+                .values()
+                .map(Conn::deadline)
+                .chain(self.accept_retry)
+                .min();
+            let wait = next.map_or(Duration::from_secs(1), |d| {
+                d.saturating_duration_since(now).min(Duration::from_secs(1))
+            });
+            if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::warn!("admin poll: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
                 continue;
             }
-        };
-        if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CONCURRENT {
-            busy.fetch_sub(1, Ordering::AcqRel);
-            let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-            let _ = respond(&mut stream, &Response::text(503, "too many admin requests"));
-            continue;
-        }
-        let state = state.clone();
-        let guard = Busy(busy.clone());
-        let spawned = std::thread::Builder::new()
-            .name("ringway-admin-conn".into())
-            .spawn(move || {
-                let _guard = guard;
-                if let Err(e) = handle(&mut stream, &state) {
-                    tracing::debug!("admin connection: {e}");
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    Token(t) => self.drive(t),
                 }
-            });
-        if let Err(e) = spawned {
-            tracing::warn!("admin: cannot start a thread: {e}");
+            }
+            if self.accept_retry.is_some_and(|at| Instant::now() >= at) {
+                self.accept_retry = None;
+                self.accept();
+            }
+            self.expire();
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let (mut stream, _) = match self.listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!("admin accept: {e}");
+                    self.accept_retry = Some(Instant::now() + Duration::from_millis(100));
+                    return;
+                }
+            };
+            if self.conns.len() >= MAX_CONNECTIONS {
+                self.close_oldest();
+            }
+            let token = self.next_token;
+            self.next_token = (self.next_token + 1) % (usize::MAX - 1);
+            if let Err(e) = self.poll.registry().register(
+                &mut stream,
+                Token(token),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                tracing::warn!("admin: cannot poll a connection: {e}");
+                continue;
+            }
+            self.conns.insert(
+                token,
+                Conn {
+                    stream,
+                    accepted: Instant::now(),
+                    buf: Vec::new(),
+                    out: Vec::new(),
+                    sent: 0,
+                    linger: false,
+                    phase: Phase::Reading,
+                },
+            );
+            // Data may have arrived with the connection; edge-triggered polling would not
+            // report it again.
+            self.drive(token);
+        }
+    }
+
+    fn close_oldest(&mut self) {
+        let oldest = self
+            .conns
+            .iter()
+            .min_by_key(|(_, c)| c.accepted)
+            .map(|(&t, _)| t);
+        if let Some(t) = oldest {
+            tracing::debug!("admin: {MAX_CONNECTIONS} connections open; closing the oldest");
+            self.close(t);
+        }
+    }
+
+    fn close(&mut self, token: usize) {
+        if let Some(mut c) = self.conns.remove(&token) {
+            let _ = self.poll.registry().deregister(&mut c.stream);
+        }
+    }
+
+    fn drive(&mut self, token: usize) {
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return;
+        };
+        let step = match step(conn, &self.state) {
+            Ok(step) => step,
+            Err(e) => {
+                tracing::debug!("admin connection: {e}");
+                Step::Close
+            }
+        };
+        if matches!(step, Step::Close) {
+            self.close(token);
+        }
+    }
+
+    /// Past its deadline: a request still unread gets 408 if the socket takes it at once, an
+    /// answer still being written is cut off, a lingering connection is closed.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let late: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.deadline() <= now)
+            .map(|(&t, _)| t)
+            .collect();
+        for token in late {
+            if let Some(c) = self.conns.get_mut(&token) {
+                if matches!(c.phase, Phase::Reading) {
+                    // Take what it sent so closing sends FIN, not RST, then try the 408 once.
+                    let mut sink = [0u8; 4096];
+                    while matches!(c.stream.read(&mut sink), Ok(n) if n > 0) {}
+                    let _ = c.stream.write_all(&encode(&Response::text(
+                        408,
+                        "request not received within 5 s",
+                    )));
+                    let _ = c.stream.shutdown(std::net::Shutdown::Write);
+                }
+            }
+            self.close(token);
         }
     }
 }
 
-/// Releases a concurrency slot however the connection thread ends.
-struct Busy(Arc<AtomicUsize>);
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+/// Advance one connection as far as its socket allows without blocking.
+fn step(conn: &mut Conn, state: &AdminState) -> io::Result<Step> {
+    if matches!(conn.phase, Phase::Reading) {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let room = MAX_REQUEST_BYTES - conn.buf.len();
+            if room == 0 {
+                conn.answer(&Response::text(431, "request headers larger than 8 KiB"));
+                break;
+            }
+            let n = match conn.stream.read(&mut chunk[..room.min(4096)]) {
+                Ok(0) => return Ok(Step::Close), // gave up before finishing the request
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Keep),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            conn.buf.extend_from_slice(&chunk[..n]);
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut req = httparse::Request::new(&mut headers);
+            let response = match req.parse(&conn.buf) {
+                Ok(httparse::Status::Complete(_)) => {
+                    route(req.method.unwrap_or(""), req.path.unwrap_or(""), state)
+                }
+                Ok(httparse::Status::Partial) => continue,
+                Err(httparse::Error::TooManyHeaders) => {
+                    Response::text(431, "more than 64 request headers")
+                }
+                Err(e) => Response::text(400, &format!("bad request: {e}")),
+            };
+            conn.answer(&response);
+            break;
+        }
     }
+    if matches!(conn.phase, Phase::Writing) {
+        while conn.sent < conn.out.len() {
+            match conn.stream.write(&conn.out[conn.sent..]) {
+                Ok(0) => return Ok(Step::Close),
+                Ok(n) => conn.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Keep),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+        if !conn.linger {
+            return Ok(Step::Close);
+        }
+        // Closing with unread input sends RST, which can discard our answer before the client
+        // reads it: swallow a bounded amount of what it still sends first.
+        conn.phase = Phase::Lingering {
+            until: (Instant::now() + LINGER).min(conn.accepted + REQUEST_DEADLINE + LINGER),
+            left: LINGER_BYTES,
+        };
+    }
+    if let Phase::Lingering { left, .. } = &mut conn.phase {
+        let mut sink = [0u8; 4096];
+        while *left > 0 {
+            match conn.stream.read(&mut sink) {
+                Ok(0) => return Ok(Step::Close),
+                Ok(n) => *left = left.saturating_sub(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Keep),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Ok(Step::Close),
+            }
+        }
+        return Ok(Step::Close);
+    }
+    Ok(Step::Keep)
 }
 
 struct Response {
@@ -183,73 +445,18 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-fn respond(stream: &mut TcpStream, r: &Response) -> io::Result<()> {
+fn encode(r: &Response) -> Vec<u8> {
     let allow = if r.allow { "Allow: GET\r\n" } else { "" };
-    let head = format!(
+    let mut out = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{allow}Cache-Control: no-store\r\nConnection: close\r\n\r\n",
         r.status,
         reason(r.status),
         r.content_type,
         r.body.len()
-    );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(r.body.as_bytes())?;
-    stream.flush()
-}
-
-/// Read one request head (the body of a GET is ignored), answer it, close.
-fn handle(stream: &mut TcpStream, state: &AdminState) -> io::Result<()> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut buf = vec![0u8; MAX_REQUEST_BYTES];
-    let mut len = 0;
-    let response = loop {
-        if len == buf.len() {
-            break Response::text(431, "request headers larger than 8 KiB");
-        }
-        let n = match stream.read(&mut buf[len..]) {
-            Ok(0) => return Ok(()), // gave up before finishing the request
-            Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                break Response::text(408, "request not received within 5 s");
-            }
-            Err(e) => return Err(e),
-        };
-        len += n;
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf[..len]) {
-            Ok(httparse::Status::Complete(_)) => {
-                break route(req.method.unwrap_or(""), req.path.unwrap_or(""), state)
-            }
-            Ok(httparse::Status::Partial) => continue,
-            Err(httparse::Error::TooManyHeaders) => {
-                break Response::text(431, "more than 64 request headers")
-            }
-            Err(e) => break Response::text(400, &format!("bad request: {e}")),
-        }
-    };
-    respond(stream, &response)?;
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    if response.status >= 400 {
-        // Closing with unread input sends RST, which can discard our answer before the client
-        // reads it: swallow a bounded amount of what it still sends first.
-        stream.set_read_timeout(Some(Duration::from_millis(500)))?;
-        let mut sink = [0u8; 4096];
-        let mut left: usize = 64 * 1024;
-        while left > 0 {
-            match stream.read(&mut sink) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => left = left.saturating_sub(n),
-            }
-        }
-    }
-    Ok(())
+    )
+    .into_bytes();
+    out.extend_from_slice(r.body.as_bytes());
+    out
 }
 
 fn route(method: &str, target: &str, state: &AdminState) -> Response {
@@ -273,7 +480,10 @@ fn route(method: &str, target: &str, state: &AdminState) -> Response {
             body: state.metrics(),
             allow: false,
         },
-        "/healthz" => Response::text(200, "ok"),
+        "/healthz" => match state.liveness() {
+            Ok(()) => Response::text(200, "ok"),
+            Err(why) => Response::text(503, &why),
+        },
         _ => match state.readiness() {
             Ok(()) => Response::text(200, "ready"),
             Err(why) => Response::text(503, &why),
@@ -285,6 +495,7 @@ fn route(method: &str, target: &str, state: &AdminState) -> Response {
 mod tests {
     use super::*;
     use crate::ops::metrics::tests::{get, parse, sample_sources};
+    use std::net::TcpStream;
 
     fn request(addr: SocketAddr, raw: &[u8]) -> (u16, String, String) {
         let mut s = TcpStream::connect(addr).unwrap();
@@ -390,7 +601,7 @@ mod tests {
         // Served meanwhile, by another thread.
         assert_eq!(get_path(addr, "/healthz").0, 200);
         stalled
-            .set_read_timeout(Some(IO_TIMEOUT + Duration::from_secs(5)))
+            .set_read_timeout(Some(REQUEST_DEADLINE + Duration::from_secs(5)))
             .unwrap();
         let mut out = String::new();
         stalled.read_to_string(&mut out).unwrap();

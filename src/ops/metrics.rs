@@ -13,6 +13,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::edge::stats::Heartbeat;
 use crate::edge::CoreStats;
 use crate::relay::link::LinkState;
 use crate::relay::RelayGauges;
@@ -55,6 +56,8 @@ pub struct Sources {
     pub memory_budget: Probe<u64>,
     /// Time from accept to the 101 response; `None` omits the metric.
     pub handshake_latency: Option<Probe<HistogramSnapshot>>,
+    /// The relay thread's heartbeat; `None` when no relay runs (`local-echo`).
+    pub relay_heartbeat: Option<Arc<Heartbeat>>,
     /// What the relay holds for peers and what it refused or dropped.
     pub relay: Arc<RelayGauges>,
 }
@@ -108,7 +111,28 @@ fn gauges(
     Ok(())
 }
 
+fn float_gauges(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels, f64)>,
+) -> fmt::Result {
+    let mut family = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in rows {
+        ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 impl Sources {
+    /// Every event loop's heartbeat, labelled `loop` (`core0`, ..., `relay`).
+    fn per_loop<T>(&self, read: impl Fn(&Heartbeat) -> T) -> Vec<(Labels, T)> {
+        crate::ops::health::loops(&self.cores, self.relay_heartbeat.as_deref())
+            .into_iter()
+            .map(|(name, h)| (vec![("loop", name)], read(h)))
+            .collect()
+    }
+
     /// One row per core of `read(core)`, labelled `core` plus `extra`.
     fn per_core(
         &self,
@@ -310,6 +334,18 @@ impl Collector for Sources {
             "Bytes of messages waiting for this backend",
             self.per_link(|l| l.queued_bytes.load(Ordering::Relaxed) as u64),
         )?;
+        float_gauges(
+            e,
+            "ringway_loop_heartbeat_age_seconds",
+            "Time since this event loop (a core or the relay) last turned; over 2 s /healthz says it stalled",
+            self.per_loop(|h| h.age_ms() as f64 / 1000.0),
+        )?;
+        counters(
+            e,
+            "ringway_loop_turns",
+            "Times this event loop (a core or the relay) turned",
+            self.per_loop(|h| h.turns()),
+        )?;
         if let Some(probe) = &self.handshake_latency {
             let h = probe();
             let mut family = e.encode_descriptor(
@@ -441,6 +477,7 @@ pub(crate) mod tests {
             open_connections: Arc::new(|| 42),
             memory_budget: Arc::new(|| 1 << 30),
             handshake_latency: None,
+            relay_heartbeat: Some(Arc::new(Heartbeat::default())),
             relay: {
                 let r = Arc::new(RelayGauges::default());
                 r.charge(777);
@@ -454,6 +491,11 @@ pub(crate) mod tests {
         let text = render(&sample_sources());
         let s = parse(&text);
         let g = |name, labels: &[(&str, &str)]| get(&s, name, labels);
+        for l in ["core0", "core1", "relay"] {
+            let age = g("ringway_loop_heartbeat_age_seconds", &[("loop", l)]);
+            assert!(age.is_some_and(|a| (0.0..1.0).contains(&a)), "{l}: {age:?}");
+            assert_eq!(g("ringway_loop_turns_total", &[("loop", l)]), Some(0.0));
+        }
         assert_eq!(
             g("ringway_connections_accepted_total", &[("core", "0")]),
             Some(10.0)

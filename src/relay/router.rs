@@ -76,6 +76,7 @@ pub struct Router<S: EdgeSink + Clone + 'static> {
     scratch: BytesMut,
     gauges: Arc<RelayGauges>,
     pub stats: RelayStats,
+    heartbeat: Arc<crate::edge::stats::Heartbeat>,
 }
 
 impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
@@ -164,6 +165,7 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
             scratch: BytesMut::new(),
             gauges,
             stats: RelayStats::default(),
+            heartbeat: Arc::default(),
         }
     }
 
@@ -172,9 +174,22 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
         self.links.clone()
     }
 
+    /// The relay loop's heartbeat (one beat per turn, at least every `health::RELAY_TURN`).
+    pub fn heartbeat(&self) -> Arc<crate::edge::stats::Heartbeat> {
+        self.heartbeat.clone()
+    }
+
     /// Serve until every core has dropped its sender; then let the links flush and stop.
     pub fn run(mut self, rx: Receiver<ToUpstream>) -> RelayStats {
-        while let Ok(first) = rx.recv() {
+        loop {
+            // A bounded wait, so the relay turns (and its heartbeat beats) even when idle.
+            self.heartbeat.beat();
+            crate::edge::test_hooks::on_loop_turn(crate::edge::test_hooks::Loop::Relay);
+            let first = match rx.recv_timeout(crate::ops::health::RELAY_TURN) {
+                Ok(m) => m,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            };
             let mut next = Some(first);
             let mut batch = 0;
             while let Some(msg) = next {

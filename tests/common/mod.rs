@@ -50,9 +50,8 @@ impl Gateway {
         Gateway::spawn(None, args, &[])
     }
 
-    /// Start with extra environment variables (e.g. the test-only `RINGWAY_TEST_PANIC_ON`).
-    #[allow(dead_code)]
-    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Gateway {
+    /// Like [`Gateway::start`], with extra environment variables for the process.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Gateway {
         Gateway::spawn(None, args, env)
     }
 
@@ -693,13 +692,8 @@ pub fn rss_bytes(pid: libc::pid_t) -> u64 {
 /// The sum over cores of the samples of `metric` whose labels contain `labels`, read from
 /// the admin listener of a gateway started with `--admin 127.0.0.1:0`.
 pub async fn metric_sum(gw: &Gateway, metric: &str, labels: &str) -> u64 {
-    let log = gw.log();
-    let i = log
-        .find("admin: http://")
-        .expect("gateway started with --admin");
-    let rest = &log[i + "admin: http://".len()..];
-    let admin = rest[..rest.find('/').unwrap()].to_string();
-    let mut s = timeout(WAIT, TcpStream::connect(&admin))
+    // admin_addr waits for the admin line, which is logged just after the serving line.
+    let mut s = timeout(WAIT, TcpStream::connect(gw.admin_addr()))
         .await
         .expect("admin connect timed out")
         .expect("admin connect");
