@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{Gateway, WAIT};
+use common::{metric_sum, Gateway, WAIT};
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -33,32 +33,6 @@ fn upgrade(path: &str, extra: &str) -> String {
         "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
     )
-}
-
-/// The sum over cores of the samples of `metric` whose labels contain `labels`, read from
-/// the admin listener.
-async fn metric_sum(gw: &Gateway, metric: &str, labels: &str) -> u64 {
-    let log = gw.log();
-    let i = log
-        .find("admin: http://")
-        .expect("gateway started with --admin");
-    let rest = &log[i + "admin: http://".len()..];
-    let admin = rest[..rest.find('/').unwrap()].to_string();
-    let mut s = tokio::net::TcpStream::connect(&admin).await.unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    timeout(WAIT, s.read_to_string(&mut text))
-        .await
-        .unwrap()
-        .unwrap();
-    let prefix = format!("{metric}{{");
-    text.lines()
-        .filter(|l| l.starts_with(&prefix) && l.contains(labels))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-        .sum()
 }
 
 /// The sum over cores of `ringway_policy_refusals_total{reason}`.

@@ -261,9 +261,11 @@ impl Connection {
         self.out_bytes + self.out.len() * ENTRY_BYTES
     }
 
-    /// Queue a pong, replacing a queued pong the kernel has not been handed yet.
-    pub fn queue_pong(&mut self, bytes: Bytes) {
-        if self.pong_queued && self.out.len() > self.sending {
+    /// Queue a pong. Once more than `coalesce_past` bytes wait unsent (the client is not
+    /// reading), it replaces a queued pong the kernel has not been handed yet (RFC 6455
+    /// §5.5.3); below that every ping gets its pong, as peers such as Autobahn 2.10 expect.
+    pub fn queue_pong(&mut self, bytes: Bytes, coalesce_past: usize) {
+        if self.pong_queued && self.out.len() > self.sending && self.out_bytes > coalesce_past {
             if let Some(last) = self.out.pop_back() {
                 self.out_bytes -= last.len();
             }
@@ -386,23 +388,23 @@ mod tests {
         let mut c = conn();
         c.queue(Bytes::from_static(b"data"));
         for i in 0..1000u16 {
-            c.queue_pong(Bytes::from(i.to_be_bytes().to_vec()));
+            c.queue_pong(Bytes::from(i.to_be_bytes().to_vec()), 0);
         }
         assert_eq!(c.out.len(), 2);
         assert_eq!(&c.out[1][..], &999u16.to_be_bytes());
         assert_eq!(c.out_bytes, 6);
         // A pong the kernel is sending stays; the next one is queued behind it.
         c.sending = 2;
-        c.queue_pong(Bytes::from_static(b"zz"));
+        c.queue_pong(Bytes::from_static(b"zz"), 0);
         assert_eq!(c.out.len(), 3);
         // Partly sent: it is on the wire, never replaced.
         c.advance_out(5);
         assert_eq!(c.out.len(), 2);
-        c.queue_pong(Bytes::from_static(b"yy"));
+        c.queue_pong(Bytes::from_static(b"yy"), 0);
         assert_eq!(&c.out[1][..], b"yy");
         c.advance_out(2);
         assert_eq!(c.out.len(), 1, "yy is partly sent");
-        c.queue_pong(Bytes::from_static(b"xx"));
+        c.queue_pong(Bytes::from_static(b"xx"), 0);
         assert_eq!(c.out.len(), 2, "{:?}", c.out);
         assert_eq!(c.out_bytes, 3);
     }

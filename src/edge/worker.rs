@@ -44,6 +44,8 @@ const OP_WAKE: u64 = 5;
 const OP_CANCEL: u64 = 6;
 
 const TICK_MS: u64 = 50;
+/// Unsent bytes past which a new pong replaces a queued one (see `Connection::queue_pong`).
+const PONG_COALESCE_PAST: usize = 64 * 1024;
 /// Bytes of one core's client messages that may be in flight to the relay (its backlog, the
 /// channel and the relay thread) before its connections stop being read.
 const CORE_RELAY_IN_FLIGHT: usize = 16 << 20;
@@ -1894,7 +1896,7 @@ impl Core {
                 Action::Control(frame) => {
                     // Only the newest unanswered pong is kept (RFC 6455 §5.5.3); a queue over
                     // `send_queue_bytes` stops reading (`after_event`).
-                    conn.queue_pong(frame);
+                    conn.queue_pong(frame, PONG_COALESCE_PAST);
                 }
                 Action::Pong => conn.ping_sent_ms = None,
                 Action::Close(code, reason) => {

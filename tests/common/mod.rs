@@ -692,19 +692,7 @@ pub fn rss_bytes(pid: libc::pid_t) -> u64 {
 /// The sum over cores of the samples of `metric` whose labels contain `labels`, read from
 /// the admin listener of a gateway started with `--admin 127.0.0.1:0`.
 pub async fn metric_sum(gw: &Gateway, metric: &str, labels: &str) -> u64 {
-    // admin_addr waits for the admin line, which is logged just after the serving line.
-    let mut s = timeout(WAIT, TcpStream::connect(gw.admin_addr()))
-        .await
-        .expect("admin connect timed out")
-        .expect("admin connect");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    timeout(WAIT, s.read_to_string(&mut text))
-        .await
-        .expect("metrics timed out")
-        .unwrap();
+    let text = gw.metrics().await;
     let prefix = format!("{metric}{{");
     text.lines()
         .filter(|l| l.starts_with(&prefix) && l.contains(labels))
