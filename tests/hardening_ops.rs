@@ -13,28 +13,7 @@ use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::Gateway;
-
-/// One GET on a fresh connection: (status, body, how long it took).
-fn get(addr: SocketAddr, path: &str) -> (u16, String, Duration) {
-    let t = Instant::now();
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let took = t.elapsed();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body, took)
-}
+use common::{http_get_timed as get, Gateway};
 
 /// A notify socket the gateway sends READY=1 and WATCHDOG=1 to.
 struct NotifySocket {

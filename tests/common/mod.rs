@@ -699,3 +699,29 @@ pub async fn metric_sum(gw: &Gateway, metric: &str, labels: &str) -> u64 {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
         .sum()
 }
+
+/// One blocking GET on a fresh connection to the admin listener: (status, body, time taken).
+#[allow(dead_code)]
+pub fn http_get_timed(addr: impl std::net::ToSocketAddrs, path: &str) -> (u16, String, Duration) {
+    let t = Instant::now();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    std::io::Write::write_fmt(
+        &mut s,
+        format_args!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"),
+    )
+    .unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+    let took = t.elapsed();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body, took)
+}
