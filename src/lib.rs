@@ -7,6 +7,7 @@
 pub mod admission;
 pub mod config;
 pub mod edge;
+pub mod ids;
 pub mod ops;
 pub mod policy;
 pub mod protocol;

@@ -10,10 +10,10 @@ use std::path::PathBuf;
 use simd_json::{Buffers, Node, Tape, INPUT_PADDING};
 
 use crate::config::{Balance, Config, RouteConfig, SlowConsumer, Upstream};
+use crate::ids::UpstreamId;
 use crate::policy::auth::JwtVerifier;
 use crate::policy::origin::OriginPolicy;
 use crate::protocol::message::MessageKind;
-use crate::relay::UpstreamId;
 
 /// Index of a route in [`RouteTable::routes`] (config order).
 pub type RouteId = u16;

@@ -10,7 +10,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use crate::protocol::close::CloseHandshake;
 use crate::protocol::message::MessageDecoder;
 
-use super::ConnId;
+use crate::ids::ConnId;
 
 /// What a connection is charged against the memory budget besides its buffers: its slot,
 /// timer entry and bookkeeping. Measured at 1.5-2.1 KiB of RSS per idle connection

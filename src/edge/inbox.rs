@@ -246,7 +246,7 @@ impl EdgeSink for CoreLinks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::edge::ConnId;
+    use crate::ids::ConnId;
     use std::io::Read;
 
     #[test]

@@ -6,7 +6,6 @@
 //! (handshake, frames) -> relay channel -> `inbox` -> `worker` (send).
 
 mod buffers;
-mod conn_id;
 mod connection;
 mod inbox;
 mod listener;
@@ -22,7 +21,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-pub use conn_id::{ConnId, GENERATION_MASK};
 pub use connection::InFlight;
 pub use stats::{CoreStats, Heartbeat};
 

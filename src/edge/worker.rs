@@ -34,7 +34,8 @@ use super::inbox::Waker;
 use super::panic;
 use super::stats::CoreStats;
 use super::timer::{self, TimerWheel};
-use super::{ConnId, Shared, GENERATION_MASK};
+use super::Shared;
+use crate::ids::{self, ConnId, GENERATION_MASK};
 
 const OP_ACCEPT: u64 = 1;
 const OP_RECV: u64 = 2;
@@ -56,12 +57,20 @@ const RELAY_ENTRY_BYTES: usize = 128;
 const SLOW_CONSUMER_GRACE_MS: u64 = 5_000;
 const MAX_IOV: usize = 64;
 
+/// The operation kind in a completion's `user_data`, beside the connection's slot and
+/// generation (the same fields, and so the same packing, as its `ConnId`).
+const OP: ids::Field = ids::Field::new(56, 8);
+
 fn user_data(op: u64, slot: u32, generation: u32) -> u64 {
-    (op << 56) | (u64::from(generation & GENERATION_MASK) << 32) | u64::from(slot)
+    OP.put(op) | ids::GENERATION.put(u64::from(generation)) | ids::SLOT.put(u64::from(slot))
 }
 
 fn split_user_data(ud: u64) -> (u64, u32, u32) {
-    (ud >> 56, ud as u32, ((ud >> 32) as u32) & GENERATION_MASK)
+    (
+        OP.get(ud),
+        ids::SLOT.get(ud) as u32,
+        ids::GENERATION.get(ud) as u32,
+    )
 }
 
 /// The iovecs and header of one in-flight `sendmsg`; boxed so their addresses stay put

@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::{RelayGauges, ToEdge, ToUpstream, Topic, ENTRY_OVERHEAD, MAX_TOPIC_BYTES};
-use crate::edge::ConnId;
+use crate::ids::ConnId;
 use crate::protocol::message::MessageKind;
 
 /// Rooms one connection may be in unless [`ChatEcho::with_max_rooms`] says otherwise (the

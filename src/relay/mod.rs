@@ -9,16 +9,15 @@ pub mod router;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::edge::ConnId;
+use crate::ids::ConnId;
 use crate::protocol::message::MessageKind;
 
 /// Index of an upstream in the configuration's upstream list (0 is the route's default when
 /// only one is configured).
-pub type UpstreamId = u16;
+pub use crate::ids::{Topic, UpstreamId};
 
 /// What a client's connection looked like at its handshake, for the backend's `open` event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,9 +119,6 @@ pub enum ToUpstream {
     /// The client's connection is gone (close code as sent or received; 1006 if none).
     Closed { conn: ConnId, code: u16 },
 }
-
-/// A topic name; shared so that fanning a publish out to every core copies no string.
-pub type Topic = Arc<str>;
 
 /// What the relay tells a core.
 #[derive(Debug, Clone)]

@@ -15,7 +15,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::{ToEdge, Topic};
-use crate::edge::ConnId;
+use crate::ids::ConnId;
 use crate::protocol::message::MessageKind;
 
 /// The four bytes every `hello` starts with.

@@ -20,7 +20,7 @@ use super::link::{Address, Link, LinkState, Outbound};
 use super::protocol::{self, Frame};
 use super::{EdgeSink, OpenInfo, RelayGauges, ToEdge, ToUpstream, UpstreamId, ENTRY_OVERHEAD};
 use crate::config::Balance;
-use crate::edge::ConnId;
+use crate::ids::ConnId;
 use crate::protocol::close;
 use crate::route::{Backend, RouteTable};
 
