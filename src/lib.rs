@@ -7,9 +7,13 @@
 pub mod admission;
 pub mod config;
 pub mod edge;
+pub mod gateway;
 pub mod ids;
+pub mod in_flight;
 pub mod ops;
 pub mod policy;
 pub mod protocol;
 pub mod relay;
 pub mod route;
+pub mod telemetry;
+pub mod test_hooks;

@@ -11,7 +11,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use ringway::config::{self, Config, Upstream};
-use ringway::edge::Gateway;
+use ringway::gateway::Gateway;
 use ringway::ops::admin::{self, AdminState};
 use ringway::ops::metrics::Sources;
 use ringway::ops::notify::Notifier;
@@ -168,7 +168,6 @@ fn start_admin(
                 .memory_budget
                 .load(std::sync::atomic::Ordering::Relaxed)
         }),
-        handshake_latency: None,
         relay_heartbeat: gateway.relay_heartbeat(),
         relay: gateway.shared().relay.clone(),
     }));
