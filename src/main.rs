@@ -21,7 +21,7 @@ use std::sync::Arc;
 static GLOBAL: MiMalloc = MiMalloc;
 
 /// A WebSocket edge gateway for Linux. With no arguments it serves ws://127.0.0.1:8080/ with
-/// the embedded echo upstream.
+/// the embedded upstream (`echo`).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
@@ -31,7 +31,8 @@ struct Cli {
     /// Event-loop threads, one per core (1-255) [default: one per CPU the process may use].
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
-    /// Where client messages go: `echo` (through the relay) or `local-echo` (inside each core).
+    /// Where client messages go: `echo` (the embedded upstream, through the relay),
+    /// `local-echo` (inside each core), or a backend `tcp://HOST:PORT` / `unix:PATH`.
     #[arg(long, value_name = "NAME")]
     upstream: Option<Upstream>,
     /// TOML configuration file; command-line flags override it.
