@@ -16,6 +16,7 @@ node (its children use its items, it re-exports theirs).
 
 Exit status 1, with every circle printed as a path and one example reference per hop, or with
 the files over the limit / the unsafe found. Usage: python3 scripts/check-imports.py [--graph]
+(print the graph) | --self-test (run the checks on made-up trees that must fail or pass).
 """
 
 import os
@@ -289,8 +290,75 @@ def find_cycles(graph):
     return cycles
 
 
-def main():
-    show_graph = "--graph" in sys.argv
+def self_test():
+    """The checks on a made-up tree: each must catch what it is for, and a clean tree passes."""
+    import contextlib
+    import io
+    import tempfile
+
+    global ROOT, SRC, KNOWN
+    saved = (ROOT, SRC, KNOWN)
+    cases = {
+        # a -> b through a use-group, b's child climbs back to a with super::super.
+        "circle through a group and super::": (
+            {
+                "src/a.rs": "use crate::{ids, b::c::Thing};\n",
+                "src/b/mod.rs": "pub mod c;\n",
+                "src/b/c.rs": "pub struct Thing;\nfn f() { super::super::a::g(); }\n",
+                "src/ids.rs": "",
+            },
+            "import circle between top-level modules: a -> b -> a",
+        ),
+        "circle between the files of one folder": (
+            {
+                "src/e/mod.rs": "mod x;\nmod y;\n",
+                "src/e/x.rs": "use super::y::Y;\n",
+                "src/e/y.rs": "fn f() { crate::e::x::g() }\n",
+            },
+            "import circle between files of one folder: e::x -> e::y -> e::x",
+        ),
+        "unsafe outside the allow-list": (
+            {"src/a.rs": "// unsafe in a comment is fine\nfn f() { unsafe { g() } }\n"},
+            "src/a.rs: `unsafe` outside the allow-list at line(s) 2",
+        ),
+        "a file over the limit": (
+            {"src/a.rs": "\n" * (MAX_LINES + 1)},
+            f"src/a.rs: {MAX_LINES + 1} lines",
+        ),
+        "comments, strings and tests do not count": (
+            {
+                "src/a.rs": 'const S: &str = "crate::b::x";\n/* crate::b::y */\n'
+                "mod tests { use super::*; }\n",
+                "src/b.rs": "use crate::a::S;\n",
+            },
+            None,
+        ),
+    }
+    failed = 0
+    try:
+        for name, (tree, want) in cases.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                for rel, text in tree.items():
+                    os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+                    with open(os.path.join(tmp, rel), "w", encoding="utf-8") as fh:
+                        fh.write(text)
+                ROOT, SRC, KNOWN = tmp, os.path.join(tmp, "src"), set()
+                out = io.StringIO()
+                with contextlib.redirect_stdout(out):
+                    rc = main([])
+                text = out.getvalue()
+                ok = (rc == 0) if want is None else (rc == 1 and want in text)
+                print(f"self-test {'ok  ' if ok else 'FAIL'} {name}")
+                if not ok:
+                    failed += 1
+                    print(text)
+    finally:
+        ROOT, SRC, KNOWN = saved
+    return 1 if failed else 0
+
+
+def main(argv):
+    show_graph = "--graph" in argv
     tops = top_modules()
     files = []
     for dirpath, dirnames, filenames in os.walk(SRC):
@@ -375,4 +443,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(self_test() if "--self-test" in sys.argv else main(sys.argv[1:]))

@@ -14,6 +14,7 @@ step "test dependencies"
 bash scripts/setup-test-deps.sh
 
 step "structure: no import circle in src/, no file over 1,200 lines, unsafe only where allowed"
+python3 scripts/check-imports.py --self-test
 python3 scripts/check-imports.py
 
 step "cargo fmt --check"
