@@ -65,7 +65,7 @@ RUN_LIMIT=$(python3 -c "print(int($(secs "$DURATION") + $(secs "$WARMUP") + $(se
 PEERS_TARGET="$ROOT/benches/peers/target"
 if [ "$BUILD" = 1 ]; then
     echo "== building ringway (release) and the peers" >&2
-    cargo build --release --quiet --bin ringway --bin ringway-bench
+    cargo build --release --quiet --workspace --bins
     for p in tungstenite-echo fastwebsockets-echo; do
         (cd "benches/peers/$p" && CARGO_TARGET_DIR="$PEERS_TARGET" cargo build --release --quiet)
     done

@@ -50,7 +50,7 @@ die() { printf 'soak: ERROR: %s\n' "$*" >&2; echo "soak: 0 passed, 1 failed"; ex
 command -v jq >/dev/null || die "jq is needed to read the tool's JSON report"
 if [ ! -x "$BINARY" ] || [ ! -x "$BENCH" ]; then
   log "building release binaries"
-  cargo build --release --bins
+  cargo build --release --workspace --bins
 fi
 ulimit -n "$(ulimit -Hn)"
 log "fd limit $(ulimit -n); held $HELD, churn ${RATE}/s for ${DURATION}s"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as the README's quick start and CI run it:
-#   formatting and lints, every unit and integration test (release build), a short bounded
-#   fuzzing run of the three decoders that face untrusted bytes (when cargo-fuzz is
-#   installed), then the Autobahn|Testsuite RFC 6455 conformance run in echo mode.
+#   structure (scripts/check-imports.py), formatting and lints, every unit and integration
+#   test of the workspace (the gateway and bench/, release build), a short bounded fuzzing
+#   run of the three decoders that face untrusted bytes (when cargo-fuzz is installed), then the Autobahn|Testsuite RFC 6455 conformance run in echo mode.
 # Installs what the tests need first (idempotent; see scripts/setup-test-deps.sh).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,14 +13,18 @@ step() { printf '\n== %s\n' "$*"; }
 step "test dependencies"
 bash scripts/setup-test-deps.sh
 
+step "structure: no import circle in src/, no file over 1,200 lines, unsafe only where allowed"
+python3 scripts/check-imports.py --self-test
+python3 scripts/check-imports.py
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --release --all-targets -- -D warnings
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --release --workspace --all-targets -- -D warnings
 
-step "cargo test --release"
-cargo test --release
+step "cargo test --release --workspace (the gateway, and the load tool in bench/)"
+cargo test --release --workspace
 
 step "fuzzing: handshake, frames, relay decoders (15 s each)"
 bash scripts/fuzz.sh "${RINGWAY_FUZZ_SECONDS:-15}"

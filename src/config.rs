@@ -14,10 +14,12 @@ use crate::protocol::message::Limits;
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
 pub enum Upstream {
-    /// The embedded upstream behind the relay thread, through the whole data path: echo,
-    /// plus the chat contract of docs/relay-protocol.md for chat actions.
-    Echo,
-    /// Echo inside each core, without the relay hop: measures the edge alone.
+    /// The embedded upstream (typed `echo`): in-process, behind the relay thread, so a message
+    /// takes the whole data path; it serves the chat contract of docs/relay-protocol.md and
+    /// echoes everything else (src/relay/ holds it).
+    Embedded,
+    /// Echo inside each core (typed `local-echo`), without the relay hop: measures the edge
+    /// alone. Not an upstream the relay knows: its routes map to the embedded upstream.
     LocalEcho,
     /// A backend speaking the relay protocol: `tcp://HOST:PORT` or `unix:PATH`.
     Backend(String),
@@ -34,7 +36,7 @@ impl std::str::FromStr for Upstream {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
-            "echo" => Ok(Upstream::Echo),
+            "echo" => Ok(Upstream::Embedded),
             "local-echo" => Ok(Upstream::LocalEcho),
             url if url.starts_with("tcp://") || url.starts_with("unix:") => {
                 Ok(Upstream::Backend(url.to_string()))
@@ -49,7 +51,7 @@ impl std::str::FromStr for Upstream {
 impl std::fmt::Display for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Upstream::Echo => f.write_str("echo"),
+            Upstream::Embedded => f.write_str("echo"),
             Upstream::LocalEcho => f.write_str("local-echo"),
             Upstream::Backend(url) => f.write_str(url),
         }
@@ -223,7 +225,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             workers: None,
-            upstream: Upstream::Echo,
+            upstream: Upstream::Embedded,
             backlog: 4096,
             max_connections: 1_000_000,
             max_message_bytes: 64 * 1024,

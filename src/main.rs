@@ -11,7 +11,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use ringway::config::{self, Config, Upstream};
-use ringway::edge::Gateway;
+use ringway::gateway::Gateway;
 use ringway::ops::admin::{self, AdminState};
 use ringway::ops::metrics::Sources;
 use ringway::ops::notify::Notifier;
@@ -21,7 +21,7 @@ use std::sync::Arc;
 static GLOBAL: MiMalloc = MiMalloc;
 
 /// A WebSocket edge gateway for Linux. With no arguments it serves ws://127.0.0.1:8080/ with
-/// the embedded echo upstream.
+/// the embedded upstream (`echo`).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
@@ -31,7 +31,8 @@ struct Cli {
     /// Event-loop threads, one per core (1-255) [default: one per CPU the process may use].
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
-    /// Where client messages go: `echo` (through the relay) or `local-echo` (inside each core).
+    /// Where client messages go: `echo` (the embedded upstream, through the relay),
+    /// `local-echo` (inside each core), or a backend `tcp://HOST:PORT` / `unix:PATH`.
     #[arg(long, value_name = "NAME")]
     upstream: Option<Upstream>,
     /// TOML configuration file; command-line flags override it.
@@ -168,7 +169,6 @@ fn start_admin(
                 .memory_budget
                 .load(std::sync::atomic::Ordering::Relaxed)
         }),
-        handshake_latency: None,
         relay_heartbeat: gateway.relay_heartbeat(),
         relay: gateway.shared().relay.clone(),
     }));

@@ -64,7 +64,7 @@ pub enum Backend {
     Tcp(String),
     /// `unix:PATH`.
     Unix(PathBuf),
-    /// The in-process `echo` upstream (echo plus the chat contract).
+    /// The embedded upstream (`echo`: the chat contract plus echo), in the relay's process.
     Embedded,
 }
 
@@ -303,7 +303,7 @@ impl RouteTable {
             Some(i) => i,
             None if name == DEFAULT_UPSTREAM => {
                 let backend = match &config.upstream {
-                    Upstream::Echo | Upstream::LocalEcho => Backend::Embedded,
+                    Upstream::Embedded | Upstream::LocalEcho => Backend::Embedded,
                     Upstream::Backend(url) => parse_backend("upstream", url)?,
                 };
                 self.upstreams.push(UpstreamSpec {

@@ -3,7 +3,7 @@
 //! event loop dies takes the process down (exit 70, one ERROR line); the admin listener keeps
 //! answering probes while many slow clients hold connections.
 //!
-//! Faults are injected with the test-only hooks of src/edge/test_hooks.rs.
+//! Faults are injected with the test-only hooks of src/test_hooks.rs.
 
 mod common;
 

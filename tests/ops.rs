@@ -179,4 +179,7 @@ for k in sorted(want):
     assert_eq!(get("ringway_connections_accepted_total"), 3);
     assert_eq!(get("ringway_handshakes_total|result=ok"), 3);
     assert_eq!(get("ringway_connections_open"), 3);
+    // Every 101 was timed from its accept; all three within the last bucket.
+    assert_eq!(get("ringway_handshake_duration_seconds_count"), 3);
+    assert_eq!(get("ringway_handshake_duration_seconds_bucket|le=10"), 3);
 }

@@ -11,6 +11,7 @@ use crate::protocol::close::CloseHandshake;
 use crate::protocol::message::MessageDecoder;
 
 use crate::ids::ConnId;
+pub use crate::in_flight::InFlight;
 
 /// What a connection is charged against the memory budget besides its buffers: its slot,
 /// timer entry and bookkeeping. Measured at 1.5-2.1 KiB of RSS per idle connection
@@ -31,48 +32,6 @@ pub const SUBSCRIPTION_BYTES: usize = 96;
 /// the relay's hands) before its reads pause: `max(1 MiB, 4 x max_message_bytes)`.
 pub fn relay_in_flight_limit(max_message_bytes: usize) -> usize {
     (1 << 20).max(max_message_bytes.saturating_mul(4))
-}
-
-/// A count of bytes some holder still has, decremented when the holder lets go: the relay
-/// drops the `ToUpstream::Message` carrying this once it is done with its payload.
-#[derive(Debug)]
-pub struct InFlight {
-    counters: [std::sync::Arc<std::sync::atomic::AtomicUsize>; 2],
-    bytes: usize,
-}
-
-impl InFlight {
-    /// Charge `bytes` to the connection's and the core's counters until dropped.
-    pub fn new(
-        conn: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
-        core: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
-        bytes: usize,
-    ) -> InFlight {
-        use std::sync::atomic::Ordering;
-        conn.fetch_add(bytes, Ordering::Relaxed);
-        core.fetch_add(bytes, Ordering::Relaxed);
-        InFlight {
-            counters: [conn.clone(), core.clone()],
-            bytes,
-        }
-    }
-
-    /// A guard that charges nothing (for tests and relay-made messages).
-    pub fn none() -> InFlight {
-        let zero = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        InFlight {
-            counters: [zero.clone(), zero],
-            bytes: 0,
-        }
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        for c in &self.counters {
-            c.fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -418,23 +377,6 @@ mod tests {
         }
         assert!(c.footprint() >= idle + 100 * (3 + ENTRY_BYTES));
         assert_eq!(c.queued_cost(), 100 * (3 + ENTRY_BYTES));
-    }
-
-    #[test]
-    fn in_flight_guard_subtracts_on_drop() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use std::sync::Arc;
-        let (a, b) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let g = InFlight::new(&a, &b, 100);
-        let h = InFlight::new(&a, &b, 50);
-        assert_eq!(
-            (a.load(Ordering::Relaxed), b.load(Ordering::Relaxed)),
-            (150, 150)
-        );
-        drop(g);
-        assert_eq!(a.load(Ordering::Relaxed), 50);
-        drop(h);
-        assert_eq!(b.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -1,83 +1,8 @@
-//! Per-core counters. Each core writes only its own (a plain load and store, no locked
+//! Per-core counters (the [`Counter`] and [`Heartbeat`] types are in `crate::telemetry`, shared
+//! with the relay). Each core writes only its own (a plain load and store, no locked
 //! instruction on the hot path); the metrics endpoint reads all of them at scrape time.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
-use std::time::Instant;
-
-/// A counter with one writer (its core) and any number of readers.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    /// Only the owning core calls this, so load + store cannot lose an increment.
-    #[inline]
-    pub fn add(&self, n: u64) {
-        self.0.store(
-            self.0.load(Ordering::Relaxed).wrapping_add(n),
-            Ordering::Relaxed,
-        );
-    }
-    #[inline]
-    pub fn inc(&self) {
-        self.add(1);
-    }
-    /// For gauges (values that go down too).
-    #[inline]
-    pub fn set(&self, v: u64) {
-        self.0.store(v, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// Milliseconds since the first call in this process (a monotonic clock every thread shares),
-/// so a heartbeat written by one thread can be aged by another.
-pub fn uptime_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
-
-/// An event loop's heartbeat: how many times it turned and when it last did. Written by its
-/// loop only (once per turn: two relaxed stores), read by `/healthz`, `/readyz`, the systemd
-/// watchdog and `/metrics`.
-#[derive(Debug)]
-pub struct Heartbeat {
-    turns: AtomicU64,
-    last_ms: AtomicU64,
-}
-
-impl Default for Heartbeat {
-    /// A loop that has not turned yet ages from its creation.
-    fn default() -> Heartbeat {
-        Heartbeat {
-            turns: AtomicU64::new(0),
-            last_ms: AtomicU64::new(uptime_ms()),
-        }
-    }
-}
-
-impl Heartbeat {
-    /// One loop turn. Only the owning loop calls this.
-    #[inline]
-    pub fn beat(&self) {
-        self.turns.store(
-            self.turns.load(Ordering::Relaxed).wrapping_add(1),
-            Ordering::Relaxed,
-        );
-        self.last_ms.store(uptime_ms(), Ordering::Relaxed);
-    }
-
-    pub fn turns(&self) -> u64 {
-        self.turns.load(Ordering::Relaxed)
-    }
-
-    /// Milliseconds since the last turn (saturating: never negative).
-    pub fn age_ms(&self) -> u64 {
-        uptime_ms().saturating_sub(self.last_ms.load(Ordering::Relaxed))
-    }
-}
+use crate::telemetry::{Counter, Heartbeat, LatencyHistogram};
 
 /// What one core counts.
 #[derive(Debug, Default)]
@@ -122,6 +47,19 @@ pub struct CoreStats {
     pub live: Counter,
     /// The core's event loop: one beat per turn (at least every tick, 50 ms).
     pub heartbeat: Heartbeat,
+    /// Time from accept to the 101 response (on the core's loop clock), for
+    /// `ringway_handshake_duration_seconds`.
+    pub handshake_latency: LatencyHistogram,
+}
+
+impl CoreStats {
+    /// A 101 went out for a connection accepted at `accepted_ms` (both on the core's loop
+    /// clock).
+    #[inline]
+    pub fn record_handshake(&self, accepted_ms: u64, now_ms: u64) {
+        self.handshake_latency
+            .record_ms(now_ms.saturating_sub(accepted_ms));
+    }
 }
 
 #[cfg(test)]
@@ -142,16 +80,5 @@ mod tests {
         .unwrap();
         assert_eq!(s.messages_in.get(), 1000);
         assert_eq!(s.bytes_in.get(), 5);
-    }
-
-    #[test]
-    fn heartbeat_ages_until_the_next_beat() {
-        let h = Heartbeat::default();
-        assert_eq!(h.turns(), 0);
-        std::thread::sleep(std::time::Duration::from_millis(30));
-        assert!(h.age_ms() >= 30, "{}", h.age_ms());
-        h.beat();
-        assert_eq!(h.turns(), 1);
-        assert!(h.age_ms() < 30, "{}", h.age_ms());
     }
 }

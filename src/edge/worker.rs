@@ -277,7 +277,7 @@ impl Worker {
             self.core.publish_memory();
             // Liveness for /healthz, /readyz and the watchdog (src/ops/health.rs).
             self.core.stats.heartbeat.beat();
-            super::test_hooks::on_loop_turn(super::test_hooks::Loop::Core(self.index));
+            crate::test_hooks::on_loop_turn(crate::test_hooks::Loop::Core(self.index));
             let generation = self.core.shared.reload_generation.load(Ordering::Acquire);
             if generation != self.reload_generation {
                 self.reload_generation = generation;
@@ -1707,6 +1707,7 @@ impl Core {
         mut rest: BytesMut,
     ) {
         self.stats.handshakes_ok.inc();
+        self.stats.record_handshake(conn.accepted_ms, self.now_ms);
         conn.queue(handshake::response_101(request, conn.protocol.as_deref()));
         conn.phase = Phase::Open;
         conn.last_message_ms = self.now_ms;

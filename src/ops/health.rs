@@ -7,14 +7,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::edge::stats::Heartbeat;
 use crate::edge::CoreStats;
+use crate::telemetry::Heartbeat;
 
 /// A loop that has not turned for this long is reported as stalled.
 pub const STALL_AFTER: Duration = Duration::from_secs(2);
 
-/// The relay's receive wait is bounded by this, so it turns (and beats) even when idle.
-pub const RELAY_TURN: Duration = Duration::from_millis(100);
+pub use crate::telemetry::RELAY_TURN;
 
 /// Every loop a health check looks at, by name (`core0`, `core1`, ..., `relay`), with its
 /// heartbeat: the labels of `ringway_loop_heartbeat_age_seconds`.

@@ -13,32 +13,14 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::edge::stats::Heartbeat;
 use crate::edge::CoreStats;
 use crate::relay::link::LinkState;
 use crate::relay::RelayGauges;
+pub use crate::relay::UpstreamLink;
+use crate::telemetry::{Heartbeat, HistogramSnapshot};
 
 /// The `Content-Type` of what [`render`] returns.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
-
-/// One backend link as the metrics see it.
-#[derive(Debug, Clone)]
-pub struct UpstreamLink {
-    /// The `[[upstreams]]` name (or `default` for the top-level `upstream`).
-    pub upstream: String,
-    /// The backend URL as configured (`tcp://HOST:PORT`, `unix:PATH`).
-    pub backend: String,
-    pub state: Arc<LinkState>,
-}
-
-/// A latency histogram read at scrape time. `buckets` are `(upper bound in seconds, count in
-/// that bucket alone)` in increasing order; a final `+Inf` bucket is added from `count`.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct HistogramSnapshot {
-    pub buckets: Vec<(f64, u64)>,
-    pub sum_seconds: f64,
-    pub count: u64,
-}
 
 /// Reads a value at scrape time.
 pub type Probe<T> = Arc<dyn Fn() -> T + Send + Sync>;
@@ -54,8 +36,6 @@ pub struct Sources {
     pub open_connections: Probe<u64>,
     /// The memory budget in force, in bytes.
     pub memory_budget: Probe<u64>,
-    /// Time from accept to the 101 response; `None` omits the metric.
-    pub handshake_latency: Option<Probe<HistogramSnapshot>>,
     /// The relay thread's heartbeat; `None` when no relay runs (`local-echo`).
     pub relay_heartbeat: Option<Arc<Heartbeat>>,
     /// What the relay holds for peers and what it refused or dropped.
@@ -67,7 +47,6 @@ impl fmt::Debug for Sources {
         f.debug_struct("Sources")
             .field("cores", &self.cores.len())
             .field("links", &self.links)
-            .field("handshake_latency", &self.handshake_latency.is_some())
             .finish()
     }
 }
@@ -127,7 +106,7 @@ fn float_gauges(
 impl Sources {
     /// Every event loop's heartbeat, labelled `loop` (`core0`, ..., `relay`).
     fn per_loop<T>(&self, read: impl Fn(&Heartbeat) -> T) -> Vec<(Labels, T)> {
-        crate::ops::health::loops(&self.cores, self.relay_heartbeat.as_deref())
+        super::health::loops(&self.cores, self.relay_heartbeat.as_deref())
             .into_iter()
             .map(|(name, h)| (vec![("loop", name)], read(h)))
             .collect()
@@ -346,21 +325,22 @@ impl Collector for Sources {
             "Times this event loop (a core or the relay) turned",
             self.per_loop(|h| h.turns()),
         )?;
-        if let Some(probe) = &self.handshake_latency {
-            let h = probe();
-            let mut family = e.encode_descriptor(
-                "ringway_handshake_duration_seconds",
-                "Time from accept to the 101 response",
-                None,
-                MetricType::Histogram,
-            )?;
-            family.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                h.sum_seconds,
-                h.count,
-                &h.buckets,
-                None,
-            )?;
+        let mut h = HistogramSnapshot::default();
+        for core in &self.cores {
+            core.handshake_latency.add_to(&mut h);
         }
+        let mut family = e.encode_descriptor(
+            "ringway_handshake_duration_seconds",
+            "Time from accept to the 101 response (1 ms resolution: the core's loop clock)",
+            None,
+            MetricType::Histogram,
+        )?;
+        family.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            h.sum_seconds,
+            h.count,
+            &h.buckets,
+            None,
+        )?;
         Ok(())
     }
 }
@@ -476,7 +456,6 @@ pub(crate) mod tests {
             ],
             open_connections: Arc::new(|| 42),
             memory_budget: Arc::new(|| 1 << 30),
-            handshake_latency: None,
             relay_heartbeat: Some(Arc::new(Heartbeat::default())),
             relay: {
                 let r = Arc::new(RelayGauges::default());
@@ -577,8 +556,9 @@ pub(crate) mod tests {
             text.contains("# TYPE ringway_upstream_up gauge\n"),
             "{text}"
         );
+        // Always exposed (the cores time every 101); no handshake was recorded here.
         assert!(
-            !text.contains("ringway_handshake_duration_seconds"),
+            text.contains("ringway_handshake_duration_seconds_count 0\n"),
             "{text}"
         );
     }
@@ -610,12 +590,18 @@ pub(crate) mod tests {
 
     #[test]
     fn histogram_is_cumulative_with_inf() {
-        let mut sources = sample_sources();
-        sources.handshake_latency = Some(Arc::new(|| HistogramSnapshot {
-            buckets: vec![(0.001, 5), (0.01, 3)],
-            sum_seconds: 0.05,
-            count: 9,
-        }));
+        let sources = sample_sources();
+        // Summed over both cores: 5 within 1 ms, 3 within 10 ms, 1 beyond every bound.
+        for _ in 0..3 {
+            sources.cores[0].handshake_latency.record_ms(1);
+        }
+        for _ in 0..2 {
+            sources.cores[1].handshake_latency.record_ms(0);
+        }
+        for _ in 0..3 {
+            sources.cores[1].handshake_latency.record_ms(10);
+        }
+        sources.cores[0].handshake_latency.record_ms(20_000);
         let s = parse(&render(&sources));
         let b = |le| {
             get(
@@ -631,9 +617,7 @@ pub(crate) mod tests {
             get(&s, "ringway_handshake_duration_seconds_count", &[]),
             Some(9.0)
         );
-        assert_eq!(
-            get(&s, "ringway_handshake_duration_seconds_sum", &[]),
-            Some(0.05)
-        );
+        let sum = get(&s, "ringway_handshake_duration_seconds_sum", &[]).unwrap();
+        assert!((sum - 20.033).abs() < 1e-9, "{sum}");
     }
 }

@@ -166,17 +166,7 @@ fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, our_pid: u32) -> Opt
 /// CLOCK_MONOTONIC in microseconds, the clock systemd compares `MONOTONIC_USEC` against.
 /// std's `Instant` uses the same clock but does not expose its value.
 fn monotonic_usec() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec that outlives the call; CLOCK_MONOTONIC is
-    // always supported on Linux, so the call only writes `ts`. Covered by
-    // `reloading_carries_the_monotonic_clock`.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    if rc != 0 {
-        return 0;
-    }
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
 }
 

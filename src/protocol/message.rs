@@ -197,13 +197,16 @@ impl MessageDecoder {
     }
 
     /// Allow RSV bits (RSV1<<2|RSV2<<1|RSV3) once an extension that defines them has been
-    /// negotiated; applies from the next frame. The payload is still delivered as is.
+    /// negotiated; applies from the next frame. The payload is still delivered as is. Only
+    /// tests use it until permessage-deflate is negotiated (then the session will).
+    #[cfg(test)]
     pub fn set_allowed_rsv(&mut self, rsv: u8) {
         self.rules.allowed_rsv = rsv & 0x7;
     }
 
-    /// Whether the decoder holds no partial header, frame or message: a connection may be
-    /// closed cleanly here without losing data.
+    /// Whether the decoder holds no partial header, frame or message (the tests' check that
+    /// a stream ended on a message boundary).
+    #[cfg(test)]
     pub fn is_idle(&self) -> bool {
         self.header_len == 0 && self.frame.is_none() && self.message.is_none()
     }

@@ -275,7 +275,7 @@ mod tests {
             upstream: 0,
             kind,
             payload: Bytes::copy_from_slice(payload),
-            guard: crate::edge::InFlight::none(),
+            guard: crate::in_flight::InFlight::none(),
         }
     }
 

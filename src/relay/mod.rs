@@ -69,6 +69,16 @@ impl RelayGauges {
     }
 }
 
+/// One backend link as the metrics and readiness see it: built by the router, read by `ops`.
+#[derive(Debug, Clone)]
+pub struct UpstreamLink {
+    /// The `[[upstreams]]` name (or `default` for the top-level `upstream`).
+    pub upstream: String,
+    /// The backend URL as configured (`tcp://HOST:PORT`, `unix:PATH`).
+    pub backend: String,
+    pub state: std::sync::Arc<link::LinkState>,
+}
+
 /// Bookkeeping bytes charged per stored item on top of its strings (map entry, allocation
 /// headers): an estimate, so that many small items are not charged as nothing.
 pub const ENTRY_OVERHEAD: usize = 64;
@@ -106,7 +116,7 @@ pub enum ToUpstream {
         payload: Bytes,
         /// Charges the payload to its connection's and core's relay in-flight bytes until
         /// dropped (the edge pauses a connection with too much in flight).
-        guard: crate::edge::InFlight,
+        guard: crate::in_flight::InFlight,
     },
     /// The core reads nothing more from this connection: hand back a `ToEdge::Close` with
     /// this code once every reply passed on before it is on its way, so the client gets

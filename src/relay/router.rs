@@ -71,12 +71,12 @@ pub struct Router<S: EdgeSink + Clone + 'static> {
     conns: HashMap<ConnId, Binding>,
     chat: ChatEcho,
     threads: Vec<JoinHandle<()>>,
-    links: Vec<crate::ops::metrics::UpstreamLink>,
+    links: Vec<super::UpstreamLink>,
     stop: Arc<AtomicBool>,
     scratch: BytesMut,
     gauges: Arc<RelayGauges>,
     pub stats: RelayStats,
-    heartbeat: Arc<crate::edge::stats::Heartbeat>,
+    heartbeat: Arc<crate::telemetry::Heartbeat>,
 }
 
 impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
@@ -119,7 +119,7 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                     .spawn(move || link.run())
                     .expect("spawning a backend link thread");
                 threads.push(handle);
-                described.push(crate::ops::metrics::UpstreamLink {
+                described.push(super::UpstreamLink {
                     upstream: spec.name.clone(),
                     backend: match backend {
                         Backend::Tcp(a) => format!("tcp://{a}"),
@@ -170,12 +170,12 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
     }
 
     /// Every backend link, for metrics and readiness.
-    pub fn links(&self) -> Vec<crate::ops::metrics::UpstreamLink> {
+    pub fn links(&self) -> Vec<super::UpstreamLink> {
         self.links.clone()
     }
 
     /// The relay loop's heartbeat (one beat per turn, at least every `health::RELAY_TURN`).
-    pub fn heartbeat(&self) -> Arc<crate::edge::stats::Heartbeat> {
+    pub fn heartbeat(&self) -> Arc<crate::telemetry::Heartbeat> {
         self.heartbeat.clone()
     }
 
@@ -184,8 +184,8 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
         loop {
             // A bounded wait, so the relay turns (and its heartbeat beats) even when idle.
             self.heartbeat.beat();
-            crate::edge::test_hooks::on_loop_turn(crate::edge::test_hooks::Loop::Relay);
-            let first = match rx.recv_timeout(crate::ops::health::RELAY_TURN) {
+            crate::test_hooks::on_loop_turn(crate::test_hooks::Loop::Relay);
+            let first = match rx.recv_timeout(crate::telemetry::RELAY_TURN) {
                 Ok(m) => m,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,

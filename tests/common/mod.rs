@@ -67,7 +67,7 @@ impl Gateway {
     }
 
     fn spawn(config_path: Option<PathBuf>, args: &[&str], env: &[(&str, &str)]) -> Gateway {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringway"));
+        let mut cmd = Command::new(ringway_binary());
         cmd.args(["--listen", "127.0.0.1:0"]);
         if !args.contains(&"--workers") {
             cmd.args(["--workers", "2"]);
@@ -236,11 +236,34 @@ impl Drop for Gateway {
     }
 }
 
+/// The gateway binary under test: cargo names it for this package's tests; the bench crate's
+/// tests (bench/tests/, which share this file) find it beside their own executable in the
+/// workspace's target directory (`cargo test --workspace` builds it).
+pub fn ringway_binary() -> PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_ringway") {
+        return PathBuf::from(path);
+    }
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/ringway
+    let exe = std::env::current_exe().expect("the test's own path");
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("ringway"))
+        .expect("a test executable inside target/<profile>/deps");
+    assert!(
+        path.exists(),
+        "{} is missing: build the gateway first (cargo build --release) or run \
+         cargo test --workspace",
+        path.display()
+    );
+    path
+}
+
 /// Run the binary with `args` to its exit (killed after 20 s: a gateway that serves instead
 /// of failing then fails the caller on its exit status).
 #[allow(dead_code)]
 pub fn run_to_exit(args: &[&str]) -> std::process::Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ringway"))
+    let mut child = Command::new(ringway_binary())
         .args(args)
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())

@@ -11,6 +11,8 @@ use ringway::protocol::handshake::{parse_request, response_101, HandshakeLimits,
 use ringway::protocol::message::{Event, Limits, MessageDecoder};
 use serde_json::Value;
 
+// The gateway's own test helpers (they start the `ringway` binary of this workspace).
+#[path = "../../tests/common/mod.rs"]
 mod common;
 use common::Gateway;
 

@@ -62,7 +62,7 @@ fn hooks() -> Option<&'static Hooks> {
 #[inline]
 pub fn on_loop_turn(which: Loop) {
     let Some(h) = hooks() else { return };
-    if super::stats::uptime_ms() < h.after_ms {
+    if crate::telemetry::uptime_ms() < h.after_ms {
         return;
     }
     let (stall, panic) = match which {

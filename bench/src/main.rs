@@ -3,21 +3,13 @@
 //! none of the server's runtime, drives many nonblocking sockets per thread, checks every
 //! reply byte for byte, and measures the server's CPU and memory from /proc.
 
-#[path = "ringway-bench/churn.rs"]
 mod churn;
-#[path = "ringway-bench/client.rs"]
 mod client;
-#[path = "ringway-bench/conn.rs"]
 mod conn;
-#[path = "ringway-bench/payload.rs"]
 mod payload;
-#[path = "ringway-bench/procfs.rs"]
 mod procfs;
-#[path = "ringway-bench/report.rs"]
 mod report;
-#[path = "ringway-bench/sys.rs"]
 mod sys;
-#[path = "ringway-bench/ws.rs"]
 mod ws;
 
 use std::process::ExitCode;
