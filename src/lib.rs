@@ -13,3 +13,4 @@ pub mod policy;
 pub mod protocol;
 pub mod relay;
 pub mod route;
+pub mod session;
