@@ -819,7 +819,9 @@ impl Session {
     pub fn close_after_replies(&mut self, cx: &mut Context<'_>, code: u16, reason: &str) {
         self.reading_done = true;
         self.closing_without_reply = true;
-        if cx.relay && self.counted_open {
+        // Our close went out already (the backend's, or a timer's): the client's answer
+        // completes the handshake, and there is nothing left to fence.
+        if cx.relay && self.counted_open && !self.close.close_sent() {
             self.fence(cx, code, reason, None);
         } else {
             self.start_close(cx.now_ms, code, reason);
@@ -849,9 +851,12 @@ impl Session {
     fn close_for_error(&mut self, cx: &mut Context<'_>, code: u16, reason: &str) {
         self.reading_done = true;
         self.closing_without_reply = true;
-        // What the relay's `Closed` carries even if TCP goes before our close does.
-        self.close_code = code;
-        if cx.relay && self.counted_open {
+        // What the relay's `Closed` carries even if TCP goes before our close does (unless
+        // ours went out already: then there are no replies to wait for either).
+        if !self.close.close_sent() {
+            self.close_code = code;
+        }
+        if cx.relay && self.counted_open && !self.close.close_sent() {
             self.fence(cx, code, reason, Some(code));
         } else {
             self.start_close(cx.now_ms, code, reason);
