@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::policy::rate::PerIpLimiter;
 use crate::relay::{ToEdge, ToUpstream, Topic};
 use crate::route::RouteTable;
-use crate::session::{self, Context, Count, Meter, Output, Session, Shutdown, Subscribed};
+use crate::session::{Context, Count, Meter, Output, Session, Shutdown, Subscribed};
 use std::collections::HashMap;
 
 use super::buffers::{self, BufferRing};
@@ -42,6 +42,8 @@ const OP_TICK: u64 = 4;
 const OP_WAKE: u64 = 5;
 const OP_CANCEL: u64 = 6;
 
+mod backpressure;
+mod drain;
 mod fanout;
 mod reload;
 
@@ -850,82 +852,6 @@ impl Worker {
         self.push(sqe);
     }
 
-    /// Send what waits in the core's relay backlog, then re-read paused clients that may
-    /// resume.
-    fn flush_relay_backlog(&mut self) {
-        self.drain_relay_backlog();
-        if self.paused.is_empty() {
-            return;
-        }
-        for (slot, generation) in std::mem::take(&mut self.paused) {
-            let Some(conn) = conn_in(&mut self.slots, slot, generation) else {
-                continue;
-            };
-            if !conn.paused {
-                continue;
-            }
-            if self.core.may_resume(conn) || conn.shut {
-                conn.paused = false;
-                conn.session.resumed();
-                self.recv_rearm.push(slot);
-                continue;
-            }
-            self.paused.push((slot, generation));
-        }
-    }
-
-    /// Over the memory budget: close this core's largest holder 1008 "server memory budget"
-    /// (one per loop turn, until the published total is back under the budget).
-    fn shed_for_budget(&mut self) {
-        if !self.core.over_memory_budget() {
-            return;
-        }
-        let largest = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.conn.as_ref().map(|c| (i as u32, c)))
-            .filter(|(_, c)| {
-                c.session.is_open()
-                    && !c.shut
-                    && !c.session.reading_done()
-                    && c.holds() > 4 * session::BASE_BYTES
-            })
-            .max_by_key(|(_, c)| c.holds())
-            .map(|(i, _)| i);
-        let Some(slot) = largest else { return };
-        let conn = self.slots[slot as usize]
-            .conn
-            .as_mut()
-            .expect("found above");
-        tracing::warn!(conn = %conn.session.id(), holds = conn.holds(), "over the memory budget: closing the largest holder 1008");
-        conn.session.shed(&mut self.core.cx(), conn.send_in_flight);
-        self.after_event(slot);
-    }
-
-    fn drain_relay_backlog(&mut self) {
-        let Some(relay) = &self.core.relay else {
-            return;
-        };
-        while let Some(msg) = self.core.relay_backlog.pop_front() {
-            match relay.try_send(msg) {
-                Ok(()) => {}
-                Err(TrySendError::Full(msg)) => {
-                    self.core.relay_backlog.push_front(msg);
-                    break;
-                }
-                Err(TrySendError::Disconnected(_)) => {
-                    tracing::error!(
-                        core = self.index,
-                        "the relay thread is gone; dropping its queue"
-                    );
-                    self.core.relay_backlog.clear();
-                    break;
-                }
-            }
-        }
-    }
-
     // ----- timers -----
 
     fn arm_timer(&mut self, slot: u32) {
@@ -978,55 +904,6 @@ impl Worker {
             self.after_event(entry.slot);
         }
         self.due = due;
-    }
-
-    // ----- shutdown -----
-
-    fn begin_drain(&mut self) {
-        let deadline = self
-            .core
-            .now_ms
-            .saturating_add(self.core.config.shutdown_grace_ms);
-        self.draining = Some(deadline);
-        if self.accept_armed {
-            let sqe = opcode::AsyncCancel::new(user_data(OP_ACCEPT, 0, 0))
-                .build()
-                .user_data(user_data(OP_CANCEL, 0, 0));
-            self.push(sqe);
-        }
-        // Closing our listener makes the kernel send new connections to no one on this core;
-        // the ring keeps its own reference until the accept is cancelled.
-        self.listener = None;
-        for slot in 0..self.slots.len() as u32 {
-            let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
-                continue;
-            };
-            if conn.shut {
-                continue;
-            }
-            if conn.session.begin_drain(self.core.now_ms) {
-                self.shut(slot);
-            }
-            // Deadlines moved: the wheel must look at this connection by the drain deadline.
-            if let Some(conn) = self.slots[slot as usize].conn.as_mut() {
-                conn.wheel_at = None;
-            }
-            self.after_event(slot);
-        }
-        tracing::info!(
-            core = self.index,
-            open = self.live,
-            "draining: sent 1001 to every client"
-        );
-    }
-
-    fn force_close_all(&mut self) {
-        for slot in 0..self.slots.len() as u32 {
-            if self.slots[slot as usize].conn.is_some() {
-                self.shut(slot);
-                self.after_event(slot);
-            }
-        }
     }
 }
 

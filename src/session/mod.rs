@@ -32,7 +32,7 @@ use crate::protocol::handshake::{self, Parsed, Request};
 use crate::protocol::message::{Event, Limits, MessageDecoder, MessageKind};
 use crate::protocol::ProtocolError;
 use crate::relay::{OpenInfo, ToUpstream, Topic};
-use crate::route::{RouteId, RouteTable};
+use crate::route::{Backend, RouteId, RouteTable};
 
 use queue::Outbound;
 pub use queue::ENTRY_BYTES;
@@ -196,6 +196,9 @@ pub struct Session {
     /// The relay knows it (its `Open` went out): the relay gets `Closed` when the slot is
     /// freed, and a client's protocol error is fenced through the relay.
     counted_open: bool,
+    /// It is bound to (or sent a message to) an upstream outside this process, whose
+    /// answer to a fence a client's protocol error does not wait for.
+    uses_backend: bool,
     out: Outbound,
     /// Close code we sent, or received, for the relay's `Closed` event; 1006 until then.
     close_code: u16,
@@ -240,6 +243,15 @@ pub fn route_limits(config: &Config, max_fragments: u32) -> Limits {
     }
 }
 
+/// Whether every backend of `upstream` is in this process (the embedded echo/chat): the
+/// relay hands a fence back at once, after the replies it produced.
+fn in_process(routes: &RouteTable, upstream: UpstreamId) -> bool {
+    routes
+        .upstreams()
+        .get(usize::from(upstream))
+        .is_some_and(|u| u.backends.iter().all(|b| *b == Backend::Embedded))
+}
+
 /// What one frame means for the session.
 enum Action {
     None,
@@ -268,6 +280,7 @@ impl Session {
             abort: false,
             closed: false,
             counted_open: false,
+            uses_backend: false,
             out: Outbound::default(),
             close_code: close::ABNORMAL,
             accepted_ms: now_ms,
@@ -541,6 +554,7 @@ impl Session {
                 let policy = cx.routes.policy(route_id);
                 // Its place under max_connections was taken at accept by the driver.
                 self.counted_open = true;
+                self.uses_backend = !in_process(cx.routes, route.upstream);
                 self.route = route_id;
                 self.decoder
                     .set_limits(route_limits(cx.config, route.max_fragments));
@@ -644,7 +658,10 @@ impl Session {
                             .routes
                             .select(route, kind, payload.as_slice(), cx.scratch)
                         {
-                            Ok(upstream) => Action::Relay(upstream, kind, payload.into_bytes()),
+                            Ok(upstream) => {
+                                self.uses_backend |= !in_process(cx.routes, upstream);
+                                Action::Relay(upstream, kind, payload.into_bytes())
+                            }
                             Err(e) => Action::Refuse(e.into()),
                         }
                     }
@@ -845,22 +862,30 @@ impl Session {
 
     /// End the connection for the client's protocol error or a refused message: read
     /// nothing more, and send our close frame (code and reason) once the replies to the
-    /// messages it already had routed are queued: through the relay, a fence with this
-    /// code, whose return (or timeout) sends our close whatever the relay answers.
-    /// TCP goes after the close has left.
+    /// messages it already had routed are queued. Through the relay to in-process upstreams
+    /// only, that is a fence with this code, whose return (or timeout) sends our close
+    /// whatever the relay answers. A backend's answer is not waited for
+    /// (docs/relay-protocol.md, "Close"): the close goes at once and the relay is told
+    /// `Closed`, after everything already sent for the connection.
+    /// TCP goes after the client's answer or the linger time.
     fn close_for_error(&mut self, cx: &mut Context<'_>, code: u16, reason: &str) {
         self.reading_done = true;
         self.closing_without_reply = true;
-        // What the relay's `Closed` carries even if TCP goes before our close does (unless
-        // ours went out already: then there are no replies to wait for either).
-        if !self.close.close_sent() {
+        if cx.relay && self.counted_open && !self.close.close_sent() && !self.uses_backend {
+            // What the relay's `Closed` carries even if TCP goes before our close does.
             self.close_code = code;
-        }
-        if cx.relay && self.counted_open && !self.close.close_sent() {
             self.fence(cx, code, reason, Some(code));
-        } else {
-            self.start_close(cx.now_ms, code, reason);
-            self.close_after_flush = true;
+            return;
+        }
+        self.start_close(cx.now_ms, code, reason);
+        self.close_after_flush = true;
+        if cx.relay && self.counted_open {
+            cx.out.push(Output::Relay(ToUpstream::Closed {
+                conn: self.id,
+                code,
+            }));
+            // The relay was told `Closed`: it must not hear of this connection again.
+            self.counted_open = false;
         }
     }
 

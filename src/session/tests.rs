@@ -483,16 +483,34 @@ fn protocol_error_closes_1002_after_replies_already_routed() {
 }
 
 #[test]
-fn protocol_error_after_our_close_needs_no_fence() {
+fn protocol_error_after_our_close_needs_no_fence_and_tells_the_relay_closed() {
     let mut sim = Sim::open(PLAIN, true);
     sim.relay_close(1012);
     assert_eq!(sim.wire(), [Wire::Close(1012)]);
     // 1012 is ours to send, not the client's (Autobahn 7.9): a protocol error.
     sim.close_frame(1012, "");
-    assert!(sim.outputs().is_empty());
+    assert!(matches!(
+        sim.outputs()[..],
+        [Output::Relay(ToUpstream::Closed { code: 1002, .. })]
+    ));
     assert!(sim.wire().is_empty(), "one close per side");
     assert_eq!(sim.s.close_code(), 1012, "what we sent");
     assert_eq!(sim.shutdown(), Some(Shutdown::Write));
+}
+
+/// A backend's answer to `close` is not waited for (docs/relay-protocol.md, "Close").
+#[test]
+fn protocol_error_with_a_backend_closes_at_once_and_tells_the_relay_closed() {
+    let backend = "[[upstreams]]\nname = \"b\"\nbackends = [\"tcp://127.0.0.1:9\"]\n\
+                   [[routes]]\npath = \"/*\"\nupstream = \"b\"\n";
+    let mut sim = Sim::open(backend, true);
+    sim.frame(true, OpCode::Text, &[0xff]);
+    assert_eq!(sim.wire(), [Wire::Close(close::INVALID_PAYLOAD)]);
+    assert!(matches!(
+        sim.outputs()[..],
+        [Output::Relay(ToUpstream::Closed { code: 1007, .. })]
+    ));
+    assert!(!sim.s.counted_open());
 }
 
 #[test]
