@@ -308,7 +308,7 @@ impl Worker {
                 while i < self.pending_sqes.len() {
                     // SAFETY: every entry built by this worker points only at memory that
                     // outlives the operation: the socket fds stay open until the operation's
-                    // completion has been seen (`Connection::finished`), send iovecs live in a
+                    // completion has been seen (`Conn::finished`), send iovecs live in a
                     // boxed SendBuf held in `in_flight_sends` until the send completes, and the
                     // tick timespec and wake buffer are boxed fields of the worker, which waits
                     // for every operation before it returns.

@@ -11,6 +11,7 @@
 //! (one [`TimerTable`]), what each frame means (pong, close reply, message to route) and the
 //! outbound queue's accounting. The driver keeps the fd and the ring state (recv armed,
 //! send in flight, shut) beside it.
+#![forbid(unsafe_code)]
 
 mod queue;
 #[cfg(test)]
