@@ -74,18 +74,163 @@ impl Refusal {
         }
     }
 
-    /// The `reason` label of `ringway_policy_refusals_total`, where it is counted there.
-    pub fn metric(&self) -> Option<&'static str> {
+    /// What it is counted under in `ringway_policy_refusals_total`, where it is counted.
+    pub fn metric(&self) -> Option<PolicyRefusal> {
         match self {
             Refusal::NoRoute => None,
-            Refusal::Origin => Some("origin"),
-            Refusal::Auth(_) => Some("auth"),
+            Refusal::Origin => Some(PolicyRefusal::Origin),
+            Refusal::Auth(_) => Some(PolicyRefusal::Auth),
         }
     }
 
     /// The whole HTTP response.
     pub fn response(&self) -> Bytes {
         handshake::error_response(self.status(), self.reason(), self.headers())
+    }
+}
+
+/// Every `reason` label of `ringway_policy_refusals_total`: each refusal the edge's policy
+/// makes, at accept, in the handshake or on a message, is counted under exactly one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PolicyRefusal {
+    /// Per-IP connection rate or concurrency (429/503 at accept).
+    IpLimit,
+    /// `Origin` not allowed (403).
+    Origin,
+    /// Missing or bad JWT (401).
+    Auth,
+    /// A message over the route's message rate (close 1008).
+    MessageRate,
+    /// An open connection's token expired (close 1008).
+    TokenExpired,
+    /// A message in more fragments than the route allows (close 1008).
+    Fragments,
+    /// A new connection while over the memory budget (503).
+    Memory,
+    /// The largest holders closed to get back under the memory budget (close 1008).
+    MemoryShed,
+    /// `max_connections` reached (503).
+    ConnectionLimit,
+}
+
+impl PolicyRefusal {
+    pub const ALL: [PolicyRefusal; 9] = [
+        PolicyRefusal::IpLimit,
+        PolicyRefusal::Origin,
+        PolicyRefusal::Auth,
+        PolicyRefusal::MessageRate,
+        PolicyRefusal::TokenExpired,
+        PolicyRefusal::Fragments,
+        PolicyRefusal::Memory,
+        PolicyRefusal::MemoryShed,
+        PolicyRefusal::ConnectionLimit,
+    ];
+
+    /// The metric's `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            PolicyRefusal::IpLimit => "ip_limit",
+            PolicyRefusal::Origin => "origin",
+            PolicyRefusal::Auth => "auth",
+            PolicyRefusal::MessageRate => "message_rate",
+            PolicyRefusal::TokenExpired => "token_expired",
+            PolicyRefusal::Fragments => "fragments",
+            PolicyRefusal::Memory => "memory",
+            PolicyRefusal::MemoryShed => "memory_shed",
+            PolicyRefusal::ConnectionLimit => "connection_limit",
+        }
+    }
+}
+
+/// Why a connection is refused at accept, before its request is read: answered with the
+/// status, reason and `Retry-After` once the request arrives.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AcceptRefusal {
+    #[error("server memory budget exhausted")]
+    Memory,
+    #[error("connection limit reached")]
+    ConnectionLimit,
+    #[error("{0}")]
+    Ip(crate::policy::rate::Refusal),
+}
+
+impl AcceptRefusal {
+    pub fn status(&self) -> u16 {
+        match self {
+            AcceptRefusal::Memory | AcceptRefusal::ConnectionLimit => 503,
+            AcceptRefusal::Ip(r) => r.status(),
+        }
+    }
+
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AcceptRefusal::Memory => "server memory budget exhausted",
+            AcceptRefusal::ConnectionLimit => "connection limit reached",
+            AcceptRefusal::Ip(r) => r.reason(),
+        }
+    }
+
+    pub fn retry_after_secs(&self) -> u64 {
+        match self {
+            AcceptRefusal::Memory | AcceptRefusal::ConnectionLimit => 5,
+            AcceptRefusal::Ip(r) => r.retry_after_secs(),
+        }
+    }
+
+    pub fn metric(&self) -> PolicyRefusal {
+        match self {
+            AcceptRefusal::Memory => PolicyRefusal::Memory,
+            AcceptRefusal::ConnectionLimit => PolicyRefusal::ConnectionLimit,
+            AcceptRefusal::Ip(_) => PolicyRefusal::IpLimit,
+        }
+    }
+
+    /// The whole HTTP response, with `Retry-After`.
+    pub fn response(&self) -> Bytes {
+        let retry_after = self.retry_after_secs().to_string();
+        handshake::error_response(
+            self.status(),
+            self.reason(),
+            &[("Retry-After", &retry_after)],
+        )
+    }
+}
+
+/// Why a client message is refused: the connection is closed with [`close_code`]
+/// (docs/relay-protocol.md, "Close").
+///
+/// [`close_code`]: MessageRefusal::close_code
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MessageRefusal {
+    #[error("message rate exceeded")]
+    Rate,
+    /// The JSON routing key appears twice (parsers disagree on which one wins).
+    #[error("the routing key appears more than once in the message")]
+    DuplicateRouteKey,
+    #[error("message could not be routed")]
+    Unroutable,
+}
+
+impl MessageRefusal {
+    pub fn close_code(&self) -> u16 {
+        crate::protocol::close::POLICY_VIOLATION
+    }
+
+    /// What it is counted under in `ringway_policy_refusals_total`, if anything.
+    pub fn metric(&self) -> Option<PolicyRefusal> {
+        match self {
+            MessageRefusal::Rate => Some(PolicyRefusal::MessageRate),
+            MessageRefusal::DuplicateRouteKey | MessageRefusal::Unroutable => None,
+        }
+    }
+}
+
+impl From<crate::route::RouteError> for MessageRefusal {
+    fn from(e: crate::route::RouteError) -> MessageRefusal {
+        match e {
+            crate::route::RouteError::DuplicateKey => MessageRefusal::DuplicateRouteKey,
+            _ => MessageRefusal::Unroutable,
+        }
     }
 }
 
@@ -309,7 +454,7 @@ pass_headers = ["x-claim-sub", "x-request-id"]
         .unwrap_err();
         assert_eq!(
             (e, e.status(), e.metric()),
-            (Refusal::Origin, 403, Some("origin"))
+            (Refusal::Origin, 403, Some(PolicyRefusal::Origin))
         );
         assert!(e.response().starts_with(b"HTTP/1.1 403 "));
         // Token problems are 401s with the WWW-Authenticate challenge.
@@ -338,7 +483,7 @@ pass_headers = ["x-claim-sub", "x-request-id"]
         for (extra, want) in cases {
             let e = admit(&request("/admin", &format!("{ORIGIN}{extra}")), &r, NOW).unwrap_err();
             assert_eq!(e, Refusal::Auth(want), "{extra:?}");
-            assert_eq!((e.status(), e.metric()), (401, Some("auth")));
+            assert_eq!((e.status(), e.metric()), (401, Some(PolicyRefusal::Auth)));
             let resp = e.response();
             let text = String::from_utf8_lossy(&resp);
             assert!(text.contains("WWW-Authenticate: Bearer\r\n"), "{text}");

@@ -22,5 +22,6 @@ pub mod policy;
 pub mod protocol;
 pub mod relay;
 pub mod route;
+pub mod session;
 pub mod telemetry;
 pub mod test_hooks;

@@ -2,8 +2,9 @@
 //! listener and provided-buffer ring. It accepts, receives, drives the sans-IO protocol core,
 //! hands messages to the relay, and sends replies that come back through the core's inbox.
 //!
-//! Data path: `listener` (accept) -> `worker` (recv into `buffers`) -> `connection`
-//! (handshake, frames) -> relay channel -> `inbox` -> `worker` (send).
+//! Data path: `listener` (accept) -> `worker` (recv into `buffers`) -> `crate::session`
+//! (handshake, frames; `connection` holds its fd and ring state) -> relay channel -> `inbox`
+//! -> `worker` (send).
 
 mod buffers;
 mod connection;

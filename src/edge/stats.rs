@@ -2,7 +2,34 @@
 //! with the relay). Each core writes only its own (a plain load and store, no locked
 //! instruction on the hot path); the metrics endpoint reads all of them at scrape time.
 
+use crate::admission::PolicyRefusal;
+use crate::session::{Count, Meter};
 use crate::telemetry::{Counter, Heartbeat, LatencyHistogram};
+
+impl CoreStats {
+    /// The counter of one `ringway_policy_refusals_total` reason.
+    pub fn refused(&self, why: PolicyRefusal) -> &Counter {
+        &self.refusals[why as usize]
+    }
+}
+
+impl Meter for CoreStats {
+    fn count(&self, what: Count) {
+        match what {
+            Count::HandshakeOk { latency_ms } => {
+                self.handshakes_ok.inc();
+                self.handshake_latency.record_ms(latency_ms);
+            }
+            Count::HandshakeRejected => self.handshakes_rejected.inc(),
+            Count::MessageIn => self.messages_in.inc(),
+            Count::MessageOut => self.messages_out.inc(),
+            Count::ProtocolError => self.protocol_errors.inc(),
+            Count::Refused(why) => self.refused(why).inc(),
+            Count::SlowConsumerClosed => self.overflow_closed.inc(),
+            Count::SlowConsumerDropped => self.overflow_dropped.inc(),
+        }
+    }
+}
 
 /// What one core counts.
 #[derive(Debug, Default)]
@@ -25,22 +52,9 @@ pub struct CoreStats {
     /// Topic or broadcast messages dropped for a full send queue (drop-newest policy).
     pub overflow_dropped: Counter,
     pub closed: Counter,
-    /// Refused by the per-IP limits (429/503), a disallowed Origin (403), a failed token
-    /// (401), or closed 1008 for exceeding the message rate.
-    pub ip_refused: Counter,
-    pub origin_refused: Counter,
-    pub auth_failed: Counter,
-    pub rate_limited: Counter,
-    /// Open connections closed 1008 "token expired" when their JWT's `exp` passed.
-    pub token_expired: Counter,
-    /// Closed 1008 for a message of more frames than the route's max_fragments.
-    pub fragment_limited: Counter,
-    /// Refused with 503 because connection buffers used the whole memory budget.
-    pub memory_refused: Counter,
-    /// Connections closed 1008 "server memory budget" to bring the core back under it.
-    pub memory_shed: Counter,
-    /// Refused with 503 at accept because `max_connections` were open or handshaking.
-    pub limit_refused: Counter,
+    /// Refused by the edge's policy, one counter per `reason` label of
+    /// `ringway_policy_refusals_total` (indexed by `PolicyRefusal`; see `refused`).
+    pub refusals: [Counter; PolicyRefusal::ALL.len()],
     /// Bytes of connection state and buffers this core holds (a gauge).
     pub buffer_bytes: Counter,
     /// Connections currently held by this core (handshaking, open or closing).
@@ -50,16 +64,6 @@ pub struct CoreStats {
     /// Time from accept to the 101 response (on the core's loop clock), for
     /// `ringway_handshake_duration_seconds`.
     pub handshake_latency: LatencyHistogram,
-}
-
-impl CoreStats {
-    /// A 101 went out for a connection accepted at `accepted_ms` (both on the core's loop
-    /// clock).
-    #[inline]
-    pub fn record_handshake(&self, accepted_ms: u64, now_ms: u64) {
-        self.handshake_latency
-            .record_ms(now_ms.saturating_sub(accepted_ms));
-    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::admission::PolicyRefusal;
 use crate::edge::CoreStats;
 use crate::relay::link::LinkState;
 use crate::relay::RelayGauges;
@@ -221,15 +222,10 @@ impl Collector for Sources {
             "Subscriptions ignored because the connection reached max_subscriptions",
             self.per_core(&[], |s| s.subscription_limit.get()),
         )?;
-        let mut refused = self.per_core(&[("reason", "ip_limit")], |s| s.ip_refused.get());
-        refused.extend(self.per_core(&[("reason", "origin")], |s| s.origin_refused.get()));
-        refused.extend(self.per_core(&[("reason", "auth")], |s| s.auth_failed.get()));
-        refused.extend(self.per_core(&[("reason", "message_rate")], |s| s.rate_limited.get()));
-        refused.extend(self.per_core(&[("reason", "token_expired")], |s| s.token_expired.get()));
-        refused.extend(self.per_core(&[("reason", "fragments")], |s| s.fragment_limited.get()));
-        refused.extend(self.per_core(&[("reason", "memory")], |s| s.memory_refused.get()));
-        refused.extend(self.per_core(&[("reason", "memory_shed")], |s| s.memory_shed.get()));
-        refused.extend(self.per_core(&[("reason", "connection_limit")], |s| s.limit_refused.get()));
+        let refused = PolicyRefusal::ALL
+            .into_iter()
+            .flat_map(|why| self.per_core(&[("reason", why.label())], |s| s.refused(why).get()))
+            .collect::<Vec<_>>();
         counters(
             e,
             "ringway_policy_refusals",
@@ -432,7 +428,7 @@ pub(crate) mod tests {
         b.overflow_closed.add(4);
         b.overflow_dropped.add(6);
         a.live.set(8);
-        b.memory_refused.add(2);
+        b.refused(PolicyRefusal::Memory).add(2);
         a.buffer_bytes.set(4096);
         let up = Arc::new(LinkState::default());
         up.live.store(true, Ordering::Relaxed);

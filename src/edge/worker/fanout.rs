@@ -1,0 +1,66 @@
+//! Topic publishes and broadcasts on one core: encoded once, the same bytes queued to every
+//! local recipient's session; and the core's topic table (topic -> subscriber slots).
+
+use std::collections::HashMap;
+
+use crate::relay::{ToEdge, Topic};
+use crate::session;
+
+use super::super::panic;
+use super::Worker;
+
+impl Worker {
+    /// A publish or broadcast: encoded once, the same bytes queued to every recipient here.
+    pub(super) fn on_fanout(&mut self, msg: ToEdge) {
+        let (recipients, kind, payload): (Vec<u32>, _, _) = match msg {
+            ToEdge::Publish {
+                topic,
+                kind,
+                payload,
+            } => match self.topics.get(&topic) {
+                Some(slots) => (slots.clone(), kind, payload),
+                None => return,
+            },
+            ToEdge::Broadcast { kind, payload } => {
+                let open = (0..self.slots.len() as u32)
+                    .filter(|&s| {
+                        self.slots[s as usize]
+                            .conn
+                            .as_ref()
+                            .is_some_and(|c| c.session.is_open())
+                    })
+                    .collect();
+                (open, kind, payload)
+            }
+            _ => return,
+        };
+        let frame = session::encode(session::opcode_for(kind), &payload);
+        for slot in recipients {
+            let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
+                continue;
+            };
+            if conn.shut || !conn.session.accepts_fanout() {
+                continue;
+            }
+            let core = &mut self.core;
+            let session = &mut conn.session;
+            let queued = panic::contain(|| session.queue_fanout(&mut core.cx(), frame.clone()));
+            if let Err(location) = queued {
+                self.contained_panic(slot, &location);
+            }
+            self.after_event(slot);
+        }
+    }
+}
+
+/// Take `slot` off `topic`'s subscribers (and the topic off the table once it has none).
+pub(super) fn unsubscribe(topics: &mut HashMap<Topic, Vec<u32>>, topic: &Topic, slot: u32) {
+    if let Some(slots) = topics.get_mut(topic) {
+        if let Some(i) = slots.iter().position(|&s| s == slot) {
+            slots.swap_remove(i);
+        }
+        if slots.is_empty() {
+            topics.remove(topic);
+        }
+    }
+}

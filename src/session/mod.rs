@@ -1,0 +1,1126 @@
+//! The sans-IO life of one client connection, between the protocol core and the edge's
+//! io_uring driver: bytes in (`on_bytes`), relay replies in (`on_relay_*`), deadlines asked
+//! for (`poll_timeout`) and fired (`handle_timeout`); out come bytes to transmit (`queued`),
+//! events for the relay (`Output`), and what to do with the socket (`poll_shutdown`).
+//! No sockets, rings or clocks: time is passed in (`Context::now_ms`, `Context::unix_ms`).
+//!
+//! Data path: ring -> worker -> **session** (handshake -> admission -> frames -> message)
+//! -> route -> relay -> inbox -> **session** (outbound queue) -> worker -> ring.
+//!
+//! It owns the lifecycle ([`State`]), the close and fence rules, the per-connection timers
+//! (one [`TimerTable`]), what each frame means (pong, close reply, message to route) and the
+//! outbound queue's accounting. The driver keeps the fd and the ring state (recv armed,
+//! send in flight, shut) beside it.
+#![forbid(unsafe_code)]
+
+mod queue;
+#[cfg(test)]
+mod tests;
+mod timers;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::admission::{self, AcceptRefusal, MessageRefusal, PolicyRefusal};
+use crate::config::{Config, SlowConsumer, Upstream};
+use crate::ids::{ConnId, UpstreamId};
+use crate::policy::rate::MessageRate;
+use crate::protocol::close::{self, CloseHandshake};
+use crate::protocol::frame::{self, OpCode, Role, MAX_HEADER_LEN};
+use crate::protocol::handshake::{self, Parsed, Request};
+use crate::protocol::message::{Event, Limits, MessageDecoder, MessageKind};
+use crate::protocol::ProtocolError;
+use crate::relay::{OpenInfo, ToUpstream, Topic};
+use crate::route::{Backend, RouteId, RouteTable};
+
+use queue::Outbound;
+pub use queue::ENTRY_BYTES;
+pub use timers::{Timer, TimerTable};
+
+/// What a connection is charged against the memory budget besides its buffers: its slot,
+/// timer entry and bookkeeping. Measured at 1.5-2.1 KiB of RSS per idle connection
+/// (ringway-bench idle, 10,000 connections).
+pub const BASE_BYTES: usize = 2048;
+
+/// What one subscription costs besides its topic name: its slot in `subscriptions`, its
+/// entry in the core's topic table (key, Vec header, slot index) and the `Arc<str>` counts.
+pub const SUBSCRIPTION_BYTES: usize = 96;
+
+/// Unsent bytes past which a new pong replaces a queued one (see `Outbound::push_pong`).
+pub const PONG_COALESCE_PAST: usize = 64 * 1024;
+
+/// A client paused because its outbound queue is over `send_queue_bytes` is closed 1008
+/// "slow consumer" if it is still over after this long.
+pub const SLOW_CONSUMER_GRACE_MS: u64 = 5_000;
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Waiting for the complete upgrade request.
+    Handshaking,
+    /// The request is held until the backend accepts or rejects it.
+    Authorizing,
+    /// WebSocket frames flow both ways.
+    Open,
+    /// Ending: a close frame went out or came in, or we wait for the relay to hand back
+    /// our close after earlier replies (a fence). Input is drained, not acted on, once the
+    /// client broke the protocol or closed.
+    Closing,
+    /// Nothing more will be queued: the last bytes leave, then FIN, then we wait for the
+    /// client's FIN (or the linger time).
+    Draining,
+    /// The driver shut the socket; the slot goes once its ring operations finish.
+    Closed,
+}
+
+/// What the socket needs, as the session sees it (`Session::poll_shutdown`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// Everything is flushed: send FIN (`shutdown(SHUT_WR)`) and drain input.
+    Write,
+    /// Stop all traffic and free the slot once ring operations finish.
+    Both,
+}
+
+/// What a session hands its driver besides bytes to transmit.
+#[derive(Debug)]
+pub enum Output {
+    /// For the relay: `Open`, `Fence` or `Closed` (in order with the messages).
+    Relay(ToUpstream),
+    /// A client message for `upstream`; the driver charges it to the connection's relay
+    /// in-flight bytes and passes it on.
+    Message {
+        upstream: UpstreamId,
+        kind: MessageKind,
+        payload: Bytes,
+    },
+}
+
+/// What a session counts; the driver's core statistics implement it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Count {
+    /// A 101 went out, this long after the connection was accepted.
+    HandshakeOk {
+        latency_ms: u64,
+    },
+    HandshakeRejected,
+    MessageIn,
+    MessageOut,
+    ProtocolError,
+    /// Refused by the edge's policy (`ringway_policy_refusals_total`).
+    Refused(PolicyRefusal),
+    /// Closed 1008 "slow consumer".
+    SlowConsumerClosed,
+    /// A topic or broadcast frame dropped for a full send queue (drop-newest).
+    SlowConsumerDropped,
+}
+
+pub trait Meter {
+    fn count(&self, what: Count);
+}
+
+/// What a session call needs from its core: the time, the configuration and routes, where
+/// to count, and where to put its outputs.
+pub struct Context<'a> {
+    /// The core's monotonic clock, ms.
+    pub now_ms: u64,
+    /// Wall-clock Unix ms as of `now_ms` (token `exp`/`nbf`).
+    pub unix_ms: u64,
+    pub config: &'a Config,
+    pub routes: &'a RouteTable,
+    pub meter: &'a dyn Meter,
+    /// A relay is attached: messages go to it, and closes are fenced through it.
+    pub relay: bool,
+    /// simd-json parses in place: messages are routed on a copy here.
+    pub scratch: &'a mut Vec<u8>,
+    /// Test-only panic hook (`RINGWAY_TEST_PANIC_ON`).
+    pub panic_on: Option<&'a [u8]>,
+    pub out: &'a mut Vec<Output>,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Bytes of the request so far.
+    Handshaking(BytesMut),
+    /// Complete request held until the backend answers; `rest` holds bytes the client sent
+    /// after the request meanwhile.
+    Authorizing {
+        request: Box<Request>,
+        rest: BytesMut,
+        until_ms: u64,
+    },
+    Open,
+}
+
+/// Waiting for the relay to hand back our close after every reply it passed on before.
+#[derive(Debug)]
+struct Fence {
+    since_ms: u64,
+    /// The client broke the protocol (or a message was refused): this close goes out when
+    /// the fence returns, whatever the relay's code, or when it times out.
+    error: Option<(u16, String)>,
+}
+
+/// Whether a `subscribe` took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscribed {
+    New,
+    Already,
+    /// Over the route's `max_subscriptions`: ignored (and counted by the driver).
+    Limit,
+}
+
+/// One client connection's state. See the module docs.
+#[derive(Debug)]
+pub struct Session {
+    id: ConnId,
+    peer: Option<SocketAddr>,
+    phase: Phase,
+    decoder: MessageDecoder,
+    close: CloseHandshake,
+    /// Input is no longer acted on, only drained (protocol error, refused handshake, close).
+    reading_done: bool,
+    /// The client closed its side (recv returned 0) or the socket failed.
+    eof: bool,
+    /// We sent FIN after flushing, and drain input until the client's FIN or the linger
+    /// time, so a close() with unread input cannot turn into an RST that destroys our last
+    /// response or close frame. Since when, in ms.
+    wr_shut_ms: Option<u64>,
+    fence: Option<Fence>,
+    /// The client ended it (protocol error or its close): no close reply to wait for.
+    closing_without_reply: bool,
+    /// Drop TCP once the outbound queue is flushed.
+    close_after_flush: bool,
+    /// A linger expired: drop TCP now, flushed or not.
+    abort: bool,
+    /// The driver shut the socket.
+    closed: bool,
+    /// The relay knows it (its `Open` went out): the relay gets `Closed` when the slot is
+    /// freed, and a client's protocol error is fenced through the relay.
+    counted_open: bool,
+    /// It is bound to (or sent a message to) an upstream outside this process, whose
+    /// answer to a fence a client's protocol error does not wait for.
+    uses_backend: bool,
+    out: Outbound,
+    /// Close code we sent, or received, for the relay's `Closed` event; 1006 until then.
+    close_code: u16,
+    accepted_ms: u64,
+    last_rx_ms: u64,
+    last_message_ms: u64,
+    ping_sent_ms: Option<u64>,
+    close_sent_ms: Option<u64>,
+    /// Over its send queue (and paused by the driver) since when.
+    over_queue_ms: Option<u64>,
+    /// When its JWT expires, on the core's clock.
+    token_expiry_ms: Option<u64>,
+    /// Topics it is subscribed to (the core's topic table holds the reverse).
+    subscriptions: Vec<Topic>,
+    /// Index of the route its handshake path matched.
+    route: RouteId,
+    rate: Option<MessageRate>,
+    /// The subprotocol the 101 names (the companion of a token carried in one).
+    protocol: Option<String>,
+}
+
+/// Encode a server frame into an allocation of its own, sized to the frame: a queued tiny
+/// frame pins its few bytes (charged with `ENTRY_BYTES`), never a shared arena chunk.
+pub fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(MAX_HEADER_LEN + payload.len());
+    frame::write_server_frame(&mut buf, true, opcode, payload);
+    buf.freeze()
+}
+
+pub fn opcode_for(kind: MessageKind) -> OpCode {
+    match kind {
+        MessageKind::Text => OpCode::Text,
+        MessageKind::Binary => OpCode::Binary,
+    }
+}
+
+/// A connection's message limits once its route is known: the route sets the fragments.
+pub fn route_limits(config: &Config, max_fragments: u32) -> Limits {
+    Limits {
+        max_fragments,
+        ..config.message_limits()
+    }
+}
+
+/// Whether every backend of `upstream` is in this process (the embedded echo/chat): the
+/// relay hands a fence back at once, after the replies it produced.
+fn in_process(routes: &RouteTable, upstream: UpstreamId) -> bool {
+    routes
+        .upstreams()
+        .get(usize::from(upstream))
+        .is_some_and(|u| u.backends.iter().all(|b| *b == Backend::Embedded))
+}
+
+/// What one frame means for the session.
+enum Action {
+    None,
+    Refuse(MessageRefusal),
+    Data(Bytes),
+    Relay(UpstreamId, MessageKind, Bytes),
+    Pong(Bytes),
+    PongReceived,
+    Close(u16, String),
+}
+
+impl Session {
+    pub fn new(id: ConnId, peer: Option<SocketAddr>, limits: Limits, now_ms: u64) -> Session {
+        Session {
+            id,
+            peer,
+            phase: Phase::Handshaking(BytesMut::new()),
+            decoder: MessageDecoder::new(Role::Server, limits),
+            close: CloseHandshake::default(),
+            reading_done: false,
+            eof: false,
+            wr_shut_ms: None,
+            fence: None,
+            closing_without_reply: false,
+            close_after_flush: false,
+            abort: false,
+            closed: false,
+            counted_open: false,
+            uses_backend: false,
+            out: Outbound::default(),
+            close_code: close::ABNORMAL,
+            accepted_ms: now_ms,
+            last_rx_ms: now_ms,
+            last_message_ms: now_ms,
+            ping_sent_ms: None,
+            close_sent_ms: None,
+            over_queue_ms: None,
+            token_expiry_ms: None,
+            subscriptions: Vec::new(),
+            route: 0,
+            rate: None,
+            protocol: None,
+        }
+    }
+
+    // ----- what the driver reads -----
+
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+
+    pub fn state(&self) -> State {
+        if self.closed {
+            State::Closed
+        } else if self.wr_shut_ms.is_some() || self.close_after_flush || self.abort {
+            State::Draining
+        } else if self.fence.is_some()
+            || self.close.close_sent()
+            || self.close.close_received()
+            || self.reading_done
+        {
+            State::Closing
+        } else {
+            match self.phase {
+                Phase::Handshaking(_) => State::Handshaking,
+                Phase::Authorizing { .. } => State::Authorizing,
+                Phase::Open => State::Open,
+            }
+        }
+    }
+
+    /// Its frames flow (it may be closing too).
+    pub fn is_open(&self) -> bool {
+        matches!(self.phase, Phase::Open)
+    }
+
+    /// Whether a reply from the relay (send, close, subscribe, accept...) still applies.
+    pub fn accepts_replies(&self) -> bool {
+        !self.closed
+            && !self.close.close_sent()
+            && matches!(self.phase, Phase::Open | Phase::Authorizing { .. })
+    }
+
+    /// Whether a topic or broadcast frame is queued to it.
+    pub fn accepts_fanout(&self) -> bool {
+        !self.closed && self.is_open() && !self.close.close_sent()
+    }
+
+    /// Its input is drained, not acted on.
+    pub fn reading_done(&self) -> bool {
+        self.reading_done
+    }
+
+    /// The client closed its side or the socket failed: nothing more will come in.
+    pub fn peer_closed(&self) -> bool {
+        self.eof
+    }
+
+    pub fn close_sent(&self) -> bool {
+        self.close.close_sent()
+    }
+
+    /// The relay must hear `Closed` with [`Session::close_code`] when the slot is freed.
+    pub fn counted_open(&self) -> bool {
+        self.counted_open
+    }
+
+    pub fn close_code(&self) -> u16 {
+        self.close_code
+    }
+
+    pub fn route(&self) -> RouteId {
+        self.route
+    }
+
+    pub fn subscriptions(&self) -> &[Topic] {
+        &self.subscriptions
+    }
+
+    /// Bytes to transmit, in order; the driver sends a prefix and reports with `on_sent`.
+    pub fn queued(&self) -> &VecDeque<Bytes> {
+        self.out.items()
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.out.bytes()
+    }
+
+    /// The outbound queue's cost as compared with `send_queue_bytes`.
+    pub fn queued_cost(&self) -> usize {
+        self.out.cost()
+    }
+
+    /// Bytes this connection holds in the process now: its fixed share plus every buffer a
+    /// client can make grow (request bytes, message assembly, queued output). Queued frames
+    /// shared by a topic's subscribers are counted for each, so this errs high.
+    pub fn footprint(&self) -> usize {
+        let phase = match &self.phase {
+            Phase::Handshaking(buf) => buf.capacity(),
+            Phase::Authorizing { request, rest, .. } => {
+                let fields: usize = request
+                    .headers
+                    .iter()
+                    .map(|(name, value)| name.len() + value.len())
+                    .sum();
+                // The parsed copies of path, key, protocols... are at most the fields again.
+                std::mem::size_of::<Request>() + 2 * fields + rest.capacity()
+            }
+            Phase::Open => 0,
+        };
+        // Outbound queue: limit `send_queue_bytes` (checked in `queue_data`), charged here
+        // with per-entry overhead. Subscriptions: limit the route's `max_subscriptions`.
+        let subscriptions: usize = self
+            .subscriptions
+            .iter()
+            .map(|t| t.len() + SUBSCRIPTION_BYTES)
+            .sum::<usize>()
+            + self.subscriptions.capacity() * std::mem::size_of::<Topic>();
+        let protocol = self.protocol.as_ref().map_or(0, String::capacity);
+        BASE_BYTES
+            + phase
+            + self.decoder.heap_bytes()
+            + self.out.heap_bytes()
+            + subscriptions
+            + protocol
+    }
+
+    // ----- what the driver reports -----
+
+    /// Refused at accept: the answer goes out once the request arrives, then TCP.
+    pub fn refuse_at_accept(&mut self, refusal: &AcceptRefusal) {
+        self.out.push(refusal.response());
+        self.reading_done = true;
+        self.close_after_flush = true;
+    }
+
+    /// The driver handed the front `n` queued items to the kernel.
+    pub fn start_send(&mut self, n: usize) {
+        self.out.start_send(n);
+    }
+
+    /// `sent` bytes of the in-flight send left.
+    pub fn on_sent(&mut self, sent: usize) {
+        self.out.advance(sent);
+    }
+
+    /// The send failed (EPIPE/ECONNRESET): the client is gone; what is queued cannot be
+    /// delivered.
+    pub fn on_send_failed(&mut self) {
+        self.out.clear();
+        self.reading_done = true;
+        self.close_after_flush = true;
+    }
+
+    /// recv returned 0 (`reset == false`) or an error: nothing more will come in; send what
+    /// is queued (unless reset), then drop TCP.
+    pub fn on_peer_closed(&mut self, reset: bool) {
+        self.reading_done = true;
+        self.eof = true;
+        if !self.closed {
+            tracing::debug!(conn = %self.id, "peer closed the TCP connection");
+            self.close_after_flush = true;
+            if reset {
+                self.out.clear();
+            }
+        }
+    }
+
+    /// The driver shut the socket.
+    pub fn on_shut(&mut self) {
+        self.closed = true;
+        self.reading_done = true;
+    }
+
+    /// What the socket needs now. `Write` is answered once: the session records the FIN.
+    pub fn poll_shutdown(&mut self, now_ms: u64, send_in_flight: bool) -> Option<Shutdown> {
+        if self.closed {
+            return None;
+        }
+        if self.abort {
+            return Some(Shutdown::Both);
+        }
+        let flushed = self.close_after_flush && self.out.is_empty() && !send_in_flight;
+        if self.wr_shut_ms.is_none() && flushed {
+            if self.eof {
+                return Some(Shutdown::Both);
+            }
+            self.wr_shut_ms = Some(now_ms);
+            return Some(Shutdown::Write);
+        }
+        if self.eof && self.wr_shut_ms.is_some() {
+            return Some(Shutdown::Both);
+        }
+        None
+    }
+
+    /// Its send queue is over `send_queue_bytes`: true when the driver should stop reading
+    /// it (closed 1008 after `SLOW_CONSUMER_GRACE_MS` if it stays over).
+    pub fn over_send_queue(&mut self, now_ms: u64, cap: usize) -> bool {
+        if self.out.cost() > cap && !self.close.close_sent() {
+            self.over_queue_ms.get_or_insert(now_ms);
+            return true;
+        }
+        false
+    }
+
+    /// The driver reads it again: the slow-consumer grace starts over.
+    pub fn resumed(&mut self) {
+        self.over_queue_ms = None;
+    }
+
+    // ----- bytes from the client -----
+
+    pub fn on_bytes(&mut self, cx: &mut Context<'_>, data: &mut [u8]) {
+        if self.reading_done {
+            return;
+        }
+        self.last_rx_ms = cx.now_ms;
+        match &mut self.phase {
+            Phase::Handshaking(buf) => {
+                buf.extend_from_slice(data);
+                let mut request_bytes = std::mem::take(buf);
+                self.on_handshake_bytes(cx, &mut request_bytes);
+            }
+            Phase::Authorizing { rest, .. } => {
+                // Frames pipelined before the 101; bounded like one message.
+                if rest.len() + data.len() > cx.config.max_message_bytes as usize + 14 {
+                    self.reading_done = true;
+                    self.close_after_flush = true;
+                    self.out.clear();
+                } else {
+                    rest.extend_from_slice(data);
+                }
+            }
+            Phase::Open => self.on_frames(cx, data),
+        }
+    }
+
+    fn on_handshake_bytes(&mut self, cx: &mut Context<'_>, buf: &mut BytesMut) {
+        match handshake::parse_request(buf, &cx.config.handshake_limits()) {
+            Ok(Parsed::Partial) => self.phase = Phase::Handshaking(std::mem::take(buf)),
+            Err(e) => self.refuse(cx, e.response(), &e),
+            Ok(Parsed::Complete { request, consumed }) => {
+                if cx.panic_on.is_some() && request.path == "/__panic" {
+                    // The message quotes input, as a real panic's might: it must not be logged.
+                    panic!("test hook: handshake with {:?}", request.headers);
+                }
+                let admitted = match admission::admit(&request, cx.routes, cx.unix_ms / 1000) {
+                    Ok(admitted) => admitted,
+                    Err(refusal) => {
+                        if let Some(metric) = refusal.metric() {
+                            cx.meter.count(Count::Refused(metric));
+                        }
+                        self.refuse(cx, refusal.response(), &refusal);
+                        return;
+                    }
+                };
+                let route_id = admitted.route_id;
+                let route = cx.routes.route(route_id);
+                let policy = cx.routes.policy(route_id);
+                // Its place under max_connections was taken at accept by the driver.
+                self.counted_open = true;
+                self.uses_backend = !in_process(cx.routes, route.upstream);
+                self.route = route_id;
+                self.decoder
+                    .set_limits(route_limits(cx.config, route.max_fragments));
+                let authorize = route.authorize && cx.relay;
+                self.rate = MessageRate::new(policy.messages_per_sec, policy.message_burst);
+                self.protocol = admitted.protocol;
+                self.token_expiry_ms = admitted
+                    .token_expiry_s
+                    .map(|s| admission::expiry_deadline_ms(s, cx.now_ms, cx.unix_ms));
+                let info = OpenInfo {
+                    path: request.path.clone(),
+                    query: admitted.query,
+                    headers: admitted.headers,
+                    peer: self.peer,
+                    authorize,
+                };
+                cx.out.push(Output::Relay(ToUpstream::Open {
+                    conn: self.id,
+                    upstream: route.upstream,
+                    info: Box::new(info),
+                }));
+                let rest = buf.split_off(consumed);
+                if authorize {
+                    // Hold the handshake until the backend answers accept or reject.
+                    self.phase = Phase::Authorizing {
+                        request: Box::new(request),
+                        rest,
+                        until_ms: cx.now_ms.saturating_add(route.authorize_timeout_ms),
+                    };
+                } else {
+                    self.complete_handshake(cx, &request, rest);
+                }
+            }
+        }
+    }
+
+    /// Send 101 and start reading frames, beginning with any the client pipelined.
+    fn complete_handshake(&mut self, cx: &mut Context<'_>, request: &Request, mut rest: BytesMut) {
+        cx.meter.count(Count::HandshakeOk {
+            latency_ms: cx.now_ms.saturating_sub(self.accepted_ms),
+        });
+        self.out
+            .push(handshake::response_101(request, self.protocol.as_deref()));
+        self.phase = Phase::Open;
+        self.last_message_ms = cx.now_ms;
+        tracing::debug!(conn = %self.id, path = %request.path, "open");
+        if !rest.is_empty() {
+            self.on_frames(cx, &mut rest);
+        }
+    }
+
+    /// Answer the handshake with an HTTP error and close after it.
+    fn refuse(&mut self, cx: &mut Context<'_>, response: Bytes, why: &dyn std::fmt::Display) {
+        tracing::debug!(conn = %self.id, "handshake refused: {why}");
+        cx.meter.count(Count::HandshakeRejected);
+        self.out.push(response);
+        self.reading_done = true;
+        self.close_after_flush = true;
+    }
+
+    /// Decode frames where they lie, unmasking in place, and act on each event.
+    fn on_frames(&mut self, cx: &mut Context<'_>, data: &mut [u8]) {
+        let mut off = 0;
+        while off < data.len() && !self.reading_done {
+            let accepts_data = self.close.accepts_data();
+            let close_sent = self.close.close_sent();
+            let (n, event) = match self.decoder.decode(&mut data[off..]) {
+                Ok(r) => r,
+                Err(e) => {
+                    cx.meter.count(Count::ProtocolError);
+                    if let ProtocolError::TooManyFragments { .. } = e {
+                        cx.meter.count(Count::Refused(PolicyRefusal::Fragments));
+                    }
+                    tracing::debug!(conn = %self.id, "protocol error: {e}");
+                    let reason = e.to_string();
+                    self.close_for_error(cx, e.close_code(), &reason);
+                    return;
+                }
+            };
+            off += n;
+            let Some(event) = event else { break };
+            let action = match event {
+                Event::Message {
+                    kind: MessageKind::Text,
+                    payload,
+                } if cx.panic_on == Some(payload.as_slice()) => {
+                    panic!("test hook: message {:?}", payload.as_slice())
+                }
+                Event::Message { .. }
+                    if self.rate.as_mut().is_some_and(|r| !r.on_message(cx.now_ms)) =>
+                {
+                    Action::Refuse(MessageRefusal::Rate)
+                }
+                Event::Message { kind, payload } => {
+                    cx.meter.count(Count::MessageIn);
+                    if !accepts_data {
+                        Action::None
+                    } else if cx.config.upstream == Upstream::LocalEcho {
+                        Action::Data(encode(opcode_for(kind), payload.as_slice()))
+                    } else {
+                        let route = cx.routes.route(self.route);
+                        match cx
+                            .routes
+                            .select(route, kind, payload.as_slice(), cx.scratch)
+                        {
+                            Ok(upstream) => {
+                                self.uses_backend |= !in_process(cx.routes, upstream);
+                                Action::Relay(upstream, kind, payload.into_bytes())
+                            }
+                            Err(e) => Action::Refuse(e.into()),
+                        }
+                    }
+                }
+                Event::Ping(p) if !close_sent => Action::Pong(encode(OpCode::Pong, p)),
+                Event::Ping(_) => Action::None,
+                Event::Pong(_) => Action::PongReceived,
+                Event::Close(c) => {
+                    let (code, reason) = c.map_or((close::NO_STATUS, String::new()), |(c, r)| {
+                        (c, r.to_string())
+                    });
+                    Action::Close(code, reason)
+                }
+            };
+            match action {
+                Action::None => {}
+                Action::Data(frame) => {
+                    self.last_message_ms = cx.now_ms;
+                    self.queue_data(cx, frame);
+                }
+                Action::Relay(upstream, kind, payload) => {
+                    self.last_message_ms = cx.now_ms;
+                    cx.out.push(Output::Message {
+                        upstream,
+                        kind,
+                        payload,
+                    });
+                }
+                Action::Refuse(refusal) => {
+                    cx.meter.count(Count::ProtocolError);
+                    if let Some(metric) = refusal.metric() {
+                        cx.meter.count(Count::Refused(metric));
+                    }
+                    tracing::debug!(conn = %self.id, "message refused: {refusal}");
+                    self.close_for_error(cx, refusal.close_code(), &refusal.to_string());
+                    return;
+                }
+                Action::Pong(frame) => {
+                    // Only the newest unanswered pong is kept (RFC 6455 §5.5.3) once the
+                    // client stops reading; a queue over `send_queue_bytes` stops reading.
+                    self.out.push_pong(frame, PONG_COALESCE_PAST);
+                }
+                Action::PongReceived => self.ping_sent_ms = None,
+                Action::Close(code, reason) => {
+                    tracing::debug!(conn = %self.id, code, reason = %reason, "client sent close");
+                    self.close.receive();
+                    self.close_code = code;
+                    // RFC 6455 §5.5.1: answer with a close echoing the status code, after the
+                    // replies to what the client sent before it.
+                    self.close_after_replies(cx, code, "");
+                }
+            }
+        }
+    }
+
+    // ----- the outbound queue -----
+
+    /// A single message larger than the cap is still sent when nothing else is queued: the
+    /// cap is for clients that do not read, not a second message size limit.
+    fn queue_data(&mut self, cx: &mut Context<'_>, frame: Bytes) {
+        if self.out.bytes() > 0
+            && self.out.cost() + frame.len() + ENTRY_BYTES > cx.config.send_queue_bytes
+        {
+            tracing::debug!(conn = %self.id, queued = self.out.bytes(), "slow consumer");
+            cx.meter.count(Count::SlowConsumerClosed);
+            self.start_close(cx.now_ms, close::POLICY_VIOLATION, "slow consumer");
+            return;
+        }
+        cx.meter.count(Count::MessageOut);
+        self.out.push(frame);
+    }
+
+    /// A message the relay sends this client.
+    pub fn on_relay_send(&mut self, cx: &mut Context<'_>, kind: MessageKind, payload: &[u8]) {
+        let frame = encode(opcode_for(kind), payload);
+        self.queue_data(cx, frame);
+    }
+
+    /// Queue a topic or broadcast frame, applying the route's slow-consumer policy.
+    pub fn queue_fanout(&mut self, cx: &mut Context<'_>, frame: Bytes) {
+        let full = self.out.bytes() > 0
+            && self.out.cost() + frame.len() + ENTRY_BYTES > cx.config.send_queue_bytes;
+        if full && cx.routes.route(self.route).slow_consumer == SlowConsumer::DropNewest {
+            cx.meter.count(Count::SlowConsumerDropped);
+            return;
+        }
+        self.queue_data(cx, frame);
+    }
+
+    pub fn subscribe(&mut self, topic: &Topic, max: usize) -> Subscribed {
+        if self.subscriptions.contains(topic) {
+            Subscribed::Already
+        } else if self.subscriptions.len() >= max {
+            tracing::debug!(conn = %self.id, topic = %topic, "subscription limit reached; ignored");
+            Subscribed::Limit
+        } else {
+            self.subscriptions.push(topic.clone());
+            Subscribed::New
+        }
+    }
+
+    /// True when it was subscribed.
+    pub fn unsubscribe(&mut self, topic: &Topic) -> bool {
+        match self.subscriptions.iter().position(|t| t == topic) {
+            Some(i) => {
+                self.subscriptions.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    // ----- authorization -----
+
+    /// The backend's answer to a held handshake.
+    pub fn on_authorization(&mut self, cx: &mut Context<'_>, verdict: Result<(), (u16, String)>) {
+        let Phase::Authorizing { .. } = self.phase else {
+            return;
+        };
+        let Phase::Authorizing { request, rest, .. } =
+            std::mem::replace(&mut self.phase, Phase::Open)
+        else {
+            unreachable!("checked above")
+        };
+        match verdict {
+            Ok(()) => self.complete_handshake(cx, &request, rest),
+            Err((status, reason)) => self.refuse_held(cx, status, &reason),
+        }
+    }
+
+    fn refuse_held(&mut self, cx: &mut Context<'_>, status: u16, reason: &str) {
+        // Only refusals make sense here; anything else from a backend is its bug.
+        let status = if matches!(status, 401 | 403 | 503) {
+            status
+        } else {
+            403
+        };
+        self.phase = Phase::Handshaking(BytesMut::new());
+        self.refuse(cx, handshake::error_response(status, reason, &[]), &reason);
+        cx.out.push(Output::Relay(ToUpstream::Closed {
+            conn: self.id,
+            code: close::POLICY_VIOLATION,
+        }));
+        // The relay was told `Closed`: it must not hear of this connection again.
+        self.counted_open = false;
+    }
+
+    // ----- the close and fence rules -----
+
+    /// Send our close frame (once) and wait for the client's, up to the linger time.
+    fn start_close(&mut self, now_ms: u64, code: u16, reason: &str) {
+        if self.close.send() {
+            let (payload, len) = if code == close::NO_STATUS {
+                // Echoing a close that carried no code: ours carries none either.
+                ([0; frame::MAX_CONTROL_PAYLOAD], 0)
+            } else {
+                frame::close_payload(code, reason)
+            };
+            self.out.push(encode(OpCode::Close, &payload[..len]));
+            self.close_code = code;
+            self.close_sent_ms = Some(now_ms);
+        }
+        if self.close.is_done() {
+            self.close_after_flush = true;
+        }
+    }
+
+    /// End the connection because of what the client sent (its close, or a reload that
+    /// removed its route): read nothing more, send our close once the replies to its
+    /// earlier messages are queued, and drop TCP after it. Through the relay that means a
+    /// fence: the relay hands the close back after every reply it had already passed on.
+    pub fn close_after_replies(&mut self, cx: &mut Context<'_>, code: u16, reason: &str) {
+        self.reading_done = true;
+        self.closing_without_reply = true;
+        // Our close went out already (the backend's, or a timer's): the client's answer
+        // completes the handshake, and there is nothing left to fence.
+        if cx.relay && self.counted_open && !self.close.close_sent() {
+            self.fence(cx, code, reason, None);
+        } else {
+            self.start_close(cx.now_ms, code, reason);
+            self.close_after_flush = true;
+        }
+    }
+
+    fn fence(&mut self, cx: &mut Context<'_>, code: u16, reason: &str, error: Option<u16>) {
+        if self.fence.is_none() {
+            self.fence = Some(Fence {
+                since_ms: cx.now_ms,
+                error: error.map(|c| (c, reason.to_string())),
+            });
+            cx.out.push(Output::Relay(ToUpstream::Fence {
+                conn: self.id,
+                code,
+                reason: reason.to_string(),
+            }));
+        }
+    }
+
+    /// End the connection for the client's protocol error or a refused message: read
+    /// nothing more, and send our close frame (code and reason) once the replies to the
+    /// messages it already had routed are queued. Through the relay to in-process upstreams
+    /// only, that is a fence with this code, whose return (or timeout) sends our close
+    /// whatever the relay answers. A backend's answer is not waited for
+    /// (docs/relay-protocol.md, "Close"): the close goes at once and the relay is told
+    /// `Closed`, after everything already sent for the connection.
+    /// TCP goes after the client's answer or the linger time.
+    fn close_for_error(&mut self, cx: &mut Context<'_>, code: u16, reason: &str) {
+        self.reading_done = true;
+        self.closing_without_reply = true;
+        if cx.relay && self.counted_open && !self.close.close_sent() && !self.uses_backend {
+            // What the relay's `Closed` carries even if TCP goes before our close does.
+            self.close_code = code;
+            self.fence(cx, code, reason, Some(code));
+            return;
+        }
+        self.start_close(cx.now_ms, code, reason);
+        self.close_after_flush = true;
+        if cx.relay && self.counted_open {
+            cx.out.push(Output::Relay(ToUpstream::Closed {
+                conn: self.id,
+                code,
+            }));
+            // The relay was told `Closed`: it must not hear of this connection again.
+            self.counted_open = false;
+        }
+    }
+
+    /// The relay handed back a close, a fence's or a backend's.
+    pub fn on_relay_close(&mut self, cx: &mut Context<'_>, code: u16, reason: &str) {
+        let fence = self.fence.take();
+        if let Some(Fence {
+            error: Some((code, reason)),
+            ..
+        }) = fence
+        {
+            // The client's error decides the code, not the backend's answer.
+            self.start_close(cx.now_ms, code, &reason);
+            self.close_after_flush = true;
+            return;
+        }
+        let fenced = fence.is_some();
+        // A backend may not put a reserved code on the wire (RFC 6455 §7.4.1); echoing the
+        // client's own code-less close (1005) is the one exception.
+        // 1012-1014 (restart, try again later, bad gateway) are registered since RFC 6455 and
+        // are what a gateway says; clients may not send them (Autobahn 7.9), we may.
+        let ours = (1012..=1014).contains(&code);
+        let code =
+            if close::is_valid_wire_code(code) || ours || (fenced && code == close::NO_STATUS) {
+                code
+            } else {
+                close::INTERNAL_ERROR
+            };
+        self.start_close(cx.now_ms, code, reason);
+        if fenced && self.closing_without_reply {
+            self.close_after_flush = true;
+        }
+    }
+
+    /// The gateway drains: an open client gets 1001; one still handshaking is dropped (true:
+    /// the driver shuts it now).
+    pub fn begin_drain(&mut self, now_ms: u64) -> bool {
+        if self.closed {
+            return false;
+        }
+        if self.is_open() && !self.close_after_flush {
+            self.start_close(now_ms, close::GOING_AWAY, "server shutting down");
+            false
+        } else {
+            !self.is_open()
+        }
+    }
+
+    /// Over the memory budget: close 1008 "server memory budget" and let go of what it
+    /// holds now: its unsent queue (what the kernel is sending stays) and its message
+    /// assembly.
+    pub fn shed(&mut self, cx: &mut Context<'_>, send_in_flight: bool) {
+        cx.meter.count(Count::Refused(PolicyRefusal::MemoryShed));
+        self.out.drop_unsent(send_in_flight);
+        self.decoder = MessageDecoder::new(Role::Server, cx.config.message_limits());
+        self.reading_done = true;
+        self.closing_without_reply = true;
+        self.close_after_flush = true;
+        self.start_close(cx.now_ms, close::POLICY_VIOLATION, "server memory budget");
+    }
+
+    /// A panic in this connection's handling was caught: close it 1011 if open, 500 in its
+    /// handshake. False when neither can be sent: the driver drops TCP.
+    pub fn on_panic(&mut self, cx: &mut Context<'_>, send_in_flight: bool) -> bool {
+        self.reading_done = true;
+        self.closing_without_reply = true;
+        let sendable = if self.closed || self.eof {
+            false
+        } else if self.is_open() {
+            let can = !self.close.close_sent();
+            if can {
+                self.start_close(cx.now_ms, close::INTERNAL_ERROR, "internal error");
+            }
+            can
+        } else if self.out.is_empty() && !send_in_flight {
+            // In its handshake (or held for authorization): nothing sent yet, so a 500 fits.
+            self.phase = Phase::Handshaking(BytesMut::new());
+            cx.meter.count(Count::HandshakeRejected);
+            self.out
+                .push(handshake::error_response(500, "internal error", &[]));
+            self.close_code = close::INTERNAL_ERROR;
+            true
+        } else {
+            false
+        };
+        if sendable {
+            self.close_after_flush = true;
+            self.close_sent_ms.get_or_insert(cx.now_ms);
+        }
+        sendable
+    }
+
+    /// A reload moved its route (or removed it: route 0 with the global limits).
+    pub fn set_route(&mut self, route: RouteId, limits: Limits) {
+        self.route = route;
+        self.decoder.set_limits(limits);
+    }
+
+    // ----- timers -----
+
+    /// Every armed deadline, from its state and the configuration. `draining` is the
+    /// gateway's drain deadline, if it drains.
+    pub fn timers(&self, config: &Config, draining: Option<u64>) -> TimerTable {
+        let mut t = TimerTable::default();
+        if self.closed {
+            return t;
+        }
+        if let Some(since) = self.wr_shut_ms.or(self.fence.as_ref().map(|f| f.since_ms)) {
+            t.set(
+                Timer::CloseLinger,
+                since.saturating_add(config.close_linger_ms),
+            );
+            return t;
+        }
+        if self.close_sent_ms.is_some() || self.close_after_flush {
+            let linger = self
+                .close_sent_ms
+                .unwrap_or(self.last_rx_ms)
+                .saturating_add(config.close_linger_ms);
+            match draining {
+                Some(d) if self.is_open() && !self.close.close_received() => {
+                    t.set(Timer::Drain, d.max(linger))
+                }
+                _ => t.set(Timer::CloseLinger, linger),
+            }
+            return t;
+        }
+        match self.phase {
+            Phase::Handshaking(_) => t.set(
+                Timer::Handshake,
+                self.accepted_ms.saturating_add(config.handshake_timeout_ms),
+            ),
+            Phase::Authorizing { until_ms, .. } => t.set(Timer::Authorize, until_ms),
+            Phase::Open => {
+                if config.ping_interval_ms > 0 {
+                    match self.ping_sent_ms {
+                        Some(sent) if config.pong_timeout_ms > 0 => {
+                            t.set(Timer::Pong, sent.saturating_add(config.pong_timeout_ms))
+                        }
+                        Some(_) => {}
+                        None => t.set(
+                            Timer::Ping,
+                            self.last_rx_ms.saturating_add(config.ping_interval_ms),
+                        ),
+                    }
+                }
+                if config.idle_timeout_ms > 0 {
+                    t.set(
+                        Timer::Idle,
+                        self.last_message_ms.saturating_add(config.idle_timeout_ms),
+                    );
+                }
+                if let Some(at) = self.token_expiry_ms {
+                    t.set(Timer::TokenExpiry, at);
+                }
+                if let (Some(since), false) = (self.over_queue_ms, self.eof) {
+                    t.set(
+                        Timer::SlowConsumer,
+                        since.saturating_add(SLOW_CONSUMER_GRACE_MS),
+                    );
+                }
+            }
+        }
+        t
+    }
+
+    /// When the driver must next call `handle_timeout`.
+    pub fn poll_timeout(&self, config: &Config, draining: Option<u64>) -> Option<u64> {
+        self.timers(config, draining).next()
+    }
+
+    /// Fire the first expired timer, if any; returns it.
+    pub fn handle_timeout(&mut self, cx: &mut Context<'_>, draining: Option<u64>) -> Option<Timer> {
+        let now = cx.now_ms;
+        let timer = self.timers(cx.config, draining).expired(now)?;
+        match timer {
+            Timer::CloseLinger | Timer::Drain => {
+                if let Some(Fence {
+                    error: Some((code, reason)),
+                    ..
+                }) = self.fence.take()
+                {
+                    // The relay did not hand back the fence: the client gets its close now.
+                    tracing::debug!(conn = %self.id, "fence timed out; closing {code}");
+                    self.start_close(now, code, &reason);
+                    self.close_after_flush = true;
+                } else {
+                    // The client did not answer our close, or will not read what we queued.
+                    tracing::debug!(conn = %self.id, "close linger expired; dropping TCP");
+                    self.abort = true;
+                }
+            }
+            Timer::Handshake => {
+                tracing::debug!(conn = %self.id, "handshake timed out");
+                cx.meter.count(Count::HandshakeRejected);
+                self.out.push(handshake::error_response(
+                    408,
+                    "handshake not completed in time",
+                    &[],
+                ));
+                self.reading_done = true;
+                self.close_after_flush = true;
+                // Give the 408 one linger period to leave, then drop regardless.
+                self.close_sent_ms = Some(now);
+            }
+            Timer::Authorize => {
+                tracing::debug!(conn = %self.id, "backend did not authorize in time");
+                self.on_authorization(cx, Err((503, "authorization timed out".into())));
+                self.close_sent_ms = Some(now);
+            }
+            Timer::SlowConsumer => {
+                tracing::debug!(conn = %self.id, queued = self.out.bytes(), "slow consumer");
+                cx.meter.count(Count::SlowConsumerClosed);
+                self.start_close(now, close::POLICY_VIOLATION, "slow consumer");
+                self.reading_done = true;
+                self.closing_without_reply = true;
+                self.close_after_flush = true;
+            }
+            Timer::TokenExpiry => {
+                cx.meter.count(Count::Refused(PolicyRefusal::TokenExpired));
+                self.start_close(now, close::POLICY_VIOLATION, "token expired");
+            }
+            Timer::Pong => self.start_close(now, close::GOING_AWAY, "no pong received"),
+            Timer::Idle => self.start_close(now, close::GOING_AWAY, "idle timeout"),
+            Timer::Ping => {
+                self.out.push(encode(OpCode::Ping, b""));
+                self.ping_sent_ms = Some(now);
+            }
+        }
+        Some(timer)
+    }
+}

@@ -1,0 +1,872 @@
+//! The session with simulated time and no sockets: bytes in, then what the wire would see
+//! (the queued bytes, parsed back into responses and frames), what the relay would be told
+//! and what was counted. Every transition, close path and timer.
+
+use std::cell::RefCell;
+
+use bytes::BytesMut;
+
+use super::*;
+use crate::config::Upstream;
+use crate::protocol::frame::write_client_frame;
+
+#[derive(Default)]
+struct Recorder(RefCell<Vec<Count>>);
+
+impl Meter for Recorder {
+    fn count(&self, what: Count) {
+        self.0.borrow_mut().push(what);
+    }
+}
+
+/// What the client would read: an HTTP response (status) or a server frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Wire {
+    Http(u16),
+    /// A close frame with a code (its reason left out).
+    Close(u16),
+    Frame(OpCode, Vec<u8>),
+}
+
+fn parse(item: &[u8]) -> Wire {
+    if let Some(rest) = item.strip_prefix(b"HTTP/1.1 ") {
+        let status = std::str::from_utf8(&rest[..3]).unwrap().parse().unwrap();
+        return Wire::Http(status);
+    }
+    let opcode = OpCode::from_u8(item[0] & 0x0f).expect("an opcode");
+    assert_eq!(item[1] & 0x80, 0, "server frames are not masked");
+    let (len, at) = match item[1] & 0x7f {
+        126 => (u16::from_be_bytes([item[2], item[3]]) as usize, 4),
+        127 => (
+            u64::from_be_bytes(item[2..10].try_into().unwrap()) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    assert_eq!(item.len(), at + len, "one frame per queued item");
+    match (opcode, &item[at..]) {
+        (OpCode::Close, [a, b, ..]) => Wire::Close(u16::from_be_bytes([*a, *b])),
+        (_, payload) => Wire::Frame(opcode, payload.to_vec()),
+    }
+}
+
+const REQUEST: &str =
+    "GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+struct Sim {
+    config: Config,
+    routes: RouteTable,
+    meter: Recorder,
+    scratch: Vec<u8>,
+    out: Vec<Output>,
+    now: u64,
+    relay: bool,
+    draining: Option<u64>,
+    s: Session,
+}
+
+impl Sim {
+    /// With the embedded upstream behind a relay (`relay = true`) or local echo.
+    fn new(toml_text: &str, relay: bool) -> Sim {
+        let mut config: Config = toml::from_str(toml_text).unwrap();
+        if !relay {
+            config.upstream = Upstream::LocalEcho;
+        }
+        let routes = RouteTable::from_config(&config).unwrap();
+        let s = Session::new(ConnId::new(0, 1, 0), None, config.message_limits(), 0);
+        Sim {
+            config,
+            routes,
+            meter: Recorder::default(),
+            scratch: Vec::new(),
+            out: Vec::new(),
+            now: 0,
+            relay,
+            draining: None,
+            s,
+        }
+    }
+
+    /// Open (101 read off the wire, `Open` taken from the relay's outputs).
+    fn open(toml_text: &str, relay: bool) -> Sim {
+        let mut sim = Sim::new(toml_text, relay);
+        sim.feed(REQUEST.as_bytes());
+        assert_eq!(sim.wire(), [Wire::Http(101)]);
+        assert_eq!(sim.s.state(), State::Open);
+        let out = sim.outputs();
+        assert!(
+            matches!(out[..], [Output::Relay(ToUpstream::Open { .. })]),
+            "{out:?}"
+        );
+        sim.meter.0.borrow_mut().clear();
+        sim
+    }
+
+    fn with<R>(&mut self, f: impl FnOnce(&mut Session, &mut Context<'_>) -> R) -> R {
+        let mut cx = Context {
+            now_ms: self.now,
+            unix_ms: 1_700_000_000_000 + self.now,
+            config: &self.config,
+            routes: &self.routes,
+            meter: &self.meter,
+            relay: self.relay,
+            scratch: &mut self.scratch,
+            panic_on: None,
+            out: &mut self.out,
+        };
+        f(&mut self.s, &mut cx)
+    }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        let mut data = bytes.to_vec();
+        self.with(|s, cx| s.on_bytes(cx, &mut data));
+    }
+
+    fn frame(&mut self, fin: bool, opcode: OpCode, payload: &[u8]) {
+        let mut buf = BytesMut::new();
+        write_client_frame(&mut buf, fin, opcode, [1, 2, 3, 4], payload);
+        self.feed(&buf);
+    }
+
+    fn close_frame(&mut self, code: u16, reason: &str) {
+        let (p, n) = frame::close_payload(code, reason);
+        self.frame(true, OpCode::Close, &p[..n]);
+    }
+
+    /// Everything queued, as the client reads it; the driver's send completes at once.
+    fn wire(&mut self) -> Vec<Wire> {
+        let items: Vec<Wire> = self.s.queued().iter().map(|b| parse(b)).collect();
+        let n = self.s.queued().len();
+        let bytes = self.s.queued_bytes();
+        self.s.start_send(n);
+        self.s.on_sent(bytes);
+        items
+    }
+
+    fn outputs(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.out)
+    }
+
+    fn counted(&self) -> Vec<Count> {
+        self.meter.0.borrow().clone()
+    }
+
+    /// Move the clock to `now` and fire what is due, as the driver's wheel would.
+    fn advance(&mut self, now: u64) -> Option<Timer> {
+        self.now = now;
+        let draining = self.draining;
+        self.with(|s, cx| s.handle_timeout(cx, draining))
+    }
+
+    fn next_timer(&self) -> Option<(Timer, u64)> {
+        let t = self.s.timers(&self.config, self.draining);
+        let at = t.next()?;
+        Some((t.expired(at).unwrap(), at))
+    }
+
+    fn shutdown(&mut self) -> Option<Shutdown> {
+        self.s.poll_shutdown(self.now, false)
+    }
+
+    fn relay_send(&mut self, text: &str) {
+        self.with(|s, cx| s.on_relay_send(cx, MessageKind::Text, text.as_bytes()));
+    }
+
+    fn relay_close(&mut self, code: u16) {
+        self.with(|s, cx| s.on_relay_close(cx, code, ""));
+    }
+}
+
+fn text(payload: &str) -> Wire {
+    Wire::Frame(OpCode::Text, payload.as_bytes().to_vec())
+}
+
+const PLAIN: &str = "";
+
+// ----- handshake -----
+
+#[test]
+fn handshake_opens_and_tells_the_relay() {
+    let mut sim = Sim::new(PLAIN, true);
+    assert_eq!(sim.s.state(), State::Handshaking);
+    sim.feed(&REQUEST.as_bytes()[..20]);
+    assert_eq!((sim.s.state(), sim.wire()), (State::Handshaking, vec![]));
+    sim.feed(&REQUEST.as_bytes()[20..]);
+    assert_eq!(sim.wire(), [Wire::Http(101)]);
+    assert_eq!(sim.s.state(), State::Open);
+    assert!(sim.s.counted_open());
+    assert!(matches!(
+        sim.outputs()[..],
+        [Output::Relay(ToUpstream::Open { .. })]
+    ));
+    assert!(matches!(sim.counted()[..], [Count::HandshakeOk { .. }]));
+}
+
+#[test]
+fn frames_pipelined_after_the_request_are_read() {
+    let mut sim = Sim::new(PLAIN, false);
+    let mut bytes = BytesMut::from(REQUEST.as_bytes());
+    write_client_frame(&mut bytes, true, OpCode::Text, [9; 4], b"early");
+    sim.feed(&bytes);
+    assert_eq!(sim.wire(), [Wire::Http(101), text("early")]);
+}
+
+#[test]
+fn bad_request_is_refused_then_tcp_goes_after_the_flush() {
+    let mut sim = Sim::new(PLAIN, true);
+    sim.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(sim.s.state(), State::Draining);
+    assert_eq!(sim.s.poll_shutdown(0, false), None, "not flushed yet");
+    let wire = sim.wire();
+    assert!(matches!(wire[..], [Wire::Http(400..=426)]), "{wire:?}");
+    assert_eq!(sim.s.poll_shutdown(0, true), None, "send still in flight");
+    assert_eq!(sim.shutdown(), Some(Shutdown::Write));
+    assert_eq!(sim.shutdown(), None, "FIN once");
+    assert_eq!(sim.counted(), [Count::HandshakeRejected]);
+    assert!(sim.outputs().is_empty(), "the relay never heard of it");
+    // The client's FIN ends it.
+    sim.s.on_peer_closed(false);
+    assert_eq!(sim.shutdown(), Some(Shutdown::Both));
+    sim.s.on_shut();
+    assert_eq!(sim.s.state(), State::Closed);
+    assert_eq!(sim.s.poll_timeout(&sim.config, None), None);
+}
+
+#[test]
+fn policy_refusals_are_counted_under_their_label() {
+    let routes = r#"
+[[routes]]
+path = "/chat"
+origins = ["https://ok.example"]
+[[routes]]
+path = "/jwt"
+[routes.jwt]
+algorithm = "HS256"
+secret = "0123456789abcdef0123456789abcdef-session"
+"#;
+    let mut sim = Sim::new(routes, true);
+    sim.feed(
+        REQUEST
+            .replace("Host: x", "Host: x\r\nOrigin: https://evil.example")
+            .as_bytes(),
+    );
+    assert_eq!(sim.wire(), [Wire::Http(403)]);
+    assert_eq!(
+        sim.counted(),
+        [
+            Count::Refused(PolicyRefusal::Origin),
+            Count::HandshakeRejected
+        ]
+    );
+    let mut sim = Sim::new(routes, true);
+    sim.feed(REQUEST.replace("/chat", "/jwt").as_bytes());
+    assert_eq!(sim.wire(), [Wire::Http(401)]);
+    assert_eq!(sim.counted()[0], Count::Refused(PolicyRefusal::Auth));
+    assert_eq!(PolicyRefusal::Auth.label(), "auth");
+}
+
+#[test]
+fn refused_at_accept_answers_once_the_request_arrives() {
+    let mut sim = Sim::new(PLAIN, true);
+    sim.s.refuse_at_accept(&AcceptRefusal::ConnectionLimit);
+    sim.feed(REQUEST.as_bytes());
+    assert_eq!(sim.wire(), [Wire::Http(503)]);
+    assert_eq!(sim.shutdown(), Some(Shutdown::Write));
+    assert!(sim.outputs().is_empty());
+}
+
+#[test]
+fn handshake_timeout_is_408_then_the_linger_drops_tcp() {
+    let mut sim = Sim::new(PLAIN, true);
+    sim.feed(b"GET /chat HTTP/1.1\r\n");
+    assert_eq!(sim.next_timer(), Some((Timer::Handshake, 10_000)));
+    assert_eq!(sim.advance(9_999), None);
+    assert_eq!(sim.advance(10_000), Some(Timer::Handshake));
+    assert_eq!(sim.s.state(), State::Draining);
+    // The client does not read: the 408 stays queued, and the linger ends it.
+    assert_eq!(sim.shutdown(), None);
+    assert_eq!(sim.next_timer(), Some((Timer::CloseLinger, 12_000)));
+    assert_eq!(sim.advance(12_000), Some(Timer::CloseLinger));
+    assert_eq!(sim.shutdown(), Some(Shutdown::Both));
+    assert_eq!(sim.wire(), [Wire::Http(408)]);
+}
+
+// ----- authorization -----
+
+const AUTHORIZE: &str = r#"
+[[routes]]
+path = "/*"
+authorize = true
+authorize_timeout_ms = 3000
+"#;
+
+#[test]
+fn a_held_handshake_opens_on_accept_with_its_pipelined_frames() {
+    let mut sim = Sim::new(AUTHORIZE, true);
+    let mut bytes = BytesMut::from(REQUEST.as_bytes());
+    write_client_frame(&mut bytes, true, OpCode::Text, [9; 4], b"early");
+    sim.feed(&bytes);
+    assert_eq!(sim.s.state(), State::Authorizing);
+    assert!(sim.wire().is_empty());
+    assert!(sim.s.accepts_replies());
+    assert!(
+        matches!(&sim.outputs()[..], [Output::Relay(ToUpstream::Open { info, .. })] if info.authorize)
+    );
+    sim.with(|s, cx| s.on_authorization(cx, Ok(())));
+    assert_eq!(sim.wire(), [Wire::Http(101)]);
+    assert!(
+        matches!(&sim.outputs()[..], [Output::Message { payload, .. }] if &payload[..] == b"early")
+    );
+}
+
+#[test]
+fn a_rejected_handshake_is_refused_and_the_relay_told_closed() {
+    let mut sim = Sim::new(AUTHORIZE, true);
+    sim.feed(REQUEST.as_bytes());
+    sim.outputs();
+    sim.with(|s, cx| s.on_authorization(cx, Err((200, "no".into()))));
+    assert_eq!(
+        sim.wire(),
+        [Wire::Http(403)],
+        "only refusals: 200 becomes 403"
+    );
+    assert!(matches!(
+        sim.outputs()[..],
+        [Output::Relay(ToUpstream::Closed { code: 1008, .. })]
+    ));
+    assert!(!sim.s.counted_open(), "the relay must not hear of it again");
+}
+
+#[test]
+fn authorization_timeout_is_503() {
+    let mut sim = Sim::new(AUTHORIZE, true);
+    sim.feed(REQUEST.as_bytes());
+    assert_eq!(sim.next_timer(), Some((Timer::Authorize, 3_000)));
+    assert_eq!(sim.advance(3_000), Some(Timer::Authorize));
+    assert_eq!(sim.wire(), [Wire::Http(503)]);
+    assert_eq!(sim.next_timer(), Some((Timer::CloseLinger, 5_000)));
+}
+
+// ----- messages -----
+
+#[test]
+fn messages_go_to_the_relay_or_are_echoed_locally() {
+    let mut sim = Sim::open(PLAIN, true);
+    sim.frame(true, OpCode::Text, b"hi");
+    assert!(
+        matches!(&sim.outputs()[..], [Output::Message { kind: MessageKind::Text, payload, .. }] if &payload[..] == b"hi")
+    );
+    sim.relay_send("reply");
+    assert_eq!(sim.wire(), [text("reply")]);
+    assert_eq!(sim.counted(), [Count::MessageIn, Count::MessageOut]);
+
+    let mut sim = Sim::open(PLAIN, false);
+    sim.frame(false, OpCode::Text, b"he");
+    sim.frame(true, OpCode::Continuation, b"llo");
+    assert_eq!(sim.wire(), [text("hello")]);
+    assert!(sim.outputs().is_empty());
+}
+
+#[test]
+fn pings_get_pongs_and_pongs_clear_our_ping() {
+    let mut sim = Sim::open(PLAIN, false);
+    sim.frame(true, OpCode::Ping, b"p1");
+    sim.frame(true, OpCode::Ping, b"p2");
+    assert_eq!(
+        sim.wire(),
+        [
+            Wire::Frame(OpCode::Pong, b"p1".to_vec()),
+            Wire::Frame(OpCode::Pong, b"p2".to_vec())
+        ]
+    );
+}
+
+// ----- close paths -----
+
+#[test]
+fn client_close_is_echoed_then_fin() {
+    let mut sim = Sim::open(PLAIN, false);
+    sim.frame(true, OpCode::Text, b"before");
+    sim.close_frame(1000, "bye");
+    assert_eq!(sim.s.state(), State::Draining);
+    assert_eq!(sim.wire(), [text("before"), Wire::Close(1000)]);
+    assert_eq!(sim.s.close_code(), 1000);
+    assert_eq!(sim.shutdown(), Some(Shutdown::Write));
+    sim.s.on_peer_closed(false);
+    assert_eq!(sim.shutdown(), Some(Shutdown::Both));
+}
+
+#[test]
+fn client_close_without_code_is_answered_without_code() {
+    let mut sim = Sim::open(PLAIN, false);
+    sim.frame(true, OpCode::Close, b"");
+    assert_eq!(
+        sim.wire(),
+        [Wire::Frame(OpCode::Close, vec![])],
+        "RFC 6455 §5.5.1"
+    );
+    assert_eq!(sim.s.close_code(), close::NO_STATUS);
+}
+
+#[test]
+fn client_close_through_the_relay_waits_for_the_fence() {
+    let mut sim = Sim::open(PLAIN, true);
+    sim.frame(true, OpCode::Text, b"q");
+    sim.close_frame(1000, "");
+    let out = sim.outputs();
+    assert!(
+        matches!(
+            out[..],
+            [
+                Output::Message { .. },
+                Output::Relay(ToUpstream::Fence { code: 1000, .. })
+            ]
+        ),
+        "{out:?}"
+    );
+    assert_eq!(sim.s.state(), State::Closing);
+    assert!(
+        sim.s.accepts_replies(),
+        "replies before the fence still count"
+    );
+    sim.relay_send("answer");
+    sim.relay_close(1000);
+    assert_eq!(sim.wire(), [text("answer"), Wire::Close(1000)]);
+    assert_eq!(sim.shutdown(), Some(Shutdown::Write));
+}
+
+#[test]
+fn a_fence_the_relay_never_returns_drops_tcp_after_the_linger() {
+    let mut sim = Sim::open(PLAIN, true);
+    sim.now = 100;
+    sim.close_frame(1000, "");
+    assert_eq!(sim.next_timer(), Some((Timer::CloseLinger, 2_100)));
+    assert_eq!(sim.advance(2_100), Some(Timer::CloseLinger));
+    assert_eq!(sim.shutdown(), Some(Shutdown::Both));
+}
+
+/// Autobahn 3.2, 4.1.3, 5.15...: the echo of a message the client sent before its bad frame
+/// reaches it before our 1002, though the echo was still in the relay.
+#[test]
+fn protocol_error_closes_1002_after_replies_already_routed() {
+    let mut sim = Sim::open(PLAIN, true);
+    sim.frame(true, OpCode::Text, b"Hello, world!");
+    let mut bad = BytesMut::new();
+    write_client_frame(&mut bad, true, OpCode::Text, [1; 4], b"x");
+    bad[0] |= 0x20; // RSV2
+    write_client_frame(&mut bad, true, OpCode::Ping, [1; 4], b"");
+    sim.feed(&bad);
+    let out = sim.outputs();
+    assert!(
+        matches!(
+            out[..],
+            [
+                Output::Message { .. },
+                Output::Relay(ToUpstream::Fence { code: 1002, .. })
+            ]
+        ),
+        "{out:?}"
+    );
+    assert!(sim.wire().is_empty(), "no close before the replies");
+    assert!(sim.s.reading_done(), "nothing more is read: no pong");
+    sim.relay_send("Hello, world!");
+    // The relay's answer (a backend's own code) does not change ours.
+    sim.relay_close(1000);
+    assert_eq!(sim.wire(), [text("Hello, world!"), Wire::Close(1002)]);
+    assert_eq!(sim.s.close_code(), 1002);
+    assert_eq!(sim.shutdown(), Some(Shutdown::Write));
+    assert_eq!(
+        sim.counted(),
+        [Count::MessageIn, Count::ProtocolError, Count::MessageOut]
+    );
+}
+
+#[test]
+fn protocol_error_after_our_close_needs_no_fence_and_tells_the_relay_closed() {
+    let mut sim = Sim::open(PLAIN, true);
+    sim.relay_close(1012);
+    assert_eq!(sim.wire(), [Wire::Close(1012)]);
+    // 1012 is ours to send, not the client's (Autobahn 7.9): a protocol error.
+    sim.close_frame(1012, "");
+    assert!(matches!(
+        sim.outputs()[..],
+        [Output::Relay(ToUpstream::Closed { code: 1002, .. })]
+    ));
+    assert!(sim.wire().is_empty(), "one close per side");
+    assert_eq!(sim.s.close_code(), 1012, "what we sent");
+    assert_eq!(sim.shutdown(), Some(Shutdown::Write));
+}
+
+/// A backend's answer to `close` is not waited for (docs/relay-protocol.md, "Close").
+#[test]
+fn protocol_error_with_a_backend_closes_at_once_and_tells_the_relay_closed() {
+    let backend = "[[upstreams]]\nname = \"b\"\nbackends = [\"tcp://127.0.0.1:9\"]\n\
+                   [[routes]]\npath = \"/*\"\nupstream = \"b\"\n";
+    let mut sim = Sim::open(backend, true);
+    sim.frame(true, OpCode::Text, &[0xff]);
+    assert_eq!(sim.wire(), [Wire::Close(close::INVALID_PAYLOAD)]);
+    assert!(matches!(
+        sim.outputs()[..],
+        [Output::Relay(ToUpstream::Closed { code: 1007, .. })]
+    ));
+    assert!(!sim.s.counted_open());
+}
+
+#[test]
+fn protocol_error_fence_timeout_still_sends_the_close() {
+    let mut sim = Sim::open(PLAIN, true);
+    sim.frame(true, OpCode::Continuation, b"x");
+    assert_eq!(
+        sim.s.close_code(),
+        1002,
+        "the relay's Closed carries it even if TCP goes"
+    );
+    assert!(sim.wire().is_empty());
+    assert_eq!(sim.advance(2_000), Some(Timer::CloseLinger));
+    assert_eq!(sim.wire(), [Wire::Close(1002)]);
+    assert_eq!(sim.shutdown(), Some(Shutdown::Write));
+    // And the late fence changes nothing.
+    sim.relay_close(1000);
+    assert!(sim.wire().is_empty());
+}
+
+#[test]
+fn protocol_errors_without_a_relay_close_at_once_with_their_code() {
+    for (payload, code) in [
+        (&[0xff, 0xfe][..], close::INVALID_PAYLOAD), // 1007: not UTF-8
+        (b"x" as &[u8], close::PROTOCOL_ERROR),
+    ] {
+        let mut sim = Sim::open(PLAIN, false);
+        if code == close::PROTOCOL_ERROR {
+            sim.frame(true, OpCode::Continuation, payload);
+        } else {
+            sim.frame(true, OpCode::Text, payload);
+        }
+        assert_eq!(sim.wire(), [Wire::Close(code)]);
+        assert_eq!(sim.s.state(), State::Draining);
+        assert!(sim.counted().contains(&Count::ProtocolError));
+    }
+}
+
+#[test]
+fn oversized_message_closes_1009() {
+    let mut sim = Sim::open("max_message_bytes = 1024\n", false);
+    sim.frame(true, OpCode::Binary, &[0; 2048]);
+    assert_eq!(sim.wire(), [Wire::Close(close::MESSAGE_TOO_BIG)]);
+}
+
+#[test]
+fn message_rate_closes_1008_and_is_counted() {
+    let routes = "[[routes]]\npath = \"/*\"\nmessages_per_sec = 1\nmessage_burst = 1\n";
+    let mut sim = Sim::open(routes, false);
+    sim.frame(true, OpCode::Text, b"1");
+    sim.frame(true, OpCode::Text, b"2");
+    assert_eq!(
+        sim.wire(),
+        [text("1"), Wire::Close(close::POLICY_VIOLATION)]
+    );
+    assert!(sim
+        .counted()
+        .contains(&Count::Refused(PolicyRefusal::MessageRate)));
+}
+
+#[test]
+fn too_many_fragments_close_1008_and_are_counted() {
+    let routes = "[[routes]]\npath = \"/*\"\nmax_fragments = 2\n";
+    let mut sim = Sim::open(routes, false);
+    sim.frame(false, OpCode::Text, b"a");
+    sim.frame(false, OpCode::Continuation, b"b");
+    sim.frame(true, OpCode::Continuation, b"c");
+    assert_eq!(sim.wire(), [Wire::Close(close::POLICY_VIOLATION)]);
+    assert!(sim
+        .counted()
+        .contains(&Count::Refused(PolicyRefusal::Fragments)));
+}
+
+#[test]
+fn duplicate_route_key_closes_1008() {
+    let routes = r#"
+[[upstreams]]
+name = "a"
+backends = ["tcp://127.0.0.1:9"]
+[[routes]]
+path = "/*"
+route_key = "action"
+actions = { x = "a" }
+"#;
+    let mut sim = Sim::open(routes, true);
+    sim.frame(true, OpCode::Text, br#"{"action":"x","action":"y"}"#);
+    assert!(matches!(
+        sim.outputs()[..],
+        [Output::Relay(ToUpstream::Fence { code: 1008, .. })]
+    ));
+    sim.relay_close(1008);
+    let reason = MessageRefusal::DuplicateRouteKey.to_string();
+    assert!(
+        sim.s.queued()[0].ends_with(reason.as_bytes()),
+        "the reason says why"
+    );
+    assert_eq!(sim.wire(), [Wire::Close(close::POLICY_VIOLATION)]);
+}
+
+#[test]
+fn relay_close_codes_are_checked() {
+    for (from_backend, on_wire) in [(1000, 1000), (4000, 4000), (1012, 1012), (1006, 1011)] {
+        let mut sim = Sim::open(PLAIN, true);
+        sim.relay_close(from_backend);
+        assert_eq!(sim.wire(), [Wire::Close(on_wire)], "{from_backend}");
+        assert_eq!(
+            sim.s.state(),
+            State::Closing,
+            "waits for the client's close"
+        );
+        assert!(!sim.s.accepts_replies());
+        sim.close_frame(1000, "");
+        assert!(sim.wire().is_empty(), "one close per side");
+        let out = sim.outputs();
+        assert!(
+            out.is_empty(),
+            "nothing to fence: the backend closed: {out:?}"
+        );
+        assert_eq!(sim.s.state(), State::Draining);
+        assert_eq!(sim.shutdown(), Some(Shutdown::Write));
+    }
+}
+
+#[test]
+fn our_close_unanswered_drops_tcp_after_the_linger() {
+    let mut sim = Sim::open(PLAIN, true);
+    sim.now = 50;
+    sim.relay_close(1000);
+    assert_eq!(sim.next_timer(), Some((Timer::CloseLinger, 2_050)));
+    assert_eq!(sim.advance(2_050), Some(Timer::CloseLinger));
+    assert_eq!(sim.shutdown(), Some(Shutdown::Both));
+}
+
+#[test]
+fn after_fin_the_linger_ends_the_wait_for_the_clients_fin() {
+    let mut sim = Sim::open(PLAIN, false);
+    sim.close_frame(1000, "");
+    sim.wire();
+    sim.now = 10;
+    assert_eq!(sim.shutdown(), Some(Shutdown::Write));
+    assert_eq!(sim.next_timer(), Some((Timer::CloseLinger, 2_010)));
+    assert_eq!(sim.advance(2_010), Some(Timer::CloseLinger));
+    assert_eq!(sim.shutdown(), Some(Shutdown::Both));
+}
+
+#[test]
+fn a_reset_drops_what_is_queued() {
+    let mut sim = Sim::open(PLAIN, true);
+    sim.relay_send("lost");
+    sim.s.on_peer_closed(true);
+    assert!(sim.s.peer_closed() && sim.s.queued().is_empty());
+    assert_eq!(sim.shutdown(), Some(Shutdown::Both));
+    let mut sim = Sim::open(PLAIN, true);
+    sim.relay_send("lost");
+    sim.s.on_send_failed();
+    assert_eq!(sim.shutdown(), Some(Shutdown::Write));
+}
+
+#[test]
+fn drain_sends_1001_and_waits_until_the_drain_deadline() {
+    let mut sim = Sim::open(PLAIN, true);
+    sim.draining = Some(10_000);
+    assert!(!sim.s.begin_drain(0));
+    assert_eq!(sim.wire(), [Wire::Close(close::GOING_AWAY)]);
+    assert_eq!(sim.next_timer(), Some((Timer::Drain, 10_000)));
+    assert_eq!(sim.advance(10_000), Some(Timer::Drain));
+    assert_eq!(sim.shutdown(), Some(Shutdown::Both));
+    // A client that answers is done at once.
+    let mut sim = Sim::open(PLAIN, false);
+    sim.draining = Some(10_000);
+    sim.s.begin_drain(0);
+    sim.close_frame(1001, "");
+    sim.wire();
+    assert_eq!(sim.shutdown(), Some(Shutdown::Write));
+    // One still handshaking is dropped.
+    let mut sim = Sim::new(PLAIN, true);
+    assert!(sim.s.begin_drain(0));
+}
+
+#[test]
+fn reload_removing_the_route_closes_1001_after_replies() {
+    let mut sim = Sim::open(PLAIN, false);
+    sim.with(|s, cx| s.close_after_replies(cx, close::GOING_AWAY, "route removed"));
+    assert_eq!(sim.wire(), [Wire::Close(close::GOING_AWAY)]);
+}
+
+#[test]
+fn a_panic_closes_1011_when_open_and_500_in_the_handshake() {
+    let mut sim = Sim::open(PLAIN, true);
+    assert!(sim.with(|s, cx| s.on_panic(cx, false)));
+    assert_eq!(sim.wire(), [Wire::Close(close::INTERNAL_ERROR)]);
+    assert_eq!(sim.s.state(), State::Draining);
+    let mut sim = Sim::new(PLAIN, true);
+    assert!(sim.with(|s, cx| s.on_panic(cx, false)));
+    assert_eq!(sim.wire(), [Wire::Http(500)]);
+    assert_eq!(sim.s.close_code(), close::INTERNAL_ERROR);
+    // Mid-send in its handshake: nothing fits; the driver drops TCP.
+    let mut sim = Sim::new(PLAIN, true);
+    sim.s.refuse_at_accept(&AcceptRefusal::Memory);
+    assert!(!sim.with(|s, cx| s.on_panic(cx, true)));
+}
+
+#[test]
+fn shedding_closes_1008_and_lets_go_of_the_queue() {
+    let mut sim = Sim::open(PLAIN, true);
+    for _ in 0..10 {
+        sim.relay_send("queued");
+    }
+    sim.with(|s, cx| s.shed(cx, false));
+    assert_eq!(sim.wire(), [Wire::Close(close::POLICY_VIOLATION)]);
+    assert!(sim
+        .counted()
+        .contains(&Count::Refused(PolicyRefusal::MemoryShed)));
+}
+
+// ----- timers of an open connection -----
+
+const TIMERS: &str = "ping_interval_ms = 1000\npong_timeout_ms = 500\nidle_timeout_ms = 5000\n";
+
+#[test]
+fn ping_after_silence_then_no_pong_closes_1001() {
+    let mut sim = Sim::open(TIMERS, false);
+    assert_eq!(sim.next_timer(), Some((Timer::Ping, 1_000)));
+    assert_eq!(sim.advance(999), None);
+    assert_eq!(sim.advance(1_000), Some(Timer::Ping));
+    assert_eq!(sim.wire(), [Wire::Frame(OpCode::Ping, vec![])]);
+    assert_eq!(sim.next_timer(), Some((Timer::Pong, 1_500)));
+    assert_eq!(sim.advance(1_500), Some(Timer::Pong));
+    assert_eq!(sim.wire(), [Wire::Close(close::GOING_AWAY)]);
+}
+
+#[test]
+fn a_pong_rearms_the_ping() {
+    let mut sim = Sim::open(TIMERS, false);
+    sim.advance(1_000);
+    sim.wire();
+    sim.now = 1_200;
+    sim.frame(true, OpCode::Pong, b"");
+    assert_eq!(sim.next_timer(), Some((Timer::Ping, 2_200)));
+}
+
+#[test]
+fn idle_timeout_closes_1001_despite_pongs() {
+    let mut sim = Sim::open("ping_interval_ms = 0\nidle_timeout_ms = 5000\n", false);
+    sim.now = 4_000;
+    sim.frame(true, OpCode::Ping, b"");
+    assert_eq!(
+        sim.next_timer(),
+        Some((Timer::Idle, 5_000)),
+        "control frames are not messages"
+    );
+    sim.now = 4_500;
+    sim.frame(true, OpCode::Text, b"m");
+    assert_eq!(sim.next_timer(), Some((Timer::Idle, 9_500)));
+    sim.wire();
+    assert_eq!(sim.advance(9_500), Some(Timer::Idle));
+    assert_eq!(sim.wire(), [Wire::Close(close::GOING_AWAY)]);
+}
+
+#[test]
+fn token_expiry_closes_1008_and_is_counted() {
+    let mut sim = Sim::open(PLAIN, false);
+    sim.s.token_expiry_ms = Some(700);
+    assert_eq!(sim.next_timer(), Some((Timer::TokenExpiry, 700)));
+    assert_eq!(sim.advance(700), Some(Timer::TokenExpiry));
+    assert_eq!(sim.wire(), [Wire::Close(close::POLICY_VIOLATION)]);
+    assert_eq!(sim.counted(), [Count::Refused(PolicyRefusal::TokenExpired)]);
+}
+
+#[test]
+fn slow_consumer_over_the_queue_for_the_grace_closes_1008() {
+    let mut sim = Sim::open("send_queue_bytes = 1024\n", true);
+    // One message larger than the cap is queued (alone), and the client does not read.
+    sim.relay_send(&"0123456789".repeat(200));
+    assert!(sim.s.queued_cost() > 1024);
+    assert!(sim.s.over_send_queue(100, 1024), "the driver pauses it");
+    assert_eq!(
+        sim.next_timer(),
+        Some((Timer::SlowConsumer, 100 + SLOW_CONSUMER_GRACE_MS))
+    );
+    // Resumed in time: the grace starts over.
+    sim.s.resumed();
+    assert_ne!(sim.next_timer().map(|t| t.0), Some(Timer::SlowConsumer));
+    sim.s.over_send_queue(200, 1024);
+    assert_eq!(
+        sim.advance(200 + SLOW_CONSUMER_GRACE_MS),
+        Some(Timer::SlowConsumer)
+    );
+    let wire = sim.wire();
+    assert_eq!(wire.last().unwrap(), &Wire::Close(close::POLICY_VIOLATION));
+    assert!(sim.counted().contains(&Count::SlowConsumerClosed));
+}
+
+#[test]
+fn a_reply_over_the_queue_cap_closes_1008_but_one_big_message_passes() {
+    let mut sim = Sim::open("send_queue_bytes = 1024\n", true);
+    let big = "x".repeat(4000);
+    sim.relay_send(&big);
+    assert_eq!(sim.s.queued().len(), 1, "alone in the queue: sent");
+    sim.relay_send("more");
+    let wire = sim.wire();
+    assert_eq!(wire.len(), 2);
+    assert_eq!(wire[1], Wire::Close(close::POLICY_VIOLATION));
+}
+
+#[test]
+fn fanout_past_the_cap_is_dropped_with_drop_newest() {
+    let routes =
+        "send_queue_bytes = 1024\n[[routes]]\npath = \"/*\"\nslow_consumer = \"drop-newest\"\n";
+    let mut sim = Sim::open(routes, true);
+    let frame = encode(OpCode::Text, &[b'x'; 900]);
+    sim.with(|s, cx| s.queue_fanout(cx, frame.clone()));
+    sim.with(|s, cx| s.queue_fanout(cx, frame.clone()));
+    assert_eq!(sim.s.queued().len(), 1);
+    assert!(sim.counted().contains(&Count::SlowConsumerDropped));
+    assert!(!sim.s.close_sent());
+}
+
+// ----- accounting -----
+
+#[test]
+fn footprint_follows_buffers() {
+    let mut sim = Sim::open(PLAIN, true);
+    let idle = sim.s.footprint();
+    assert!(idle >= BASE_BYTES);
+    sim.relay_send(&"y".repeat(10_000));
+    assert!(sim.s.footprint() >= idle + 10_000 + ENTRY_BYTES);
+    sim.wire();
+    // A half-received message: the assembly buffer counts.
+    let mut wire = BytesMut::new();
+    write_client_frame(&mut wire, true, OpCode::Binary, [1, 2, 3, 4], &[7; 20_000]);
+    sim.feed(&wire[..15_000]);
+    assert!(sim.s.footprint() >= idle + 14_000, "{}", sim.s.footprint());
+}
+
+#[test]
+fn subscriptions_are_bounded() {
+    let mut sim = Sim::open(PLAIN, true);
+    let a: Topic = "a".into();
+    let b: Topic = "b".into();
+    assert_eq!(sim.s.subscribe(&a, 1), Subscribed::New);
+    assert_eq!(sim.s.subscribe(&a, 1), Subscribed::Already);
+    assert_eq!(sim.s.subscribe(&b, 1), Subscribed::Limit);
+    assert!(sim.s.unsubscribe(&a));
+    assert!(!sim.s.unsubscribe(&a));
+}
+
+#[test]
+fn every_refusal_label_is_distinct() {
+    let labels: std::collections::HashSet<_> =
+        PolicyRefusal::ALL.iter().map(|r| r.label()).collect();
+    assert_eq!(labels.len(), PolicyRefusal::ALL.len());
+    for (i, r) in PolicyRefusal::ALL.iter().enumerate() {
+        assert_eq!(
+            *r as usize, i,
+            "ALL is in declaration order (stats index by it)"
+        );
+    }
+}
