@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ringway::protocol::message::MessageKind;
-use ringway::relay::protocol::{encode, Decoder, Frame, Side, VERSION};
+use ringway::relay::wire::{encode, Decoder, Frame, Side, VERSION};
 use ringway::relay::Topic;
 use serde_json::{json, Value};
 
@@ -72,7 +72,7 @@ fn run(listen: &str) -> io::Result<()> {
 #[derive(Debug, thiserror::Error)]
 enum LinkError {
     #[error(transparent)]
-    Protocol(#[from] ringway::relay::protocol::RelayError),
+    Protocol(#[from] ringway::relay::wire::RelayError),
     #[error("{0}")]
     Handshake(String),
     #[error("gateway reported an error: {0}")]

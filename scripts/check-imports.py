@@ -36,16 +36,7 @@ UNSAFE_ALLOWED = ("src/protocol/mask.rs", "src/edge/uring/", "src/edge/fd.rs")
 
 # Findings other helpers of issue 12 remove on their branches; the merger empties this set.
 # Each entry: (check, path). Listed findings are reported as "known" and do not fail.
-KNOWN = {
-    # removed by h12-session (worker.rs becomes the driver of src/session/)
-    ("size", "src/edge/worker.rs"),
-    # removed by h12-uring (ring and syscalls move to src/edge/uring/ and src/edge/fd.rs)
-    ("unsafe", "src/edge/worker.rs"),
-    ("unsafe", "src/edge/buffers.rs"),
-    ("unsafe", "src/edge/inbox.rs"),
-    # removed by h12-relay (relay/protocol.rs becomes relay/wire.rs, split)
-    ("size", "src/relay/protocol.rs"),
-}
+KNOWN: set = set()
 
 TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|::|[{}(),;*]|\S")
 

@@ -217,7 +217,7 @@ impl Gateway {
         let router = relay::router::Router::new(
             &routes,
             links,
-            relay::protocol::DEFAULT_MAX_FRAME,
+            relay::wire::DEFAULT_MAX_FRAME,
             shared.relay.clone(),
         );
         let upstream_links = router.links();

@@ -10,6 +10,11 @@
 //! `policy`, `route`, `admission`, `telemetry`, `in_flight`, `test_hooks` at the bottom; then
 //! `edge` and `relay` (the edge may use the relay's channel types, the relay never names the
 //! edge); then `ops`, which only reads; then `gateway`; then the binary.
+//!
+//! `unsafe` is denied crate-wide and allowed only in `protocol::mask` (SIMD unmasking),
+//! `edge::uring` (the ring and the memory its operations point at) and `edge::fd`.
+
+#![deny(unsafe_code)]
 
 pub mod admission;
 pub mod config;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ringway::protocol::message::MessageKind;
-use ringway::relay::protocol::{encode, Decoder, Frame, RelayError, Side, VERSION};
+use ringway::relay::wire::{encode, Decoder, Frame, RelayError, Side, VERSION};
 use serde_json::{json, Value};
 
 /// A backend process, killed when dropped.

@@ -2,10 +2,10 @@
 //! on it and the core-wide resources it holds, beside its sans-IO [`Session`] (the
 //! connection's life). The worker turns what the session asks for into ring operations.
 
-use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use super::fd::Socket;
 use crate::session::Session;
 
 /// Bytes a connection's messages may have in flight to the relay (core backlog, channel and
@@ -19,7 +19,7 @@ pub use crate::in_flight::InFlight;
 /// One connection's slot contents: the session and what only the driver knows.
 pub struct Conn {
     pub session: Session,
-    pub fd: RawFd,
+    pub socket: Socket,
     /// `shutdown(2)` was called; waiting for in-flight operations before `close(2)`.
     pub shut: bool,
     pub recv_armed: bool,
@@ -46,10 +46,10 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(session: Session, fd: RawFd) -> Conn {
+    pub fn new(session: Session, socket: Socket) -> Conn {
         Conn {
             session,
-            fd,
+            socket,
             shut: false,
             recv_armed: false,
             send_in_flight: false,

@@ -6,13 +6,14 @@
 //! (handshake, frames; `connection` holds its fd and ring state) -> relay channel -> `inbox`
 //! -> `worker` (send).
 
-mod buffers;
 mod connection;
+mod fd;
 pub(crate) mod inbox;
 pub(crate) mod listener;
 pub mod panic;
 pub mod stats;
 mod timer;
+mod uring;
 pub(crate) mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};

@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::TcpListener;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,12 +26,13 @@ use crate::route::RouteTable;
 use crate::session::{Context, Count, Meter, Output, Session, Shutdown, Subscribed};
 use std::collections::HashMap;
 
-use super::buffers::{self, BufferRing};
 use super::connection::{Conn, InFlight};
+use super::fd::Socket;
 use super::inbox::Waker;
 use super::panic;
 use super::stats::CoreStats;
 use super::timer::{self, TimerWheel};
+use super::uring::{self, BufferRing};
 use super::Shared;
 use crate::ids::{self, ConnId, GENERATION_MASK};
 
@@ -53,7 +54,6 @@ const TICK_MS: u64 = 50;
 const CORE_RELAY_IN_FLIGHT: usize = 16 << 20;
 /// What one relayed message costs besides its payload: the `ToUpstream` and its guard.
 const RELAY_ENTRY_BYTES: usize = 128;
-const MAX_IOV: usize = 64;
 
 /// The operation kind in a completion's `user_data`, beside the connection's slot and
 /// generation (the same fields, and so the same packing, as its `ConnId`).
@@ -69,26 +69,6 @@ fn split_user_data(ud: u64) -> (u64, u32, u32) {
         ids::SLOT.get(ud) as u32,
         ids::GENERATION.get(ud) as u32,
     )
-}
-
-/// The iovecs and header of one in-flight `sendmsg`; boxed so their addresses stay put
-/// until the kernel completes the send.
-struct SendBuf {
-    msg: libc::msghdr,
-    iov: [libc::iovec; MAX_IOV],
-}
-
-impl SendBuf {
-    fn new() -> Box<SendBuf> {
-        Box::new(SendBuf {
-            // SAFETY: msghdr is a plain C struct for which all-zero is the empty value.
-            msg: unsafe { std::mem::zeroed() },
-            iov: [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; MAX_IOV],
-        })
-    }
 }
 
 /// Everything a worker thread needs, prepared by the thread that starts the gateway.
@@ -132,8 +112,9 @@ pub struct Worker {
     tick: Box<types::Timespec>,
     // Boxed on purpose: the kernel holds the iovecs' addresses until the send completes.
     #[allow(clippy::vec_box)]
-    send_pool: Vec<Box<SendBuf>>,
-    in_flight_sends: Vec<Option<Box<SendBuf>>>,
+    /// The memory of each connection's in-flight `sendmsg` (iovecs and the `Bytes` they
+    /// point into), held until its completion.
+    sends: uring::Sends,
     dirty: Vec<u32>,
     /// Connections paused for inbound backpressure.
     paused: Vec<(u32, u32)>,
@@ -173,6 +154,28 @@ fn build_ring() -> io::Result<IoUring> {
         }
     }
     Err(last.unwrap_or_else(|| io::Error::other("io_uring setup failed")))
+}
+
+/// On every way out of a core's loop (its end, an error, a panic unwinding through `run`):
+/// cancel and reap every ring operation still in flight, then take the provided buffers back
+/// from the kernel, before the fields (the slab, the send buffers, the buffer ring, the tick
+/// and wake buffers) are freed.
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let reaped = uring::quiesce(
+            &mut self.ring,
+            &mut self.pending_sqes,
+            std::time::Duration::from_secs(1),
+            |_| {},
+        );
+        tracing::debug!(core = self.index, reaped, "ring quiesced");
+        if let Err(e) = self.buffers.unregister(&self.ring) {
+            tracing::warn!(
+                core = self.index,
+                "could not unregister the buffer ring: {e}"
+            );
+        }
+    }
 }
 
 impl Worker {
@@ -222,8 +225,7 @@ impl Worker {
             waker: setup.waker,
             wake_buf: Box::new(0),
             tick: Box::new(types::Timespec::new().nsec((TICK_MS * 1_000_000) as u32)),
-            send_pool: Vec::new(),
-            in_flight_sends: Vec::new(),
+            sends: uring::Sends::default(),
             dirty: Vec::new(),
             topics: HashMap::new(),
             paused: Vec::new(),
@@ -242,9 +244,8 @@ impl Worker {
         self.arm_accept();
         self.arm_wake();
         self.arm_tick();
-        let result = self.event_loop();
-        self.buffers.unregister(&self.ring);
-        result
+        self.event_loop()
+        // Drop cancels and reaps what is still in flight before any memory goes.
     }
 
     fn event_loop(&mut self) -> io::Result<()> {
@@ -301,29 +302,7 @@ impl Worker {
     }
 
     fn flush_sqes(&mut self) -> io::Result<()> {
-        let mut i = 0;
-        while i < self.pending_sqes.len() {
-            {
-                let mut sq = self.ring.submission();
-                while i < self.pending_sqes.len() {
-                    // SAFETY: every entry built by this worker points only at memory that
-                    // outlives the operation: the socket fds stay open until the operation's
-                    // completion has been seen (`Conn::finished`), send iovecs live in a
-                    // boxed SendBuf held in `in_flight_sends` until the send completes, and the
-                    // tick timespec and wake buffer are boxed fields of the worker, which waits
-                    // for every operation before it returns.
-                    if unsafe { sq.push(&self.pending_sqes[i]) }.is_err() {
-                        break;
-                    }
-                    i += 1;
-                }
-            }
-            if i < self.pending_sqes.len() {
-                self.ring.submit()?;
-            }
-        }
-        self.pending_sqes.clear();
-        Ok(())
+        uring::submit_all(&mut self.ring, &mut self.pending_sqes)
     }
 
     fn arm_accept(&mut self) {
@@ -362,7 +341,7 @@ impl Worker {
             return;
         }
         conn.recv_armed = true;
-        let sqe = opcode::RecvMulti::new(types::Fd(conn.fd), buffers::GROUP)
+        let sqe = opcode::RecvMulti::new(types::Fd(conn.socket.as_raw_fd()), uring::GROUP)
             .build()
             .user_data(user_data(OP_RECV, slot, generation));
         self.push(sqe);
@@ -405,7 +384,7 @@ impl Worker {
             self.accept_armed = false;
         }
         if res >= 0 {
-            self.new_connection(res);
+            self.new_connection(uring::accepted_socket(res));
         } else if res != -libc::ECANCELED {
             let err = io::Error::from_raw_os_error(-res);
             match -res {
@@ -426,14 +405,14 @@ impl Worker {
         }
     }
 
-    fn new_connection(&mut self, fd: RawFd) {
+    fn new_connection(&mut self, socket: Socket) {
         self.core.stats.accepted.inc();
         if self.draining.is_some() {
-            // SAFETY: fd was just accepted and is owned by nobody else.
-            unsafe { libc::close(fd) };
-            return;
+            return; // dropping the socket closes it
         }
-        set_nodelay(fd);
+        if let Err(e) = socket.set_nodelay() {
+            tracing::debug!("TCP_NODELAY failed: {e}");
+        }
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -446,14 +425,14 @@ impl Worker {
         };
         let generation = self.slots[slot as usize].generation;
         let id = ConnId::new(self.index as u8, slot, generation);
-        let peer = peer_addr(fd);
+        let peer = socket.peer_addr();
         let session = Session::new(
             id,
             peer,
             self.core.config.message_limits(),
             self.core.now_ms,
         );
-        let mut conn = Conn::new(session, fd);
+        let mut conn = Conn::new(session, socket);
         // Admission before anything is read: a refused client gets its answer (503 or 429
         // with a reason) once its request arrives, and costs nothing more.
         conn.ip = peer.map(|a| a.ip());
@@ -531,13 +510,7 @@ impl Worker {
     }
 
     fn on_send(&mut self, slot: u32, generation: u32, res: i32) {
-        if let Some(buf) = self
-            .in_flight_sends
-            .get_mut(slot as usize)
-            .and_then(Option::take)
-        {
-            self.send_pool.push(buf);
-        }
+        self.sends.done(slot);
         let Some(conn) = conn_in(&mut self.slots, slot, generation) else {
             return;
         };
@@ -711,8 +684,7 @@ impl Worker {
             .poll_shutdown(self.core.now_ms, conn.send_in_flight)
         {
             Some(Shutdown::Write) => {
-                // SAFETY: shutdown(2) on a socket fd we own has no memory preconditions.
-                unsafe { libc::shutdown(conn.fd, libc::SHUT_WR) };
+                let _ = conn.socket.shutdown(std::net::Shutdown::Write);
             }
             Some(Shutdown::Both) => self.shut(slot),
             None => {}
@@ -763,8 +735,7 @@ impl Worker {
         }
         conn.shut = true;
         conn.session.on_shut();
-        // SAFETY: shutdown(2) on a socket fd we own has no memory preconditions.
-        unsafe { libc::shutdown(conn.fd, libc::SHUT_RDWR) };
+        let _ = conn.socket.shutdown(std::net::Shutdown::Both);
         if conn.recv_armed {
             let sqe = opcode::AsyncCancel::new(user_data(OP_RECV, slot, generation))
                 .build()
@@ -788,9 +759,8 @@ impl Worker {
         self.live -= 1;
         self.core.stats.live.set(self.live as u64);
         self.core.stats.closed.inc();
-        // SAFETY: every ring operation on this fd has completed (`Conn::finished`), and
-        // the fd is owned by this connection alone.
-        unsafe { libc::close(conn.fd) };
+        // Every ring operation on the socket has completed (`Conn::finished`): `conn`'s
+        // socket is closed when it is dropped at the end of this function.
         if conn.counted_limit {
             self.core.shared.open.fetch_sub(1, Ordering::Relaxed);
         }
@@ -826,29 +796,18 @@ impl Worker {
         if conn.send_in_flight || conn.session.queued().is_empty() || conn.shut {
             return;
         }
-        let mut buf = self.send_pool.pop().unwrap_or_else(SendBuf::new);
-        let mut n = 0;
-        for item in conn.session.queued().iter().take(MAX_IOV) {
-            buf.iov[n] = libc::iovec {
-                iov_base: item.as_ptr() as *mut libc::c_void,
-                iov_len: item.len(),
-            };
-            n += 1;
-        }
-        buf.msg.msg_iov = buf.iov.as_mut_ptr();
-        buf.msg.msg_iovlen = n as _;
+        // The SendBuf holds its own reference to every `Bytes` it points at, so the queue
+        // may be cleared (a failed recv, a reset) while the kernel still reads them.
+        let Some((sqe, n)) = self.sends.prepare(
+            slot,
+            conn.socket.as_raw_fd(),
+            conn.session.queued().iter(),
+            user_data(OP_SEND, slot, generation),
+        ) else {
+            return;
+        };
         conn.send_in_flight = true;
         conn.session.start_send(n);
-        let sqe = opcode::SendMsg::new(types::Fd(conn.fd), &buf.msg)
-            .flags(libc::MSG_NOSIGNAL as u32)
-            .build()
-            .user_data(user_data(OP_SEND, slot, generation));
-        if self.in_flight_sends.len() <= slot as usize {
-            self.in_flight_sends.resize_with(slot as usize + 1, || None);
-        }
-        // The queued Bytes the iovecs point at stay in the session's queue, untouched, until
-        // completion.
-        self.in_flight_sends[slot as usize] = Some(buf);
         self.push(sqe);
     }
 
@@ -927,34 +886,6 @@ fn unix_now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// The client's address, for the backend's `open` event.
-fn peer_addr(fd: RawFd) -> Option<std::net::SocketAddr> {
-    // SAFETY: fd is a live socket owned by the connection for the duration of this call.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    socket2::SockRef::from(&borrowed)
-        .peer_addr()
-        .ok()?
-        .as_socket()
-}
-
-fn set_nodelay(fd: RawFd) {
-    let one: libc::c_int = 1;
-    // SAFETY: fd is a TCP socket we own; the option value points at a live c_int of the
-    // length given.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        tracing::debug!("TCP_NODELAY failed: {}", io::Error::last_os_error());
-    }
 }
 
 /// The core's own state beside its connection slab and ring (configuration, relay channel

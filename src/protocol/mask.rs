@@ -6,6 +6,7 @@
 //! (AVX-512BW, AVX2 or the portable u64 path on x86-64; NEON on aarch64), so the hot path is
 //! one indirect call. This is the only module of the protocol core that uses `unsafe`.
 
+#![allow(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 

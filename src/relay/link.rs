@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use crossbeam_channel::{Receiver, Sender};
 
-use super::protocol::{self, Decoder, Frame};
+use super::wire::{self, Decoder, Frame};
 use super::{EdgeSink, OpenInfo, RelayGauges, ToEdge, ENTRY_OVERHEAD, MAX_TOPIC_BYTES};
 
 /// Where a backend listens.
@@ -268,9 +268,9 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
     fn connect(&self) -> io::Result<(Stream, BytesMut)> {
         let mut stream = Stream::connect(&self.addr)?;
         let mut out = BytesMut::new();
-        protocol::encode(
+        wire::encode(
             &Frame::Hello {
-                version: protocol::VERSION,
+                version: wire::VERSION,
                 name: "ringway".into(),
             },
             &mut out,
@@ -288,11 +288,11 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
         let mut buf = BytesMut::with_capacity(4096);
         loop {
             match decoder.decode(&mut buf) {
-                Ok(Some(Frame::Hello { version, .. })) if version == protocol::VERSION => break,
+                Ok(Some(Frame::Hello { version, .. })) if version == wire::VERSION => break,
                 Ok(Some(Frame::Hello { version, .. })) => {
                     return Err(io::Error::other(format!(
                         "backend speaks relay protocol version {version}, we speak {}",
-                        protocol::VERSION
+                        wire::VERSION
                     )))
                 }
                 Ok(Some(other)) => {
@@ -390,7 +390,7 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
             if !reader_alive.load(Ordering::Acquire) {
                 // Last words (an `error` frame) before the link goes.
                 while let Ok(frame) = ctl_rx.try_recv() {
-                    protocol::encode(&frame, &mut out);
+                    wire::encode(&frame, &mut out);
                 }
                 let _ = self.write_bounded(&mut stream, &out, &AtomicBool::new(true));
                 out.clear();
@@ -412,7 +412,7 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
                 },
                 recv(ctl_rx) -> frame => {
                     if let Ok(frame) = frame {
-                        protocol::encode(&frame, &mut out);
+                        wire::encode(&frame, &mut out);
                     }
                 }
                 default(Duration::from_millis(200)) => {
@@ -420,7 +420,7 @@ impl<S: EdgeSink + Clone + 'static> Link<S> {
                         break false;
                     }
                     if last_write.elapsed() >= PING_EVERY {
-                        protocol::encode(&Frame::Ping(0), &mut out);
+                        wire::encode(&Frame::Ping(0), &mut out);
                     }
                 }
             }
@@ -521,7 +521,7 @@ fn send_open(conn: u64, info: OpenInfo, opens: &Opens, out: &mut BytesMut, gauge
         authorize: info.authorize,
         replay: false,
     };
-    protocol::encode(&open, out);
+    wire::encode(&open, out);
     if let Frame::Open { replay, .. } = &mut open {
         *replay = true;
     }
@@ -537,7 +537,7 @@ fn send_open(conn: u64, info: OpenInfo, opens: &Opens, out: &mut BytesMut, gauge
 fn replay_opens(opens: &Opens, out: &mut BytesMut) {
     if let Ok(table) = opens.lock() {
         for (open, _) in table.values() {
-            protocol::encode(open, out);
+            wire::encode(open, out);
         }
     }
 }
@@ -589,7 +589,7 @@ struct ReadLoop<S> {
 impl<S: EdgeSink> ReadLoop<S> {
     /// Read the backend's frames and hand them to the cores until the link fails.
     fn run(mut self, mut stream: Stream, leftover: BytesMut) {
-        let mut decoder = Decoder::new(self.max_frame).only_from(protocol::Side::Backend);
+        let mut decoder = Decoder::new(self.max_frame).only_from(wire::Side::Backend);
         let mut buf = leftover;
         loop {
             loop {

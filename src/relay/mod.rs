@@ -4,8 +4,8 @@
 
 pub mod chat;
 pub mod link;
-pub mod protocol;
 pub mod router;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

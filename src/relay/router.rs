@@ -17,7 +17,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::chat::ChatEcho;
 use super::link::{Address, Link, LinkState, Outbound};
-use super::protocol::{self, Frame};
+use super::wire::{self, Frame};
 use super::{EdgeSink, OpenInfo, RelayGauges, ToEdge, ToUpstream, UpstreamId, ENTRY_OVERHEAD};
 use crate::config::Balance;
 use crate::ids::ConnId;
@@ -321,7 +321,7 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                     return;
                 };
                 let mut out = std::mem::take(&mut self.scratch);
-                protocol::encode(
+                wire::encode(
                     &Frame::Message {
                         conn: conn.as_u64(),
                         kind,
@@ -373,7 +373,7 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
 
     fn send_close(&mut self, conn: ConnId, upstream: UpstreamId, link: usize, code: u16) {
         let mut out = BytesMut::new();
-        protocol::encode(
+        wire::encode(
             &Frame::Close {
                 conn: conn.as_u64(),
                 code,

@@ -1,6 +1,10 @@
 //! The core's provided-buffer ring: read buffers registered with the kernel, which multishot
 //! recv fills on demand. A connection holds a buffer only from the completion that names it
 //! until the protocol core has consumed it, so an idle connection pins no read memory.
+//!
+//! The kernel may write into these buffers until the group is unregistered, so the mappings
+//! are unmapped only after [`BufferRing::unregister`] succeeded; a ring dropped while still
+//! registered leaks its memory rather than free what the kernel can still reach.
 
 use std::io;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -11,7 +15,7 @@ use io_uring::IoUring;
 /// The buffer group id; each core has its own io_uring, so one group per ring suffices.
 pub const GROUP: u16 = 0;
 
-/// One anonymous private mapping, unmapped on drop.
+/// One anonymous private mapping, unmapped on drop unless leaked.
 struct Mapping {
     ptr: *mut u8,
     len: usize,
@@ -41,10 +45,21 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// Never unmap this mapping: the kernel may still write to it.
+    fn leak(&mut self) {
+        self.ptr = std::ptr::null_mut();
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
+        if self.ptr.is_null() {
+            return;
+        }
         // SAFETY: ptr/len are exactly what mmap returned, and nothing borrows the mapping any
-        // more: `BufferRing` owns both mappings and lends out only borrows tied to `&mut self`.
+        // more: `BufferRing` owns both mappings and lends out only borrows tied to `&mut self`;
+        // it lets a mapping drop only once the kernel has let go of the group (see its Drop).
         unsafe {
             libc::munmap(self.ptr.cast(), self.len);
         }
@@ -95,8 +110,9 @@ impl BufferRing {
         }
         this.publish();
         // SAFETY: the entries mapping is page-aligned (mmap), holds `count` entries, and lives
-        // as long as `self`; Drop unregisters the group before the mapping is unmapped, and the
-        // worker drops the BufferRing before its IoUring.
+        // until the group is unregistered: Drop unmaps only after a successful `unregister`
+        // (the owning `Ring` does that once every operation is reaped) and leaks otherwise.
+        // Covered by `kernel_fills_a_provided_buffer_and_we_recycle_it`.
         unsafe {
             ring.submitter().register_buf_ring_with_flags(
                 this.entries.ptr as u64,
@@ -157,9 +173,35 @@ impl BufferRing {
         }
     }
 
-    pub fn unregister(&mut self, ring: &IoUring) {
-        if std::mem::take(&mut self.registered) {
-            let _ = ring.submitter().unregister_buf_ring(GROUP);
+    /// Take the group back from the kernel; after this the memory may be freed. Call only
+    /// when no operation that could select a buffer is in flight any more.
+    pub fn unregister(&mut self, ring: &IoUring) -> io::Result<()> {
+        if self.registered {
+            ring.submitter().unregister_buf_ring(GROUP)?;
+            self.registered = false;
+        }
+        Ok(())
+    }
+
+    /// Whether the kernel still holds the group (and so may write into the buffers).
+    #[cfg(test)]
+    pub fn is_registered(&self) -> bool {
+        self.registered
+    }
+}
+
+impl Drop for BufferRing {
+    fn drop(&mut self) {
+        if self.registered {
+            // Still registered: the kernel may select and fill a buffer at any time until the
+            // io_uring itself is gone, so this memory must outlive us. Leak it (one core's
+            // read buffers, once, on an exit that already went wrong).
+            tracing::error!(
+                bytes = self.buffers.len + self.entries.len,
+                "provided-buffer ring dropped while registered; leaking its memory"
+            );
+            self.entries.leak();
+            self.buffers.leak();
         }
     }
 }
@@ -207,6 +249,46 @@ mod tests {
             bufs.recycle(bid);
             bufs.publish();
         }
-        bufs.unregister(&ring);
+        bufs.unregister(&ring).unwrap();
+        assert!(!bufs.is_registered());
+        drop(bufs); // unmapped: the kernel no longer knows the group
+        let sqe = opcode::Recv::new(types::Fd(b.as_raw_fd()), std::ptr::null_mut(), 64)
+            .buf_group(GROUP)
+            .build()
+            .flags(io_uring::squeue::Flags::BUFFER_SELECT)
+            .user_data(8);
+        a.write_all(b"late").unwrap();
+        // SAFETY: as above; the group is gone, so the kernel must refuse to select a buffer.
+        unsafe { ring.submission().push(&sqe).unwrap() };
+        ring.submit_and_wait(1).unwrap();
+        let cqe = ring.completion().next().unwrap();
+        assert_eq!(cqe.result(), -libc::ENOBUFS, "no buffer after unregister");
+    }
+
+    /// Dropped while still registered: the memory is leaked, so a recv that selects one of
+    /// its buffers afterwards writes into memory that is still mapped.
+    #[test]
+    fn a_registered_ring_is_leaked_not_freed() {
+        use io_uring::{cqueue, opcode, types};
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let mut ring = IoUring::new(8).expect("io_uring available");
+        let bufs = BufferRing::new(&ring, 2, 64).unwrap();
+        assert!(bufs.is_registered());
+        drop(bufs);
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.write_all(b"after drop").unwrap();
+        let sqe = opcode::Recv::new(types::Fd(b.as_raw_fd()), std::ptr::null_mut(), 64)
+            .buf_group(GROUP)
+            .build()
+            .flags(io_uring::squeue::Flags::BUFFER_SELECT)
+            .user_data(9);
+        // SAFETY: the entry references no memory of ours; the kernel picks a buffer of the
+        // leaked (still mapped) group.
+        unsafe { ring.submission().push(&sqe).unwrap() };
+        ring.submit_and_wait(1).unwrap();
+        let cqe = ring.completion().next().unwrap();
+        assert_eq!(cqe.result(), 10);
+        assert!(cqueue::buffer_select(cqe.flags()).is_some());
     }
 }
