@@ -2,7 +2,7 @@
 //! clients said ([`ToUpstream`]); upstreams answer through each core's inbox ([`ToEdge`]):
 //! to one connection, to a topic's subscribers, or to everyone.
 
-pub mod chat;
+pub mod embedded;
 pub mod link;
 pub mod router;
 pub mod wire;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use crossbeam_channel::{Receiver, Sender};
 
-use super::chat::ChatEcho;
+use super::embedded::ChatEcho;
 use super::link::{Address, Link, LinkState, Outbound};
 use super::wire::{self, Frame};
 use super::{EdgeSink, OpenInfo, RelayGauges, ToEdge, ToUpstream, UpstreamId, ENTRY_OVERHEAD};
@@ -156,7 +156,7 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                     .iter()
                     .map(|r| r.max_subscriptions)
                     .max()
-                    .unwrap_or(super::chat::DEFAULT_MAX_ROOMS),
+                    .unwrap_or(super::embedded::DEFAULT_MAX_ROOMS),
                 gauges.clone(),
             ),
             threads,
