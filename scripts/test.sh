@@ -2,7 +2,8 @@
 # The whole test suite, as the README's quick start and CI run it:
 #   structure (scripts/check-imports.py), formatting and lints, every unit and integration
 #   test of the workspace (the gateway and bench/, release build), a short bounded fuzzing
-#   run of the three decoders that face untrusted bytes (when cargo-fuzz is installed), then the Autobahn|Testsuite RFC 6455 conformance run in echo mode.
+#   run of the three decoders that face untrusted bytes (when cargo-fuzz is installed), then
+#   the Autobahn|Testsuite RFC 6455 conformance run in echo mode.
 # Installs what the tests need first (idempotent; see scripts/setup-test-deps.sh).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
