@@ -75,6 +75,15 @@ impl Gateway {
         if let Some(path) = &config_path {
             cmd.arg("--config").arg(path);
         }
+        // The admin listener on a port of its own, never the default 9091 that another
+        // gateway on this machine (or a parallel test) may hold.
+        let config_sets_admin = config_path
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .is_some_and(|toml| toml.contains("admin_listen"));
+        if !args.contains(&"--admin") && !config_sets_admin {
+            cmd.args(["--admin", "127.0.0.1:0"]);
+        }
         cmd.envs(env.iter().copied());
         cmd.args(args)
             .env("NO_COLOR", "1")
