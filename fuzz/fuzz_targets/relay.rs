@@ -4,7 +4,7 @@
 #![no_main]
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use ringway::relay::protocol::{encode, encoded_len, Decoder, LEN_PREFIX};
+use ringway::relay::wire::{encode, encoded_len, Decoder, LEN_PREFIX};
 
 /// Small, so that the fuzzer reaches the limit; the check is the same at 16 MiB.
 const MAX_FRAME: usize = 4096;

@@ -197,7 +197,7 @@ impl Gateway {
             .store(resolve_memory_budget(&config), Ordering::Relaxed);
         let cpus = core_affinity::get_core_ids().unwrap_or_default();
 
-        let (relay_tx, relay_rx) = crossbeam_channel::bounded(config.relay_queue);
+        let (relay_tx, relay_rx) = relay::channel(config.relay_queue).map_err(EdgeError::Setup)?;
         let mut inbox_txs = Vec::with_capacity(count);
         let mut wakers = Vec::with_capacity(count);
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(count);
@@ -250,7 +250,7 @@ impl Gateway {
         let router = relay::router::Router::new(
             &routes,
             links,
-            relay::protocol::DEFAULT_MAX_FRAME,
+            relay::wire::DEFAULT_MAX_FRAME,
             shared.relay.clone(),
         );
         let upstream_links = router.links();

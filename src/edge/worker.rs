@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::TrySendError;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::admission;
@@ -24,7 +24,7 @@ use crate::protocol::frame::{self, OpCode, Role, MAX_HEADER_LEN};
 use crate::protocol::handshake::{self, Parsed};
 use crate::protocol::message::{Event, Limits, MessageDecoder, MessageKind};
 use crate::protocol::ProtocolError;
-use crate::relay::{OpenInfo, ToEdge, ToUpstream, Topic};
+use crate::relay::{OpenInfo, RelayTx, ToEdge, ToUpstream, Topic};
 use crate::route::RouteTable;
 use std::collections::HashMap;
 
@@ -102,7 +102,7 @@ pub struct WorkerSetup {
     pub cpu: Option<core_affinity::CoreId>,
     pub listener: TcpListener,
     pub config: Arc<Config>,
-    pub relay: Option<Sender<ToUpstream>>,
+    pub relay: Option<RelayTx>,
     pub inbox: super::inbox::Inbox,
     pub waker: Arc<Waker>,
     pub shared: Arc<Shared>,
@@ -1365,7 +1365,7 @@ struct Core {
     /// simd-json parses in place: messages are routed on a copy.
     scratch: Vec<u8>,
     shared: Arc<Shared>,
-    relay: Option<Sender<ToUpstream>>,
+    relay: Option<RelayTx>,
     relay_backlog: VecDeque<ToUpstream>,
     /// Bytes of this core's client messages the relay has not let go of (core backlog,
     /// channel, relay thread): limit `CORE_RELAY_IN_FLIGHT`, charged in `publish_memory`.
