@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ringway::protocol::message::MessageKind;
-use ringway::relay::wire::{encode, Decoder, Frame, Side, VERSION};
+use ringway::relay::wire::{encode, Decoder, Record, Side, VERSION};
 use ringway::relay::Topic;
 use serde_json::{json, Value};
 
@@ -90,7 +90,7 @@ fn serve<S: Read + Write>(peer: String, mut stream: S) {
             if matches!(e, LinkError::Protocol(_) | LinkError::Handshake(_)) {
                 let mut out = BytesMut::new();
                 encode(
-                    &Frame::Error {
+                    &Record::Error {
                         reason: e.to_string(),
                     },
                     &mut out,
@@ -111,13 +111,13 @@ fn link<S: Read + Write>(stream: &mut S) -> Result<(), LinkError> {
     loop {
         while let Some(frame) = dec.decode(&mut inbuf)? {
             if !greeted {
-                let Frame::Hello { name, .. } = frame else {
+                let Record::Hello { name, .. } = frame else {
                     return Err(LinkError::Handshake("first frame is not hello".into()));
                 };
                 eprintln!("gateway {name:?} speaks version {VERSION}");
                 greeted = true;
                 encode(
-                    &Frame::Hello {
+                    &Record::Hello {
                         version: VERSION,
                         name: NAME.into(),
                     },
@@ -140,19 +140,19 @@ fn link<S: Read + Write>(stream: &mut S) -> Result<(), LinkError> {
 }
 
 /// The frames answering one gateway frame after the hello.
-fn answer(frame: Frame, out: &mut BytesMut) -> Result<(), LinkError> {
+fn answer(frame: Record, out: &mut BytesMut) -> Result<(), LinkError> {
     match frame {
-        Frame::Ping(nonce) => encode(&Frame::Pong(nonce), out),
-        Frame::Open {
+        Record::Ping(nonce) => encode(&Record::Pong(nonce), out),
+        Record::Open {
             conn,
             query,
             authorize: true,
             ..
         } => {
             let reply = if has_token(query.as_deref()) {
-                Frame::Accept { conn }
+                Record::Accept { conn }
             } else {
-                Frame::Reject {
+                Record::Reject {
                     conn,
                     status: 401,
                     reason: "token required".into(),
@@ -160,7 +160,7 @@ fn answer(frame: Frame, out: &mut BytesMut) -> Result<(), LinkError> {
             };
             encode(&reply, out);
         }
-        Frame::Message {
+        Record::Message {
             conn,
             kind,
             payload,
@@ -168,7 +168,7 @@ fn answer(frame: Frame, out: &mut BytesMut) -> Result<(), LinkError> {
             let json = payload.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
             if !json && ECHO_OTHER.load(std::sync::atomic::Ordering::Relaxed) {
                 encode(
-                    &Frame::Send {
+                    &Record::Send {
                         conn,
                         kind,
                         payload,
@@ -181,16 +181,16 @@ fn answer(frame: Frame, out: &mut BytesMut) -> Result<(), LinkError> {
                 }
             }
         }
-        Frame::Close { conn, code, .. } => encode(
-            &Frame::Close {
+        Record::Close { conn, code, .. } => encode(
+            &Record::Close {
                 conn,
                 code,
                 reason: String::new(),
             },
             out,
         ),
-        Frame::Error { reason } => return Err(LinkError::Remote(reason)),
-        Frame::Hello { .. } => return Err(LinkError::Handshake("second hello".into())),
+        Record::Error { reason } => return Err(LinkError::Remote(reason)),
+        Record::Hello { .. } => return Err(LinkError::Handshake("second hello".into())),
         // Open without authorize, pong, gone: nothing to do.
         _ => {}
     }
@@ -205,8 +205,8 @@ fn has_token(query: Option<&str>) -> bool {
     })
 }
 
-fn text(conn: u64, v: Value) -> Frame {
-    Frame::Send {
+fn text(conn: u64, v: Value) -> Record {
+    Record::Send {
         conn,
         kind: MessageKind::Text,
         payload: Bytes::from(v.to_string()),
@@ -214,7 +214,7 @@ fn text(conn: u64, v: Value) -> Frame {
 }
 
 /// The frames answering one client message: the chat contract.
-fn chat(conn: u64, kind: MessageKind, payload: &[u8]) -> Vec<Frame> {
+fn chat(conn: u64, kind: MessageKind, payload: &[u8]) -> Vec<Record> {
     let error = |reason: &str| vec![text(conn, json!({"event": "error", "reason": reason}))];
     if kind != MessageKind::Text {
         return error("expected a text message");
@@ -233,11 +233,11 @@ fn chat(conn: u64, kind: MessageKind, payload: &[u8]) -> Vec<Frame> {
     let topic = Topic::from(format!("room:{room}"));
     match action {
         "join" => vec![
-            Frame::Subscribe { conn, topic },
+            Record::Subscribe { conn, topic },
             text(conn, json!({"event": "joined", "room": room})),
         ],
         "leave" => vec![
-            Frame::Unsubscribe { conn, topic },
+            Record::Unsubscribe { conn, topic },
             text(conn, json!({"event": "left", "room": room})),
         ],
         _ => {
@@ -245,7 +245,7 @@ fn chat(conn: u64, kind: MessageKind, payload: &[u8]) -> Vec<Frame> {
                 return error("missing text");
             };
             let v = json!({"event": "said", "room": room, "text": said, "from": conn.to_string()});
-            vec![Frame::Publish {
+            vec![Record::Publish {
                 topic,
                 kind: MessageKind::Text,
                 payload: Bytes::from(v.to_string()),

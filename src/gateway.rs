@@ -164,7 +164,8 @@ impl Gateway {
             .store(resolve_memory_budget(&config), Ordering::Relaxed);
         let cpus = core_affinity::get_core_ids().unwrap_or_default();
 
-        let (relay_tx, relay_rx) = crossbeam_channel::bounded(config.relay_queue);
+        let (relay_tx, relay_rx) =
+            relay::channel(config.relay_queue).map_err(GatewayError::Setup)?;
         let mut inbox_txs = Vec::with_capacity(count);
         let mut wakers = Vec::with_capacity(count);
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(count);

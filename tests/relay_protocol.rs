@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ringway::protocol::message::MessageKind;
-use ringway::relay::wire::{encode, Decoder, Frame, RelayError, Side, VERSION};
+use ringway::relay::wire::{encode, Decoder, Record, RelayError, Side, VERSION};
 use serde_json::{json, Value};
 
 /// A backend process, killed when dropped.
@@ -125,12 +125,12 @@ impl Link {
     /// Connect and exchange hellos.
     fn open(addr: &str) -> Link {
         let mut link = Link::connect(addr);
-        link.send(&Frame::Hello {
+        link.send(&Record::Hello {
             version: VERSION,
             name: "test-gateway".into(),
         });
         match link.recv() {
-            Frame::Hello { version, name } => {
+            Record::Hello { version, name } => {
                 assert_eq!(version, VERSION);
                 assert!(name.starts_with("chat-backend"), "{name}");
             }
@@ -139,7 +139,7 @@ impl Link {
         link
     }
 
-    fn send(&mut self, frame: &Frame) {
+    fn send(&mut self, frame: &Record) {
         let mut out = BytesMut::new();
         encode(frame, &mut out);
         self.send_raw(&out);
@@ -150,7 +150,7 @@ impl Link {
     }
 
     /// The next frame, or None at end of stream.
-    fn try_recv(&mut self) -> Option<Result<Frame, RelayError>> {
+    fn try_recv(&mut self) -> Option<Result<Record, RelayError>> {
         let mut chunk = [0u8; 4096];
         loop {
             match self.dec.decode(&mut self.buf) {
@@ -169,12 +169,12 @@ impl Link {
         }
     }
 
-    fn recv(&mut self) -> Frame {
+    fn recv(&mut self) -> Record {
         self.try_recv().expect("a frame, not EOF").unwrap()
     }
 
     fn text(&mut self, conn: u64, s: &str) {
-        self.send(&Frame::Message {
+        self.send(&Record::Message {
             conn,
             kind: MessageKind::Text,
             payload: Bytes::copy_from_slice(s.as_bytes()),
@@ -184,7 +184,7 @@ impl Link {
     /// Expect a text `send` to `conn` holding `want`.
     fn expect_send(&mut self, conn: u64, want: Value) {
         match self.recv() {
-            Frame::Send {
+            Record::Send {
                 conn: c,
                 kind: MessageKind::Text,
                 payload,
@@ -197,14 +197,14 @@ impl Link {
         self.expect_send(conn, json!({"event": "error", "reason": reason}));
     }
 
-    fn expect(&mut self, want: Frame) {
+    fn expect(&mut self, want: Record) {
         assert_eq!(self.recv(), want);
     }
 
     /// Ping and expect the pong as the very next frame: nothing else was pending.
     fn sync(&mut self, nonce: u64) {
-        self.send(&Frame::Ping(nonce));
-        self.expect(Frame::Pong(nonce));
+        self.send(&Record::Ping(nonce));
+        self.expect(Record::Pong(nonce));
     }
 }
 
@@ -212,8 +212,8 @@ fn json(payload: &[u8]) -> Value {
     serde_json::from_slice(payload).unwrap_or_else(|e| panic!("{e}: {payload:?}"))
 }
 
-fn open(conn: u64, query: Option<&str>, authorize: bool) -> Frame {
-    Frame::Open {
+fn open(conn: u64, query: Option<&str>, authorize: bool) -> Record {
+    Record::Open {
         conn,
         path: "/chat".into(),
         query: query.map(Into::into),
@@ -235,7 +235,7 @@ fn chat_session(backend: &Backend) {
 
     for conn in [A, B] {
         link.text(conn, r#"{"action":"join","room":"lobby"}"#);
-        link.expect(Frame::Subscribe {
+        link.expect(Record::Subscribe {
             conn,
             topic: "room:lobby".into(),
         });
@@ -244,7 +244,7 @@ fn chat_session(backend: &Backend) {
 
     link.text(A, r#"{"action":"say","room":"lobby","text":"hé, \"you\""}"#);
     match link.recv() {
-        Frame::Publish {
+        Record::Publish {
             topic,
             kind: MessageKind::Text,
             payload,
@@ -259,14 +259,14 @@ fn chat_session(backend: &Backend) {
     }
 
     link.text(B, r#"{"action":"leave","room":"lobby","extra":1}"#);
-    link.expect(Frame::Unsubscribe {
+    link.expect(Record::Unsubscribe {
         conn: B,
         topic: "room:lobby".into(),
     });
     link.expect_send(B, json!({"event": "left", "room": "lobby"}));
 
     // Every error case of the contract, in the document's order.
-    link.send(&Frame::Message {
+    link.send(&Record::Message {
         conn: B,
         kind: MessageKind::Binary,
         payload: Bytes::from_static(b"{\"action\":\"join\",\"room\":\"x\"}"),
@@ -303,10 +303,10 @@ fn chat_session(backend: &Backend) {
 
     // Authorization by query token.
     link.send(&open(3, Some("room=a&token=abc"), true));
-    link.expect(Frame::Accept { conn: 3 });
+    link.expect(Record::Accept { conn: 3 });
     for (conn, query) in [(4, None), (5, Some("token=")), (6, Some("room=a"))] {
         link.send(&open(conn, query, true));
-        link.expect(Frame::Reject {
+        link.expect(Record::Reject {
             conn,
             status: 401,
             reason: "token required".into(),
@@ -314,32 +314,32 @@ fn chat_session(backend: &Backend) {
     }
     // A replayed open needs no answer.
     let mut replayed = open(7, None, false);
-    if let Frame::Open { replay, .. } = &mut replayed {
+    if let Record::Open { replay, .. } = &mut replayed {
         *replay = true;
     }
     link.send(&replayed);
     link.sync(1);
 
     // The gateway's close is answered with the same code; gone needs no answer.
-    link.send(&Frame::Close {
+    link.send(&Record::Close {
         conn: A,
         code: 1001,
         reason: "going away".into(),
     });
-    link.expect(Frame::Close {
+    link.expect(Record::Close {
         conn: A,
         code: 1001,
         reason: String::new(),
     });
-    link.send(&Frame::Gone { conn: A });
-    link.send(&Frame::Pong(99));
+    link.send(&Record::Gone { conn: A });
+    link.send(&Record::Pong(99));
     link.sync(u64::MAX);
 
     // A second link at the same time is served independently.
     let mut second = Link::open(&backend.addr);
     second.send(&open(A, None, false));
     second.text(A, r#"{"action":"join","room":"two"}"#);
-    second.expect(Frame::Subscribe {
+    second.expect(Record::Subscribe {
         conn: A,
         topic: "room:two".into(),
     });
@@ -370,7 +370,7 @@ fn garbage_drops_only_that_link(backend: &Backend) {
         let mut bad = Link::open(&backend.addr);
         bad.send_raw(&bytes);
         match bad.try_recv() {
-            Some(Ok(Frame::Error { reason })) => {
+            Some(Ok(Record::Error { reason })) => {
                 assert!(reason.contains(mentions), "{reason:?} for {bytes:02x?}")
             }
             other => panic!("expected an error frame for {bytes:02x?}, got {other:?}"),
@@ -382,7 +382,7 @@ fn garbage_drops_only_that_link(backend: &Backend) {
     let mut old = Link::connect(&backend.addr);
     let mut hello = BytesMut::new();
     encode(
-        &Frame::Hello {
+        &Record::Hello {
             version: VERSION,
             name: "gw".into(),
         },
@@ -391,15 +391,15 @@ fn garbage_drops_only_that_link(backend: &Backend) {
     hello[10] = 2; // the version's low byte: 4 length + 1 type + 4 magic + 1
     old.send_raw(&hello);
     match old.try_recv() {
-        Some(Ok(Frame::Error { reason })) => assert!(reason.contains("version"), "{reason}"),
+        Some(Ok(Record::Error { reason })) => assert!(reason.contains("version"), "{reason}"),
         other => panic!("expected an error frame, got {other:?}"),
     }
     assert!(old.try_recv().is_none());
 
     // A first frame that is not hello.
     let mut rude = Link::connect(&backend.addr);
-    rude.send(&Frame::Ping(1));
-    assert!(matches!(rude.try_recv(), Some(Ok(Frame::Error { .. }))));
+    rude.send(&Record::Ping(1));
+    assert!(matches!(rude.try_recv(), Some(Ok(Record::Error { .. }))));
     assert!(rude.try_recv().is_none());
 
     // The first link still works.

@@ -3,9 +3,10 @@
 //! burst costs one wake-up per core, not one per message.
 //!
 //! Each inbox is bounded in messages ([`INBOX_MESSAGES`]) and bytes ([`INBOX_BYTES`]). A
-//! producer that finds it full wakes the core and waits (up to its `wait`): a link reader
-//! then stops reading its backend, so TCP slows the backend down. What is still full after
-//! the wait is dropped if it may be ([`ToEdge::droppable`]), counted
+//! backend link that finds it full ([`EdgeSink::has_room`]) holds the record and stops
+//! reading its backend, so TCP slows the backend down; the relay's own answers (embedded
+//! upstream, 1013 closes) wake the core and wait briefly ([`RELAY_INBOX_WAIT`]). What is still
+//! full after the wait is dropped if it may be ([`ToEdge::droppable`]), counted
 //! (`ringway_relay_inbox_dropped`) and logged; closes and handshake answers always go, up to
 //! twice the message bound.
 
@@ -25,8 +26,6 @@ pub const INBOX_MESSAGES: usize = 65_536;
 /// Bytes (payloads, strings, per-entry overhead) one core's inbox holds before producers
 /// wait; a single message larger than this still goes when the inbox is empty.
 pub const INBOX_BYTES: u64 = 32 * 1024 * 1024;
-/// How long a backend link's reader waits for room in a full inbox.
-pub const LINK_INBOX_WAIT: Duration = Duration::from_secs(1);
 /// How long the relay thread (embedded upstream, 1013 closes) waits: short, since it serves
 /// every route.
 pub const RELAY_INBOX_WAIT: Duration = Duration::from_millis(100);
@@ -123,8 +122,6 @@ pub struct CoreLinks {
     wait: Duration,
     /// When this producer last logged a drop (one line per second at most).
     last_drop_log: Option<Instant>,
-    /// Replies addressed to a core that does not exist (a forged or corrupt id).
-    pub misaddressed: u64,
 }
 
 impl CoreLinks {
@@ -141,14 +138,14 @@ impl CoreLinks {
             gauges,
             wait: RELAY_INBOX_WAIT,
             last_drop_log: None,
-            misaddressed: 0,
         }
     }
 
     /// Queue `msg` for `core`, waiting up to `self.wait` for room.
     fn send_to(&mut self, core: usize, msg: ToEdge) {
         let Some(inbox) = self.senders.get(core) else {
-            self.misaddressed += 1;
+            // Counted (`ringway_relay_misaddressed`): a backend named a core we do not have.
+            self.gauges.misaddressed.fetch_add(1, Ordering::Relaxed);
             return;
         };
         let size = msg.held_bytes();
@@ -204,7 +201,21 @@ impl CoreLinks {
         }
     }
 
+    /// Whether `core`'s inbox takes `size` more bytes now without waiting (a core that does
+    /// not exist, or is gone, takes anything: it is dropped on sending).
+    fn room(&self, core: usize, size: usize) -> bool {
+        let Some(inbox) = self.senders.get(core) else {
+            return true;
+        };
+        let queued = inbox.fill.messages.load(Ordering::Relaxed);
+        let bytes = inbox.fill.bytes.load(Ordering::Relaxed);
+        queued == 0
+            || (queued < INBOX_MESSAGES && bytes + size as u64 <= INBOX_BYTES)
+            || inbox.fill.closed.load(Ordering::Relaxed)
+    }
+
     /// This producer waits up to `wait` for room in a full inbox.
+    #[cfg(test)]
     pub fn with_wait(mut self, wait: Duration) -> CoreLinks {
         self.wait = wait;
         self
@@ -224,8 +235,18 @@ impl EdgeSink for CoreLinks {
         }
     }
 
-    fn for_link(&self) -> Self {
-        self.clone().with_wait(LINK_INBOX_WAIT)
+    fn send_now(&mut self, msg: ToEdge) {
+        let wait = std::mem::replace(&mut self.wait, Duration::ZERO);
+        self.send(msg);
+        self.wait = wait;
+    }
+
+    fn has_room(&self, msg: &ToEdge) -> bool {
+        let size = msg.held_bytes();
+        match msg.conn() {
+            Some(conn) => self.room(conn.core(), size),
+            None => (0..self.senders.len()).all(|core| self.room(core, size)),
+        }
     }
 
     fn flush(&mut self) {
@@ -250,7 +271,8 @@ mod tests {
         let (tx1, rx1) = channel(gauges.clone());
         let w0 = Arc::new(Waker::new().unwrap());
         let w1 = Arc::new(Waker::new().unwrap());
-        let mut links = CoreLinks::new(vec![tx0, tx1], vec![w0.clone(), w1.clone()], gauges);
+        let mut links =
+            CoreLinks::new(vec![tx0, tx1], vec![w0.clone(), w1.clone()], gauges.clone());
         for _ in 0..3 {
             links.send(ToEdge::Close {
                 conn: ConnId::new(1, 4, 2),
@@ -266,7 +288,7 @@ mod tests {
         links.flush();
         assert_eq!(rx1.rx.len(), 3);
         assert!(rx0.rx.is_empty());
-        assert_eq!(links.misaddressed, 1);
+        assert_eq!(gauges.misaddressed.load(Ordering::Relaxed), 1);
         let mut buf = [0u8; 8];
         (&w1.file).read_exact(&mut buf).unwrap();
         assert_eq!(u64::from_ne_bytes(buf), 1, "one wake for the batch");
@@ -300,9 +322,14 @@ mod tests {
             CoreLinks::new(vec![tx], vec![w], gauges.clone()).with_wait(Duration::from_millis(30));
         let big = (INBOX_BYTES / 4) as usize - crate::relay::ENTRY_OVERHEAD;
         for _ in 0..4 {
+            assert!(links.has_room(&send(0, big)));
             links.send(send(0, big));
         }
         assert_eq!(rx.rx.len(), 4);
+        assert!(
+            !links.has_room(&send(0, big)),
+            "full: a link would hold its record"
+        );
         let held = gauges.held();
         assert!(held >= INBOX_BYTES, "{held}");
         let t = Instant::now();
@@ -310,6 +337,13 @@ mod tests {
         assert!(t.elapsed() >= Duration::from_millis(30), "waited for room");
         assert_eq!(gauges.inbox_dropped.load(Ordering::Relaxed), 1);
         assert_eq!(rx.rx.len(), 4, "the data message was dropped");
+        let t = Instant::now();
+        links.send_now(send(0, big));
+        assert!(
+            t.elapsed() < Duration::from_millis(30),
+            "send_now does not wait"
+        );
+        assert_eq!(gauges.inbox_dropped.load(Ordering::Relaxed), 2);
         links.send(close(0));
         assert_eq!(rx.rx.len(), 5, "a close always goes");
         while rx.try_recv().is_ok() {}

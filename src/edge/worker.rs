@@ -15,13 +15,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::TrySendError;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::admission::AcceptRefusal;
 use crate::config::Config;
 use crate::policy::rate::PerIpLimiter;
-use crate::relay::{ToEdge, ToUpstream, Topic};
+use crate::relay::{RelayTx, ToEdge, ToUpstream, Topic};
 use crate::route::RouteTable;
 use crate::session::{Context, Count, Meter, Output, Session, Shutdown, Subscribed};
 use std::collections::HashMap;
@@ -80,7 +80,7 @@ pub struct WorkerSetup {
     pub cpu: Option<core_affinity::CoreId>,
     pub listener: TcpListener,
     pub config: Arc<Config>,
-    pub relay: Option<Sender<ToUpstream>>,
+    pub relay: Option<RelayTx>,
     pub inbox: super::inbox::Inbox,
     pub waker: Arc<Waker>,
     pub shared: Arc<Shared>,
@@ -902,7 +902,7 @@ struct CoreState {
     /// What the last session call handed over (`Worker::dispatch_outputs`).
     outputs: Vec<Output>,
     shared: Arc<Shared>,
-    relay: Option<Sender<ToUpstream>>,
+    relay: Option<RelayTx>,
     relay_backlog: VecDeque<ToUpstream>,
     /// Bytes of this core's client messages the relay has not let go of (core backlog,
     /// channel, relay thread): limit `CORE_RELAY_IN_FLIGHT`, charged in `publish_memory`.

@@ -253,7 +253,7 @@ impl Collector for Sources {
         counters(
             e,
             "ringway_relay_limit_refusals",
-            "Refused by the relay's limits: topic or room names over 256 bytes, chat joins past the room limit",
+            "Refused by the relay's limits: topic or room names over 256 bytes, chat joins past the room limit, client messages past a backend's buffer (closed 1013)",
             [
                 (
                     vec![("reason", "topic_length".to_string())],
@@ -263,7 +263,23 @@ impl Collector for Sources {
                     vec![("reason", "rooms".to_string())],
                     self.relay.rooms_refused.load(Ordering::Relaxed),
                 ),
+                (
+                    vec![("reason", "upstream_buffer".to_string())],
+                    self.relay.buffer_refused.load(Ordering::Relaxed),
+                ),
             ],
+        )?;
+        counters(
+            e,
+            "ringway_relay_forwarded",
+            "Client messages the relay queued for a backend link",
+            [(Labels::new(), self.relay.forwarded.load(Ordering::Relaxed))],
+        )?;
+        counters(
+            e,
+            "ringway_relay_misaddressed",
+            "Backend replies naming a core this gateway does not have (corrupt or forged connection ids), dropped",
+            [(Labels::new(), self.relay.misaddressed.load(Ordering::Relaxed))],
         )?;
         gauges(
             e,

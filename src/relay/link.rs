@@ -1,26 +1,32 @@
-//! One backend link: a connection to one backend (TCP or Unix) that many client connections
-//! share. It connects, says hello, and reconnects with exponential backoff and jitter; while
-//! it is down, outbound frames wait in its bounded queue. On reconnect it first replays an
-//! `open` for every client connection it carries, so the backend knows them again.
+//! One backend link: a non-blocking connection to one backend (TCP or Unix) that many client
+//! connections share, driven by the relay thread's event loop (`router`). No thread of its
+//! own: the loop hands it socket readiness and the time, and it connects, says hello,
+//! reconnects with exponential backoff and jitter, pings, notices a dead or stalled backend,
+//! and reads the backend's records straight into the cores' inboxes.
 //!
-//! Two threads per link: the writer (this module's `run`) drains the queue in batches; the
-//! reader turns the backend's frames into [`ToEdge`] messages for the cores.
+//! Outbound records are encoded by the relay thread directly into the link's out buffer
+//! (bounded: the router refuses messages past the route's `buffer_messages` and
+//! [`super::router::LINK_BUFFER_BYTES`]) and written once per loop turn, so a burst leaves in
+//! one `write`. While the link is down they wait there; on reconnect it first replays an `open`
+//! for every client connection it carries, so the backend knows them again, then sends what
+//! waited.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::os::unix::net::UnixStream;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use crossbeam_channel::{Receiver, Sender};
+use bytes::{Buf, Bytes, BytesMut};
+use crossbeam_channel::Receiver;
+use mio::{Interest, Registry, Token};
 
-use super::wire::{self, Decoder, Frame};
+use super::wire::{self, Decoder, Record};
 use super::{EdgeSink, OpenInfo, RelayGauges, ToEdge, ENTRY_OVERHEAD, MAX_TOPIC_BYTES};
+use crate::protocol::message::MessageKind;
 
 /// Where a backend listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,26 +44,18 @@ impl std::fmt::Display for Address {
     }
 }
 
-/// A frame on its way to the backend. Opens come unencoded: the link keeps each one to
-/// replay it, flagged, after a reconnect; closes are tagged so it can forget them.
-#[derive(Debug)]
-pub enum Outbound {
-    Open { conn: u64, info: Box<OpenInfo> },
-    Close { conn: u64, frame: Bytes },
-    Frame(Bytes),
-}
-
 /// What the router and the metrics see of a link.
 #[derive(Debug, Default)]
 pub struct LinkState {
     pub live: AtomicBool,
     pub reconnects: AtomicU64,
-    /// Message frames waiting in the queue, and their bytes: the buffer the route's limit
-    /// applies to. Opens and closes are not counted: they must always get through, in order.
+    /// Message records waiting in the link's out buffer, and their bytes: the buffer the
+    /// route's limit applies to. Opens and closes are not counted: they must always get
+    /// through, in order.
     pub queued: AtomicUsize,
     pub queued_bytes: AtomicUsize,
     /// Links dropped because the backend did not read what we sent: its pongs/`gone`s piled
-    /// up past [`CTL_QUEUE`] or a write blocked for [`WRITE_TIMEOUT`].
+    /// up past [`CTL_QUEUE`] or the out buffer made no progress for [`WRITE_TIMEOUT`].
     pub stalled: AtomicU64,
 }
 
@@ -72,66 +70,47 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A TCP connect must complete within this (a backend whose accept queue is full, a
 /// blackholed address).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// A write to the backend that makes no progress for this long drops the link (the backend
-/// is not reading); it is re-established with backoff.
+/// An out buffer that makes no progress for this long drops the link (the backend is not
+/// reading); it is re-established with backoff.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Link-level answers (pongs, `gone`s) that may wait for the writer; a backend that makes
-/// more without reading them is not reading, and its link is dropped.
+/// Link-level answers (pongs, `gone`s) that may wait unwritten; a backend that makes more
+/// without reading them is not reading, and its link is dropped.
 pub const CTL_QUEUE: usize = 1024;
-/// Every blocking socket call on a link returns at least this often, to check `stop`.
-const POLL: Duration = Duration::from_millis(100);
+/// How long a link holds a backend record for a full core inbox (not reading its socket, so
+/// TCP slows the backend) before it drops what may be dropped and reads on.
+pub const INBOX_WAIT: Duration = Duration::from_secs(1);
+/// A link blocked on a full inbox looks again this often.
+pub const INBOX_RETRY: Duration = Duration::from_millis(1);
+/// Reads per link per loop turn: a busy backend does not starve the others.
+const READS_PER_TURN: usize = 4;
 
 enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
+    Tcp(mio::net::TcpStream),
+    Unix(mio::net::UnixStream),
 }
 
 impl Stream {
-    /// Connect within [`CONNECT_TIMEOUT`] (per resolved address); writes return at least
-    /// every [`POLL`] so a stalled backend is noticed and `stop` is checked.
-    fn connect(addr: &Address) -> io::Result<Stream> {
-        let stream = match addr {
-            Address::Tcp(a) => {
-                let mut last = io::Error::other(format!("{a} resolves to no address"));
-                let mut connected = None;
-                for sa in a.to_socket_addrs()? {
-                    match TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT) {
-                        Ok(s) => {
-                            connected = Some(s);
-                            break;
-                        }
-                        Err(e) => last = e,
-                    }
-                }
-                let s = connected.ok_or(last)?;
-                s.set_nodelay(true)?;
-                Stream::Tcp(s)
-            }
-            Address::Unix(p) => Stream::Unix(UnixStream::connect(p)?),
-        };
-        match &stream {
-            Stream::Tcp(s) => s.set_write_timeout(Some(POLL))?,
-            Stream::Unix(s) => s.set_write_timeout(Some(POLL))?,
-        }
-        Ok(stream)
-    }
-    fn try_clone(&self) -> io::Result<Stream> {
-        Ok(match self {
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
-        })
-    }
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+    fn source(&mut self) -> &mut dyn mio::event::Source {
         match self {
-            Stream::Tcp(s) => s.set_read_timeout(t),
-            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s,
+            Stream::Unix(s) => s,
         }
     }
-    fn shutdown(&self) {
-        let _ = match self {
-            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
-            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+
+    /// The connect's outcome: Ok(true) done, Ok(false) still in progress.
+    fn connected(&self) -> io::Result<bool> {
+        let (err, peer) = match self {
+            Stream::Tcp(s) => (s.take_error()?, s.peer_addr().map(|_| ())),
+            Stream::Unix(s) => (s.take_error()?, s.peer_addr().map(|_| ())),
         };
+        if let Some(e) = err {
+            return Err(e);
+        }
+        match peer {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -156,18 +135,122 @@ impl Write for Stream {
     }
 }
 
-/// Everything a link needs; `sink` is its own clone of the way back to the cores.
-pub struct Link<S: EdgeSink + Clone + 'static> {
-    pub name: String,
-    pub addr: Address,
-    pub queue: Receiver<Outbound>,
+/// Where the link is in its life.
+enum Phase {
+    /// Waiting to (re)connect at the given time.
+    Down(Instant),
+    /// A host name being resolved on a helper thread (getaddrinfo blocks).
+    Resolving(Receiver<io::Result<Vec<SocketAddr>>>),
+    /// A non-blocking connect in progress; `rest` are the other resolved addresses.
+    Connecting {
+        stream: Stream,
+        rest: Vec<SocketAddr>,
+        deadline: Instant,
+    },
+    /// Connected; our hello sent (what of it is left in `hello`), waiting for the backend's.
+    Greeting {
+        stream: Stream,
+        hello: BytesMut,
+        deadline: Instant,
+    },
+    Up(Stream),
+}
+
+/// What one record in the out buffer is, for accounting once it is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A client message: counted in `queued`, charged to the gauges.
+    Message,
+    /// A connection's first `open`: once written, replayed after a reconnect.
+    Open(u64),
+    Close,
+    /// Pong, gone, ping, error: for this link only, not carried to the next.
+    Control,
+    /// A replayed open: made again from the table at each reconnect.
+    Replay,
+}
+
+/// The encoded records waiting for the backend, front first, with where each ends.
+#[derive(Default)]
+struct Outbox {
+    buf: BytesMut,
+    records: VecDeque<(usize, Kind)>,
+    /// Bytes of the front records already written (the front one may be partly written).
+    written: usize,
+    /// Control records in `records`.
+    control: usize,
+}
+
+impl Outbox {
+    fn push(&mut self, kind: Kind, record: &Record) {
+        let start = self.buf.len();
+        wire::encode(record, &mut self.buf);
+        self.records.push_back((self.buf.len() - start, kind));
+        if kind == Kind::Control {
+            self.control += 1;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// What survives a lost link: every record not completely written (a partly written one
+    /// from its start), minus the link's own control records and replays.
+    fn carry(&mut self) {
+        let old = std::mem::take(self);
+        let mut at = 0;
+        for (len, kind) in old.records {
+            if !matches!(kind, Kind::Control | Kind::Replay) {
+                self.buf.extend_from_slice(&old.buf[at..at + len]);
+                self.records.push_back((len, kind));
+            }
+            at += len;
+        }
+    }
+}
+
+/// A connection's `open` as the link replays it, and whether its first one was written.
+struct Stored {
+    replay: Record,
+    bytes: usize,
+    sent: bool,
+}
+
+/// What a link's turn needs from the loop.
+pub(super) struct Ctx<'a, S> {
+    pub registry: &'a Registry,
+    pub sink: &'a mut S,
+    pub gauges: &'a RelayGauges,
+    /// Wakes the loop when a name is resolved.
+    pub waker: &'a Arc<mio::Waker>,
+    /// The loop's read buffer, shared by every link.
+    pub scratch: &'a mut [u8],
+    pub now: Instant,
+}
+
+pub(super) struct Link {
+    pub upstream: String,
+    addr: Address,
     pub state: Arc<LinkState>,
-    pub sink: S,
-    pub max_frame: usize,
-    pub stop: Arc<AtomicBool>,
-    /// This link's index among all links, for its backoff jitter seed.
-    pub index: usize,
-    pub gauges: Arc<RelayGauges>,
+    token: Token,
+    phase: Phase,
+    seed: u64,
+    backoff: Duration,
+    max_frame: usize,
+    out: Outbox,
+    inbuf: BytesMut,
+    readable: bool,
+    writable: bool,
+    last_read: Instant,
+    last_write: Instant,
+    /// Since when the out buffer waits without a byte written.
+    waiting_since: Option<Instant>,
+    opens: HashMap<u64, Stored>,
+    /// A backend record waiting for room in a full core inbox, and since when.
+    held: Option<(ToEdge, Instant)>,
+    /// When an over-long topic was last logged (one line per second at most).
+    last_topic_log: Option<Instant>,
 }
 
 /// A per-link seed for the backoff jitter: links (and gateways) that lose their backends
@@ -193,515 +276,732 @@ fn jittered(backoff: Duration, seed: &mut u64) -> Duration {
     backoff.mul_f64(0.5 + (*seed >> 11) as f64 / (1u64 << 53) as f64 * 0.5)
 }
 
-/// Why a write to the backend did not complete.
-#[derive(Debug, thiserror::Error)]
-enum WriteError {
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    #[error("the backend read nothing for {} ms", WRITE_TIMEOUT.as_millis())]
-    Stalled,
-    #[error("the link is being reset")]
-    Reset,
-    #[error("the gateway is stopping")]
-    Stopping,
-}
-
-impl<S: EdgeSink + Clone + 'static> Link<S> {
-    /// Serve the link until the queue's senders are gone (the gateway stops) or `stop`.
-    pub fn run(self) {
-        let opens: Opens = Arc::new(Mutex::new(HashMap::new()));
-        // A batch whose write failed: sent again, after the replayed opens, on the next link.
-        let mut unsent = BytesMut::new();
-        let mut backoff = BACKOFF_MIN;
-        let mut seed = jitter_seed(self.index, &self.addr);
-        loop {
-            if self.stop.load(Ordering::Acquire) {
-                return;
-            }
-            let (stream, leftover) = match self.connect() {
-                Ok(s) => s,
-                Err(e) => {
-                    // Exponential backoff with full jitter, so a fleet of gateways does not
-                    // reconnect in lockstep when a backend comes back.
-                    let wait = jittered(backoff, &mut seed);
-                    tracing::warn!(
-                        upstream = %self.name, backend = %self.addr,
-                        "backend unreachable: {e}; retrying in {} ms", wait.as_millis()
-                    );
-                    if !self.sleep(wait) {
-                        return;
-                    }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    continue;
-                }
-            };
-            backoff = BACKOFF_MIN;
-            self.state.live.store(true, Ordering::Release);
-            let carried = opens.lock().map(|o| o.len()).unwrap_or(0);
-            tracing::info!(upstream = %self.name, backend = %self.addr, carried, "backend link up");
-            let keep_going = self.serve(stream, leftover, &opens, &mut unsent);
-            self.state.live.store(false, Ordering::Release);
-            self.state.reconnects.fetch_add(1, Ordering::Relaxed);
-            if !keep_going {
-                return;
-            }
-        }
-    }
-
-    /// Sleep through a backoff while outbound frames wait, bounded, in the queue.
-    fn sleep(&self, wait: Duration) -> bool {
-        let deadline = Instant::now() + wait;
-        loop {
-            if self.stop.load(Ordering::Acquire) {
-                return false;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return true;
-            }
-            std::thread::sleep(left.min(Duration::from_millis(20)));
-        }
-    }
-
-    /// Connect and exchange hellos; returns the stream and whatever the backend sent after
-    /// its hello in the same read.
-    fn connect(&self) -> io::Result<(Stream, BytesMut)> {
-        let mut stream = Stream::connect(&self.addr)?;
-        let mut out = BytesMut::new();
-        wire::encode(
-            &Frame::Hello {
-                version: wire::VERSION,
-                name: "ringway".into(),
-            },
-            &mut out,
-        );
-        self.write_bounded(&mut stream, &out, &AtomicBool::new(true))
-            .map_err(|e| match e {
-                WriteError::Io(e) => e,
-                other => io::Error::other(other.to_string()),
-            })?;
-        // The backend must answer hello before anything else, and soon; read in short
-        // slices so a stop is noticed.
-        stream.set_read_timeout(Some(POLL))?;
-        let deadline = Instant::now() + HELLO_TIMEOUT;
-        let mut decoder = Decoder::new(self.max_frame);
-        let mut buf = BytesMut::with_capacity(4096);
-        loop {
-            match decoder.decode(&mut buf) {
-                Ok(Some(Frame::Hello { version, .. })) if version == wire::VERSION => break,
-                Ok(Some(Frame::Hello { version, .. })) => {
-                    return Err(io::Error::other(format!(
-                        "backend speaks relay protocol version {version}, we speak {}",
-                        wire::VERSION
-                    )))
-                }
-                Ok(Some(other)) => {
-                    return Err(io::Error::other(format!(
-                        "backend sent {other:?} before hello"
-                    )))
-                }
-                Ok(None) => {}
-                Err(e) => return Err(io::Error::other(format!("bad hello from backend: {e}"))),
-            }
-            if Instant::now() >= deadline {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no hello from the backend within 5 s",
-                ));
-            }
-            if self.stop.load(Ordering::Acquire) {
-                return Err(io::Error::other("the gateway is stopping"));
-            }
-            match read_more(&mut stream, &mut buf) {
-                Ok(()) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        stream.set_read_timeout(Some(DEAD_AFTER))?;
-        Ok((stream, buf))
-    }
-
-    /// One connected period. Returns false when the gateway is stopping.
-    fn serve(
-        &self,
-        stream: Stream,
-        leftover: BytesMut,
-        opens: &Opens,
-        unsent: &mut BytesMut,
-    ) -> bool {
-        let reader_stream = match stream.try_clone() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(upstream = %self.name, "cannot clone backend socket: {e}");
-                return true;
-            }
-        };
-        // The reader's answers that must go out on this link (pongs, gone events).
-        let (ctl_tx, ctl_rx) = crossbeam_channel::bounded::<Frame>(CTL_QUEUE);
-        let reader_alive = Arc::new(AtomicBool::new(true));
-        let reader = {
-            let ctx = ReadLoop {
-                sink: self.sink.for_link(),
-                state: self.state.clone(),
-                gauges: self.gauges.clone(),
-                reset: reader_stream.try_clone().ok(),
-                max_frame: self.max_frame,
-                name: self.name.clone(),
-                addr: self.addr.to_string(),
-                alive: reader_alive.clone(),
-                opens: opens.clone(),
-                ctl: ctl_tx,
-                last_topic_log: None,
-            };
-            std::thread::Builder::new()
-                .name(format!("ringway-link-{}", self.name))
-                .spawn(move || ctx.run(reader_stream, leftover))
-        };
-        let mut stream = stream;
-        let mut out = BytesMut::new();
-        replay_opens(opens, &mut out);
-        out.extend_from_slice(unsent);
-        unsent.clear();
-        let mut last_write = Instant::now();
-        let ok = loop {
-            if !out.is_empty() {
-                match self.write_bounded(&mut stream, &out, &reader_alive) {
-                    Ok(()) => {}
-                    Err(WriteError::Stopping) => break false,
-                    Err(e) => {
-                        if matches!(e, WriteError::Stalled) {
-                            self.state.stalled.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(upstream = %self.name, backend = %self.addr, "backend does not read what we send ({e}); resetting the link");
-                        } else if !matches!(e, WriteError::Reset) {
-                            tracing::warn!(upstream = %self.name, backend = %self.addr, "backend link lost while writing: {e}");
-                        }
-                        *unsent = out;
-                        break true;
-                    }
-                }
-                out.clear();
-                last_write = Instant::now();
-            }
-            if !reader_alive.load(Ordering::Acquire) {
-                // Last words (an `error` frame) before the link goes.
-                while let Ok(frame) = ctl_rx.try_recv() {
-                    wire::encode(&frame, &mut out);
-                }
-                let _ = self.write_bounded(&mut stream, &out, &AtomicBool::new(true));
-                out.clear();
-                break true;
-            }
-            crossbeam_channel::select! {
-                recv(self.queue) -> item => match item {
-                    Ok(item) => {
-                        self.take(item, opens, &mut out);
-                        // Batch: everything already queued leaves in one write.
-                        while out.len() < 256 * 1024 {
-                            match self.queue.try_recv() {
-                                Ok(item) => self.take(item, opens, &mut out),
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                    Err(_) => break false,
-                },
-                recv(ctl_rx) -> frame => {
-                    if let Ok(frame) = frame {
-                        wire::encode(&frame, &mut out);
-                    }
-                }
-                default(Duration::from_millis(200)) => {
-                    if self.stop.load(Ordering::Acquire) {
-                        break false;
-                    }
-                    if last_write.elapsed() >= PING_EVERY {
-                        wire::encode(&Frame::Ping(0), &mut out);
-                    }
-                }
-            }
-        };
-        stream.shutdown();
-        if let Ok(r) = reader {
-            let _ = r.join();
-        }
-        ok
-    }
-
-    /// Write all of `buf`, giving up when no byte went out for [`WRITE_TIMEOUT`], when
-    /// `alive` goes false (the reader reset the link) or when the gateway stops.
-    fn write_bounded(
-        &self,
-        stream: &mut Stream,
-        buf: &[u8],
-        alive: &AtomicBool,
-    ) -> Result<(), WriteError> {
-        let mut done = 0;
-        let mut progress = Instant::now();
-        while done < buf.len() {
-            match stream.write(&buf[done..]) {
-                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
-                Ok(n) => {
-                    done += n;
-                    progress = Instant::now();
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    if self.stop.load(Ordering::Acquire) {
-                        return Err(WriteError::Stopping);
-                    }
-                    if !alive.load(Ordering::Acquire) {
-                        return Err(WriteError::Reset);
-                    }
-                    if progress.elapsed() >= WRITE_TIMEOUT {
-                        return Err(WriteError::Stalled);
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(())
-    }
-
-    fn take(&self, item: Outbound, opens: &Opens, out: &mut BytesMut) {
-        match item {
-            Outbound::Open { conn, info } => send_open(conn, *info, opens, out, &self.gauges),
-            Outbound::Close { conn, frame } => {
-                out.extend_from_slice(&frame);
-                forget_open(conn, opens, &self.gauges);
-            }
-            Outbound::Frame(frame) => {
-                self.state.queued.fetch_sub(1, Ordering::Relaxed);
-                self.state
-                    .queued_bytes
-                    .fetch_sub(frame.len(), Ordering::Relaxed);
-                self.gauges.release(frame.len() + ENTRY_OVERHEAD);
-                out.extend_from_slice(&frame)
-            }
-        }
-    }
-}
-
-/// The client connections a link carries, each with its `open` as it is replayed: a
-/// [`Frame::Open`] with the replay flag set.
-type Opens = Arc<Mutex<HashMap<u64, (Frame, usize)>>>;
-
 /// Bytes a stored `open` holds, as charged to the relay gauge.
 fn open_bytes(info: &OpenInfo) -> usize {
     info.held_bytes() + ENTRY_OVERHEAD
 }
 
-/// Forget `conn`'s stored `open` (its close went out), releasing its charge.
-fn forget_open(conn: u64, opens: &Opens, gauges: &RelayGauges) {
-    if let Ok(mut t) = opens.lock() {
-        if let Some((_, bytes)) = t.remove(&conn) {
-            gauges.release(bytes);
-        }
-    }
+/// Why a message was not queued: the link's buffer is at its limit.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Full {
+    pub queued: usize,
+    pub bytes: usize,
 }
 
-/// Encode `conn`'s first `open` into `out` and keep it, flagged, for replay.
-fn send_open(conn: u64, info: OpenInfo, opens: &Opens, out: &mut BytesMut, gauges: &RelayGauges) {
-    let bytes = open_bytes(&info);
-    let mut open = Frame::Open {
-        conn,
-        path: info.path,
-        query: info.query,
-        headers: info.headers,
-        peer: info.peer.map(|p| p.to_string()),
-        authorize: info.authorize,
-        replay: false,
-    };
-    wire::encode(&open, out);
-    if let Frame::Open { replay, .. } = &mut open {
-        *replay = true;
+impl Link {
+    pub(super) fn new(
+        index: usize,
+        upstream: String,
+        addr: Address,
+        state: Arc<LinkState>,
+        max_frame: usize,
+        now: Instant,
+    ) -> Link {
+        Link {
+            upstream,
+            seed: jitter_seed(index, &addr),
+            addr,
+            state,
+            token: Token(index),
+            phase: Phase::Down(now),
+            backoff: BACKOFF_MIN,
+            max_frame,
+            out: Outbox::default(),
+            inbuf: BytesMut::new(),
+            readable: false,
+            writable: false,
+            last_read: now,
+            last_write: now,
+            waiting_since: None,
+            opens: HashMap::new(),
+            held: None,
+            last_topic_log: None,
+        }
     }
-    if let Ok(mut t) = opens.lock() {
+
+    // ----- what the router queues -----
+
+    /// Queue `conn`'s first `open` and keep it, flagged, for replay.
+    pub(super) fn push_open(&mut self, conn: u64, info: OpenInfo, gauges: &RelayGauges) {
+        let bytes = open_bytes(&info);
+        let mut open = Record::Open {
+            conn,
+            path: info.path,
+            query: info.query,
+            headers: info.headers,
+            peer: info.peer.map(|p| p.to_string()),
+            authorize: info.authorize,
+            replay: false,
+        };
+        self.out.push(Kind::Open(conn), &open);
+        if let Record::Open { replay, .. } = &mut open {
+            *replay = true;
+        }
         gauges.charge(bytes);
-        if let Some((_, old)) = t.insert(conn, (open, bytes)) {
-            gauges.release(old);
+        let stored = Stored {
+            replay: open,
+            bytes,
+            sent: false,
+        };
+        if let Some(old) = self.opens.insert(conn, stored) {
+            gauges.release(old.bytes);
         }
     }
-}
 
-/// Encode the replayed `open` of every connection the link carries into `out`.
-fn replay_opens(opens: &Opens, out: &mut BytesMut) {
-    if let Ok(table) = opens.lock() {
-        for (open, _) in table.values() {
-            wire::encode(open, out);
+    /// Queue our `close` for `conn` and forget its `open`.
+    pub(super) fn push_close(&mut self, conn: u64, code: u16, gauges: &RelayGauges) {
+        self.out.push(
+            Kind::Close,
+            &Record::Close {
+                conn,
+                code,
+                reason: String::new(),
+            },
+        );
+        if let Some(stored) = self.opens.remove(&conn) {
+            gauges.release(stored.bytes);
         }
     }
-}
 
-fn read_more(stream: &mut Stream, buf: &mut BytesMut) -> io::Result<()> {
-    if buf.capacity() - buf.len() < 4096 {
-        buf.reserve(64 * 1024);
+    /// Queue a client message unless the link already holds `limit` messages or
+    /// [`super::router::LINK_BUFFER_BYTES`] of them.
+    pub(super) fn push_message(
+        &mut self,
+        conn: u64,
+        kind: MessageKind,
+        payload: Bytes,
+        limit: usize,
+        gauges: &RelayGauges,
+    ) -> Result<(), Full> {
+        let record = Record::Message {
+            conn,
+            kind,
+            payload,
+        };
+        let len = wire::encoded_len(&record);
+        let queued = self.state.queued.load(Ordering::Relaxed);
+        let bytes = self.state.queued_bytes.load(Ordering::Relaxed);
+        if queued >= limit || bytes.saturating_add(len) > super::router::LINK_BUFFER_BYTES {
+            return Err(Full { queued, bytes });
+        }
+        // Only this thread writes these: plain stores, no locked instruction per message.
+        self.state.queued.store(queued + 1, Ordering::Relaxed);
+        self.state
+            .queued_bytes
+            .store(bytes + len, Ordering::Relaxed);
+        gauges.charge(len + ENTRY_OVERHEAD);
+        self.out.push(Kind::Message, &record);
+        Ok(())
     }
-    let spare = buf.spare_capacity_mut();
-    // Zero-initialise the spare part once: reading into uninitialised memory would need unsafe.
-    let n = spare.len().min(64 * 1024);
-    let start = buf.len();
-    buf.resize(start + n, 0);
-    match stream.read(&mut buf[start..]) {
-        Ok(0) => {
-            buf.truncate(start);
-            Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "backend closed the link",
-            ))
+
+    pub(super) fn is_live(&self) -> bool {
+        matches!(self.phase, Phase::Up(_))
+    }
+
+    pub(super) fn is_down(&self) -> bool {
+        matches!(self.phase, Phase::Down(_))
+    }
+
+    pub(super) fn has_unsent(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    // ----- what the loop drives -----
+
+    /// Readiness from the poller.
+    pub(super) fn on_event(&mut self, readable: bool, writable: bool) {
+        self.readable |= readable;
+        self.writable |= writable;
+    }
+
+    /// When the loop must turn for this link at the latest, and whether it has work now.
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        if let Some((_, since)) = &self.held {
+            return Some(*since.max(&self.last_read) + INBOX_RETRY);
         }
-        Ok(k) => {
-            buf.truncate(start + k);
-            Ok(())
-        }
-        Err(e) => {
-            buf.truncate(start);
-            Err(e)
+        match &self.phase {
+            Phase::Down(at) => Some(*at),
+            Phase::Resolving(_) => None,
+            Phase::Connecting { deadline, .. } | Phase::Greeting { deadline, .. } => {
+                Some(*deadline)
+            }
+            Phase::Up(_) => {
+                let mut t = (self.last_read + DEAD_AFTER).min(self.last_write + PING_EVERY);
+                if let Some(w) = self.waiting_since {
+                    t = t.min(w + WRITE_TIMEOUT);
+                }
+                Some(t)
+            }
         }
     }
-}
 
-struct ReadLoop<S> {
-    sink: S,
-    state: Arc<LinkState>,
-    gauges: Arc<RelayGauges>,
-    /// A handle on the link's socket, to cut it when the backend must be dropped.
-    reset: Option<Stream>,
-    max_frame: usize,
-    name: String,
-    addr: String,
-    alive: Arc<AtomicBool>,
-    opens: Opens,
-    ctl: Sender<Frame>,
-    /// When an over-long topic was last logged (one line per second at most).
-    last_topic_log: Option<Instant>,
-}
+    /// Whether a read budget ran out with the socket still readable: turn again at once.
+    pub(super) fn busy(&self) -> bool {
+        self.is_live() && self.readable && self.held.is_none()
+    }
 
-impl<S: EdgeSink> ReadLoop<S> {
-    /// Read the backend's frames and hand them to the cores until the link fails.
-    fn run(mut self, mut stream: Stream, leftover: BytesMut) {
-        let mut decoder = Decoder::new(self.max_frame).only_from(wire::Side::Backend);
-        let mut buf = leftover;
-        loop {
-            loop {
-                match decoder.decode(&mut buf) {
-                    Ok(Some(frame)) => {
-                        if !self.on_frame(frame) {
-                            self.sink.flush();
-                            return;
-                        }
+    /// One loop turn: advance the connect, read and deliver the backend's records, run the
+    /// heartbeat and stall timers. Writing is [`Link::flush`]'s, once per turn.
+    pub(super) fn turn<S: EdgeSink>(&mut self, cx: &mut Ctx<'_, S>) {
+        match &mut self.phase {
+            Phase::Down(at) => {
+                if cx.now >= *at {
+                    self.start_connect(cx);
+                }
+            }
+            Phase::Resolving(rx) => match rx.try_recv() {
+                Ok(Ok(addrs)) => self.connect_next(addrs, cx),
+                Ok(Err(e)) => self.connect_failed(e, cx),
+                Err(crossbeam_channel::TryRecvError::Empty) => {}
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    self.connect_failed(io::Error::other("name resolver gone"), cx)
+                }
+            },
+            Phase::Connecting { .. } => self.on_connecting(cx),
+            Phase::Greeting { .. } => self.on_greeting(cx),
+            Phase::Up(_) => self.on_up(cx),
+        }
+    }
+
+    fn start_connect<S: EdgeSink>(&mut self, cx: &mut Ctx<'_, S>) {
+        match &self.addr {
+            Address::Tcp(a) => {
+                if let Ok(sa) = a.parse::<SocketAddr>() {
+                    return self.connect_next(vec![sa], cx);
+                }
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                let name = a.clone();
+                let waker = cx.waker.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("ringway-resolve".into())
+                    .spawn(move || {
+                        let result = name.to_socket_addrs().map(|i| i.collect::<Vec<_>>());
+                        let _ = tx.send(result);
+                        let _ = waker.wake();
+                    });
+                match spawned {
+                    Ok(_) => self.phase = Phase::Resolving(rx),
+                    Err(e) => self.connect_failed(e, cx),
+                }
+            }
+            Address::Unix(p) => match mio::net::UnixStream::connect(p) {
+                Ok(s) => self.connecting(Stream::Unix(s), Vec::new(), cx),
+                Err(e) => self.connect_failed(e, cx),
+            },
+        }
+    }
+
+    /// Connect to the first of `addrs`, keeping the rest for if it fails.
+    fn connect_next<S: EdgeSink>(&mut self, mut addrs: Vec<SocketAddr>, cx: &mut Ctx<'_, S>) {
+        if addrs.is_empty() {
+            let e = io::Error::other(format!("{} resolves to no address", self.addr));
+            return self.connect_failed(e, cx);
+        }
+        let sa = addrs.remove(0);
+        match mio::net::TcpStream::connect(sa) {
+            Ok(s) => self.connecting(Stream::Tcp(s), addrs, cx),
+            Err(e) if !addrs.is_empty() => {
+                tracing::debug!(backend = %self.addr, "connect to {sa} failed: {e}");
+                self.connect_next(addrs, cx)
+            }
+            Err(e) => self.connect_failed(e, cx),
+        }
+    }
+
+    fn connecting<S: EdgeSink>(
+        &mut self,
+        mut stream: Stream,
+        rest: Vec<SocketAddr>,
+        cx: &mut Ctx<'_, S>,
+    ) {
+        if let Err(e) = cx.registry.register(
+            stream.source(),
+            self.token,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            return self.connect_failed(e, cx);
+        }
+        self.readable = false;
+        self.writable = false;
+        self.phase = Phase::Connecting {
+            stream,
+            rest,
+            deadline: cx.now + CONNECT_TIMEOUT,
+        };
+        // A Unix connect (and, rarely, a loopback one) may be complete already.
+        self.on_connecting(cx);
+    }
+
+    fn on_connecting<S: EdgeSink>(&mut self, cx: &mut Ctx<'_, S>) {
+        let Phase::Connecting {
+            stream, deadline, ..
+        } = &mut self.phase
+        else {
+            return;
+        };
+        let outcome = match stream.connected() {
+            Ok(true) => Ok(()),
+            Ok(false) if cx.now >= *deadline => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect timed out after {} ms", CONNECT_TIMEOUT.as_millis()),
+            )),
+            Ok(false) => return,
+            Err(e) => Err(e),
+        };
+        let Phase::Connecting {
+            mut stream, rest, ..
+        } = std::mem::replace(&mut self.phase, Phase::Down(cx.now))
+        else {
+            unreachable!("matched above")
+        };
+        match outcome {
+            Ok(()) => {
+                if let Stream::Tcp(s) = &stream {
+                    if let Err(e) = s.set_nodelay(true) {
+                        let _ = cx.registry.deregister(stream.source());
+                        return self.connect_failed(e, cx);
                     }
+                }
+                let mut hello = BytesMut::new();
+                wire::encode(
+                    &Record::Hello {
+                        version: wire::VERSION,
+                        name: "ringway".into(),
+                    },
+                    &mut hello,
+                );
+                self.inbuf.clear();
+                self.phase = Phase::Greeting {
+                    stream,
+                    hello,
+                    deadline: cx.now + HELLO_TIMEOUT,
+                };
+                self.writable = true;
+                self.readable = true;
+                self.on_greeting(cx);
+            }
+            Err(e) => {
+                let _ = cx.registry.deregister(stream.source());
+                drop(stream);
+                if rest.is_empty() {
+                    self.connect_failed(e, cx)
+                } else {
+                    self.connect_next(rest, cx)
+                }
+            }
+        }
+    }
+
+    /// Write our hello, read theirs; anything after it in the same read stays in `inbuf`.
+    fn on_greeting<S: EdgeSink>(&mut self, cx: &mut Ctx<'_, S>) {
+        let Phase::Greeting {
+            stream,
+            hello,
+            deadline,
+        } = &mut self.phase
+        else {
+            return;
+        };
+        let result = (|| -> io::Result<bool> {
+            while !hello.is_empty() && self.writable {
+                match stream.write(hello) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => hello.advance(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let mut decoder = Decoder::new(self.max_frame);
+            loop {
+                match decoder.decode(&mut self.inbuf) {
+                    Ok(Some(Record::Hello { .. })) => return Ok(true),
+                    Ok(Some(other)) => {
+                        return Err(io::Error::other(format!(
+                            "backend sent {other:?} before hello"
+                        )))
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(io::Error::other(format!("bad hello from backend: {e}"))),
+                }
+                if !self.readable {
+                    break;
+                }
+                match read_into(stream, &mut self.inbuf, cx.scratch) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if cx.now >= *deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no hello from the backend within 5 s",
+                ));
+            }
+            Ok(false)
+        })();
+        match result {
+            Ok(false) => {}
+            Ok(true) => self.up(cx),
+            Err(e) => {
+                if let Phase::Greeting { mut stream, .. } =
+                    std::mem::replace(&mut self.phase, Phase::Down(cx.now))
+                {
+                    let _ = cx.registry.deregister(stream.source());
+                }
+                self.connect_failed(e, cx);
+            }
+        }
+    }
+
+    fn connect_failed<S: EdgeSink>(&mut self, e: io::Error, cx: &mut Ctx<'_, S>) {
+        // Exponential backoff with full jitter, so a fleet of gateways does not reconnect in
+        // lockstep when a backend comes back.
+        let wait = jittered(self.backoff, &mut self.seed);
+        tracing::warn!(
+            upstream = %self.upstream, backend = %self.addr,
+            "backend unreachable: {e}; retrying in {} ms", wait.as_millis()
+        );
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.phase = Phase::Down(cx.now + wait);
+    }
+
+    /// The hellos are exchanged: replay every carried connection's `open`, then what waited.
+    fn up<S: EdgeSink>(&mut self, cx: &mut Ctx<'_, S>) {
+        let Phase::Greeting { stream, .. } =
+            std::mem::replace(&mut self.phase, Phase::Down(cx.now))
+        else {
+            return;
+        };
+        self.phase = Phase::Up(stream);
+        self.backoff = BACKOFF_MIN;
+        self.state.live.store(true, Ordering::Release);
+        let carried = self.opens.values().filter(|s| s.sent).count();
+        tracing::info!(upstream = %self.upstream, backend = %self.addr, carried, "backend link up");
+        let waiting = std::mem::take(&mut self.out);
+        for stored in self.opens.values().filter(|s| s.sent) {
+            self.out.push(Kind::Replay, &stored.replay);
+        }
+        self.out.buf.extend_from_slice(&waiting.buf);
+        self.out.records.extend(waiting.records);
+        self.out.control += waiting.control;
+        self.last_read = cx.now;
+        self.last_write = cx.now;
+        self.waiting_since = None;
+        self.on_up(cx);
+    }
+
+    fn on_up<S: EdgeSink>(&mut self, cx: &mut Ctx<'_, S>) {
+        if let Err(why) = self.read_and_deliver(cx) {
+            return self.lost(why, cx);
+        }
+        if cx.now.saturating_duration_since(self.last_read) >= DEAD_AFTER {
+            return self.lost(
+                Lost::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("read nothing for {} s", DEAD_AFTER.as_secs()),
+                )),
+                cx,
+            );
+        }
+        if let Some(since) = self.waiting_since {
+            if cx.now.saturating_duration_since(since) >= WRITE_TIMEOUT {
+                return self.lost(
+                    Lost::Stalled(format!(
+                        "the backend read nothing for {} ms",
+                        WRITE_TIMEOUT.as_millis()
+                    )),
+                    cx,
+                );
+            }
+        }
+        if self.out.is_empty() && cx.now.saturating_duration_since(self.last_write) >= PING_EVERY {
+            self.out.push(Kind::Control, &Record::Ping(0));
+        }
+    }
+
+    /// Deliver what waits, then read while there is room in the inboxes.
+    fn read_and_deliver<S: EdgeSink>(&mut self, cx: &mut Ctx<'_, S>) -> Result<(), Lost> {
+        if let Some((msg, since)) = self.held.take() {
+            if cx.sink.has_room(&msg) {
+                cx.sink.send(msg);
+            } else if cx.now.saturating_duration_since(since) >= INBOX_WAIT {
+                // Waited long enough: drop it if it may be dropped (counted), and read on.
+                cx.sink.send_now(msg);
+            } else {
+                self.held = Some((msg, since));
+                return Ok(());
+            }
+        }
+        let mut decoder = Decoder::new(self.max_frame).only_from(wire::Side::Backend);
+        let mut reads = 0;
+        loop {
+            while self.held.is_none() {
+                match decoder.decode(&mut self.inbuf) {
+                    Ok(Some(record)) => self.on_record(record, cx)?,
                     Ok(None) => break,
                     Err(e) => {
                         tracing::error!(
-                            upstream = %self.name, backend = %self.addr,
+                            upstream = %self.upstream, backend = %self.addr,
                             "backend sent an invalid frame ({e}); resetting the link"
                         );
-                        self.sink.flush();
-                        // The writer sends this, then drops the link.
-                        let _ = self.ctl.try_send(Frame::Error {
-                            reason: format!("invalid frame: {e}"),
-                        });
-                        self.alive.store(false, Ordering::Release);
-                        return;
+                        return Err(Lost::Invalid(e.to_string()));
                     }
                 }
             }
-            self.sink.flush();
-            if let Err(e) = read_more(&mut stream, &mut buf) {
-                if self.alive.load(Ordering::Acquire) {
-                    tracing::warn!(upstream = %self.name, backend = %self.addr, "backend link lost: {e}");
-                }
-                self.alive.store(false, Ordering::Release);
-                stream.shutdown();
-                return;
+            if self.held.is_some() || !self.readable || reads == READS_PER_TURN {
+                return Ok(());
+            }
+            let Phase::Up(stream) = &mut self.phase else {
+                return Ok(());
+            };
+            reads += 1;
+            match read_into(stream, &mut self.inbuf, cx.scratch) {
+                Ok(()) => self.last_read = cx.now,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Lost::Io(e)),
             }
         }
     }
 
-    /// Queue a link-level answer for the writer; false (and the link reset) when the backend
-    /// let [`CTL_QUEUE`] of them pile up: it is not reading.
-    fn answer(&mut self, frame: Frame) -> bool {
-        match self.ctl.try_send(frame) {
-            Ok(()) | Err(crossbeam_channel::TrySendError::Disconnected(_)) => true,
-            Err(crossbeam_channel::TrySendError::Full(_)) => {
-                self.state.stalled.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    upstream = %self.name, backend = %self.addr,
-                    "backend does not read what we send ({CTL_QUEUE} pongs/gone waiting); resetting the link"
-                );
-                self.alive.store(false, Ordering::Release);
-                if let Some(s) = &self.reset {
-                    s.shutdown();
-                }
-                false
+    /// A link-level answer; past [`CTL_QUEUE`] unwritten ones (after trying to write them)
+    /// the backend is not reading.
+    fn answer<S: EdgeSink>(&mut self, record: Record, cx: &mut Ctx<'_, S>) -> Result<(), Lost> {
+        if self.out.control >= CTL_QUEUE {
+            self.flush(cx.now, cx.gauges).map_err(Lost::Io)?;
+            if self.out.control >= CTL_QUEUE {
+                return Err(Lost::Stalled(format!("{CTL_QUEUE} pongs/gone waiting")));
             }
         }
+        self.out.push(Kind::Control, &record);
+        Ok(())
     }
 
-    /// Handle one backend frame; false when the link must be dropped.
-    fn on_frame(&mut self, frame: Frame) -> bool {
-        let topic_len = match &frame {
-            Frame::Subscribe { topic, .. }
-            | Frame::Unsubscribe { topic, .. }
-            | Frame::Publish { topic, .. } => topic.len(),
+    /// Handle one backend record.
+    fn on_record<S: EdgeSink>(&mut self, record: Record, cx: &mut Ctx<'_, S>) -> Result<(), Lost> {
+        let topic_len = match &record {
+            Record::Subscribe { topic, .. }
+            | Record::Unsubscribe { topic, .. }
+            | Record::Publish { topic, .. } => topic.len(),
             _ => 0,
         };
         if topic_len > MAX_TOPIC_BYTES {
-            self.gauges.topic_refused.fetch_add(1, Ordering::Relaxed);
+            cx.gauges.topic_refused.fetch_add(1, Ordering::Relaxed);
             if self
                 .last_topic_log
-                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+                .is_none_or(|t| cx.now.saturating_duration_since(t) >= Duration::from_secs(1))
             {
-                self.last_topic_log = Some(Instant::now());
+                self.last_topic_log = Some(cx.now);
                 tracing::warn!(
-                    upstream = %self.name, backend = %self.addr,
+                    upstream = %self.upstream, backend = %self.addr,
                     "backend sent {} with a {topic_len}-byte topic (limit {MAX_TOPIC_BYTES}); ignored",
-                    frame.name()
+                    record.name()
                 );
             }
-            return true;
+            return Ok(());
         }
-        match frame {
-            Frame::Ping(nonce) => return self.answer(Frame::Pong(nonce)),
-            Frame::Pong(_) | Frame::Hello { .. } => {}
-            frame => {
-                let Some(msg) = frame.into_edge() else {
-                    return true;
+        match record {
+            Record::Ping(nonce) => return self.answer(Record::Pong(nonce), cx),
+            Record::Pong(_) | Record::Hello { .. } => {}
+            record => {
+                let Some(msg) = super::router::to_edge(record) else {
+                    return Ok(());
                 };
                 if let Some(conn) = msg.conn() {
-                    let known = self
-                        .opens
-                        .lock()
-                        .map(|t| t.contains_key(&conn.as_u64()))
-                        .unwrap_or(true);
-                    if !known {
+                    if !self.opens.contains_key(&conn.as_u64()) {
                         // A connection this link never carried or already closed.
-                        if !self.answer(Frame::Gone {
-                            conn: conn.as_u64(),
-                        }) {
-                            return false;
-                        }
+                        self.answer(
+                            Record::Gone {
+                                conn: conn.as_u64(),
+                            },
+                            cx,
+                        )?;
                         // A backend's answer to our close crosses the removal: the core
                         // still waits for it (or ignores it if the client is gone).
                         if !matches!(msg, ToEdge::Close { .. }) {
-                            return true;
+                            return Ok(());
                         }
                     }
                 }
-                self.sink.send(msg);
+                if cx.sink.has_room(&msg) {
+                    cx.sink.send(msg);
+                } else {
+                    // Stop reading this backend until the core makes room: TCP slows it.
+                    self.held = Some((msg, cx.now));
+                }
             }
         }
-        true
+        Ok(())
+    }
+
+    /// Write what waits, once per loop turn. Errors mean the link is lost.
+    pub(super) fn flush(&mut self, now: Instant, gauges: &RelayGauges) -> io::Result<()> {
+        let Phase::Up(stream) = &mut self.phase else {
+            return Ok(());
+        };
+        let out = &mut self.out;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let mut progress = false;
+        while self.writable && out.written < out.buf.len() {
+            match stream.write(&out.buf[out.written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    out.written += n;
+                    progress = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if progress {
+            self.last_write = now;
+            // Account for every record now completely written.
+            let (mut done, mut messages, mut message_bytes) = (0, 0, 0);
+            while let Some(&(len, kind)) = out.records.front() {
+                if done + len > out.written {
+                    break;
+                }
+                out.records.pop_front();
+                done += len;
+                match kind {
+                    Kind::Message => {
+                        messages += 1;
+                        message_bytes += len;
+                    }
+                    Kind::Open(conn) => {
+                        if let Some(stored) = self.opens.get_mut(&conn) {
+                            stored.sent = true;
+                        }
+                    }
+                    Kind::Control => out.control -= 1,
+                    Kind::Close | Kind::Replay => {}
+                }
+            }
+            out.buf.advance(done);
+            out.written -= done;
+            if out.buf.is_empty() {
+                // Start again at the front of the allocation.
+                out.buf.clear();
+            }
+            if messages > 0 {
+                let q = self.state.queued.load(Ordering::Relaxed);
+                let b = self.state.queued_bytes.load(Ordering::Relaxed);
+                self.state
+                    .queued
+                    .store(q.saturating_sub(messages), Ordering::Relaxed);
+                self.state
+                    .queued_bytes
+                    .store(b.saturating_sub(message_bytes), Ordering::Relaxed);
+                gauges.release(message_bytes + messages * ENTRY_OVERHEAD);
+            }
+        }
+        self.waiting_since = if out.is_empty() {
+            None
+        } else if progress {
+            Some(now)
+        } else {
+            Some(self.waiting_since.unwrap_or(now))
+        };
+        Ok(())
+    }
+
+    /// A write failed: the link is lost.
+    pub(super) fn write_failed(&mut self, e: io::Error, registry: &Registry, now: Instant) {
+        tracing::warn!(upstream = %self.upstream, backend = %self.addr, "backend link lost while writing: {e}");
+        self.drop_link(registry, now);
+    }
+
+    fn lost<S: EdgeSink>(&mut self, why: Lost, cx: &mut Ctx<'_, S>) {
+        match why {
+            Lost::Io(e) => {
+                tracing::warn!(upstream = %self.upstream, backend = %self.addr, "backend link lost: {e}")
+            }
+            Lost::Stalled(what) => {
+                self.state.stalled.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    upstream = %self.upstream, backend = %self.addr,
+                    "backend does not read what we send ({what}); resetting the link"
+                );
+            }
+            Lost::Invalid(reason) => {
+                // Last words before the link goes: one attempt, never a wait.
+                self.out.push(
+                    Kind::Control,
+                    &Record::Error {
+                        reason: format!("invalid frame: {reason}"),
+                    },
+                );
+                let _ = self.flush(cx.now, cx.gauges);
+            }
+        }
+        self.drop_link(cx.registry, cx.now);
+    }
+
+    /// Close the socket and reconnect at once; what was not written waits for the next link.
+    fn drop_link(&mut self, registry: &Registry, now: Instant) {
+        if let Phase::Up(mut stream) = std::mem::replace(&mut self.phase, Phase::Down(now)) {
+            let _ = registry.deregister(stream.source());
+        }
+        self.state.live.store(false, Ordering::Release);
+        self.state.reconnects.fetch_add(1, Ordering::Relaxed);
+        self.out.carry();
+        self.inbuf = BytesMut::new();
+        self.waiting_since = None;
+        self.readable = false;
+        self.writable = false;
+    }
+
+    /// The gateway stops: close the socket, release what the link holds.
+    pub(super) fn close(&mut self, registry: &Registry, gauges: &RelayGauges) {
+        if let Phase::Up(mut s)
+        | Phase::Connecting { stream: mut s, .. }
+        | Phase::Greeting { stream: mut s, .. } =
+            std::mem::replace(&mut self.phase, Phase::Down(Instant::now()))
+        {
+            let _ = registry.deregister(s.source());
+        }
+        self.state.live.store(false, Ordering::Release);
+        let opens: usize = self.opens.drain().map(|(_, s)| s.bytes).sum();
+        gauges.release(opens);
+        let bytes = self.state.queued_bytes.swap(0, Ordering::Relaxed);
+        let n = self.state.queued.swap(0, Ordering::Relaxed);
+        gauges.release(bytes + n * ENTRY_OVERHEAD);
+        self.out = Outbox::default();
+    }
+
+    #[cfg(test)]
+    fn outbox_bytes(&self) -> BytesMut {
+        self.out.buf.clone()
+    }
+}
+
+/// Why an up link is dropped.
+enum Lost {
+    Io(io::Error),
+    /// The backend does not read what we send.
+    Stalled(String),
+    /// The backend sent an invalid record: it gets an `error` first.
+    Invalid(String),
+}
+
+/// One read into `buf` through the loop's scratch (no zero-filling per read, no unsafe).
+fn read_into(stream: &mut Stream, buf: &mut BytesMut, scratch: &mut [u8]) -> io::Result<()> {
+    match stream.read(scratch) {
+        Ok(0) => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "backend closed the link",
+        )),
+        Ok(n) => {
+            buf.extend_from_slice(&scratch[..n]);
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -719,8 +1019,8 @@ mod tests {
         }
     }
 
-    fn open(conn: u64, path: &str, replay: bool) -> Frame {
-        Frame::Open {
+    fn open(conn: u64, path: &str, replay: bool) -> Record {
+        Record::Open {
             conn,
             path: path.into(),
             query: Some("room=1".into()),
@@ -731,65 +1031,133 @@ mod tests {
         }
     }
 
-    fn decode_all(mut buf: BytesMut) -> Vec<Frame> {
+    fn decode_all(mut buf: BytesMut) -> Vec<Record> {
         let mut decoder = Decoder::new(1 << 20);
-        let mut frames = Vec::new();
-        while let Some(f) = decoder.decode(&mut buf).expect("a valid frame") {
-            frames.push(f);
+        let mut records = Vec::new();
+        while let Some(f) = decoder.decode(&mut buf).expect("a valid record") {
+            records.push(f);
         }
         assert!(buf.is_empty(), "trailing bytes: {buf:?}");
-        frames
+        records
     }
 
-    /// docs/relay-protocol.md "Reconnects": every carried connection's `open` is sent again
-    /// with the replay flag, otherwise as it was first sent.
+    fn link() -> Link {
+        Link::new(
+            0,
+            "b".into(),
+            Address::Tcp("127.0.0.1:9".into()),
+            Arc::default(),
+            1 << 20,
+            Instant::now(),
+        )
+    }
+
+    /// docs/relay-protocol.md "Reconnects": opens go out unflagged; once written, each is
+    /// replayed on every reconnect with the replay flag, otherwise as it was first sent; a
+    /// connection closed meanwhile is not replayed, and its close is released once.
     #[test]
     fn opens_go_out_unflagged_and_replay_flagged_with_the_same_fields() {
-        let opens: Opens = Arc::default();
         let gauges = RelayGauges::default();
-        let mut out = BytesMut::new();
-        send_open(7, info("/a"), &opens, &mut out, &gauges);
-        send_open(9, info("/b"), &opens, &mut out, &gauges);
+        let mut l = link();
+        l.push_open(7, info("/a"), &gauges);
+        l.push_open(9, info("/b"), &gauges);
         let held = gauges.held();
         assert_eq!(held, 2 * (info("/a").held_bytes() + ENTRY_OVERHEAD) as u64);
         assert_eq!(
-            decode_all(out),
+            decode_all(l.outbox_bytes()),
             vec![open(7, "/a", false), open(9, "/b", false)]
         );
-
-        // Replayed on every reconnect, not only the first.
+        // Not written yet: a lost link carries them as they are, unreplayed.
+        l.out.carry();
+        assert_eq!(
+            decode_all(l.outbox_bytes()),
+            vec![open(7, "/a", false), open(9, "/b", false)]
+        );
+        // Written: the next link replays them (and the carry keeps no replay).
+        let len = l.out.buf.len();
+        l.out.written = len;
+        for s in l.opens.values_mut() {
+            s.sent = true;
+        }
+        l.out = Outbox::default();
         for _ in 0..2 {
-            let mut out = BytesMut::new();
-            replay_opens(&opens, &mut out);
-            let mut replayed = decode_all(out);
+            for stored in l.opens.values() {
+                l.out.push(Kind::Replay, &stored.replay);
+            }
+            let mut replayed = decode_all(l.outbox_bytes());
             replayed.sort_by_key(|f| match f {
-                Frame::Open { conn, .. } => *conn,
+                Record::Open { conn, .. } => *conn,
                 _ => u64::MAX,
             });
             assert_eq!(replayed, vec![open(7, "/a", true), open(9, "/b", true)]);
+            l.out.carry();
+            assert!(l.out.is_empty(), "replays are not carried");
         }
-        forget_open(7, &opens, &gauges);
-        forget_open(7, &opens, &gauges);
+        l.push_close(7, 1000, &gauges);
+        l.push_close(7, 1000, &gauges);
         assert_eq!(gauges.held(), held / 2, "a close releases its open once");
     }
 
-    /// Two links that start together draw different first backoff delays (their seeds mix
-    /// the link index and address, not a shared clock reading).
+    /// A lost link carries messages and closes (a partly written one whole) but not its
+    /// pongs; a full buffer refuses messages without queueing them.
     #[test]
-    fn two_links_first_backoff_delays_differ() {
+    fn a_lost_link_carries_data_not_control() {
+        let gauges = RelayGauges::default();
+        let mut l = link();
+        l.push_message(1, MessageKind::Text, Bytes::from_static(b"a"), 2, &gauges)
+            .unwrap();
+        l.out.push(Kind::Control, &Record::Pong(3));
+        l.push_message(1, MessageKind::Text, Bytes::from_static(b"b"), 2, &gauges)
+            .unwrap();
+        assert!(l
+            .push_message(1, MessageKind::Text, Bytes::from_static(b"c"), 2, &gauges)
+            .is_err());
+        l.push_close(1, 1001, &gauges);
+        l.out.written = 3;
+        l.out.carry();
+        let msg = |p: &'static [u8]| Record::Message {
+            conn: 1,
+            kind: MessageKind::Text,
+            payload: Bytes::from_static(p),
+        };
+        assert_eq!(
+            decode_all(l.outbox_bytes()),
+            vec![
+                msg(b"a"),
+                msg(b"b"),
+                Record::Close {
+                    conn: 1,
+                    code: 1001,
+                    reason: String::new()
+                }
+            ]
+        );
+        assert_eq!(l.out.control, 0);
+        assert_eq!(l.state.queued.load(Ordering::Relaxed), 2);
+    }
+
+    /// Two links that start together draw different backoff sequences (their seeds mix the
+    /// link index and address, not a shared clock reading).
+    #[test]
+    fn two_links_get_different_backoff_sequences() {
         let addr = Address::Tcp("127.0.0.1:9".into());
         let mut a = jitter_seed(0, &addr);
         let mut b = jitter_seed(1, &addr);
         let mut c = jitter_seed(0, &Address::Tcp("127.0.0.1:10".into()));
-        let (da, db, dc) = (
-            jittered(BACKOFF_MIN, &mut a),
-            jittered(BACKOFF_MIN, &mut b),
-            jittered(BACKOFF_MIN, &mut c),
-        );
-        assert_ne!(da, db);
-        assert_ne!(da, dc);
-        for d in [da, db, dc] {
-            assert!(d >= BACKOFF_MIN / 2 && d < BACKOFF_MIN, "{d:?}");
-        }
+        let seq = |seed: &mut u64| {
+            let mut backoff = BACKOFF_MIN;
+            (0..6)
+                .map(|_| {
+                    let d = jittered(backoff, seed);
+                    assert!(d >= backoff / 2 && d < backoff, "{d:?}");
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    d
+                })
+                .collect::<Vec<_>>()
+        };
+        let (sa, sb, sc) = (seq(&mut a), seq(&mut b), seq(&mut c));
+        assert_ne!(sa, sb);
+        assert_ne!(sa, sc);
+        assert_ne!(sa[0], sb[0]);
     }
 }

@@ -3,9 +3,12 @@
 //! to one connection, to a topic's subscribers, or to everyone.
 
 pub mod embedded;
+pub mod inlet;
 pub mod link;
 pub mod router;
 pub mod wire;
+
+pub use inlet::{channel, RelayRx, RelayTx};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +53,12 @@ pub struct RelayGauges {
     pub topic_refused: AtomicU64,
     /// Chat joins refused because the connection is in as many rooms as its route allows.
     pub rooms_refused: AtomicU64,
+    /// Client messages queued on a backend link (written by the relay thread only).
+    pub forwarded: AtomicU64,
+    /// Client messages refused (sender closed 1013) because their backend's buffer was full.
+    pub buffer_refused: AtomicU64,
+    /// Replies addressed to a core that does not exist (a backend's corrupt or forged id).
+    pub misaddressed: AtomicU64,
 }
 
 impl RelayGauges {
@@ -223,16 +232,17 @@ impl ToEdge {
 /// The way back to every core: one channel per core plus a wake-up for its event loop.
 pub trait EdgeSink: Send {
     /// Queue `msg` for the core that owns `msg.conn()`, or for every core when it has none;
-    /// cores are woken by [`EdgeSink::flush`].
+    /// cores are woken by [`EdgeSink::flush`]. A full inbox is waited on, briefly.
     fn send(&mut self, msg: ToEdge);
+    /// Like `send`, but never waits: what a full inbox cannot take is dropped if it may be.
+    fn send_now(&mut self, msg: ToEdge) {
+        self.send(msg)
+    }
+    /// Whether every inbox `msg` goes to has room for it now (a link holds a backend's
+    /// record, and stops reading, while not).
+    fn has_room(&self, _msg: &ToEdge) -> bool {
+        true
+    }
     /// Wake every core that was sent something since the last flush.
     fn flush(&mut self);
-    /// The clone a backend link's reader uses: it may wait longer for room than the relay
-    /// thread, since blocking it only slows its own backend.
-    fn for_link(&self) -> Self
-    where
-        Self: Sized + Clone,
-    {
-        self.clone()
-    }
 }

@@ -1,23 +1,34 @@
-//! The relay thread: takes every core's [`ToUpstream`] messages, sticks each client
-//! connection to one backend of each upstream it talks to, and queues encoded frames on that
-//! backend's link. Embedded upstreams are answered right here.
+//! The relay thread: one event loop for the hop between the cores and every upstream. It
+//! takes every core's [`ToUpstream`] messages, sticks each client connection to one backend
+//! of each upstream it talks to, encodes its records straight into that backend link's out
+//! buffer, and drives every link's socket (`link`) itself; embedded upstreams are answered
+//! right here. A message to a backend crosses one thread hand-off (core -> relay, on the
+//! `inlet` channel), a reply one (relay -> core inbox).
+//!
+//! Why epoll (via `mio`) and not io_uring like the cores: the relay serves a handful of
+//! long-lived sockets with batched writes, so it makes few syscalls per message already
+//! (one `write` per link per turn, one `read` per readable link, one `epoll_wait` when idle);
+//! io_uring's wins (multishot accept/recv over thousands of sockets, provided buffers) do not
+//! apply, while readiness plus plain `read`/`write` needs no `unsafe`, no buffers pinned
+//! across calls and no cancel-and-reap at shutdown, and works where io_uring is disabled for
+//! everything but the cores.
 //!
 //! Nothing is dropped silently: a message that cannot be queued for its backend (the link is
 //! down and its buffer full, or the backend stopped reading for too long) closes its sender
 //! with 1013 "try again later".
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::TryRecvError;
+use mio::Events;
 
 use super::embedded::ChatEcho;
-use super::link::{Address, Link, LinkState, Outbound};
-use super::wire::{self, Frame};
+use super::inlet::{RelayRx, WAKE};
+use super::link::{Address, Ctx, Link, LinkState};
+use super::wire::Record;
 use super::{EdgeSink, OpenInfo, RelayGauges, ToEdge, ToUpstream, UpstreamId, ENTRY_OVERHEAD};
 use crate::config::Balance;
 use crate::ids::ConnId;
@@ -27,23 +38,24 @@ use crate::route::{Backend, RouteTable};
 /// Bytes of messages that may wait for one backend link, whatever their count.
 pub const LINK_BUFFER_BYTES: usize = 16 * 1024 * 1024;
 
-/// At shutdown, how long the links get to write what they hold once the cores are gone,
-/// and then how long they get to notice `stop`; a link still busy after both (a write or
-/// connect the OS has not returned from) is left behind, so the process exits in time.
-const LINK_FLUSH: Duration = Duration::from_millis(300);
-const LINK_STOP: Duration = Duration::from_millis(300);
+/// At shutdown, how long the links get to write what they hold once the cores are gone (and
+/// to finish a connect that is under way); what is still unwritten then is left behind, so
+/// the process exits in time.
+const LINK_FLUSH: Duration = Duration::from_millis(600);
 
-struct LinkHandle {
-    tx: Sender<Outbound>,
-    state: Arc<LinkState>,
-    /// Messages that may wait in the queue (`buffer_messages`).
-    limit: usize,
-}
+/// Messages taken from the cores' channel per loop turn before the links get their turn.
+const BATCH: usize = 1024;
+
+/// The loop's read buffer (one for every link: the loop reads one socket at a time).
+const SCRATCH: usize = 64 * 1024;
 
 enum UpstreamRt {
     Embedded,
     Backends {
-        links: Vec<LinkHandle>,
+        /// Indices into `Router::links`.
+        links: Vec<usize>,
+        /// Messages that may wait for one backend (`buffer_messages`).
+        limit: usize,
         balance: Balance,
         next: usize,
     },
@@ -53,92 +65,65 @@ struct Binding {
     info: Box<OpenInfo>,
     /// Our close went to its backends already (a fence); `Closed` sends no second one.
     close_sent: bool,
-    /// (upstream, link index) pairs this connection was opened on.
+    /// (upstream, index into `Router::links`) pairs this connection was opened on.
     bound: Vec<(UpstreamId, usize)>,
 }
 
-/// Counters of the relay thread.
-#[derive(Debug, Default, Clone)]
-pub struct RelayStats {
-    pub forwarded: u64,
-    /// Senders closed 1013 because their upstream could not take the message.
-    pub refused: u64,
-}
-
-pub struct Router<S: EdgeSink + Clone + 'static> {
+pub struct Router<S: EdgeSink + 'static> {
     sink: S,
     upstreams: Vec<UpstreamRt>,
+    /// Every backend link of every upstream; a link's index is its poll token.
+    links: Vec<Link>,
     conns: HashMap<ConnId, Binding>,
     chat: ChatEcho,
-    threads: Vec<JoinHandle<()>>,
-    links: Vec<super::UpstreamLink>,
-    stop: Arc<AtomicBool>,
-    scratch: BytesMut,
+    described: Vec<super::UpstreamLink>,
     gauges: Arc<RelayGauges>,
-    pub stats: RelayStats,
     heartbeat: Arc<crate::telemetry::Heartbeat>,
 }
 
-impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
-    /// Start one link (two threads) per backend of every upstream that has them.
+impl<S: EdgeSink + 'static> Router<S> {
+    /// One link per backend of every upstream that has them; they connect once [`Router::run`]
+    /// turns.
     pub fn new(
         table: &RouteTable,
         sink: S,
         max_frame: usize,
         gauges: Arc<RelayGauges>,
     ) -> Router<S> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
+        let now = Instant::now();
         let mut upstreams = Vec::new();
+        let mut links = Vec::new();
         let mut described = Vec::new();
         for spec in table.upstreams() {
-            let mut links = Vec::new();
+            let mut mine = Vec::new();
             for backend in &spec.backends {
                 let addr = match backend {
                     Backend::Embedded => continue,
                     Backend::Tcp(a) => Address::Tcp(a.clone()),
                     Backend::Unix(p) => Address::Unix(p.clone()),
                 };
-                // Unbounded channel, bounded by the counters in LinkState: opens and closes
-                // must never be refused, messages are limited in count and bytes.
-                let (tx, rx) = crossbeam_channel::unbounded();
                 let state = Arc::new(LinkState::default());
-                let link = Link {
-                    name: spec.name.clone(),
-                    addr,
-                    queue: rx,
-                    state: state.clone(),
-                    sink: sink.clone(),
-                    max_frame,
-                    stop: stop.clone(),
-                    index: threads.len(),
-                    gauges: gauges.clone(),
-                };
-                let handle = std::thread::Builder::new()
-                    .name(format!("ringway-up-{}", spec.name))
-                    .spawn(move || link.run())
-                    .expect("spawning a backend link thread");
-                threads.push(handle);
                 described.push(super::UpstreamLink {
                     upstream: spec.name.clone(),
-                    backend: match backend {
-                        Backend::Tcp(a) => format!("tcp://{a}"),
-                        Backend::Unix(p) => format!("unix:{}", p.display()),
-                        Backend::Embedded => "echo".into(),
-                    },
+                    backend: addr.to_string(),
                     state: state.clone(),
                 });
-                links.push(LinkHandle {
-                    tx,
+                mine.push(links.len());
+                links.push(Link::new(
+                    links.len(),
+                    spec.name.clone(),
+                    addr,
                     state,
-                    limit: spec.buffer_messages.max(1),
-                });
+                    max_frame,
+                    now,
+                ));
             }
-            upstreams.push(if links.is_empty() {
+            upstreams.push(if mine.is_empty() {
                 UpstreamRt::Embedded
             } else {
                 UpstreamRt::Backends {
-                    links,
+                    links: mine,
+                    limit: spec.buffer_messages.max(1),
                     balance: spec.balance,
                     next: 0,
                 }
@@ -147,6 +132,7 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
         Router {
             sink,
             upstreams,
+            links,
             conns: HashMap::new(),
             // The embedded chat answers a join past this with an error; the core holds the
             // subscriptions themselves to each route's own max_subscriptions.
@@ -159,19 +145,15 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                     .unwrap_or(super::embedded::DEFAULT_MAX_ROOMS),
                 gauges.clone(),
             ),
-            threads,
-            links: described,
-            stop,
-            scratch: BytesMut::new(),
+            described,
             gauges,
-            stats: RelayStats::default(),
             heartbeat: Arc::default(),
         }
     }
 
     /// Every backend link, for metrics and readiness.
     pub fn links(&self) -> Vec<super::UpstreamLink> {
-        self.links.clone()
+        self.described.clone()
     }
 
     /// The relay loop's heartbeat (one beat per turn, at least every `health::RELAY_TURN`).
@@ -179,62 +161,113 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
         self.heartbeat.clone()
     }
 
-    /// Serve until every core has dropped its sender; then let the links flush and stop.
-    pub fn run(mut self, rx: Receiver<ToUpstream>) -> RelayStats {
+    /// The relay's event loop: serve until every core has dropped its sender, then give the
+    /// links [`LINK_FLUSH`] to write what they hold, and end.
+    ///
+    /// Each turn takes up to [`BATCH`] messages from the cores and encodes them into their
+    /// links' out buffers, lets every link read its socket (records straight into the cores'
+    /// inboxes) and run its timers, writes each link's out buffer once, and wakes the cores
+    /// it gave something. Then it parks in `epoll_wait` until a socket is ready, a core
+    /// rings (only when the loop is asleep, see `inlet`), a timer is due or
+    /// `health::RELAY_TURN` has passed.
+    pub fn run(mut self, mut rx: RelayRx) {
+        let mut events = Events::with_capacity(256);
+        let mut scratch = vec![0u8; SCRATCH];
+        let waker = rx.waker();
+        let mut closing: Option<Instant> = None;
         loop {
-            // A bounded wait, so the relay turns (and its heartbeat beats) even when idle.
             self.heartbeat.beat();
             crate::test_hooks::on_loop_turn(crate::test_hooks::Loop::Relay);
-            let first = match rx.recv_timeout(crate::telemetry::RELAY_TURN) {
-                Ok(m) => m,
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
-            };
-            let mut next = Some(first);
-            let mut batch = 0;
-            while let Some(msg) = next {
-                self.handle(msg);
-                batch += 1;
-                next = if batch < 1024 {
-                    rx.try_recv().ok()
-                } else {
-                    None
+            let mut more = false;
+            if closing.is_none() {
+                for n in 0.. {
+                    if n == BATCH {
+                        more = true;
+                        break;
+                    }
+                    match rx.try_recv() {
+                        Ok(msg) => self.handle(msg),
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => {
+                            closing = Some(Instant::now() + LINK_FLUSH);
+                            break;
+                        }
+                    }
+                }
+            }
+            let now = Instant::now();
+            let registry = rx.poll.registry();
+            let mut next = now + crate::telemetry::RELAY_TURN;
+            for link in &mut self.links {
+                let mut cx = Ctx {
+                    registry,
+                    sink: &mut self.sink,
+                    gauges: &self.gauges,
+                    waker: &waker,
+                    scratch: &mut scratch,
+                    now,
                 };
+                link.turn(&mut cx);
+                if let Err(e) = link.flush(now, &self.gauges) {
+                    link.write_failed(e, registry, now);
+                }
+                more |= link.busy();
+                if let Some(t) = link.next_deadline() {
+                    next = next.min(t);
+                }
             }
             self.sink.flush();
-        }
-        self.stop_links();
-        self.stats
-    }
-
-    /// Dropping the senders lets each link write what it holds and end; `stop` then ends
-    /// links that are connecting, backing off or blocked on a backend that does not read.
-    /// Bounded: the process must exit within the shutdown grace plus one second.
-    fn stop_links(&mut self) {
-        self.upstreams.clear();
-        let threads = std::mem::take(&mut self.threads);
-        let flushed = Instant::now() + LINK_FLUSH;
-        while Instant::now() < flushed && !threads.iter().all(JoinHandle::is_finished) {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        self.stop.store(true, Ordering::Release);
-        let stopped = Instant::now() + LINK_STOP;
-        while Instant::now() < stopped && !threads.iter().all(JoinHandle::is_finished) {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let mut left = 0;
-        for t in threads {
-            if t.is_finished() {
-                let _ = t.join();
+            if let Some(until) = closing {
+                // Done when every link wrote what it holds, or has no backend to write to.
+                let pending = self
+                    .links
+                    .iter()
+                    .filter(|l| l.has_unsent() && !l.is_down())
+                    .count();
+                if pending == 0 || now >= until {
+                    if pending > 0 {
+                        tracing::warn!(
+                            links = pending,
+                            "backend links still blocked at shutdown; exiting without them"
+                        );
+                    }
+                    break;
+                }
+                next = next.min(until);
+            }
+            let timeout = if more {
+                Duration::ZERO
             } else {
-                left += 1;
+                next.saturating_duration_since(Instant::now())
+            };
+            let timeout = if timeout.is_zero() || closing.is_some() || rx.may_sleep() {
+                timeout
+            } else {
+                Duration::ZERO
+            };
+            let polled = rx.poll.poll(&mut events, Some(timeout));
+            rx.awake();
+            if let Err(e) = polled {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    tracing::error!("relay event loop: poll failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            for event in events.iter() {
+                if event.token() == WAKE {
+                    continue;
+                }
+                if let Some(link) = self.links.get_mut(event.token().0) {
+                    link.on_event(
+                        event.is_readable() || event.is_read_closed() || event.is_error(),
+                        event.is_writable() || event.is_write_closed() || event.is_error(),
+                    );
+                }
             }
         }
-        if left > 0 {
-            tracing::warn!(
-                links = left,
-                "backend links still blocked at shutdown; exiting without them"
-            );
+        let registry = rx.poll.registry();
+        for link in &mut self.links {
+            link.close(registry, &self.gauges);
         }
     }
 
@@ -320,20 +353,26 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                 let Some(link) = self.bind(conn, upstream) else {
                     return;
                 };
-                let mut out = std::mem::take(&mut self.scratch);
-                wire::encode(
-                    &Frame::Message {
-                        conn: conn.as_u64(),
-                        kind,
-                        payload,
-                    },
-                    &mut out,
-                );
-                let frame = out.split().freeze();
-                self.scratch = out;
-                if self.push(conn, upstream, link, Outbound::Frame(frame)) {
-                    self.stats.forwarded += 1;
+                let limit = match &self.upstreams[usize::from(upstream)] {
+                    UpstreamRt::Backends { limit, .. } => *limit,
+                    UpstreamRt::Embedded => return,
+                };
+                // The payload is encoded into the link's buffer here: the guard (the core's
+                // in-flight charge) ends with this message.
+                match self.links[link].push_message(
+                    conn.as_u64(),
+                    kind,
+                    payload,
+                    limit,
+                    &self.gauges,
+                ) {
+                    Ok(()) => {
+                        let n = self.gauges.forwarded.load(Ordering::Relaxed);
+                        self.gauges.forwarded.store(n + 1, Ordering::Relaxed);
+                    }
+                    Err(full) => self.refuse(conn, full.queued, full.bytes),
                 }
+                drop(guard);
             }
             ToUpstream::Fence { conn, code, reason } => {
                 let bound = self.conns.get_mut(&conn).map(|b| {
@@ -344,8 +383,8 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                     // The backends answer our close after their last send for it; their
                     // answer is the fence (docs/relay-protocol.md, "Closing").
                     Some(bound) if !bound.is_empty() => {
-                        for (upstream, link) in bound {
-                            self.send_close(conn, upstream, link, code);
+                        for (_, link) in bound {
+                            self.links[link].push_close(conn.as_u64(), code, &self.gauges);
                         }
                     }
                     // Embedded: replies this thread produced are queued already.
@@ -359,8 +398,8 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
                     if binding.close_sent {
                         // Each side sends exactly one close per connection.
                     } else {
-                        for (upstream, link) in binding.bound {
-                            self.send_close(conn, upstream, link, code);
+                        for (_, link) in binding.bound {
+                            self.links[link].push_close(conn.as_u64(), code, &self.gauges);
                         }
                     }
                 }
@@ -371,25 +410,17 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
         }
     }
 
-    fn send_close(&mut self, conn: ConnId, upstream: UpstreamId, link: usize, code: u16) {
-        let mut out = BytesMut::new();
-        wire::encode(
-            &Frame::Close {
-                conn: conn.as_u64(),
-                code,
-                reason: String::new(),
-            },
-            &mut out,
-        );
-        self.push(
+    /// A message its backend's buffer cannot take: the client is closed 1013.
+    fn refuse(&mut self, conn: ConnId, queued: usize, bytes: usize) {
+        self.gauges.buffer_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(conn = %conn, queued, bytes, "upstream buffer full; closing the client 1013");
+        self.sink.send(ToEdge::Close {
             conn,
-            upstream,
-            link,
-            Outbound::Close {
-                conn: conn.as_u64(),
-                frame: out.freeze(),
-            },
-        );
+            code: close::TRY_AGAIN_LATER,
+            reason: "upstream unavailable".into(),
+        });
+        // Tell the core now, not after the batch: it must stop feeding us.
+        self.sink.flush();
     }
 
     /// The link `conn` uses for `upstream`, opening it there first if needed.
@@ -402,76 +433,91 @@ impl<S: EdgeSink + Clone + Send + 'static> Router<S> {
             links,
             balance,
             next,
+            ..
         } = &mut self.upstreams[usize::from(upstream)]
         else {
             return None;
         };
         let n = links.len();
         let link = match balance {
-            Balance::Hash => (mix(conn.as_u64()) % n as u64) as usize,
+            Balance::Hash => links[(mix(conn.as_u64()) % n as u64) as usize],
             Balance::RoundRobin => {
                 // The next live backend in turn; any backend when none is live (the message
                 // then waits in that backend's buffer for it to come back).
                 let start = *next;
                 let live = (0..n)
                     .map(|i| (start + i) % n)
-                    .find(|&i| links[i].state.live.load(Ordering::Acquire));
+                    .find(|&i| self.links[links[i]].is_live());
                 let chosen = live.unwrap_or(start % n);
                 *next = (chosen + 1) % n;
-                chosen
+                links[chosen]
             }
         };
-        let info = binding.info.clone();
-        if !self.push(
-            conn,
-            upstream,
-            link,
-            Outbound::Open {
-                conn: conn.as_u64(),
-                info,
-            },
-        ) {
-            return None;
-        }
+        let info = (*binding.info).clone();
+        self.links[link].push_open(conn.as_u64(), info, &self.gauges);
         if let Some(b) = self.conns.get_mut(&conn) {
             b.bound.push((upstream, link));
         }
         Some(link)
     }
+}
 
-    /// Queue `item` on a link; false (and the client told 1013) when it cannot take it.
-    /// Never blocks: a backend that is down or not reading must not stall other routes.
-    fn push(&mut self, conn: ConnId, upstream: UpstreamId, link: usize, item: Outbound) -> bool {
-        let UpstreamRt::Backends { links, .. } = &self.upstreams[usize::from(upstream)] else {
-            return false;
-        };
-        let handle = &links[link];
-        if let Outbound::Frame(frame) = &item {
-            let queued = handle.state.queued.load(Ordering::Relaxed);
-            let bytes = handle.state.queued_bytes.load(Ordering::Relaxed);
-            if queued >= handle.limit || bytes.saturating_add(frame.len()) > LINK_BUFFER_BYTES {
-                self.stats.refused += 1;
-                tracing::debug!(conn = %conn, queued, bytes, "upstream buffer full; closing the client 1013");
-                self.sink.send(ToEdge::Close {
-                    conn,
-                    code: close::TRY_AGAIN_LATER,
-                    reason: "upstream unavailable".into(),
-                });
-                // Tell the core now, not after the batch: it must stop feeding us.
-                self.sink.flush();
-                return false;
-            }
-            handle.state.queued.fetch_add(1, Ordering::Relaxed);
-            handle
-                .state
-                .queued_bytes
-                .fetch_add(frame.len(), Ordering::Relaxed);
-            self.gauges.charge(frame.len() + ENTRY_OVERHEAD);
-        }
-        // The link's receiver lives as long as this router.
-        let _ = handle.tx.send(item);
-        true
-    }
+/// The cores' message for a backend record that acts on clients; None for link-level
+/// records (hello, ping, pong, error) and gateway -> backend ones. The wire codec knows
+/// nothing of the edge: this is where its records become [`ToEdge`].
+pub(super) fn to_edge(record: Record) -> Option<ToEdge> {
+    let c = ConnId::from_u64;
+    Some(match record {
+        Record::Accept { conn } => ToEdge::Accept { conn: c(conn) },
+        Record::Reject {
+            conn,
+            status,
+            reason,
+        } => ToEdge::Reject {
+            conn: c(conn),
+            status,
+            reason,
+        },
+        Record::Send {
+            conn,
+            kind,
+            payload,
+        } => ToEdge::Send {
+            conn: c(conn),
+            kind,
+            payload,
+        },
+        Record::Close { conn, code, reason } => ToEdge::Close {
+            conn: c(conn),
+            code,
+            reason,
+        },
+        Record::Subscribe { conn, topic } => ToEdge::Subscribe {
+            conn: c(conn),
+            topic,
+        },
+        Record::Unsubscribe { conn, topic } => ToEdge::Unsubscribe {
+            conn: c(conn),
+            topic,
+        },
+        Record::Publish {
+            topic,
+            kind,
+            payload,
+        } => ToEdge::Publish {
+            topic,
+            kind,
+            payload,
+        },
+        Record::Broadcast { kind, payload } => ToEdge::Broadcast { kind, payload },
+        Record::Hello { .. }
+        | Record::Ping(_)
+        | Record::Pong(_)
+        | Record::Error { .. }
+        | Record::Open { .. }
+        | Record::Message { .. }
+        | Record::Gone { .. } => return None,
+    })
 }
 
 /// A cheap integer hash so sequential connection ids spread over backends.
@@ -480,4 +526,34 @@ fn mix(mut x: u64) -> u64 {
     x = x.wrapping_mul(0xff51afd7ed558ccd);
     x ^= x >> 33;
     x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::Topic;
+    use crate::protocol::message::MessageKind;
+    use bytes::Bytes;
+
+    #[test]
+    fn backend_records_become_edge_messages() {
+        let e = to_edge(Record::Publish {
+            topic: Topic::from("room:a"),
+            kind: MessageKind::Text,
+            payload: Bytes::from_static(b"x"),
+        });
+        assert!(
+            matches!(e, Some(ToEdge::Publish { ref topic, .. }) if &**topic == "room:a"),
+            "{e:?}"
+        );
+        let e = to_edge(Record::Send {
+            conn: 42,
+            kind: MessageKind::Binary,
+            payload: Bytes::new(),
+        })
+        .unwrap();
+        assert_eq!(e.conn(), Some(ConnId::from_u64(42)));
+        assert!(to_edge(Record::Ping(1)).is_none());
+        assert!(to_edge(Record::Gone { conn: 1 }).is_none());
+    }
 }

@@ -1,5 +1,7 @@
-//! The relay wire codec's tests: round trips, limits, hostile input.
+//! The codec's tests: round trips (proptest), exact bytes, and every malformed input.
+
 use super::*;
+use bytes::{BufMut, BytesMut};
 use proptest::prelude::*;
 
 fn kind() -> impl Strategy<Value = MessageKind> {
@@ -23,17 +25,17 @@ fn topic() -> impl Strategy<Value = Topic> {
     any::<String>().prop_map(Topic::from)
 }
 
-fn frame() -> impl Strategy<Value = Frame> {
+fn frame() -> impl Strategy<Value = Record> {
     let s = any::<String>;
     prop_oneof![
-        s().prop_map(|name| Frame::Hello {
+        s().prop_map(|name| Record::Hello {
             version: VERSION,
             name
         }),
-        any::<u64>().prop_map(Frame::Ping),
-        any::<u64>().prop_map(Frame::Pong),
-        s().prop_map(|reason| Frame::Error { reason }),
-        (any::<u64>(), any::<u16>(), s()).prop_map(|(conn, code, reason)| Frame::Close {
+        any::<u64>().prop_map(Record::Ping),
+        any::<u64>().prop_map(Record::Pong),
+        s().prop_map(|reason| Record::Error { reason }),
+        (any::<u64>(), any::<u16>(), s()).prop_map(|(conn, code, reason)| Record::Close {
             conn,
             code,
             reason
@@ -48,7 +50,7 @@ fn frame() -> impl Strategy<Value = Frame> {
             any::<bool>()
         )
             .prop_map(|(conn, path, query, headers, peer, authorize, replay)| {
-                Frame::Open {
+                Record::Open {
                     conn,
                     path,
                     query,
@@ -58,55 +60,55 @@ fn frame() -> impl Strategy<Value = Frame> {
                     replay,
                 }
             }),
-        (any::<u64>(), message()).prop_map(|(conn, (kind, payload))| Frame::Message {
+        (any::<u64>(), message()).prop_map(|(conn, (kind, payload))| Record::Message {
             conn,
             kind,
             payload
         }),
-        any::<u64>().prop_map(|conn| Frame::Gone { conn }),
-        any::<u64>().prop_map(|conn| Frame::Accept { conn }),
+        any::<u64>().prop_map(|conn| Record::Gone { conn }),
+        any::<u64>().prop_map(|conn| Record::Accept { conn }),
         (any::<u64>(), any::<u16>(), s()).prop_map(|(conn, status, reason)| {
-            Frame::Reject {
+            Record::Reject {
                 conn,
                 status,
                 reason,
             }
         }),
-        (any::<u64>(), message()).prop_map(|(conn, (kind, payload))| Frame::Send {
+        (any::<u64>(), message()).prop_map(|(conn, (kind, payload))| Record::Send {
             conn,
             kind,
             payload
         }),
-        (any::<u64>(), topic()).prop_map(|(conn, topic)| Frame::Subscribe { conn, topic }),
-        (any::<u64>(), topic()).prop_map(|(conn, topic)| Frame::Unsubscribe { conn, topic }),
-        (topic(), message()).prop_map(|(topic, (kind, payload))| Frame::Publish {
+        (any::<u64>(), topic()).prop_map(|(conn, topic)| Record::Subscribe { conn, topic }),
+        (any::<u64>(), topic()).prop_map(|(conn, topic)| Record::Unsubscribe { conn, topic }),
+        (topic(), message()).prop_map(|(topic, (kind, payload))| Record::Publish {
             topic,
             kind,
             payload
         }),
-        message().prop_map(|(kind, payload)| Frame::Broadcast { kind, payload }),
+        message().prop_map(|(kind, payload)| Record::Broadcast { kind, payload }),
     ]
 }
 
 /// One frame of every type, with non-trivial field values.
-fn every_frame() -> Vec<Frame> {
+fn every_frame() -> Vec<Record> {
     let t = || Topic::from("room:lobby");
     vec![
-        Frame::Hello {
+        Record::Hello {
             version: VERSION,
             name: "ringway".into(),
         },
-        Frame::Ping(7),
-        Frame::Pong(u64::MAX),
-        Frame::Error {
+        Record::Ping(7),
+        Record::Pong(u64::MAX),
+        Record::Error {
             reason: "unsupported protocol version 2".into(),
         },
-        Frame::Close {
+        Record::Close {
             conn: 1,
             code: 1006,
             reason: String::new(),
         },
-        Frame::Open {
+        Record::Open {
             conn: 0x0100_0000_0002_0003,
             path: "/chat".into(),
             query: Some("room=é".into()),
@@ -115,7 +117,7 @@ fn every_frame() -> Vec<Frame> {
             authorize: true,
             replay: false,
         },
-        Frame::Open {
+        Record::Open {
             conn: 2,
             path: "/".into(),
             query: None,
@@ -124,44 +126,44 @@ fn every_frame() -> Vec<Frame> {
             authorize: false,
             replay: true,
         },
-        Frame::Message {
+        Record::Message {
             conn: 3,
             kind: MessageKind::Text,
             payload: Bytes::from_static(b"{\"action\":\"join\"}"),
         },
-        Frame::Gone { conn: 4 },
-        Frame::Accept { conn: 5 },
-        Frame::Reject {
+        Record::Gone { conn: 4 },
+        Record::Accept { conn: 5 },
+        Record::Reject {
             conn: 6,
             status: 403,
             reason: "no token".into(),
         },
-        Frame::Send {
+        Record::Send {
             conn: 7,
             kind: MessageKind::Binary,
             payload: Bytes::from_static(&[0, 0xff, 0x80]),
         },
-        Frame::Subscribe {
+        Record::Subscribe {
             conn: 8,
             topic: t(),
         },
-        Frame::Unsubscribe {
+        Record::Unsubscribe {
             conn: 9,
             topic: t(),
         },
-        Frame::Publish {
+        Record::Publish {
             topic: t(),
             kind: MessageKind::Text,
             payload: Bytes::from_static(b"hi"),
         },
-        Frame::Broadcast {
+        Record::Broadcast {
             kind: MessageKind::Binary,
             payload: Bytes::new(),
         },
     ]
 }
 
-fn encoded(frames: &[Frame]) -> BytesMut {
+fn encoded(frames: &[Record]) -> BytesMut {
     let mut out = BytesMut::new();
     for f in frames {
         encode(f, &mut out);
@@ -169,7 +171,7 @@ fn encoded(frames: &[Frame]) -> BytesMut {
     out
 }
 
-fn decode_all(dec: &mut Decoder, buf: &mut BytesMut) -> Vec<Frame> {
+fn decode_all(dec: &mut Decoder, buf: &mut BytesMut) -> Vec<Record> {
     let mut v = Vec::new();
     while let Some(f) = dec.decode(buf).unwrap() {
         v.push(f);
@@ -180,7 +182,7 @@ fn decode_all(dec: &mut Decoder, buf: &mut BytesMut) -> Vec<Frame> {
 #[test]
 fn every_type_round_trips_and_has_its_documented_code() {
     let frames = every_frame();
-    let mut seen: Vec<u8> = frames.iter().map(Frame::type_code).collect();
+    let mut seen: Vec<u8> = frames.iter().map(Record::type_code).collect();
     seen.dedup();
     assert_eq!(seen.len(), 15, "one frame of each type");
     for f in &frames {
@@ -202,7 +204,7 @@ fn wire_layout_matches_the_document() {
     // docs/relay-protocol.md, "send" example: conn 7, binary, 3 bytes.
     let mut buf = BytesMut::new();
     encode(
-        &Frame::Send {
+        &Record::Send {
             conn: 7,
             kind: MessageKind::Binary,
             payload: Bytes::from_static(&[0xaa, 0xbb, 0xcc]),
@@ -216,7 +218,7 @@ fn wire_layout_matches_the_document() {
     // hello "gw", version 1.
     let mut buf = BytesMut::new();
     encode(
-        &Frame::Hello {
+        &Record::Hello {
             version: 1,
             name: "gw".into(),
         },
@@ -256,13 +258,13 @@ fn byte_at_a_time_decodes_the_same() {
 
 #[test]
 fn payloads_are_taken_without_a_copy() {
-    let mut buf = encoded(&[Frame::Send {
+    let mut buf = encoded(&[Record::Send {
         conn: 1,
         kind: MessageKind::Binary,
         payload: Bytes::from(vec![9u8; 1000]),
     }]);
     let range = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len();
-    let Some(Frame::Send { payload, .. }) = Decoder::default().decode(&mut buf).unwrap() else {
+    let Some(Record::Send { payload, .. }) = Decoder::default().decode(&mut buf).unwrap() else {
         panic!("not a send");
     };
     assert!(range.contains(&(payload.as_ptr() as usize)));
@@ -286,7 +288,7 @@ fn oversized_length_prefix_is_rejected_before_reserving() {
         assert_eq!(buf.capacity(), cap, "nothing reserved for a rejected frame");
     }
     // At the limit it is fine, and the decoder reserves just what the frame needs.
-    let f = Frame::Broadcast {
+    let f = Record::Broadcast {
         kind: MessageKind::Binary,
         payload: Bytes::from(vec![1u8; 1024 - 6]),
     };
@@ -442,35 +444,11 @@ fn only_from_rejects_frames_of_the_other_side() {
 }
 
 #[test]
-fn backend_frames_become_edge_messages() {
-    let e = Frame::Publish {
-        topic: Topic::from("room:a"),
-        kind: MessageKind::Text,
-        payload: Bytes::from_static(b"x"),
-    }
-    .into_edge();
-    assert!(
-        matches!(e, Some(ToEdge::Publish { ref topic, .. }) if &**topic == "room:a"),
-        "{e:?}"
-    );
-    let e = Frame::Send {
-        conn: 42,
-        kind: MessageKind::Binary,
-        payload: Bytes::new(),
-    }
-    .into_edge()
-    .unwrap();
-    assert_eq!(e.conn(), Some(ConnId::from_u64(42)));
-    assert!(Frame::Ping(1).into_edge().is_none());
-    assert!(Frame::Gone { conn: 1 }.into_edge().is_none());
-}
-
-#[test]
 fn over_long_strings_are_cut_on_a_character_boundary() {
     // 'é' is two bytes: 40000 of them cannot be cut at exactly 65535.
     let long = "é".repeat(40_000);
-    let mut buf = encoded(&[Frame::Error { reason: long }]);
-    let Some(Frame::Error { reason }) = Decoder::default().decode(&mut buf).unwrap() else {
+    let mut buf = encoded(&[Record::Error { reason: long }]);
+    let Some(Record::Error { reason }) = Decoder::default().decode(&mut buf).unwrap() else {
         panic!()
     };
     assert_eq!(reason.len(), 65_534);
@@ -483,11 +461,11 @@ fn over_long_strings_are_cut_on_a_character_boundary() {
 fn non_ascii_strings_in_every_field_survive_the_wire() {
     let long = "\u{1F600}".repeat(MAX_STRING / 4 + 1); // 4-byte chars across the limit
     let frames = [
-        Frame::Hello {
+        Record::Hello {
             version: VERSION,
             name: "gw-\u{e9}".into(),
         },
-        Frame::Open {
+        Record::Open {
             conn: u64::MAX,
             path: "/caf\u{e9}/\u{1F600}".into(),
             query: Some(long.clone()),
@@ -499,16 +477,16 @@ fn non_ascii_strings_in_every_field_survive_the_wire() {
             authorize: true,
             replay: true,
         },
-        Frame::Close {
+        Record::Close {
             conn: 0,
             code: u16::MAX,
             reason: long.clone(),
         },
-        Frame::Subscribe {
+        Record::Subscribe {
             conn: 1,
             topic: Topic::from(long.as_str()),
         },
-        Frame::Reject {
+        Record::Reject {
             conn: 2,
             status: 0,
             reason: "\u{e9}".repeat(MAX_STRING),
@@ -523,7 +501,7 @@ fn non_ascii_strings_in_every_field_survive_the_wire() {
         got.extend(decode_all(&mut dec, &mut buf));
         assert_eq!(got.len(), frames.len(), "cut at {cut}");
         for f in &got {
-            if let Frame::Open {
+            if let Record::Open {
                 query,
                 headers,
                 path,
