@@ -6,7 +6,7 @@
 //!
 //! Outbound records are encoded by the relay thread directly into the link's out buffer
 //! (bounded: the router refuses messages past the route's `buffer_messages` and
-//! [`super::router::LINK_BUFFER_BYTES`]) and written once per loop turn, so a burst leaves in
+//! [`LINK_BUFFER_BYTES`]) and written once per loop turn, so a burst leaves in
 //! one `write`. While the link is down they wait there; on reconnect it first replays an `open`
 //! for every client connection it carries, so the backend knows them again, then sends what
 //! waited.
@@ -27,6 +27,9 @@ use mio::{Interest, Registry, Token};
 use super::wire::{self, Decoder, Record};
 use super::{EdgeSink, OpenInfo, RelayGauges, ToEdge, ENTRY_OVERHEAD, MAX_TOPIC_BYTES};
 use crate::protocol::message::MessageKind;
+
+/// Bytes of messages that may wait for one backend link, whatever their count.
+pub const LINK_BUFFER_BYTES: usize = 16 * 1024 * 1024;
 
 /// Where a backend listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -364,7 +367,7 @@ impl Link {
     }
 
     /// Queue a client message unless the link already holds `limit` messages or
-    /// [`super::router::LINK_BUFFER_BYTES`] of them.
+    /// [`LINK_BUFFER_BYTES`] of them.
     pub(super) fn push_message(
         &mut self,
         conn: u64,
@@ -381,7 +384,7 @@ impl Link {
         let len = wire::encoded_len(&record);
         let queued = self.state.queued.load(Ordering::Relaxed);
         let bytes = self.state.queued_bytes.load(Ordering::Relaxed);
-        if queued >= limit || bytes.saturating_add(len) > super::router::LINK_BUFFER_BYTES {
+        if queued >= limit || bytes.saturating_add(len) > LINK_BUFFER_BYTES {
             return Err(Full { queued, bytes });
         }
         // Only this thread writes these: plain stores, no locked instruction per message.
@@ -807,7 +810,7 @@ impl Link {
             Record::Ping(nonce) => return self.answer(Record::Pong(nonce), cx),
             Record::Pong(_) | Record::Hello { .. } => {}
             record => {
-                let Some(msg) = super::router::to_edge(record) else {
+                let Some(msg) = super::to_edge(record) else {
                     return Ok(());
                 };
                 if let Some(conn) = msg.conn() {

@@ -246,3 +246,62 @@ pub trait EdgeSink: Send {
     /// Wake every core that was sent something since the last flush.
     fn flush(&mut self);
 }
+
+/// The cores' message for a backend record that acts on clients; None for link-level
+/// records (hello, ping, pong, error) and gateway -> backend ones. The wire codec knows
+/// nothing of the edge: this is where its records become [`ToEdge`] (used by the links, which read the records, and the router).
+pub(crate) fn to_edge(record: wire::Record) -> Option<ToEdge> {
+    use wire::Record;
+    let c = ConnId::from_u64;
+    Some(match record {
+        Record::Accept { conn } => ToEdge::Accept { conn: c(conn) },
+        Record::Reject {
+            conn,
+            status,
+            reason,
+        } => ToEdge::Reject {
+            conn: c(conn),
+            status,
+            reason,
+        },
+        Record::Send {
+            conn,
+            kind,
+            payload,
+        } => ToEdge::Send {
+            conn: c(conn),
+            kind,
+            payload,
+        },
+        Record::Close { conn, code, reason } => ToEdge::Close {
+            conn: c(conn),
+            code,
+            reason,
+        },
+        Record::Subscribe { conn, topic } => ToEdge::Subscribe {
+            conn: c(conn),
+            topic,
+        },
+        Record::Unsubscribe { conn, topic } => ToEdge::Unsubscribe {
+            conn: c(conn),
+            topic,
+        },
+        Record::Publish {
+            topic,
+            kind,
+            payload,
+        } => ToEdge::Publish {
+            topic,
+            kind,
+            payload,
+        },
+        Record::Broadcast { kind, payload } => ToEdge::Broadcast { kind, payload },
+        Record::Hello { .. }
+        | Record::Ping(_)
+        | Record::Pong(_)
+        | Record::Error { .. }
+        | Record::Open { .. }
+        | Record::Message { .. }
+        | Record::Gone { .. } => return None,
+    })
+}

@@ -28,6 +28,9 @@ use mio::Events;
 use super::embedded::ChatEcho;
 use super::inlet::{RelayRx, WAKE};
 use super::link::{Address, Ctx, Link, LinkState};
+#[cfg(test)]
+use super::to_edge;
+#[cfg(test)]
 use super::wire::Record;
 use super::{EdgeSink, OpenInfo, RelayGauges, ToEdge, ToUpstream, UpstreamId, ENTRY_OVERHEAD};
 use crate::config::Balance;
@@ -35,8 +38,7 @@ use crate::ids::ConnId;
 use crate::protocol::close;
 use crate::route::{Backend, RouteTable};
 
-/// Bytes of messages that may wait for one backend link, whatever their count.
-pub const LINK_BUFFER_BYTES: usize = 16 * 1024 * 1024;
+pub use super::link::LINK_BUFFER_BYTES;
 
 /// At shutdown, how long the links get to write what they hold once the cores are gone (and
 /// to finish a connect that is under way); what is still unwritten then is left behind, so
@@ -460,64 +462,6 @@ impl<S: EdgeSink + 'static> Router<S> {
         }
         Some(link)
     }
-}
-
-/// The cores' message for a backend record that acts on clients; None for link-level
-/// records (hello, ping, pong, error) and gateway -> backend ones. The wire codec knows
-/// nothing of the edge: this is where its records become [`ToEdge`].
-pub(super) fn to_edge(record: Record) -> Option<ToEdge> {
-    let c = ConnId::from_u64;
-    Some(match record {
-        Record::Accept { conn } => ToEdge::Accept { conn: c(conn) },
-        Record::Reject {
-            conn,
-            status,
-            reason,
-        } => ToEdge::Reject {
-            conn: c(conn),
-            status,
-            reason,
-        },
-        Record::Send {
-            conn,
-            kind,
-            payload,
-        } => ToEdge::Send {
-            conn: c(conn),
-            kind,
-            payload,
-        },
-        Record::Close { conn, code, reason } => ToEdge::Close {
-            conn: c(conn),
-            code,
-            reason,
-        },
-        Record::Subscribe { conn, topic } => ToEdge::Subscribe {
-            conn: c(conn),
-            topic,
-        },
-        Record::Unsubscribe { conn, topic } => ToEdge::Unsubscribe {
-            conn: c(conn),
-            topic,
-        },
-        Record::Publish {
-            topic,
-            kind,
-            payload,
-        } => ToEdge::Publish {
-            topic,
-            kind,
-            payload,
-        },
-        Record::Broadcast { kind, payload } => ToEdge::Broadcast { kind, payload },
-        Record::Hello { .. }
-        | Record::Ping(_)
-        | Record::Pong(_)
-        | Record::Error { .. }
-        | Record::Open { .. }
-        | Record::Message { .. }
-        | Record::Gone { .. } => return None,
-    })
 }
 
 /// A cheap integer hash so sequential connection ids spread over backends.
