@@ -11,8 +11,8 @@
 //! `edge` and `relay` (the edge may use the relay's channel types, the relay never names the
 //! edge); then `ops`, which only reads; then `gateway`; then the binary.
 //!
-//! `unsafe` is denied crate-wide and allowed only in `protocol::mask` (SIMD unmasking),
-//! `edge::uring` (the ring and the memory its operations point at) and `edge::fd`.
+//! `unsafe` is denied crate-wide and allowed only in `protocol::mask` (SIMD unmasking) and
+//! `edge::uring` (the ring and the memory its operations point at); `edge::fd` needs none.
 
 #![deny(unsafe_code)]
 

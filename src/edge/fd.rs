@@ -1,5 +1,5 @@
 //! A client's socket as an owned file descriptor: the worker wraps every accepted fd at once
-//! (`uring::Ring` does, as it reaps the accept), so closing it is `Drop` and the socket
+//! (`uring::accepted_socket`, as the accept completes), so closing it is `Drop` and the socket
 //! calls the connection's life needs (shutdown, TCP_NODELAY, peer address) are safe methods.
 //! No `unsafe` here: ownership comes in as an `OwnedFd`, the calls go through socket2.
 
