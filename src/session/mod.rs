@@ -13,6 +13,8 @@
 //! send in flight, shut) beside it.
 #![forbid(unsafe_code)]
 
+pub mod compression;
+mod frames;
 mod queue;
 #[cfg(test)]
 mod tests;
@@ -24,14 +26,14 @@ use std::net::SocketAddr;
 use bytes::{Bytes, BytesMut};
 
 use crate::admission::{self, AcceptRefusal, MessageRefusal, PolicyRefusal};
-use crate::config::{Config, SlowConsumer, Upstream};
+use crate::config::{Config, SlowConsumer};
 use crate::ids::{ConnId, UpstreamId};
 use crate::policy::rate::MessageRate;
 use crate::protocol::close::{self, CloseHandshake};
 use crate::protocol::frame::{self, OpCode, Role, MAX_HEADER_LEN};
 use crate::protocol::handshake::{self, Parsed, Request};
-use crate::protocol::message::{Event, Limits, MessageDecoder, MessageKind};
-use crate::protocol::ProtocolError;
+use crate::protocol::deflate::Agreed;
+use crate::protocol::message::{Limits, MessageDecoder, MessageKind, RSV1};
 use crate::relay::{OpenInfo, ToUpstream, Topic};
 use crate::route::{Backend, RouteId, RouteTable};
 
@@ -135,6 +137,8 @@ pub struct Context<'a> {
     pub relay: bool,
     /// simd-json parses in place: messages are routed on a copy here.
     pub scratch: &'a mut Vec<u8>,
+    /// The core's permessage-deflate compressor and inflater, shared by its connections.
+    pub codec: &'a mut compression::SharedCodec,
     /// Test-only panic hook (`RINGWAY_TEST_PANIC_ON`).
     pub panic_on: Option<&'a [u8]>,
     pub out: &'a mut Vec<Output>,
@@ -227,6 +231,8 @@ pub struct Session {
     rate: Option<MessageRate>,
     /// The subprotocol the 101 names (the companion of a token carried in one).
     protocol: Option<String>,
+    /// permessage-deflate as agreed in the handshake (shared: no state of its own).
+    deflate: Option<Agreed>,
 }
 
 /// Encode a server frame into an allocation of its own, sized to the frame: a queued tiny
@@ -300,6 +306,7 @@ impl Session {
             route: 0,
             rate: None,
             protocol: None,
+            deflate: None,
         }
     }
 
@@ -370,6 +377,12 @@ impl Session {
 
     pub fn close_code(&self) -> u16 {
         self.close_code
+    }
+
+    /// Our compressor's window when it agreed to permessage-deflate (fan-out compresses once
+    /// per core for these).
+    pub fn deflate_bits(&self) -> Option<u8> {
+        self.deflate.map(|a| a.server_window_bits)
     }
 
     pub fn route(&self) -> RouteId {
@@ -615,6 +628,10 @@ impl Session {
                 let authorize = route.authorize && cx.relay;
                 self.rate = MessageRate::new(policy.messages_per_sec, policy.message_burst);
                 self.protocol = admitted.protocol;
+                self.deflate = compression::negotiate(route.compression, &request);
+                if self.deflate.is_some() {
+                    self.decoder.set_allowed_rsv(RSV1);
+                }
                 self.token_expiry_ms = admitted
                     .token_expiry_s
                     .map(|s| admission::expiry_deadline_ms(s, cx.now_ms, cx.unix_ms));
@@ -650,8 +667,12 @@ impl Session {
         cx.meter.count(Count::HandshakeOk {
             latency_ms: cx.now_ms.saturating_sub(self.accepted_ms),
         });
-        self.out
-            .push(handshake::response_101(request, self.protocol.as_deref()));
+        let extensions = self.deflate.map(|a| a.response_value());
+        self.out.push(handshake::response_101_with(
+            request,
+            self.protocol.as_deref(),
+            extensions.as_deref(),
+        ));
         self.state = Lifecycle::Open;
         self.opened = true;
         self.last_message_ms = cx.now_ms;
@@ -668,110 +689,6 @@ impl Session {
         self.out.push(response);
         self.stop_reading();
         self.drain();
-    }
-
-    /// Decode frames where they lie, unmasking in place, and act on each event.
-    fn on_frames(&mut self, cx: &mut Context<'_>, data: &mut [u8]) {
-        let mut off = 0;
-        while off < data.len() && !self.reading_done {
-            let accepts_data = self.close.accepts_data();
-            let close_sent = self.close.close_sent();
-            let (n, event) = match self.decoder.decode(&mut data[off..]) {
-                Ok(r) => r,
-                Err(e) => {
-                    cx.meter.count(Count::ProtocolError);
-                    if let ProtocolError::TooManyFragments { .. } = e {
-                        cx.meter.count(Count::Refused(PolicyRefusal::Fragments));
-                    }
-                    tracing::debug!(conn = %self.id, "protocol error: {e}");
-                    let reason = e.to_string();
-                    self.close_for_error(cx, e.close_code(), &reason);
-                    return;
-                }
-            };
-            off += n;
-            let Some(event) = event else { break };
-            let action = match event {
-                Event::Message {
-                    kind: MessageKind::Text,
-                    payload,
-                } if cx.panic_on == Some(payload.as_slice()) => {
-                    panic!("test hook: message {:?}", payload.as_slice())
-                }
-                Event::Message { .. }
-                    if self.rate.as_mut().is_some_and(|r| !r.on_message(cx.now_ms)) =>
-                {
-                    Action::Refuse(MessageRefusal::Rate)
-                }
-                Event::Message { kind, payload } => {
-                    cx.meter.count(Count::MessageIn);
-                    if !accepts_data {
-                        Action::None
-                    } else if cx.config.upstream == Upstream::LocalEcho {
-                        Action::Data(encode(opcode_for(kind), payload.as_slice()))
-                    } else {
-                        let route = cx.routes.route(self.route);
-                        match cx
-                            .routes
-                            .select(route, kind, payload.as_slice(), cx.scratch)
-                        {
-                            Ok(upstream) => {
-                                self.uses_backend |= !in_process(cx.routes, upstream);
-                                Action::Relay(upstream, kind, payload.into_bytes())
-                            }
-                            Err(e) => Action::Refuse(e.into()),
-                        }
-                    }
-                }
-                Event::Ping(p) if !close_sent => Action::Pong(encode(OpCode::Pong, p)),
-                Event::Ping(_) => Action::None,
-                Event::Pong(_) => Action::PongReceived,
-                Event::Close(c) => {
-                    let (code, reason) = c.map_or((close::NO_STATUS, String::new()), |(c, r)| {
-                        (c, r.to_string())
-                    });
-                    Action::Close(code, reason)
-                }
-            };
-            match action {
-                Action::None => {}
-                Action::Data(frame) => {
-                    self.last_message_ms = cx.now_ms;
-                    self.queue_data(cx, frame);
-                }
-                Action::Relay(upstream, kind, payload) => {
-                    self.last_message_ms = cx.now_ms;
-                    cx.out.push(Output::Message {
-                        upstream,
-                        kind,
-                        payload,
-                    });
-                }
-                Action::Refuse(refusal) => {
-                    cx.meter.count(Count::ProtocolError);
-                    if let Some(metric) = refusal.metric() {
-                        cx.meter.count(Count::Refused(metric));
-                    }
-                    tracing::debug!(conn = %self.id, "message refused: {refusal}");
-                    self.close_for_error(cx, refusal.close_code(), &refusal.to_string());
-                    return;
-                }
-                Action::Pong(frame) => {
-                    // Only the newest unanswered pong is kept (RFC 6455 §5.5.3) once the
-                    // client stops reading; a queue over `send_queue_bytes` stops reading.
-                    self.out.push_pong(frame, PONG_COALESCE_PAST);
-                }
-                Action::PongReceived => self.ping_sent_ms = None,
-                Action::Close(code, reason) => {
-                    tracing::debug!(conn = %self.id, code, reason = %reason, "client sent close");
-                    self.close.receive();
-                    self.close_code = code;
-                    // RFC 6455 §5.5.1: answer with a close echoing the status code, after the
-                    // replies to what the client sent before it.
-                    self.close_after_replies(cx, code, "");
-                }
-            }
-        }
     }
 
     // ----- the outbound queue -----
@@ -793,7 +710,10 @@ impl Session {
 
     /// A message the relay sends this client.
     pub fn on_relay_send(&mut self, cx: &mut Context<'_>, kind: MessageKind, payload: &[u8]) {
-        let frame = encode(opcode_for(kind), payload);
+        let bits = self.deflate_bits();
+        let frame = cx
+            .codec
+            .encode(bits, cx.config.compression_min_bytes, opcode_for(kind), payload);
         self.queue_data(cx, frame);
     }
 

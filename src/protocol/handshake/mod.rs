@@ -14,7 +14,7 @@ use bytes::Bytes;
 use super::path::{self, PathError};
 
 mod response;
-pub use response::{accept_key, error_response, reason_phrase, response_101};
+pub use response::{accept_key, error_response, reason_phrase, response_101, response_101_with};
 
 #[derive(Debug, Clone, Copy)]
 pub struct HandshakeLimits {
