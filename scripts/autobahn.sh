@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Runs the Autobahn|Testsuite fuzzingclient (RFC 6455 conformance) against a ringway echo server.
 #
-# usage: scripts/autobahn.sh [--binary PATH] [--quick] [--timeout SECS] [-- EXTRA_SERVER_ARGS...]
+# usage: scripts/autobahn.sh [--binary PATH] [--quick] [--timeout SECS] [--spec FILE] [--name NAME] [-- EXTRA_SERVER_ARGS...]
 #   --binary PATH   server binary (default target/release/ringway), started as
 #                   PATH --listen 127.0.0.1:PORT --upstream echo EXTRA_SERVER_ARGS...
 #   --quick         small subset (framing, pings, reserved bits, opcodes, fragmentation, basic close) for iteration
 #   --timeout SECS  wall-clock cap for wstest (default 1200 full, 180 quick)
-# Spec template: tests/autobahn/fuzzingclient.json (12.* / 13.* permessage-deflate excluded).
-# Artifact: reports/autobahn/index.html (+ index.json, per-case JSON/HTML, server.log, wstest.log).
+#   --spec FILE     spec template (default tests/autobahn/fuzzingclient.json: 12.* / 13.* excluded;
+#                   tests/autobahn/fuzzingclient-deflate.json runs them, with --compression shared)
+#   --name NAME     report and run directory name (default autobahn), so two runs can go in parallel
+# Artifact: reports/NAME/index.html (+ index.json, per-case JSON/HTML, server.log, wstest.log).
 # Exit status: 0 only if no case FAILED (behavior or close behavior), wstest finished in time, every case ran,
 # and the server stayed alive.
 set -euo pipefail
@@ -18,6 +20,8 @@ cd "$ROOT"
 BINARY="target/release/ringway"
 QUICK=0
 TIMEOUT=""
+TEMPLATE="$ROOT/tests/autobahn/fuzzingclient.json"
+NAME="autobahn"
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -26,8 +30,10 @@ while [ $# -gt 0 ]; do
     --quick) QUICK=1; shift ;;
     --timeout) TIMEOUT="$2"; shift 2 ;;
     --timeout=*) TIMEOUT="${1#*=}"; shift ;;
+    --spec) TEMPLATE="$2"; shift 2 ;;
+    --name) NAME="$2"; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "autobahn: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -44,8 +50,8 @@ fi
 [ -x "$BINARY" ] || fail "server binary '$BINARY' not found or not executable (build it: cargo build --release)"
 BINARY="$(cd "$(dirname "$BINARY")" && pwd)/$(basename "$BINARY")"
 
-OUTDIR="$ROOT/reports/autobahn"
-RUNDIR="$ROOT/.autobahn/run"
+OUTDIR="$ROOT/reports/$NAME"
+RUNDIR="$ROOT/.autobahn/run-$NAME"
 rm -rf "$OUTDIR"   # a stale index.json must never be mistaken for this run's result
 mkdir -p "$OUTDIR" "$RUNDIR"
 SERVER_LOG="$OUTDIR/server.log"
@@ -64,8 +70,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-log "starting $BINARY --listen 127.0.0.1:$PORT --upstream echo ${EXTRA[*]:-}"
-"$BINARY" --listen "127.0.0.1:$PORT" --upstream echo "${EXTRA[@]}" >"$SERVER_LOG" 2>&1 &
+log "starting $BINARY --listen 127.0.0.1:$PORT --admin 127.0.0.1:0 --upstream echo ${EXTRA[*]:-}"
+"$BINARY" --listen "127.0.0.1:$PORT" --admin 127.0.0.1:0 --upstream echo "${EXTRA[@]}" >"$SERVER_LOG" 2>&1 &
 SERVER_PID=$!
 
 # Wait (max 10 s) until the port accepts a TCP connection.
@@ -85,7 +91,7 @@ if [ "$QUICK" = 1 ]; then
 else
   CASES=''
 fi
-python3 - "$ROOT/tests/autobahn/fuzzingclient.json" "$SPEC" "$PORT" "$OUTDIR" "$CASES" <<'PY'
+python3 - "$TEMPLATE" "$SPEC" "$PORT" "$OUTDIR" "$CASES" <<'PY'
 import json, sys
 template, out, port, outdir, cases = sys.argv[1:6]
 spec = json.load(open(template))
