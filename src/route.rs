@@ -13,6 +13,7 @@ use crate::config::{Balance, Compression, Config, RouteConfig, SlowConsumer, Ups
 use crate::ids::UpstreamId;
 use crate::policy::auth::JwtVerifier;
 use crate::policy::origin::OriginPolicy;
+use crate::protocol::handshake;
 use crate::protocol::message::MessageKind;
 
 /// Index of a route in [`RouteTable::routes`] (config order).
@@ -226,6 +227,15 @@ impl RouteTable {
                 });
             }
             let upstream = table.resolve(config, &format!("{key}.upstream"), &r.upstream)?;
+            if r.subprotocols
+                .iter()
+                .any(|p| !handshake::is_token(p.as_bytes()))
+            {
+                return Err(RouteError::Invalid {
+                    key: format!("{key}.subprotocols"),
+                    problem: "each subprotocol must be an HTTP token (RFC 6455 §4.1)",
+                });
+            }
             let route_key = if r.actions.is_empty() {
                 None
             } else {

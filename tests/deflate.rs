@@ -50,7 +50,9 @@ fn json(n: usize) -> Vec<u8> {
     let mut s = String::new();
     let mut i = 0;
     while s.len() < n {
-        s.push_str(&format!("{{\"id\":{i},\"user\":\"name{i}\",\"online\":true}},"));
+        s.push_str(&format!(
+            "{{\"id\":{i},\"user\":\"name{i}\",\"online\":true}},"
+        ));
         i += 1;
     }
     s.truncate(n);
@@ -73,8 +75,14 @@ async fn shared_mode_negotiates_and_compresses_big_replies_only() {
     assert_eq!(inflate(&f.payload), big);
 
     // Under compression_min_bytes (256): sent plain.
-    ws.send(&frame_bytes(true, 4, OP_TEXT, Some(KEY), &deflate(b"hello")))
-        .await;
+    ws.send(&frame_bytes(
+        true,
+        4,
+        OP_TEXT,
+        Some(KEY),
+        &deflate(b"hello"),
+    ))
+    .await;
     let f = ws.read_frame().await;
     assert_eq!((f.rsv, &f.payload[..]), (0, &b"hello"[..]));
 
@@ -123,7 +131,10 @@ async fn hostile_compressed_input_closes_with_the_right_code() {
         // RSV1 on a control frame.
         (frame_bytes(true, 4, OP_PING, Some(KEY), b""), 1002),
         // Not a deflate stream.
-        (frame_bytes(true, 4, OP_BINARY, Some(KEY), &[0xff; 16]), 1007),
+        (
+            frame_bytes(true, 4, OP_BINARY, Some(KEY), &[0xff; 16]),
+            1007,
+        ),
         // Inflates to bytes that are not UTF-8, in a text message.
         (
             frame_bytes(true, 4, OP_TEXT, Some(KEY), &deflate(&[b'a', 0xff, 0xfe])),
@@ -145,8 +156,14 @@ async fn a_decompression_bomb_closes_1009_with_bounded_memory() {
     let gw = Gateway::start(&["--upstream", "echo", "--compression", "shared"]);
     // Warm up (the core's zlib state is made on first use).
     let (mut ws, _) = RawWs::connect_headers(gw.addr, "/", OFFER).await;
-    ws.send(&frame_bytes(true, 4, OP_TEXT, Some(KEY), &deflate(&json(1000))))
-        .await;
+    ws.send(&frame_bytes(
+        true,
+        4,
+        OP_TEXT,
+        Some(KEY),
+        &deflate(&json(1000)),
+    ))
+    .await;
     ws.read_frame().await;
     let before = rss_bytes(gw.pid());
     for _ in 0..3 {
@@ -155,7 +172,11 @@ async fn a_decompression_bomb_closes_1009_with_bounded_memory() {
         ws.send(&frame_bytes(true, 4, OP_BINARY, Some(KEY), &bomb))
             .await;
         let f = ws.expect_close(1009).await;
-        assert!(f.close_reason().contains("limit of 65536"), "{}", f.close_reason());
+        assert!(
+            f.close_reason().contains("limit of 65536"),
+            "{}",
+            f.close_reason()
+        );
         // In 16 fragments.
         let (mut ws, _) = RawWs::connect_headers(gw.addr, "/", OFFER).await;
         let n = 16;
@@ -212,4 +233,47 @@ asyncio.run(main(sys.argv[1]))
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Subprotocols per route: the server's preference among the client's offers is named in
+/// the 101; `require_subprotocol` refuses a client offering none of them with 400.
+#[tokio::test]
+async fn route_subprotocols_are_selected_in_the_101_or_required() {
+    let gw = Gateway::with_config(
+        r#"
+[[routes]]
+path = "/gql"
+subprotocols = ["graphql-transport-ws", "mqtt"]
+
+[[routes]]
+path = "/strict"
+subprotocols = ["mqtt"]
+require_subprotocol = true
+compression = "shared"
+"#,
+        &["--upstream", "echo"],
+    );
+    let offer = "Sec-WebSocket-Protocol: mqtt, graphql-transport-ws\r\n";
+    let (mut ws, resp) = RawWs::connect_headers(gw.addr, "/gql", offer).await;
+    assert_eq!(
+        resp.header("sec-websocket-protocol"),
+        Some("graphql-transport-ws")
+    );
+    // This route leaves compression at the top-level default (off).
+    assert_eq!(resp.header("sec-websocket-extensions"), None);
+    ws.send(&masked_frame(true, OP_TEXT, b"ping")).await;
+    assert_eq!(ws.read_frame().await.payload, b"ping");
+
+    let (_, resp) = RawWs::connect_headers(gw.addr, "/gql", "").await;
+    assert_eq!(resp.header("sec-websocket-protocol"), None);
+
+    let both = format!("Sec-WebSocket-Protocol: mqtt\r\n{OFFER}");
+    let (_, resp) = RawWs::connect_headers(gw.addr, "/strict", &both).await;
+    assert_eq!(resp.header("sec-websocket-protocol"), Some("mqtt"));
+    assert_eq!(resp.header("sec-websocket-extensions"), Some(ANSWER));
+
+    let request = common::upgrade_request(gw.addr).replacen("GET /chat ", "GET /strict ", 1);
+    let (resp, body) = common::http_exchange(gw.addr, request.as_bytes()).await;
+    assert_eq!(resp.status, 400);
+    assert!(body.contains("subprotocols"), "{body}");
 }

@@ -189,7 +189,9 @@ impl Deflater {
             out.reserve((input.len() - pos) / 2 + 64);
             let before = c.total_in();
             // Errors are only possible on a misused stream (never here); treat as done.
-            if c.compress_vec(&input[pos..], out, FlushCompress::Sync).is_err() {
+            if c.compress_vec(&input[pos..], out, FlushCompress::Sync)
+                .is_err()
+            {
                 break;
             }
             pos += (c.total_in() - before) as usize;
@@ -375,7 +377,10 @@ mod tests {
                 offer(PMD, &[("server_no_context_takeover", Some("1"))]),
                 Decline::InvalidValue,
             ),
-            (offer("x-webkit-deflate-frame", &[]), Decline::OtherExtension),
+            (
+                offer("x-webkit-deflate-frame", &[]),
+                Decline::OtherExtension,
+            ),
         ];
         for (o, why) in &bad {
             assert_eq!(parse_offer(o), Err(*why), "{o:?}");
@@ -429,7 +434,9 @@ mod tests {
         let mut i = Inflater::default();
         let hello = [0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
         assert_eq!(i.inflate(&hello, 100).unwrap(), b"Hello");
-        let stored = [0x00, 0x05, 0x00, 0xfa, 0xff, 0x48, 0x65, 0x6c, 0x6c, 0x6f, 0x00];
+        let stored = [
+            0x00, 0x05, 0x00, 0xfa, 0xff, 0x48, 0x65, 0x6c, 0x6c, 0x6f, 0x00,
+        ];
         assert_eq!(i.inflate(&stored, 100).unwrap(), b"Hello");
         // BFINAL set: the message ends at the final block.
         let fin = [0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];

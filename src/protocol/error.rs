@@ -53,9 +53,7 @@ impl ProtocolError {
             }
             ProtocolError::InvalidUtf8
             | ProtocolError::InvalidCloseReason
-            | ProtocolError::InvalidCompressedData => {
-                close::INVALID_PAYLOAD
-            }
+            | ProtocolError::InvalidCompressedData => close::INVALID_PAYLOAD,
             ProtocolError::TooManyFragments { .. } => close::POLICY_VIOLATION,
             _ => close::PROTOCOL_ERROR,
         }

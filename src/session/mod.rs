@@ -30,9 +30,9 @@ use crate::config::{Config, SlowConsumer};
 use crate::ids::{ConnId, UpstreamId};
 use crate::policy::rate::MessageRate;
 use crate::protocol::close::{self, CloseHandshake};
+use crate::protocol::deflate::Agreed;
 use crate::protocol::frame::{self, OpCode, Role, MAX_HEADER_LEN};
 use crate::protocol::handshake::{self, Parsed, Request};
-use crate::protocol::deflate::Agreed;
 use crate::protocol::message::{Limits, MessageDecoder, MessageKind, RSV1};
 use crate::relay::{OpenInfo, ToUpstream, Topic};
 use crate::route::{Backend, RouteId, RouteTable};
@@ -711,9 +711,12 @@ impl Session {
     /// A message the relay sends this client.
     pub fn on_relay_send(&mut self, cx: &mut Context<'_>, kind: MessageKind, payload: &[u8]) {
         let bits = self.deflate_bits();
-        let frame = cx
-            .codec
-            .encode(bits, cx.config.compression_min_bytes, opcode_for(kind), payload);
+        let frame = cx.codec.encode(
+            bits,
+            cx.config.compression_min_bytes,
+            opcode_for(kind),
+            payload,
+        );
         self.queue_data(cx, frame);
     }
 

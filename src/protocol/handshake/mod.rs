@@ -422,7 +422,8 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-fn is_token(v: &[u8]) -> bool {
+/// An RFC 9110 token: what a subprotocol name must be (RFC 6455 §4.1).
+pub fn is_token(v: &[u8]) -> bool {
     !v.is_empty() && v.iter().all(|&b| is_tchar(b))
 }
 
