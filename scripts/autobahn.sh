@@ -9,6 +9,7 @@
 #   --spec FILE     spec template (default tests/autobahn/fuzzingclient.json: 12.* / 13.* excluded;
 #                   tests/autobahn/fuzzingclient-deflate.json runs them, with --compression shared)
 #   --name NAME     report and run directory name (default autobahn), so two runs can go in parallel
+#   --strict        also fail on NON-STRICT, UNIMPLEMENTED and WRONG CODE (the deflate run uses it)
 # Artifact: reports/NAME/index.html (+ index.json, per-case JSON/HTML, server.log, wstest.log).
 # Exit status: 0 only if no case FAILED (behavior or close behavior), wstest finished in time, every case ran,
 # and the server stayed alive.
@@ -22,6 +23,7 @@ QUICK=0
 TIMEOUT=""
 TEMPLATE="$ROOT/tests/autobahn/fuzzingclient.json"
 NAME="autobahn"
+STRICT=0
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -32,8 +34,9 @@ while [ $# -gt 0 ]; do
     --timeout=*) TIMEOUT="${1#*=}"; shift ;;
     --spec) TEMPLATE="$2"; shift 2 ;;
     --name) NAME="$2"; shift 2 ;;
+    --strict) STRICT=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "autobahn: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -117,9 +120,10 @@ log "wstest finished in ${elapsed}s (exit $WSTEST_RC)"
 SERVER_ALIVE=1
 kill -0 "$SERVER_PID" 2>/dev/null || SERVER_ALIVE=0
 
-python3 - "$OUTDIR" "$WSTEST_LOG" "$WSTEST_RC" "$SERVER_ALIVE" "$SERVER_LOG" <<'PY'
+python3 - "$OUTDIR" "$WSTEST_LOG" "$WSTEST_RC" "$SERVER_ALIVE" "$SERVER_LOG" "$STRICT" <<'PY'
 import ast, json, os, re, sys
 outdir, wstest_log, rc, alive, server_log = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
+strict = sys.argv[6] == "1"
 problems = []
 if rc in (124, 137):
     problems.append("wstest timed out (exit %d)" % rc)
@@ -167,7 +171,8 @@ for cid in sorted(results, key=key):
     except Exception:
         pass
     line = "  %-9s behavior=%s close=%s code=%s  %s" % (cid, b, bc, r.get("remoteCloseCode"), desc)
-    if b not in ("OK", "NON-STRICT", "INFORMATIONAL", "UNIMPLEMENTED") or bc in ("FAILED", "UNCLEAN"):
+    lenient = ("OK", "INFORMATIONAL") if strict else ("OK", "NON-STRICT", "INFORMATIONAL", "UNIMPLEMENTED")
+    if b not in lenient or bc in ("FAILED", "UNCLEAN") or (strict and bc == "WRONG CODE"):
         failed.append(line)
     elif b == "NON-STRICT" or bc == "WRONG CODE":
         nonstrict.append(line)

@@ -175,6 +175,8 @@ fuzz_target!(|data: &[u8]| {
                 assert!(reason.len() <= MAX_CONTROL_PAYLOAD - 2);
             }
             Some(Event::Close(None)) => {}
+            // RSV1 is never allowed here (no extension negotiated): must not happen.
+            Some(Event::Compressed { .. }) => panic!("compressed event without RSV1 allowed"),
         }
     }
 });
