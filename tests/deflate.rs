@@ -277,3 +277,33 @@ compression = "shared"
     assert_eq!(resp.status, 400);
     assert!(body.contains("subprotocols"), "{body}");
 }
+
+/// A topic publish goes compressed to the subscribers that negotiated deflate and plain to
+/// the others, the same message either way.
+#[tokio::test]
+async fn fanout_goes_compressed_to_deflate_subscribers_and_plain_to_others() {
+    let gw = Gateway::start(&["--compression", "shared", "--workers", "1"]);
+    let join = masked_frame(true, OP_TEXT, br#"{"action":"join","room":"lobby"}"#);
+    let (mut z1, _) = RawWs::connect_headers(gw.addr, "/", OFFER).await;
+    let (mut z2, _) = RawWs::connect_headers(gw.addr, "/", OFFER).await;
+    let (mut plain, resp) = RawWs::connect_headers(gw.addr, "/", "").await;
+    assert_eq!(resp.header("sec-websocket-extensions"), None);
+    for ws in [&mut z1, &mut z2, &mut plain] {
+        ws.send(&join).await;
+        let joined = ws.read_frame().await;
+        assert_eq!(joined.rsv, 0, "a small reply goes plain");
+    }
+    let text = "x".repeat(2000);
+    let say = format!(r#"{{"action":"say","room":"lobby","text":"{text}"}}"#);
+    plain
+        .send(&masked_frame(true, OP_TEXT, say.as_bytes()))
+        .await;
+    let p = plain.read_frame().await;
+    assert_eq!(p.rsv, 0);
+    assert!(String::from_utf8_lossy(&p.payload).contains(&text));
+    for ws in [&mut z1, &mut z2] {
+        let f = ws.read_frame().await;
+        assert_eq!((f.opcode, f.rsv), (OP_TEXT, 4));
+        assert_eq!(inflate(&f.payload), p.payload);
+    }
+}
