@@ -146,6 +146,11 @@ async fn hostile_compressed_input_closes_with_the_right_code() {
         ws.send(&wire).await;
         ws.expect_close(code).await;
     }
+    let failures = "ringway_inflate_failures_total";
+    for (reason, n) in [("corrupt", 1), ("invalid_utf8", 1), ("too_large", 0)] {
+        let got = common::metric_sum(&gw, failures, &format!("reason=\"{reason}\"")).await;
+        assert_eq!(got, n, "{reason}");
+    }
 }
 
 #[tokio::test]
@@ -306,4 +311,14 @@ async fn fanout_goes_compressed_to_deflate_subscribers_and_plain_to_others() {
         assert_eq!((f.opcode, f.rsv), (OP_TEXT, 4));
         assert_eq!(inflate(&f.payload), p.payload);
     }
+    // One compression for both subscribers on the one core; the two `joined` replies went
+    // plain for their size.
+    let messages = "ringway_deflate_messages_total";
+    for (result, n) in [("compressed", 1), ("skipped", 2)] {
+        let got = common::metric_sum(&gw, messages, &format!("result=\"{result}\"")).await;
+        assert_eq!(got, n, "{result}");
+    }
+    let out_raw = "direction=\"out\",form=\"raw\"";
+    let raw = common::metric_sum(&gw, "ringway_deflate_bytes_total", out_raw).await;
+    assert_eq!(raw, p.payload.len() as u64);
 }

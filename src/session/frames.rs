@@ -40,7 +40,7 @@ impl Session {
                 Event::Compressed { kind, payload } => {
                     let limit = cx.config.message_limits().max_message;
                     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-                    match cx.codec.inflate(kind, payload.as_slice(), limit) {
+                    match cx.codec.inflate(cx.meter, kind, payload.as_slice(), limit) {
                         Ok(bytes) => Ok(Event::Message {
                             kind,
                             payload: Payload::Owned(bytes),
@@ -79,7 +79,8 @@ impl Session {
                         let bits = self.deflate.map(|a| a.server_window_bits);
                         let min = cx.config.compression_min_bytes;
                         let op = opcode_for(kind);
-                        Action::Data(cx.codec.encode(bits, min, op, payload.as_slice()))
+                        let p = payload.as_slice();
+                        Action::Data(cx.codec.encode(cx.meter, bits, min, op, p))
                     } else {
                         let route = cx.routes.route(self.route);
                         match cx

@@ -117,6 +117,19 @@ pub enum Count {
     SlowConsumerClosed,
     /// A topic or broadcast frame dropped for a full send queue (drop-newest).
     SlowConsumerDropped,
+    /// permessage-deflate: an outbound message compressed (bytes before and after), or sent
+    /// plain for being under `compression_min_bytes`.
+    Compressed {
+        before: usize,
+        after: usize,
+    },
+    CompressionSkipped,
+    /// An inbound compressed message inflated (bytes on the wire and inflated), or refused.
+    Inflated {
+        before: usize,
+        after: usize,
+    },
+    InflateFailed(compression::InflateFailure),
 }
 
 pub trait Meter {
@@ -711,12 +724,10 @@ impl Session {
     /// A message the relay sends this client.
     pub fn on_relay_send(&mut self, cx: &mut Context<'_>, kind: MessageKind, payload: &[u8]) {
         let bits = self.deflate_bits();
-        let frame = cx.codec.encode(
-            bits,
-            cx.config.compression_min_bytes,
-            opcode_for(kind),
-            payload,
-        );
+        let min = cx.config.compression_min_bytes;
+        let frame = cx
+            .codec
+            .encode(cx.meter, bits, min, opcode_for(kind), payload);
         self.queue_data(cx, frame);
     }
 

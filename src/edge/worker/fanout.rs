@@ -51,7 +51,10 @@ impl Worker {
                 Some(bits) if payload.len() >= min => {
                     let i = usize::from(bits.saturating_sub(9)).min(6);
                     compressed[i]
-                        .get_or_insert_with(|| core.codec.encode(Some(bits), 0, opcode, &payload))
+                        .get_or_insert_with(|| {
+                            core.codec
+                                .encode(&*core.stats, Some(bits), 0, opcode, &payload)
+                        })
                         .clone()
                 }
                 _ => frame.clone(),
