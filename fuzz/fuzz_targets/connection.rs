@@ -82,6 +82,8 @@ fuzz_target!(|data: &[u8]| {
             match refusal {
                 Refusal::NoRoute => unreachable!("`/*` matches every path"),
                 Refusal::Origin => assert_eq!(refusal.status(), 403),
+                // The fuzzed routes set no `require_subprotocol`.
+                Refusal::Subprotocol => unreachable!("no route requires a subprotocol"),
                 Refusal::Auth(_) => {
                     assert_eq!(refusal.status(), 401);
                     assert!(response
