@@ -346,3 +346,285 @@ impl Session {
         }
     }
 }
+
+/// The transport with no sockets: a rustls client on the other side of byte vectors, split
+/// anywhere, through the session's frame path (local echo) and timers.
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::sync::Arc;
+
+    use bytes::BytesMut;
+    use rustls::pki_types::{PrivateKeyDer, ServerName};
+    use rustls::ClientConnection;
+
+    use super::*;
+    use crate::config::{Config, Upstream};
+    use crate::ids::ConnId;
+    use crate::protocol::frame::{write_client_frame, OpCode};
+    use crate::route::RouteTable;
+    use crate::session::{Meter, Shutdown};
+
+    #[derive(Default)]
+    struct Recorder(RefCell<Vec<Count>>);
+
+    impl Meter for Recorder {
+        fn count(&self, what: Count) {
+            self.0.borrow_mut().push(what);
+        }
+    }
+
+    fn configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    struct Pipe {
+        config: Config,
+        routes: RouteTable,
+        meter: Recorder,
+        scratch: Vec<u8>,
+        out: Vec<super::super::Output>,
+        now: u64,
+        s: Session,
+        client: ClientConnection,
+        /// Server bytes are fed to the session in pieces of this size.
+        piece: usize,
+    }
+
+    impl Pipe {
+        fn new(piece: usize) -> Pipe {
+            let (server, client) = configs();
+            let config = Config {
+                upstream: Upstream::LocalEcho,
+                handshake_timeout_ms: 1000,
+                ..Config::default()
+            };
+            let routes = RouteTable::from_config(&config).unwrap();
+            let s = Session::new(ConnId::new(0, 1, 0), None, config.message_limits(), 0)
+                .with_tls(ServerConnection::new(server).unwrap());
+            let name = ServerName::try_from("localhost").unwrap();
+            Pipe {
+                config,
+                routes,
+                meter: Recorder::default(),
+                scratch: Vec::new(),
+                out: Vec::new(),
+                now: 0,
+                s,
+                client: ClientConnection::new(client, name).unwrap(),
+                piece,
+            }
+        }
+
+        fn with<R>(&mut self, f: impl FnOnce(&mut Session, &mut Context<'_>) -> R) -> R {
+            let mut cx = Context {
+                now_ms: self.now,
+                unix_ms: 1_700_000_000_000 + self.now,
+                config: &self.config,
+                routes: &self.routes,
+                meter: &self.meter,
+                relay: false,
+                scratch: &mut self.scratch,
+                panic_on: None,
+                out: &mut self.out,
+            };
+            f(&mut self.s, &mut cx)
+        }
+
+        /// Raw bytes to the session, in pieces.
+        fn feed(&mut self, bytes: &[u8]) {
+            for piece in bytes.chunks(self.piece) {
+                let mut data = piece.to_vec();
+                self.with(|s, cx| s.on_bytes(cx, &mut data));
+                self.s.seal_output();
+            }
+        }
+
+        /// Whatever the client has to send, to the session.
+        fn client_to_server(&mut self) {
+            let mut buf = Vec::new();
+            while self.client.wants_write() {
+                self.client.write_tls(&mut buf).unwrap();
+            }
+            self.feed(&buf);
+        }
+
+        /// Everything the session queued, to the client (the driver's sends complete at
+        /// once); returns the plaintext the client read.
+        fn server_to_client(&mut self) -> Vec<u8> {
+            let mut wire = Vec::new();
+            while !self.s.queued().is_empty() {
+                for item in self.s.queued() {
+                    wire.extend_from_slice(item);
+                }
+                let (n, bytes) = (self.s.queued().len(), self.s.wire().bytes());
+                self.s.start_send(n);
+                self.s.on_sent(bytes);
+            }
+            let mut input = &wire[..];
+            while !input.is_empty() {
+                self.client.read_tls(&mut input).unwrap();
+                self.client.process_new_packets().unwrap();
+            }
+            let mut plain = Vec::new();
+            let _ = self.client.reader().read_to_end(&mut plain);
+            plain
+        }
+
+        fn open(&mut self) {
+            while self.client.is_handshaking() {
+                self.client_to_server();
+                self.server_to_client();
+            }
+            self.client
+                .writer()
+                .write_all(
+                    b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+                      Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                      Sec-WebSocket-Version: 13\r\n\r\n",
+                )
+                .unwrap();
+            self.client_to_server();
+            let head = self.server_to_client();
+            assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+            assert!(!self.s.transport.handshaking());
+            self.meter.0.borrow_mut().clear();
+        }
+
+        fn send_frame(&mut self, opcode: OpCode, payload: &[u8], writes: usize) {
+            let mut buf = BytesMut::new();
+            write_client_frame(&mut buf, true, opcode, [9, 8, 7, 6], payload);
+            // Several writes: several TLS records for one frame.
+            let step = buf.len().div_ceil(writes);
+            for part in buf.chunks(step) {
+                self.client.writer().write_all(part).unwrap();
+            }
+            self.client_to_server();
+        }
+    }
+
+    /// The server frame at the front of `plain`: (opcode bits, payload).
+    fn server_frame(plain: &[u8]) -> (u8, Vec<u8>) {
+        let (len, at) = match plain[1] & 0x7f {
+            126 => (u16::from_be_bytes([plain[2], plain[3]]) as usize, 4),
+            127 => (
+                u64::from_be_bytes(plain[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            n => (n as usize, 2),
+        };
+        assert_eq!(plain.len(), at + len, "one frame");
+        (plain[0] & 0x0f, plain[at..].to_vec())
+    }
+
+    #[test]
+    fn frames_split_across_records_and_reads_are_echoed() {
+        for piece in [1, 7, 100, 16 * 1024 + 5, 1 << 20] {
+            let mut p = Pipe::new(piece);
+            p.open();
+            let payload: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+            p.send_frame(OpCode::Binary, &payload, 3);
+            let (op, echoed) = server_frame(&p.server_to_client());
+            assert_eq!((op, echoed == payload), (0x2, true), "piece {piece}");
+            p.send_frame(OpCode::Text, b"small", 1);
+            assert_eq!(server_frame(&p.server_to_client()), (0x1, b"small".to_vec()));
+            assert!(p.meter.0.borrow().iter().all(|c| !matches!(c, Count::TlsFailure(_))));
+        }
+    }
+
+    #[test]
+    fn a_close_is_answered_then_close_notify_then_fin() {
+        let mut p = Pipe::new(4096);
+        p.open();
+        p.send_frame(OpCode::Close, &1000u16.to_be_bytes(), 1);
+        let (op, body) = server_frame(&p.server_to_client());
+        assert_eq!((op, &body[..2]), (0x8, &1000u16.to_be_bytes()[..]));
+        // The client read our close_notify: its reader reports a clean end.
+        let mut rest = Vec::new();
+        assert_eq!(p.client.reader().read_to_end(&mut rest).unwrap(), 0);
+        assert_eq!(p.s.poll_shutdown(p.now, false), Some(Shutdown::Write));
+    }
+
+    #[test]
+    fn plaintext_http_is_dropped_unread_and_counted() {
+        let mut p = Pipe::new(4096);
+        p.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(p.s.queued().is_empty(), "nothing is answered");
+        assert_eq!(p.s.poll_shutdown(0, false), Some(Shutdown::Both));
+        assert_eq!(
+            p.meter.0.borrow()[..],
+            [Count::TlsFailure(TlsFailure::PlaintextHttp)]
+        );
+    }
+
+    #[test]
+    fn a_stalled_tls_handshake_is_dropped_at_the_deadline() {
+        let mut p = Pipe::new(4096);
+        // Half a ClientHello.
+        let mut hello = Vec::new();
+        while p.client.wants_write() {
+            p.client.write_tls(&mut hello).unwrap();
+        }
+        p.feed(&hello[..hello.len() / 2]);
+        assert!(p.s.transport.handshaking());
+        assert_eq!(
+            p.s.poll_timeout(&p.config, None),
+            Some(p.config.handshake_timeout_ms)
+        );
+        p.now = p.config.handshake_timeout_ms;
+        p.with(|s, cx| s.handle_timeout(cx, None));
+        assert_eq!(p.s.poll_shutdown(p.now, false), Some(Shutdown::Both));
+        assert_eq!(
+            p.meter.0.borrow()[..],
+            [Count::TlsFailure(TlsFailure::HandshakeTimeout)]
+        );
+    }
+
+    #[test]
+    fn a_corrupted_record_is_a_counted_protocol_violation_with_an_alert() {
+        let mut p = Pipe::new(4096);
+        p.open();
+        let mut buf = BytesMut::new();
+        write_client_frame(&mut buf, true, OpCode::Text, [1, 2, 3, 4], b"hello");
+        p.client.writer().write_all(&buf).unwrap();
+        let mut record = Vec::new();
+        while p.client.wants_write() {
+            p.client.write_tls(&mut record).unwrap();
+        }
+        let last = record.len() - 1;
+        record[last] ^= 0x55;
+        p.feed(&record);
+        assert_eq!(
+            p.meter.0.borrow()[..],
+            [Count::TlsFailure(TlsFailure::ProtocolViolation)]
+        );
+        assert!(!p.s.queued().is_empty(), "the alert leaves");
+        assert!(p.s.reading_done());
+    }
+}
