@@ -676,7 +676,8 @@ impl Config {
     fn check_tls(&self) -> Result<(), (String, String)> {
         let certs = &self.tls.certificates;
         match self.listen_tls {
-            Some(addr) if addr == self.listen => {
+            // Port 0 picks a free port for each.
+            Some(addr) if addr == self.listen && addr.port() != 0 => {
                 return Err((
                     "listen_tls".into(),
                     format!("must differ from listen ({addr})"),
@@ -928,6 +929,44 @@ mod tests {
             assert!(err.contains(key), "{text:?}: {err}");
             assert!(err.contains(line), "{text:?}: {err}");
             assert!(err.contains(&f.0.display().to_string()), "{text:?}: {err}");
+        }
+    }
+
+    /// `listen_tls` and `[[tls.certificates]]` go together; a bad entry is named with its line.
+    #[test]
+    fn tls_keys_are_checked_together() {
+        let f = write(
+            "listen_tls = \"127.0.0.1:8443\"\n[[tls.certificates]]\ncert = \"a.pem\"\nkey = \"a.key\"\n",
+        );
+        let c = Config::from_file(&f.0).unwrap();
+        assert_eq!(c.listen_tls, Some("127.0.0.1:8443".parse().unwrap()));
+        assert_eq!(c.tls.certificates[0].key, std::path::PathBuf::from("a.key"));
+        let cases = [
+            (
+                "listen_tls = \"127.0.0.1:8443\"\n",
+                "`tls.certificates` must list at least one certificate",
+            ),
+            (
+                "[[tls.certificates]]\ncert = \"a.pem\"\nkey = \"a.key\"\n",
+                "`listen_tls` must be set",
+            ),
+            (
+                "listen = \"127.0.0.1:9\"\nlisten_tls = \"127.0.0.1:9\"\n[[tls.certificates]]\ncert = \"a\"\nkey = \"b\"\n",
+                "`listen_tls` must differ from listen",
+            ),
+            (
+                "listen_tls = \"127.0.0.1:8443\"\n[[tls.certificates]]\ncert = \"a.pem\"\n\nkey = \"\"\n",
+                "line 5: `tls.certificates[0].key` must name a PEM file",
+            ),
+            (
+                "listen_tls = \"127.0.0.1:8443\"\n[[tls.certificates]]\ncert = \"a.pem\"\nkey = \"a.key\"\nchain = 1\n",
+                "chain",
+            ),
+        ];
+        for (text, want) in cases {
+            let f = write(text);
+            let err = Config::from_file(&f.0).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
         }
     }
 

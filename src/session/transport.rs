@@ -488,12 +488,12 @@ mod tests {
                 self.s.on_sent(bytes);
             }
             let mut input = &wire[..];
+            let mut plain = Vec::new();
             while !input.is_empty() {
                 self.client.read_tls(&mut input).unwrap();
                 self.client.process_new_packets().unwrap();
+                let _ = self.client.reader().read_to_end(&mut plain);
             }
-            let mut plain = Vec::new();
-            let _ = self.client.reader().read_to_end(&mut plain);
             plain
         }
 
