@@ -167,21 +167,21 @@ impl Gateway {
         // TLS only when configured: without it no core holds any TLS state.
         let (tls, mut tls_listeners): (_, Vec<Option<std::net::TcpListener>>) =
             match config.listen_tls {
-            Some(addr) => {
-                let tls = TlsServer::new(&config.tls.certificates)?;
-                for l in tls.certificates().loaded() {
-                    tracing::info!(
-                        file = %l.cert_path.display(),
-                        names = ?l.names,
-                        "TLS certificate loaded"
-                    );
+                Some(addr) => {
+                    let tls = TlsServer::new(&config.tls.certificates)?;
+                    for l in tls.certificates().loaded() {
+                        tracing::info!(
+                            file = %l.cert_path.display(),
+                            names = ?l.names,
+                            "TLS certificate loaded"
+                        );
+                    }
+                    let bound = edge::listener::bind_all(addr, count, config.backlog)
+                        .map_err(|source| GatewayError::Bind { addr, source })?;
+                    (Some(tls), bound.into_iter().map(Some).collect())
                 }
-                let bound = edge::listener::bind_all(addr, count, config.backlog)
-                    .map_err(|source| GatewayError::Bind { addr, source })?;
-                (Some(tls), bound.into_iter().map(Some).collect())
-            }
-            None => (None, Vec::new()),
-        };
+                None => (None, Vec::new()),
+            };
         let local_tls_addr = match tls_listeners.first() {
             Some(Some(l)) => Some(l.local_addr().map_err(GatewayError::Setup)?),
             _ => None,

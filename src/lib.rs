@@ -29,5 +29,5 @@ pub mod relay;
 pub mod route;
 pub mod session;
 pub mod telemetry;
-pub mod tls;
 pub mod test_hooks;
+pub mod tls;

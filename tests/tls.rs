@@ -54,9 +54,8 @@ impl Ca {
     }
 
     fn leaf(&self, names: &[&str]) -> Leaf {
-        let mut p =
-            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
+        let mut p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
         p.distinguished_name.push(DnType::CommonName, names[0]);
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let key = KeyPair::generate().unwrap();
@@ -129,8 +128,10 @@ fn start(cert: &Path, key: &Path, extra: &[&str]) -> Gateway {
 
 /// The wss:// address from the start-up line `serving ws://A/ and wss://B/ ...`.
 fn wss_addr(gw: &Gateway) -> SocketAddr {
+    // The line may reach the log just after the address was reported.
+    wait_for_log(gw, "wss://", 1);
     let log = gw.log();
-    let rest = &log[log.find("wss://").expect("no wss:// in the start-up line") + 6..];
+    let rest = &log[log.find("wss://").unwrap() + 6..];
     rest[..rest.find('/').unwrap()].parse().unwrap()
 }
 
@@ -213,7 +214,8 @@ fn echo_raw(tls: &mut Tls, text: &str) {
     }
 }
 
-type Wss = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+type Wss =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
 /// A wss:// client: tokio-rustls under tokio-tungstenite.
 async fn wss(addr: SocketAddr, config: &Arc<ClientConfig>, name: &str) -> Wss {
@@ -235,13 +237,11 @@ async fn wss(addr: SocketAddr, config: &Arc<ClientConfig>, name: &str) -> Wss {
         tokio_tungstenite::client_async_with_config(
             url,
             tls,
-            Some(
-                tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
-                    max_message_size: Some(4 << 20),
-                    max_frame_size: Some(4 << 20),
-                    ..Default::default()
-                },
-            ),
+            Some(tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+                max_message_size: Some(4 << 20),
+                max_frame_size: Some(4 << 20),
+                ..Default::default()
+            }),
         ),
     )
     .await
@@ -260,10 +260,14 @@ async fn echo(ws: &mut Wss, msg: Message) {
     assert_eq!(reply, msg);
 }
 
-/// The leaf certificate a handshake with SNI `name` is served.
-fn served(addr: SocketAddr, config: &Arc<ClientConfig>, name: &str) -> CertificateDer<'static> {
-    let tls = tls_connect(addr, config, name).expect("TLS handshake");
-    tls.conn.peer_certificates().unwrap()[0].clone().into_owned()
+/// The leaf certificate a full handshake with SNI `name` is served (a client config of its
+/// own: a resumed session would report the certificate of the session it resumes).
+fn served(addr: SocketAddr, ca: &Ca, name: &str) -> CertificateDer<'static> {
+    let tls = tls_connect(addr, &default_client(ca), name).expect("TLS handshake");
+    assert_eq!(tls.conn.handshake_kind(), Some(HandshakeKind::Full));
+    tls.conn.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned()
 }
 
 /// Require the server to end the connection within `limit`, sending nothing; how long it
@@ -321,7 +325,10 @@ async fn wss_echo_text_binary_a_large_message_and_many_small_ones() {
         assert_eq!(reply, Message::text(format!("m{i}")));
     }
     ws.close(None).await.unwrap();
-    assert_eq!(gw.metric("ringway_tls_handshake_failures_total", "").await, 0);
+    assert_eq!(
+        gw.metric("ringway_tls_handshake_failures_total", "").await,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -421,11 +428,11 @@ fn sni_picks_the_certificate_that_lists_the_name() {
     let gw = Gateway::with_config(&toml, &[]);
     let addr = wss_addr(&gw);
     let config = default_client(&ca);
-    assert_eq!(served(addr, &config, "a.test"), a.der);
-    assert_eq!(served(addr, &config, "b.test"), b.der);
-    assert_eq!(served(addr, &config, "www.b.test"), b.der, "wildcard");
+    assert_eq!(served(addr, &ca, "a.test"), a.der);
+    assert_eq!(served(addr, &ca, "b.test"), b.der);
+    assert_eq!(served(addr, &ca, "www.b.test"), b.der, "wildcard");
     // An IP address sends no SNI: the first certificate is the default.
-    assert_eq!(served(addr, &config, "127.0.0.1"), a.der);
+    assert_eq!(served(addr, &ca, "127.0.0.1"), a.der);
     // And the chosen certificate really serves WebSocket.
     let mut tls = tls_connect(addr, &config, "www.b.test").unwrap();
     upgrade(&mut tls);
@@ -473,7 +480,9 @@ async fn a_stalled_client_hello_is_closed_at_the_handshake_timeout_and_counted()
     // One client sends nothing; one sends the first bytes of a ClientHello and stops.
     let mut silent = TcpStream::connect(addr).unwrap();
     let mut partial = TcpStream::connect(addr).unwrap();
-    partial.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).unwrap();
+    partial
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .unwrap();
     let took = expect_closed_silently(&mut silent, Duration::from_secs(5));
     assert!(
         took >= Duration::from_millis(450) && took < Duration::from_millis(2500),
@@ -533,13 +542,13 @@ async fn sighup_rotates_the_certificate_and_keeps_open_connections() {
     let config = default_client(&ca);
     let mut open = wss(addr, &config, "localhost").await;
     echo(&mut open, Message::text("before")).await;
-    assert_eq!(served(addr, &config, "localhost"), old.der);
+    assert_eq!(served(addr, &ca, "localhost"), old.der);
 
     let new = ca.leaf(&["localhost"]);
     dir.write("server", &new);
     gw.signal(libc::SIGHUP);
     wait_for_log(&gw, "configuration reloaded", 1);
-    assert_eq!(served(addr, &config, "localhost"), new.der, "new handshakes");
+    assert_eq!(served(addr, &ca, "localhost"), new.der, "new handshakes");
     echo(&mut open, Message::text("after the rotation")).await;
 
     // A bad file: refused, logged with its name, the new certificate stays in force.
@@ -550,7 +559,7 @@ async fn sighup_rotates_the_certificate_and_keeps_open_connections() {
     let line = log.lines().find(|l| l.contains("reload refused")).unwrap();
     assert!(line.contains("ERROR"), "{line}");
     assert!(line.contains(s(&cert)), "the file is named: {line}");
-    assert_eq!(served(addr, &config, "localhost"), new.der);
+    assert_eq!(served(addr, &ca, "localhost"), new.der);
     echo(&mut open, Message::text("after a bad reload")).await;
     let mut fresh = wss(addr, &config, "localhost").await;
     echo(&mut fresh, Message::text("fresh")).await;

@@ -17,8 +17,8 @@ use crate::admission::PolicyRefusal;
 use crate::edge::CoreStats;
 use crate::relay::link::LinkState;
 use crate::relay::RelayGauges;
-use crate::session::TlsFailure;
 pub use crate::relay::UpstreamLink;
+use crate::session::TlsFailure;
 use crate::telemetry::{Heartbeat, HistogramSnapshot};
 
 /// The `Content-Type` of what [`render`] returns.

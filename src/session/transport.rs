@@ -553,8 +553,16 @@ mod tests {
             let (op, echoed) = server_frame(&p.server_to_client());
             assert_eq!((op, echoed == payload), (0x2, true), "piece {piece}");
             p.send_frame(OpCode::Text, b"small", 1);
-            assert_eq!(server_frame(&p.server_to_client()), (0x1, b"small".to_vec()));
-            assert!(p.meter.0.borrow().iter().all(|c| !matches!(c, Count::TlsFailure(_))));
+            assert_eq!(
+                server_frame(&p.server_to_client()),
+                (0x1, b"small".to_vec())
+            );
+            assert!(p
+                .meter
+                .0
+                .borrow()
+                .iter()
+                .all(|c| !matches!(c, Count::TlsFailure(_))));
         }
     }
 

@@ -23,9 +23,7 @@ pub enum CertError {
     Cert { path: PathBuf, problem: String },
     #[error("key file {path}: {problem}")]
     Key { path: PathBuf, problem: String },
-    #[error(
-        "key file {key} does not match the certificate in {cert}: {problem}"
-    )]
+    #[error("key file {key} does not match the certificate in {cert}: {problem}")]
     Mismatch {
         cert: PathBuf,
         key: PathBuf,
@@ -73,9 +71,9 @@ pub fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<Loaded
         problem,
     };
     let der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
-        rustls::pki_types::pem::Error::NoItemsFound => key_err(
-            "holds no PRIVATE KEY, EC PRIVATE KEY or RSA PRIVATE KEY block".into(),
-        ),
+        rustls::pki_types::pem::Error::NoItemsFound => {
+            key_err("holds no PRIVATE KEY, EC PRIVATE KEY or RSA PRIVATE KEY block".into())
+        }
         e => key_err(format!("not valid PEM: {e}")),
     })?;
     let signing = provider
@@ -83,13 +81,11 @@ pub fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<Loaded
         .load_private_key(der)
         .map_err(|e| key_err(format!("unusable private key: {e}")))?;
     let certified = CertifiedKey::new(chain, signing);
-    certified
-        .keys_match()
-        .map_err(|e| CertError::Mismatch {
-            cert: cert.to_path_buf(),
-            key: key.to_path_buf(),
-            problem: e.to_string(),
-        })?;
+    certified.keys_match().map_err(|e| CertError::Mismatch {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        problem: e.to_string(),
+    })?;
     Ok(Loaded {
         key: Arc::new(certified),
         names,

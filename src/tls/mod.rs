@@ -38,7 +38,9 @@ pub enum TlsError {
         #[source]
         source: CertError,
     },
-    #[error("no TLS certificate configured: give --tls-cert and --tls-key, or [[tls.certificates]]")]
+    #[error(
+        "no TLS certificate configured: give --tls-cert and --tls-key, or [[tls.certificates]]"
+    )]
     NoCertificates,
     #[error("cannot set up rustls: {0}")]
     Rustls(#[from] rustls::Error),
@@ -53,7 +55,10 @@ pub struct TlsServer {
 }
 
 /// Load every certificate of `files` (all or nothing).
-pub fn load_all(files: &[CertificateConfig], provider: &CryptoProvider) -> Result<CertSet, TlsError> {
+pub fn load_all(
+    files: &[CertificateConfig],
+    provider: &CryptoProvider,
+) -> Result<CertSet, TlsError> {
     if files.is_empty() {
         return Err(TlsError::NoCertificates);
     }

@@ -125,7 +125,11 @@ mod tests {
         assert_eq!(tag(&set, Some("unknown.test")), 0);
         assert_eq!(tag(&set, Some("example.com")), 1);
         assert_eq!(tag(&set, Some("www.example.com")), 1, "wildcard");
-        assert_eq!(tag(&set, Some("API.Example.com.")), 2, "exact beats wildcard");
+        assert_eq!(
+            tag(&set, Some("API.Example.com.")),
+            2,
+            "exact beats wildcard"
+        );
         assert_eq!(
             tag(&set, Some("a.b.example.com")),
             0,
