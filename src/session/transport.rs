@@ -14,7 +14,7 @@
 //! by reason (`ringway_tls_handshake_failures_total`) and logged at debug without secrets.
 
 use std::cell::Cell;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 
 use bytes::Bytes;
 use rustls::ServerConnection;
@@ -266,16 +266,11 @@ impl Session {
                 self.tls_failed(cx, TlsFailure::of(&e), &e);
                 break;
             }
-            loop {
-                let Transport::Tls(tls) = &mut self.transport else {
-                    break;
-                };
+            // Ok(0) is the client's close_notify (its TCP FIN follows); WouldBlock: all read.
+            while let Transport::Tls(tls) = &mut self.transport {
                 match tls.conn.reader().read(&mut plain) {
-                    // 0: the client's close_notify; its TCP FIN follows.
-                    Ok(0) => break,
-                    Ok(n) => self.on_plaintext(cx, &mut plain[..n]),
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(_) => break,
+                    Ok(n) if n > 0 => self.on_plaintext(cx, &mut plain[..n]),
+                    _ => break,
                 }
             }
         }
