@@ -123,6 +123,45 @@ mod tests {
         assert!(err.starts_with("cannot read certificate file"), "{err}");
     }
 
+    fn fixture(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/keys/tls")
+            .join(name)
+    }
+
+    /// Keys as `openssl ecparam -genkey` (SEC1) and `openssl genrsa -traditional` (PKCS#1)
+    /// write them; PKCS#8 is what rcgen writes (tests/tls.rs).
+    #[test]
+    fn sec1_and_pkcs1_keys_load_and_their_names_are_read() {
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let ec = load(&fixture("ec-sec1.pem"), &fixture("ec-sec1.key"), &provider).unwrap();
+        assert_eq!(ec.names, ["sec1.test"]);
+        let rsa = load(
+            &fixture("rsa-pkcs1.pem"),
+            &fixture("rsa-pkcs1.key"),
+            &provider,
+        )
+        .unwrap();
+        assert_eq!(rsa.names, ["pkcs1.test", "*.pkcs1.test"]);
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_is_refused_naming_both_files() {
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let err = load(
+            &fixture("ec-sec1.pem"),
+            &fixture("rsa-pkcs1.key"),
+            &provider,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("rsa-pkcs1.key") && err.contains("ec-sec1.pem"),
+            "{err}"
+        );
+        assert!(err.contains("does not match"), "{err}");
+    }
+
     #[test]
     fn a_file_without_pem_blocks_is_refused() {
         let dir = std::env::temp_dir().join(format!("ringway-certs-{}", std::process::id()));
