@@ -636,3 +636,53 @@ fn bad_tls_settings_stop_the_gateway_with_a_clear_error() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("tls.certificates"), "{err}");
 }
+
+/// What `ringway_buffer_bytes` says once it has settled (it is published once per loop turn).
+async fn settled_buffer_bytes(gw: &Gateway) -> u64 {
+    let mut last = gw.metric("ringway_buffer_bytes", "").await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let now = gw.metric("ringway_buffer_bytes", "").await;
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_tls_connections_are_charged_to_the_memory_budget() {
+    let ca = Ca::new();
+    let dir = Dir::new("memory");
+    let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
+    let gw = start(&cert, &key, &[]);
+    let addr = wss_addr(&gw);
+    const N: u64 = 20;
+    let base = settled_buffer_bytes(&gw).await;
+    let mut plain = Vec::new();
+    for _ in 0..N {
+        let (mut ws, _) = timeout(WAIT, tokio_tungstenite::connect_async(gw.url()))
+            .await
+            .unwrap()
+            .unwrap();
+        ws.send(Message::text("x")).await.unwrap();
+        timeout(WAIT, ws.next()).await.unwrap();
+        plain.push(ws);
+    }
+    let with_plain = settled_buffer_bytes(&gw).await;
+    let config = default_client(&ca);
+    let mut secure = Vec::new();
+    for _ in 0..N {
+        let mut ws = wss(addr, &config, "localhost").await;
+        echo(&mut ws, Message::text("x")).await;
+        secure.push(ws);
+    }
+    let with_tls = settled_buffer_bytes(&gw).await;
+    let per_plain = (with_plain - base) / N;
+    let per_tls = (with_tls - with_plain) / N;
+    assert!(
+        per_tls >= per_plain + ringway::session::TLS_OPEN_BYTES as u64,
+        "a wss connection is charged {per_tls} bytes, a ws one {per_plain}"
+    );
+    drop((plain, secure));
+}
