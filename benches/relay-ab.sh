@@ -7,16 +7,18 @@
 # Reports the median msgs/s and gateway+backend CPU (utime+stime from /proc over the whole
 # load run, warm-up included) per message.
 #
-# Usage: benches/relay-ab.sh OLD_RINGWAY NEW_RINGWAY BACKEND BENCH [--reps 3] [--duration 5s]
+# Usage: benches/relay-ab.sh OLD_RINGWAY NEW_RINGWAY BACKEND BENCH [--reps 3] [--duration 5s] [--local]
+# --local: the same A/B with `--upstream local-echo` (no relay, no backend; BACKEND unused).
 # Every process started is killed by PID on exit; every load run is bounded by `timeout`.
 set -euo pipefail
-[ $# -ge 4 ] || { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[ $# -ge 4 ] || { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 OLD=$1 NEW=$2 BACKEND=$3 BENCH=$4; shift 4
-REPS=3 DURATION=5s
+REPS=3 DURATION=5s LOCAL=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --reps) REPS=$2; shift ;;
         --duration) DURATION=$2; shift ;;
+        --local) LOCAL=1 ;;
         *) echo "relay-ab.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -34,9 +36,15 @@ for rep in $(seq "$REPS"); do
     bin=$OLD; [ "$which" = new ] && bin=$NEW
     for size in 16 1024; do
       bport=$(free_port); gport=$(free_port)
-      taskset -c 0 "$BACKEND" --listen "127.0.0.1:$bport" --echo-other >/dev/null 2>&1 & bpid=$!; PIDS+=("$bpid")
-      wait_port "$bport"
-      taskset -c 0 "$bin" --workers 1 --listen "127.0.0.1:$gport" --upstream "tcp://127.0.0.1:$bport" >/dev/null 2>&1 & gpid=$!; PIDS+=("$gpid")
+      if [ "$LOCAL" = 1 ]; then
+        sleep 30 & bpid=$!; PIDS+=("$bpid")   # stands in for the backend: no CPU
+        upstream=local-echo
+      else
+        taskset -c 0 "$BACKEND" --listen "127.0.0.1:$bport" --echo-other >/dev/null 2>&1 & bpid=$!; PIDS+=("$bpid")
+        wait_port "$bport"
+        upstream="tcp://127.0.0.1:$bport"
+      fi
+      taskset -c 0 "$bin" --workers 1 --listen "127.0.0.1:$gport" --upstream "$upstream" --admin 127.0.0.1:0 >/dev/null 2>&1 & gpid=$!; PIDS+=("$gpid")
       wait_port "$gport"; sleep 1   # the link to the backend comes up
       c0=$(( $(cpu_ticks "$gpid") + $(cpu_ticks "$bpid") ))
       timeout 60 taskset -c 1 "$BENCH" echo --json --url "ws://127.0.0.1:$gport/" --connections 100 \

@@ -9,7 +9,26 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-step() { printf '\n== %s\n' "$*"; }
+# Each part's wall time is printed when it ends, and all of them (with the total) at exit,
+# whether the suite passed or not.
+SUITE_T0=$SECONDS STEP_NAME="" STEP_T0=0 TIMES=()
+end_step() {
+    if [ -n "$STEP_NAME" ]; then
+        local dt=$((SECONDS - STEP_T0))
+        TIMES+=("$(printf '%5d s  %s' "$dt" "$STEP_NAME")")
+        printf '== %s: %d s\n' "$STEP_NAME" "$dt"
+    fi
+    STEP_NAME=""
+}
+step() { end_step; STEP_NAME="$*" STEP_T0=$SECONDS; printf '\n== %s\n' "$*"; }
+summary() {
+    local rc=$?
+    end_step
+    printf '\n== wall time per part (%s)\n' "$([ "$rc" = 0 ] && echo passed || echo "FAILED, exit $rc")"
+    printf '%s\n' "${TIMES[@]}"
+    printf '%5d s  total\n' "$((SECONDS - SUITE_T0))"
+}
+trap summary EXIT
 
 step "test dependencies"
 bash scripts/setup-test-deps.sh

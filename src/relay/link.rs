@@ -11,7 +11,7 @@
 //! for every client connection it carries, so the backend knows them again, then sends what
 //! waited.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -27,6 +27,9 @@ use mio::{Interest, Registry, Token};
 use super::wire::{self, Decoder, Record};
 use super::{EdgeSink, OpenInfo, RelayGauges, ToEdge, ENTRY_OVERHEAD, MAX_TOPIC_BYTES};
 use crate::protocol::message::MessageKind;
+
+mod outbox;
+use outbox::{reset_buffer, Kind, Outbox};
 
 /// Bytes of messages that may wait for one backend link, whatever their count.
 pub const LINK_BUFFER_BYTES: usize = 16 * 1024 * 1024;
@@ -157,60 +160,6 @@ enum Phase {
         deadline: Instant,
     },
     Up(Stream),
-}
-
-/// What one record in the out buffer is, for accounting once it is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    /// A client message: counted in `queued`, charged to the gauges.
-    Message,
-    /// A connection's first `open`: once written, replayed after a reconnect.
-    Open(u64),
-    Close,
-    /// Pong, gone, ping, error: for this link only, not carried to the next.
-    Control,
-    /// A replayed open: made again from the table at each reconnect.
-    Replay,
-}
-
-/// The encoded records waiting for the backend, front first, with where each ends.
-#[derive(Default)]
-struct Outbox {
-    buf: BytesMut,
-    records: VecDeque<(usize, Kind)>,
-    /// Bytes of the front records already written (the front one may be partly written).
-    written: usize,
-    /// Control records in `records`.
-    control: usize,
-}
-
-impl Outbox {
-    fn push(&mut self, kind: Kind, record: &Record) {
-        let start = self.buf.len();
-        wire::encode(record, &mut self.buf);
-        self.records.push_back((self.buf.len() - start, kind));
-        if kind == Kind::Control {
-            self.control += 1;
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.buf.is_empty()
-    }
-
-    /// What survives a lost link: every record not completely written (a partly written one
-    /// from its start), minus the link's own control records and replays.
-    fn carry(&mut self) {
-        let old = std::mem::take(self);
-        let mut at = 0;
-        for (len, kind) in old.records {
-            if !matches!(kind, Kind::Control | Kind::Replay) {
-                self.buf.extend_from_slice(&old.buf[at..at + len]);
-                self.records.push_back((len, kind));
-            }
-            at += len;
-        }
-    }
 }
 
 /// A connection's `open` as the link replays it, and whether its first one was written.
@@ -754,6 +703,9 @@ impl Link {
                     }
                 }
             }
+            if self.inbuf.is_empty() {
+                reset_buffer(&mut self.inbuf);
+            }
             if self.held.is_some() || !self.readable || reads == READS_PER_TURN {
                 return Ok(());
             }
@@ -889,8 +841,8 @@ impl Link {
             out.buf.advance(done);
             out.written -= done;
             if out.buf.is_empty() {
-                // Start again at the front of the allocation.
-                out.buf.clear();
+                // Start again at the front of the allocation (or without one).
+                reset_buffer(&mut out.buf);
             }
             if messages > 0 {
                 let q = self.state.queued.load(Ordering::Relaxed);

@@ -144,8 +144,12 @@ pub struct Context<'a> {
     pub out: &'a mut Vec<Output>,
 }
 
+/// The lifecycle as stored: [`State`] with what each stage alone holds. It only moves
+/// forward (Handshaking -> Authorizing -> Open -> Closing -> Draining -> Closed, skipping
+/// stages where the life is cut short); `enter_closing`, `drain`, `abort` and `on_shut` are
+/// the only ways past Open.
 #[derive(Debug)]
-enum Phase {
+enum Lifecycle {
     /// Bytes of the request so far.
     Handshaking(BytesMut),
     /// Complete request held until the backend answers; `rest` holds bytes the client sent
@@ -156,6 +160,15 @@ enum Phase {
         until_ms: u64,
     },
     Open,
+    /// A close frame went out or came in, a fence is pending, or input is no longer acted on.
+    Closing,
+    /// Nothing more is queued: the rest leaves, then FIN (`fin_sent_ms`), then the client's
+    /// FIN or the linger time. `abort`: the linger expired, drop TCP flushed or not.
+    Draining {
+        fin_sent_ms: Option<u64>,
+        abort: bool,
+    },
+    Closed,
 }
 
 /// Waiting for the relay to hand back our close after every reply it passed on before.
@@ -181,26 +194,18 @@ pub enum Subscribed {
 pub struct Session {
     id: ConnId,
     peer: Option<SocketAddr>,
-    phase: Phase,
+    state: Lifecycle,
+    /// The 101 went out: its frames flow (through Closing and Draining too).
+    opened: bool,
     decoder: MessageDecoder,
     close: CloseHandshake,
     /// Input is no longer acted on, only drained (protocol error, refused handshake, close).
     reading_done: bool,
     /// The client closed its side (recv returned 0) or the socket failed.
     eof: bool,
-    /// We sent FIN after flushing, and drain input until the client's FIN or the linger
-    /// time, so a close() with unread input cannot turn into an RST that destroys our last
-    /// response or close frame. Since when, in ms.
-    wr_shut_ms: Option<u64>,
     fence: Option<Fence>,
     /// The client ended it (protocol error or its close): no close reply to wait for.
     closing_without_reply: bool,
-    /// Drop TCP once the outbound queue is flushed.
-    close_after_flush: bool,
-    /// A linger expired: drop TCP now, flushed or not.
-    abort: bool,
-    /// The driver shut the socket.
-    closed: bool,
     /// The relay knows it (its `Open` went out): the relay gets `Closed` when the slot is
     /// freed, and a client's protocol error is fenced through the relay.
     counted_open: bool,
@@ -278,17 +283,14 @@ impl Session {
         Session {
             id,
             peer,
-            phase: Phase::Handshaking(BytesMut::new()),
+            state: Lifecycle::Handshaking(BytesMut::new()),
+            opened: false,
             decoder: MessageDecoder::new(Role::Server, limits),
             close: CloseHandshake::default(),
             reading_done: false,
             eof: false,
-            wr_shut_ms: None,
             fence: None,
             closing_without_reply: false,
-            close_after_flush: false,
-            abort: false,
-            closed: false,
             counted_open: false,
             uses_backend: false,
             out: Outbound::default(),
@@ -315,40 +317,43 @@ impl Session {
     }
 
     pub fn state(&self) -> State {
-        if self.closed {
-            State::Closed
-        } else if self.wr_shut_ms.is_some() || self.close_after_flush || self.abort {
-            State::Draining
-        } else if self.fence.is_some()
-            || self.close.close_sent()
-            || self.close.close_received()
-            || self.reading_done
-        {
-            State::Closing
-        } else {
-            match self.phase {
-                Phase::Handshaking(_) => State::Handshaking,
-                Phase::Authorizing { .. } => State::Authorizing,
-                Phase::Open => State::Open,
-            }
+        match self.state {
+            Lifecycle::Handshaking(_) => State::Handshaking,
+            Lifecycle::Authorizing { .. } => State::Authorizing,
+            Lifecycle::Open => State::Open,
+            Lifecycle::Closing => State::Closing,
+            Lifecycle::Draining { .. } => State::Draining,
+            Lifecycle::Closed => State::Closed,
         }
     }
 
     /// Its frames flow (it may be closing too).
     pub fn is_open(&self) -> bool {
-        matches!(self.phase, Phase::Open)
+        self.opened
     }
 
-    /// Whether a reply from the relay (send, close, subscribe, accept...) still applies.
+    fn is_closed(&self) -> bool {
+        matches!(self.state, Lifecycle::Closed)
+    }
+
+    /// Past Closing: nothing more will be queued.
+    fn is_draining(&self) -> bool {
+        matches!(self.state, Lifecycle::Draining { .. } | Lifecycle::Closed)
+    }
+
+    /// Whether a reply from the relay (send, close, subscribe, accept...) still applies:
+    /// open (or held for authorization), not shut, and our close not sent. Replies that
+    /// precede a fence still reach a closing client, and one whose TCP input ended still
+    /// gets what is queued before its FIN.
     pub fn accepts_replies(&self) -> bool {
-        !self.closed
+        !self.is_closed()
             && !self.close.close_sent()
-            && matches!(self.phase, Phase::Open | Phase::Authorizing { .. })
+            && (self.opened || matches!(self.state, Lifecycle::Authorizing { .. }))
     }
 
     /// Whether a topic or broadcast frame is queued to it.
     pub fn accepts_fanout(&self) -> bool {
-        !self.closed && self.is_open() && !self.close.close_sent()
+        self.opened && !self.is_closed() && !self.close.close_sent()
     }
 
     /// Its input is drained, not acted on.
@@ -401,9 +406,9 @@ impl Session {
     /// client can make grow (request bytes, message assembly, queued output). Queued frames
     /// shared by a topic's subscribers are counted for each, so this errs high.
     pub fn footprint(&self) -> usize {
-        let phase = match &self.phase {
-            Phase::Handshaking(buf) => buf.capacity(),
-            Phase::Authorizing { request, rest, .. } => {
+        let phase = match &self.state {
+            Lifecycle::Handshaking(buf) => buf.capacity(),
+            Lifecycle::Authorizing { request, rest, .. } => {
                 let fields: usize = request
                     .headers
                     .iter()
@@ -412,7 +417,7 @@ impl Session {
                 // The parsed copies of path, key, protocols... are at most the fields again.
                 std::mem::size_of::<Request>() + 2 * fields + rest.capacity()
             }
-            Phase::Open => 0,
+            _ => 0,
         };
         // Outbound queue: limit `send_queue_bytes` (checked in `queue_data`), charged here
         // with per-entry overhead. Subscriptions: limit the route's `max_subscriptions`.
@@ -432,13 +437,54 @@ impl Session {
             + self.transport.heap_bytes()
     }
 
+    // ----- the lifecycle's transitions (forward only) -----
+
+    /// Input is no longer acted on, only drained: a handshake or open connection is closing.
+    fn stop_reading(&mut self) {
+        self.reading_done = true;
+        self.enter_closing();
+    }
+
+    fn enter_closing(&mut self) {
+        if matches!(
+            self.state,
+            Lifecycle::Handshaking(_) | Lifecycle::Authorizing { .. } | Lifecycle::Open
+        ) {
+            self.state = Lifecycle::Closing;
+        }
+    }
+
+    /// Queue nothing more: drop TCP once the outbound queue is flushed.
+    fn drain(&mut self) {
+        if !self.is_draining() {
+            self.state = Lifecycle::Draining {
+                fin_sent_ms: None,
+                abort: false,
+            };
+        }
+    }
+
+    /// A linger expired: drop TCP now, flushed or not.
+    fn abort(&mut self) {
+        match &mut self.state {
+            Lifecycle::Closed => {}
+            Lifecycle::Draining { abort, .. } => *abort = true,
+            _ => {
+                self.state = Lifecycle::Draining {
+                    fin_sent_ms: None,
+                    abort: true,
+                }
+            }
+        }
+    }
+
     // ----- what the driver reports -----
 
     /// Refused at accept: the answer goes out once the request arrives, then TCP.
     pub fn refuse_at_accept(&mut self, refusal: &AcceptRefusal) {
         self.out.push(refusal.response());
-        self.reading_done = true;
-        self.close_after_flush = true;
+        self.stop_reading();
+        self.drain();
     }
 
     /// The driver handed the front `n` queued items to the kernel.
@@ -457,18 +503,18 @@ impl Session {
     pub fn on_send_failed(&mut self) {
         self.out.clear();
         self.wire_mut().clear();
-        self.reading_done = true;
-        self.close_after_flush = true;
+        self.stop_reading();
+        self.drain();
     }
 
     /// recv returned 0 (`reset == false`) or an error: nothing more will come in; send what
     /// is queued (unless reset), then drop TCP.
     pub fn on_peer_closed(&mut self, reset: bool) {
-        self.reading_done = true;
+        self.stop_reading();
         self.eof = true;
-        if !self.closed {
+        if !self.is_closed() {
             tracing::debug!(conn = %self.id, "peer closed the TCP connection");
-            self.close_after_flush = true;
+            self.drain();
             if reset {
                 self.out.clear();
                 self.wire_mut().clear();
@@ -478,33 +524,32 @@ impl Session {
 
     /// The driver shut the socket.
     pub fn on_shut(&mut self) {
-        self.closed = true;
+        self.state = Lifecycle::Closed;
         self.reading_done = true;
     }
 
     /// What the socket needs now. `Write` is answered once: the session records the FIN.
     pub fn poll_shutdown(&mut self, now_ms: u64, send_in_flight: bool) -> Option<Shutdown> {
-        if self.closed {
-            return None;
-        }
-        if self.abort {
-            return Some(Shutdown::Both);
-        }
-        let flushed = self.close_after_flush
-            && self.out.is_empty()
-            && self.wire().is_empty()
-            && !send_in_flight;
-        if self.wr_shut_ms.is_none() && flushed {
-            if self.eof {
-                return Some(Shutdown::Both);
+        let flushed = self.out.is_empty() && self.wire().is_empty() && !send_in_flight;
+        let eof = self.eof;
+        match &mut self.state {
+            Lifecycle::Draining { abort: true, .. } => Some(Shutdown::Both),
+            Lifecycle::Draining {
+                fin_sent_ms: fin @ None,
+                ..
+            } if flushed => {
+                if eof {
+                    return Some(Shutdown::Both);
+                }
+                *fin = Some(now_ms);
+                Some(Shutdown::Write)
             }
-            self.wr_shut_ms = Some(now_ms);
-            return Some(Shutdown::Write);
+            Lifecycle::Draining {
+                fin_sent_ms: Some(_),
+                ..
+            } if eof => Some(Shutdown::Both),
+            _ => None,
         }
-        if self.eof && self.wr_shut_ms.is_some() {
-            return Some(Shutdown::Both);
-        }
-        None
     }
 
     /// Its send queue is over `send_queue_bytes`: true when the driver should stop reading
@@ -530,29 +575,31 @@ impl Session {
             return;
         }
         self.last_rx_ms = cx.now_ms;
-        match &mut self.phase {
-            Phase::Handshaking(buf) => {
+        match &mut self.state {
+            Lifecycle::Handshaking(buf) => {
                 buf.extend_from_slice(data);
                 let mut request_bytes = std::mem::take(buf);
                 self.on_handshake_bytes(cx, &mut request_bytes);
             }
-            Phase::Authorizing { rest, .. } => {
+            Lifecycle::Authorizing { rest, .. } => {
                 // Frames pipelined before the 101; bounded like one message.
                 if rest.len() + data.len() > cx.config.max_message_bytes as usize + 14 {
-                    self.reading_done = true;
-                    self.close_after_flush = true;
+                    self.stop_reading();
+                    self.drain();
                     self.out.clear();
                 } else {
                     rest.extend_from_slice(data);
                 }
             }
-            Phase::Open => self.on_frames(cx, data),
+            _ if self.opened => self.on_frames(cx, data),
+            // Not reached: input stops (`reading_done`) before any other stage.
+            _ => {}
         }
     }
 
     fn on_handshake_bytes(&mut self, cx: &mut Context<'_>, buf: &mut BytesMut) {
         match handshake::parse_request(buf, &cx.config.handshake_limits()) {
-            Ok(Parsed::Partial) => self.phase = Phase::Handshaking(std::mem::take(buf)),
+            Ok(Parsed::Partial) => self.state = Lifecycle::Handshaking(std::mem::take(buf)),
             Err(e) => self.refuse(cx, e.response(), &e),
             Ok(Parsed::Complete { request, consumed }) => {
                 if cx.panic_on.is_some() && request.path == "/__panic" {
@@ -599,7 +646,7 @@ impl Session {
                 let rest = buf.split_off(consumed);
                 if authorize {
                     // Hold the handshake until the backend answers accept or reject.
-                    self.phase = Phase::Authorizing {
+                    self.state = Lifecycle::Authorizing {
                         request: Box::new(request),
                         rest,
                         until_ms: cx.now_ms.saturating_add(route.authorize_timeout_ms),
@@ -618,7 +665,8 @@ impl Session {
         });
         self.out
             .push(handshake::response_101(request, self.protocol.as_deref()));
-        self.phase = Phase::Open;
+        self.state = Lifecycle::Open;
+        self.opened = true;
         self.last_message_ms = cx.now_ms;
         tracing::debug!(conn = %self.id, path = %request.path, "open");
         if !rest.is_empty() {
@@ -631,8 +679,8 @@ impl Session {
         tracing::debug!(conn = %self.id, "handshake refused: {why}");
         cx.meter.count(Count::HandshakeRejected);
         self.out.push(response);
-        self.reading_done = true;
-        self.close_after_flush = true;
+        self.stop_reading();
+        self.drain();
     }
 
     /// Decode frames where they lie, unmasking in place, and act on each event.
@@ -800,11 +848,11 @@ impl Session {
 
     /// The backend's answer to a held handshake.
     pub fn on_authorization(&mut self, cx: &mut Context<'_>, verdict: Result<(), (u16, String)>) {
-        let Phase::Authorizing { .. } = self.phase else {
+        let Lifecycle::Authorizing { .. } = self.state else {
             return;
         };
-        let Phase::Authorizing { request, rest, .. } =
-            std::mem::replace(&mut self.phase, Phase::Open)
+        let Lifecycle::Authorizing { request, rest, .. } =
+            std::mem::replace(&mut self.state, Lifecycle::Handshaking(BytesMut::new()))
         else {
             unreachable!("checked above")
         };
@@ -821,7 +869,6 @@ impl Session {
         } else {
             403
         };
-        self.phase = Phase::Handshaking(BytesMut::new());
         self.refuse(cx, handshake::error_response(status, reason, &[]), &reason);
         cx.out.push(Output::Relay(ToUpstream::Closed {
             conn: self.id,
@@ -845,9 +892,10 @@ impl Session {
             self.out.push(encode(OpCode::Close, &payload[..len]));
             self.close_code = code;
             self.close_sent_ms = Some(now_ms);
+            self.enter_closing();
         }
         if self.close.is_done() {
-            self.close_after_flush = true;
+            self.drain();
         }
     }
 
@@ -856,7 +904,7 @@ impl Session {
     /// earlier messages are queued, and drop TCP after it. Through the relay that means a
     /// fence: the relay hands the close back after every reply it had already passed on.
     pub fn close_after_replies(&mut self, cx: &mut Context<'_>, code: u16, reason: &str) {
-        self.reading_done = true;
+        self.stop_reading();
         self.closing_without_reply = true;
         // Our close went out already (the backend's, or a timer's): the client's answer
         // completes the handshake, and there is nothing left to fence.
@@ -864,12 +912,13 @@ impl Session {
             self.fence(cx, code, reason, None);
         } else {
             self.start_close(cx.now_ms, code, reason);
-            self.close_after_flush = true;
+            self.drain();
         }
     }
 
     fn fence(&mut self, cx: &mut Context<'_>, code: u16, reason: &str, error: Option<u16>) {
         if self.fence.is_none() {
+            self.enter_closing();
             self.fence = Some(Fence {
                 since_ms: cx.now_ms,
                 error: error.map(|c| (c, reason.to_string())),
@@ -891,7 +940,7 @@ impl Session {
     /// `Closed`, after everything already sent for the connection.
     /// TCP goes after the client's answer or the linger time.
     fn close_for_error(&mut self, cx: &mut Context<'_>, code: u16, reason: &str) {
-        self.reading_done = true;
+        self.stop_reading();
         self.closing_without_reply = true;
         if cx.relay && self.counted_open && !self.close.close_sent() && !self.uses_backend {
             // What the relay's `Closed` carries even if TCP goes before our close does.
@@ -900,7 +949,7 @@ impl Session {
             return;
         }
         self.start_close(cx.now_ms, code, reason);
-        self.close_after_flush = true;
+        self.drain();
         if cx.relay && self.counted_open {
             cx.out.push(Output::Relay(ToUpstream::Closed {
                 conn: self.id,
@@ -921,7 +970,7 @@ impl Session {
         {
             // The client's error decides the code, not the backend's answer.
             self.start_close(cx.now_ms, code, &reason);
-            self.close_after_flush = true;
+            self.drain();
             return;
         }
         let fenced = fence.is_some();
@@ -938,17 +987,17 @@ impl Session {
             };
         self.start_close(cx.now_ms, code, reason);
         if fenced && self.closing_without_reply {
-            self.close_after_flush = true;
+            self.drain();
         }
     }
 
     /// The gateway drains: an open client gets 1001; one still handshaking is dropped (true:
     /// the driver shuts it now).
     pub fn begin_drain(&mut self, now_ms: u64) -> bool {
-        if self.closed {
+        if self.is_closed() {
             return false;
         }
-        if self.is_open() && !self.close_after_flush {
+        if self.is_open() && !self.is_draining() {
             self.start_close(now_ms, close::GOING_AWAY, "server shutting down");
             false
         } else {
@@ -963,18 +1012,18 @@ impl Session {
         cx.meter.count(Count::Refused(PolicyRefusal::MemoryShed));
         self.out.drop_unsent(send_in_flight);
         self.decoder = MessageDecoder::new(Role::Server, cx.config.message_limits());
-        self.reading_done = true;
+        self.stop_reading();
         self.closing_without_reply = true;
-        self.close_after_flush = true;
+        self.drain();
         self.start_close(cx.now_ms, close::POLICY_VIOLATION, "server memory budget");
     }
 
     /// A panic in this connection's handling was caught: close it 1011 if open, 500 in its
     /// handshake. False when neither can be sent: the driver drops TCP.
     pub fn on_panic(&mut self, cx: &mut Context<'_>, send_in_flight: bool) -> bool {
-        self.reading_done = true;
+        self.stop_reading();
         self.closing_without_reply = true;
-        let sendable = if self.closed || self.eof {
+        let sendable = if self.is_closed() || self.eof {
             false
         } else if self.is_open() {
             let can = !self.close.close_sent();
@@ -984,7 +1033,6 @@ impl Session {
             can
         } else if self.out.is_empty() && !send_in_flight {
             // In its handshake (or held for authorization): nothing sent yet, so a 500 fits.
-            self.phase = Phase::Handshaking(BytesMut::new());
             cx.meter.count(Count::HandshakeRejected);
             self.out
                 .push(handshake::error_response(500, "internal error", &[]));
@@ -994,7 +1042,7 @@ impl Session {
             false
         };
         if sendable {
-            self.close_after_flush = true;
+            self.drain();
             self.close_sent_ms.get_or_insert(cx.now_ms);
         }
         sendable
@@ -1004,140 +1052,5 @@ impl Session {
     pub fn set_route(&mut self, route: RouteId, limits: Limits) {
         self.route = route;
         self.decoder.set_limits(limits);
-    }
-
-    // ----- timers -----
-
-    /// Every armed deadline, from its state and the configuration. `draining` is the
-    /// gateway's drain deadline, if it drains.
-    pub fn timers(&self, config: &Config, draining: Option<u64>) -> TimerTable {
-        let mut t = TimerTable::default();
-        if self.closed {
-            return t;
-        }
-        if let Some(since) = self.wr_shut_ms.or(self.fence.as_ref().map(|f| f.since_ms)) {
-            t.set(
-                Timer::CloseLinger,
-                since.saturating_add(config.close_linger_ms),
-            );
-            return t;
-        }
-        if self.close_sent_ms.is_some() || self.close_after_flush {
-            let linger = self
-                .close_sent_ms
-                .unwrap_or(self.last_rx_ms)
-                .saturating_add(config.close_linger_ms);
-            match draining {
-                Some(d) if self.is_open() && !self.close.close_received() => {
-                    t.set(Timer::Drain, d.max(linger))
-                }
-                _ => t.set(Timer::CloseLinger, linger),
-            }
-            return t;
-        }
-        match self.phase {
-            Phase::Handshaking(_) => t.set(
-                Timer::Handshake,
-                self.accepted_ms.saturating_add(config.handshake_timeout_ms),
-            ),
-            Phase::Authorizing { until_ms, .. } => t.set(Timer::Authorize, until_ms),
-            Phase::Open => {
-                if config.ping_interval_ms > 0 {
-                    match self.ping_sent_ms {
-                        Some(sent) if config.pong_timeout_ms > 0 => {
-                            t.set(Timer::Pong, sent.saturating_add(config.pong_timeout_ms))
-                        }
-                        Some(_) => {}
-                        None => t.set(
-                            Timer::Ping,
-                            self.last_rx_ms.saturating_add(config.ping_interval_ms),
-                        ),
-                    }
-                }
-                if config.idle_timeout_ms > 0 {
-                    t.set(
-                        Timer::Idle,
-                        self.last_message_ms.saturating_add(config.idle_timeout_ms),
-                    );
-                }
-                if let Some(at) = self.token_expiry_ms {
-                    t.set(Timer::TokenExpiry, at);
-                }
-                if let (Some(since), false) = (self.over_queue_ms, self.eof) {
-                    t.set(
-                        Timer::SlowConsumer,
-                        since.saturating_add(SLOW_CONSUMER_GRACE_MS),
-                    );
-                }
-            }
-        }
-        t
-    }
-
-    /// When the driver must next call `handle_timeout`.
-    pub fn poll_timeout(&self, config: &Config, draining: Option<u64>) -> Option<u64> {
-        self.timers(config, draining).next()
-    }
-
-    /// Fire the first expired timer, if any; returns it.
-    pub fn handle_timeout(&mut self, cx: &mut Context<'_>, draining: Option<u64>) -> Option<Timer> {
-        let now = cx.now_ms;
-        let timer = self.timers(cx.config, draining).expired(now)?;
-        match timer {
-            Timer::CloseLinger | Timer::Drain => {
-                if let Some(Fence {
-                    error: Some((code, reason)),
-                    ..
-                }) = self.fence.take()
-                {
-                    // The relay did not hand back the fence: the client gets its close now.
-                    tracing::debug!(conn = %self.id, "fence timed out; closing {code}");
-                    self.start_close(now, code, &reason);
-                    self.close_after_flush = true;
-                } else {
-                    // The client did not answer our close, or will not read what we queued.
-                    tracing::debug!(conn = %self.id, "close linger expired; dropping TCP");
-                    self.abort = true;
-                }
-            }
-            Timer::Handshake if self.transport.handshaking() => self.tls_handshake_timed_out(cx),
-            Timer::Handshake => {
-                tracing::debug!(conn = %self.id, "handshake timed out");
-                cx.meter.count(Count::HandshakeRejected);
-                self.out.push(handshake::error_response(
-                    408,
-                    "handshake not completed in time",
-                    &[],
-                ));
-                self.reading_done = true;
-                self.close_after_flush = true;
-                // Give the 408 one linger period to leave, then drop regardless.
-                self.close_sent_ms = Some(now);
-            }
-            Timer::Authorize => {
-                tracing::debug!(conn = %self.id, "backend did not authorize in time");
-                self.on_authorization(cx, Err((503, "authorization timed out".into())));
-                self.close_sent_ms = Some(now);
-            }
-            Timer::SlowConsumer => {
-                tracing::debug!(conn = %self.id, queued = self.out.bytes(), "slow consumer");
-                cx.meter.count(Count::SlowConsumerClosed);
-                self.start_close(now, close::POLICY_VIOLATION, "slow consumer");
-                self.reading_done = true;
-                self.closing_without_reply = true;
-                self.close_after_flush = true;
-            }
-            Timer::TokenExpiry => {
-                cx.meter.count(Count::Refused(PolicyRefusal::TokenExpired));
-                self.start_close(now, close::POLICY_VIOLATION, "token expired");
-            }
-            Timer::Pong => self.start_close(now, close::GOING_AWAY, "no pong received"),
-            Timer::Idle => self.start_close(now, close::GOING_AWAY, "idle timeout"),
-            Timer::Ping => {
-                self.out.push(encode(OpCode::Ping, b""));
-                self.ping_sent_ms = Some(now);
-            }
-        }
-        Some(timer)
     }
 }

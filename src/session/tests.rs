@@ -870,3 +870,156 @@ fn every_refusal_label_is_distinct() {
         );
     }
 }
+
+// ----- the lifecycle as a whole -----
+
+/// One step of a connection's life, for the property test below.
+#[derive(Debug, Clone)]
+enum Step {
+    Request,
+    Text,
+    BadFrame,
+    ClientClose,
+    RelaySend,
+    RelayClose(u16),
+    Accept,
+    Advance(u64),
+    PeerClosed(bool),
+    Flush,
+    Drain,
+    Shed,
+    SendFailed,
+    Panic,
+}
+
+fn rank(state: State) -> u8 {
+    match state {
+        State::Handshaking => 0,
+        State::Authorizing => 1,
+        State::Open => 2,
+        State::Closing => 3,
+        State::Draining => 4,
+        State::Closed => 5,
+    }
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    prop_oneof![
+        3 => Just(Step::Request),
+        3 => Just(Step::Text),
+        1 => Just(Step::BadFrame),
+        1 => Just(Step::ClientClose),
+        2 => Just(Step::RelaySend),
+        1 => prop_oneof![Just(1000u16), Just(1011), Just(1005), Just(999)].prop_map(Step::RelayClose),
+        1 => Just(Step::Accept),
+        1 => (1u64..40_000).prop_map(Step::Advance),
+        1 => any::<bool>().prop_map(Step::PeerClosed),
+        3 => Just(Step::Flush),
+        1 => Just(Step::Drain),
+        1 => Just(Step::Shed),
+        1 => Just(Step::SendFailed),
+        1 => Just(Step::Panic),
+    ]
+}
+
+proptest::proptest! {
+    /// Whatever happens, in whatever order: the stored lifecycle only moves forward, a
+    /// connection that is not closed always has a deadline (none can live forever), and a
+    /// draining one whose queue is flushed is told to shut within one linger period.
+    #[test]
+    fn the_lifecycle_only_moves_forward_and_always_has_a_deadline(
+        authorize in proptest::bool::ANY,
+        relay in proptest::bool::ANY,
+        steps in proptest::collection::vec(step(), 1..40),
+    ) {
+        let toml_text = if authorize { AUTHORIZE } else { PLAIN };
+        let mut sim = Sim::new(toml_text, relay);
+        let mut shut = false;
+        let mut last = rank(sim.s.state());
+        for step in steps {
+            match step {
+                Step::Request => sim.feed(REQUEST.as_bytes()),
+                Step::Text => sim.frame(true, OpCode::Text, b"hi"),
+                Step::BadFrame => sim.feed(&[0x8f, 0x80, 0, 0, 0, 0]),
+                Step::ClientClose => sim.close_frame(1000, ""),
+                Step::RelaySend => {
+                    if sim.s.accepts_replies() {
+                        sim.relay_send("reply")
+                    }
+                }
+                Step::RelayClose(code) => {
+                    if sim.s.accepts_replies() || sim.s.state() == State::Closing {
+                        sim.relay_close(code)
+                    }
+                }
+                Step::Accept => sim.with(|s, cx| s.on_authorization(cx, Ok(()))),
+                Step::Advance(ms) => {
+                    // As the driver does: fire what is due, then ask what the socket needs.
+                    sim.now += ms;
+                    let now = sim.now;
+                    for _ in 0..8 {
+                        if shut || sim.advance(now).is_none() {
+                            break;
+                        }
+                        if sim.shutdown() == Some(Shutdown::Both) {
+                            shut = true;
+                        }
+                    }
+                }
+                Step::PeerClosed(reset) => sim.s.on_peer_closed(reset),
+                Step::Flush => {
+                    sim.wire();
+                }
+                Step::Drain => {
+                    sim.draining = Some(sim.now + 1_000);
+                    if sim.s.begin_drain(sim.now) {
+                        shut = true;
+                    }
+                }
+                Step::Shed => {
+                    if !shut {
+                        sim.with(|s, cx| s.shed(cx, false))
+                    }
+                }
+                Step::SendFailed => sim.s.on_send_failed(),
+                Step::Panic => {
+                    if !sim.with(|s, cx| s.on_panic(cx, false)) {
+                        shut = true;
+                    }
+                }
+            }
+            if !shut {
+                match sim.shutdown() {
+                    Some(Shutdown::Both) => shut = true,
+                    Some(Shutdown::Write) | None => {}
+                }
+            }
+            if shut {
+                sim.s.on_shut();
+            }
+            let now = rank(sim.s.state());
+            proptest::prop_assert!(now >= last, "went back from {last} to {now} after {step:?}");
+            last = now;
+            if sim.s.state() != State::Closed {
+                let due = sim.s.poll_timeout(&sim.config, sim.draining);
+                proptest::prop_assert!(due.is_some(), "no deadline in {:?}", sim.s.state());
+            }
+        }
+        // A draining connection, flushed, is shut within a linger period (plus a drain's).
+        if sim.s.state() == State::Draining {
+            sim.wire();
+            let end = sim.now + sim.config.close_linger_ms + 2_000;
+            while !shut && sim.now < end {
+                if let Some(Shutdown::Both) = sim.shutdown() {
+                    shut = true;
+                    break;
+                }
+                let next = sim.s.poll_timeout(&sim.config, sim.draining).unwrap_or(end);
+                let at = next.max(sim.now + 1).min(end);
+                sim.advance(at);
+            }
+            proptest::prop_assert!(shut, "a flushed draining connection was never shut");
+        }
+    }
+}

@@ -286,13 +286,13 @@ impl Session {
         if let Transport::Tls(tls) = &mut self.transport {
             tls.failed = true;
         }
-        self.reading_done = true;
         self.out.clear();
+        self.stop_reading();
         match why {
             TlsFailure::PlaintextHttp | TlsFailure::NotTls | TlsFailure::HandshakeTimeout => {
-                self.abort = true
+                self.abort()
             }
-            _ => self.close_after_flush = true,
+            _ => self.drain(),
         }
     }
 
@@ -309,6 +309,8 @@ impl Session {
     /// `WIRE_HIGH` of them at a time), and our close_notify once the last bytes are in.
     /// Nothing for plain TCP. The driver calls it after every event, before it sends.
     pub fn seal_output(&mut self) {
+        // Nothing more will be queued: once the rest is in, our close_notify follows.
+        let draining = self.is_draining();
         let Transport::Tls(tls) = &mut self.transport else {
             return;
         };
@@ -334,7 +336,7 @@ impl Session {
                 break;
             }
         }
-        if self.close_after_flush && self.out.is_empty() && !tls.notified {
+        if draining && self.out.is_empty() && !tls.notified {
             tls.notified = true;
             tls.conn.send_close_notify();
             tls.flush_records();
