@@ -686,3 +686,73 @@ async fn open_tls_connections_are_charged_to_the_memory_budget() {
     );
     drop((plain, secure));
 }
+
+/// The response head to an upgrade request over `tls`, whatever its status.
+fn response_head(tls: &mut Tls) -> String {
+    tls.write_all(common::upgrade_request("127.0.0.1:1".parse().unwrap()).as_bytes())
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tls.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            other => panic!("closed during the response ({other:?}): {head:?}"),
+        }
+    }
+    String::from_utf8(head).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_refused_at_accept_gets_its_503_over_tls() {
+    let ca = Ca::new();
+    let dir = Dir::new("refused");
+    let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
+    let toml = format!(
+        "max_connections = 1\nlisten_tls = \"127.0.0.1:0\"\n\
+         [[tls.certificates]]\ncert = \"{}\"\nkey = \"{}\"\n",
+        s(&cert),
+        s(&key)
+    );
+    let gw = Gateway::with_config(&toml, &[]);
+    let addr = wss_addr(&gw);
+    let mut first = wss(addr, &default_client(&ca), "localhost").await;
+    echo(&mut first, Message::text("the one place")).await;
+    // The refusal is decided at accept, and still answered after the TLS handshake.
+    let ca_ref = &ca;
+    let head = tokio::task::block_in_place(|| {
+        let mut tls = tls_connect(addr, &default_client(ca_ref), "localhost").unwrap();
+        response_head(&mut tls)
+    });
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    echo(&mut first, Message::text("still served")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_sends_1001_to_wss_clients() {
+    let ca = Ca::new();
+    let dir = Dir::new("drain");
+    let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
+    let mut gw = start(&cert, &key, &[]);
+    let addr = wss_addr(&gw);
+    let mut ws = wss(addr, &default_client(&ca), "localhost").await;
+    echo(&mut ws, Message::text("before")).await;
+    gw.signal(libc::SIGTERM);
+    let frame = timeout(WAIT, ws.next())
+        .await
+        .expect("no close within WAIT")
+        .expect("stream ended")
+        .expect("ws error");
+    match frame {
+        Message::Close(Some(c)) => assert_eq!(u16::from(c.code), 1001),
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    // Reading on sends tungstenite's queued answer, then sees the end (close_notify, FIN).
+    let ended = timeout(WAIT, async { while let Some(Ok(_)) = ws.next().await {} }).await;
+    assert!(ended.is_ok(), "the connection did not end");
+    drop(ws);
+    // Every client answered: well before the 10 s grace.
+    let status = gw
+        .wait_exit(Duration::from_secs(5))
+        .expect("the gateway did not exit");
+    assert!(status.success(), "{status:?}");
+}
