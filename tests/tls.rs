@@ -756,3 +756,40 @@ async fn sigterm_sends_1001_to_wss_clients() {
         .expect("the gateway did not exit");
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn check_config_loads_the_certificates() {
+    let ca = Ca::new();
+    let dir = Dir::new("check");
+    let (cert, key) = dir.write("server", &ca.leaf(&["ws.example.com", "*.example.org"]));
+    let config = dir.path("ringway.toml");
+    let toml = |key: &Path| {
+        format!(
+            "listen_tls = \"127.0.0.1:8443\"\n[[tls.certificates]]\ncert = \"{}\"\nkey = \"{}\"\n",
+            s(&cert),
+            s(key)
+        )
+    };
+    std::fs::write(&config, toml(&key)).unwrap();
+    let out = common::run_to_exit(&["check-config", s(&config)]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("ws.example.com") && stdout.contains("*.example.org"),
+        "the names each certificate serves: {stdout}"
+    );
+    // A key that belongs to another certificate: refused, naming both files.
+    let (_, other_key) = dir.write("other", &ca.leaf(&["other.test"]));
+    std::fs::write(&config, toml(&other_key)).unwrap();
+    let out = common::run_to_exit(&["check-config", s(&config)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(s(&other_key)) && stderr.contains("does not match"),
+        "{stderr}"
+    );
+}
