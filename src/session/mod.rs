@@ -17,6 +17,7 @@ mod queue;
 #[cfg(test)]
 mod tests;
 mod timers;
+mod transport;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -38,6 +39,7 @@ use crate::route::{Backend, RouteId, RouteTable};
 use queue::Outbound;
 pub use queue::ENTRY_BYTES;
 pub use timers::{Timer, TimerTable};
+pub use transport::{TlsFailure, TLS_BUFFER_LIMIT, TLS_HANDSHAKE_BYTES, TLS_OPEN_BYTES};
 
 /// What a connection is charged against the memory budget besides its buffers: its slot,
 /// timer entry and bookkeeping. Measured at 1.5-2.1 KiB of RSS per idle connection
@@ -115,6 +117,8 @@ pub enum Count {
     SlowConsumerClosed,
     /// A topic or broadcast frame dropped for a full send queue (drop-newest).
     SlowConsumerDropped,
+    /// The TLS layer failed (`ringway_tls_handshake_failures_total`).
+    TlsFailure(TlsFailure),
 }
 
 pub trait Meter {
@@ -227,6 +231,8 @@ pub struct Session {
     rate: Option<MessageRate>,
     /// The subprotocol the 101 names (the companion of a token carried in one).
     protocol: Option<String>,
+    /// Plain TCP, or TLS (`transport.rs`): what `queued` hands the driver.
+    transport: transport::Transport,
 }
 
 /// Encode a server frame into an allocation of its own, sized to the frame: a queued tiny
@@ -300,6 +306,7 @@ impl Session {
             route: 0,
             rate: None,
             protocol: None,
+            transport: transport::Transport::Plain,
         }
     }
 
@@ -351,7 +358,8 @@ impl Session {
 
     /// Its input is drained, not acted on.
     pub fn reading_done(&self) -> bool {
-        self.reading_done
+        // A TLS handshake still runs: a refusal queued at accept leaves after it.
+        self.reading_done && !self.transport.handshaking()
     }
 
     /// The client closed its side or the socket failed: nothing more will come in.
@@ -382,16 +390,16 @@ impl Session {
 
     /// Bytes to transmit, in order; the driver sends a prefix and reports with `on_sent`.
     pub fn queued(&self) -> &VecDeque<Bytes> {
-        self.out.items()
+        self.wire().items()
     }
 
     pub fn queued_bytes(&self) -> usize {
-        self.out.bytes()
+        self.out.bytes() + self.transport.records().map_or(0, Outbound::bytes)
     }
 
     /// The outbound queue's cost as compared with `send_queue_bytes`.
     pub fn queued_cost(&self) -> usize {
-        self.out.cost()
+        self.out.cost() + self.transport.records().map_or(0, Outbound::cost)
     }
 
     /// Bytes this connection holds in the process now: its fixed share plus every buffer a
@@ -426,6 +434,7 @@ impl Session {
             + self.out.heap_bytes()
             + subscriptions
             + protocol
+            + self.transport.heap_bytes()
     }
 
     // ----- the lifecycle's transitions (forward only) -----
@@ -480,18 +489,20 @@ impl Session {
 
     /// The driver handed the front `n` queued items to the kernel.
     pub fn start_send(&mut self, n: usize) {
-        self.out.start_send(n);
+        self.wire_mut().start_send(n);
     }
 
     /// `sent` bytes of the in-flight send left.
     pub fn on_sent(&mut self, sent: usize) {
-        self.out.advance(sent);
+        self.wire_mut().advance(sent);
+        self.seal_output();
     }
 
     /// The send failed (EPIPE/ECONNRESET): the client is gone; what is queued cannot be
     /// delivered.
     pub fn on_send_failed(&mut self) {
         self.out.clear();
+        self.wire_mut().clear();
         self.stop_reading();
         self.drain();
     }
@@ -506,6 +517,7 @@ impl Session {
             self.drain();
             if reset {
                 self.out.clear();
+                self.wire_mut().clear();
             }
         }
     }
@@ -518,7 +530,7 @@ impl Session {
 
     /// What the socket needs now. `Write` is answered once: the session records the FIN.
     pub fn poll_shutdown(&mut self, now_ms: u64, send_in_flight: bool) -> Option<Shutdown> {
-        let flushed = self.out.is_empty() && !send_in_flight;
+        let flushed = self.out.is_empty() && self.wire().is_empty() && !send_in_flight;
         let eof = self.eof;
         match &mut self.state {
             Lifecycle::Draining { abort: true, .. } => Some(Shutdown::Both),
@@ -557,7 +569,8 @@ impl Session {
 
     // ----- bytes from the client -----
 
-    pub fn on_bytes(&mut self, cx: &mut Context<'_>, data: &mut [u8]) {
+    /// Plaintext from the client (from the socket, or decrypted by the transport).
+    fn on_plaintext(&mut self, cx: &mut Context<'_>, data: &mut [u8]) {
         if self.reading_done {
             return;
         }

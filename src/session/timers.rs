@@ -179,6 +179,8 @@ impl Session {
                     self.abort();
                 }
             }
+            // Still in its TLS handshake: no 408 can be sent; dropped, counted by reason.
+            Timer::Handshake if self.transport.handshaking() => self.tls_handshake_timed_out(cx),
             Timer::Handshake => {
                 tracing::debug!(conn = %self.id, "handshake timed out");
                 cx.meter.count(Count::HandshakeRejected);
