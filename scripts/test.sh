@@ -5,8 +5,8 @@
 #   run of the three decoders that face untrusted bytes (when cargo-fuzz is installed), then
 #   the Autobahn|Testsuite RFC 6455 conformance run in echo mode. A second Autobahn run, of
 #   the permessage-deflate cases 12.* and 13.* against `--compression shared`, starts in the
-#   background as soon as the release binary is built (it takes ~15 min of one core's Python)
-#   and is waited for at the end, with its own wall time.
+#   background as soon as the binary is built (it takes ~14 min of one core's Python) and is
+#   waited for at the end, with its own wall time.
 # Installs what the tests need first (idempotent; see scripts/setup-test-deps.sh).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -44,30 +44,30 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "cargo clippy --workspace --all-targets -- -D warnings"
-cargo clippy --release --workspace --all-targets -- -D warnings
+cargo clippy --profile ci --workspace --all-targets -- -D warnings
 
-step "cargo build --release (the binary both Autobahn runs serve)"
-cargo build --release
+step "cargo build --profile ci (the binary both Autobahn runs serve)"
+cargo build --profile ci
 
 # Autobahn 12.* / 13.* (permessage-deflate) in the background: report and log of their own.
 mkdir -p reports
 DEFLATE_LOG="$ROOT/reports/autobahn-deflate.log"
 DEFLATE_T0=$SECONDS
-bash scripts/autobahn.sh --binary target/release/ringway --timeout 2400 --strict \
+bash scripts/autobahn.sh --binary target/ci/ringway --timeout 2400 --strict \
     --spec tests/autobahn/fuzzingclient-deflate.json --name autobahn-deflate \
     -- --max-message 16777216 --max-fragments 0 --compression shared >"$DEFLATE_LOG" 2>&1 &
 DEFLATE_PID=$!
 printf 'Autobahn 12.*/13.* (--compression shared) running in the background (pid %d, log %s)\n' \
     "$DEFLATE_PID" "$DEFLATE_LOG"
 
-step "cargo test --release --workspace (the gateway, and the load tool in bench/)"
-cargo test --release --workspace
+step "cargo test --profile ci --workspace (the gateway, and the load tool in bench/; release code without LTO)"
+cargo test --profile ci --workspace
 
 step "fuzzing: handshake, frames, relay decoders (15 s each)"
 bash scripts/fuzz.sh "${RINGWAY_FUZZ_SECONDS:-15}"
 
 step "Autobahn|Testsuite fuzzingclient (all cases but 12.* and 13.*: compression is not offered)"
-bash scripts/autobahn.sh --binary target/release/ringway -- --max-message 16777216 --max-fragments 0
+bash scripts/autobahn.sh --binary target/ci/ringway -- --max-message 16777216 --max-fragments 0
 
 step "Autobahn|Testsuite 12.* and 13.* (permessage-deflate, --compression shared; started after the build)"
 set +e

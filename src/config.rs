@@ -186,6 +186,24 @@ impl Default for RouteConfig {
     }
 }
 
+/// One certificate for the wss:// listener: `[[tls.certificates]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// PEM: the leaf certificate, then its chain.
+    pub cert: std::path::PathBuf,
+    /// PEM: the private key (PKCS#8, SEC1 or PKCS#1).
+    pub key: std::path::PathBuf,
+}
+
+/// The `[tls]` table: what `listen_tls` serves.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Chosen by SNI from the names in each certificate; the first is the default.
+    pub certificates: Vec<CertificateConfig>,
+}
+
 /// Browsers never fragment what they send; other clients fragment large messages into a
 /// handful of frames. 1,024 frames of a 64 KiB message average 64 bytes each.
 pub const DEFAULT_MAX_FRAGMENTS: u32 = 1024;
@@ -199,6 +217,9 @@ pub const MIN_MEMORY_BUDGET: u64 = 64 * 1024;
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// The wss:// listener (TLS on every core, beside `listen`); needs `tls.certificates`.
+    pub listen_tls: Option<SocketAddr>,
+    pub tls: TlsConfig,
     /// Event-loop threads, one per core; absent means one per CPU the process may use.
     pub workers: Option<usize>,
     pub upstream: Upstream,
@@ -252,6 +273,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            listen_tls: None,
+            tls: TlsConfig::default(),
             workers: None,
             upstream: Upstream::Embedded,
             backlog: 4096,
@@ -383,9 +406,15 @@ fn header_of(line: &str) -> Option<(&str, bool)> {
 /// text: the key's own line, else the line of the inline table or `[[table]]` that holds it.
 fn line_of(text: &str, key: &str) -> Option<usize> {
     let lines: Vec<&str> = text.lines().collect();
-    let mut parts = key.split('.');
-    let first = parts.next()?;
-    let rest: Vec<&str> = parts.collect();
+    let segments: Vec<&str> = key.split('.').collect();
+    // `tls.certificates[0].cert`: the array of tables is `[[tls.certificates]]`.
+    let joined = match segments.iter().position(|s| s.contains('[')) {
+        Some(i) if i > 0 => i + 1,
+        _ => 1,
+    };
+    let first_owned = segments[..joined].join(".");
+    let first = first_owned.as_str();
+    let rest: Vec<&str> = segments[joined..].to_vec();
     let (name, index) = match first.split_once('[') {
         Some((name, i)) => (name, Some(i.trim_end_matches(']').parse::<usize>().ok()?)),
         None => (first, None),
@@ -507,6 +536,7 @@ impl Config {
             )?;
         }
         key("backlog", within(self.backlog, 1, MAX_BACKLOG))?;
+        self.check_tls()?;
         key(
             "max_connections",
             within(self.max_connections, 1, MAX_CONNECTIONS),
@@ -667,6 +697,46 @@ impl Config {
                     &k("jwt.leeway_s"),
                     within(jwt.leeway_s, 0, MAX_JWT_LEEWAY_S),
                 )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `listen_tls` and `tls.certificates` go together; the files are read at start.
+    fn check_tls(&self) -> Result<(), (String, String)> {
+        let certs = &self.tls.certificates;
+        match self.listen_tls {
+            // Port 0 picks a free port for each.
+            Some(addr) if addr == self.listen && addr.port() != 0 => {
+                return Err((
+                    "listen_tls".into(),
+                    format!("must differ from listen ({addr})"),
+                ))
+            }
+            Some(_) if certs.is_empty() => {
+                return Err((
+                    "tls.certificates".into(),
+                    "must list at least one certificate to serve listen_tls:                      [[tls.certificates]] with `cert` and `key`, or --tls-cert and --tls-key"
+                        .into(),
+                ))
+            }
+            None if !certs.is_empty() => {
+                return Err((
+                    "listen_tls".into(),
+                    "must be set to serve the certificates of [[tls.certificates]]                      (for example listen_tls = \"0.0.0.0:443\")"
+                        .into(),
+                ))
+            }
+            _ => {}
+        }
+        for (i, c) in certs.iter().enumerate() {
+            for (name, path) in [("cert", &c.cert), ("key", &c.key)] {
+                if path.as_os_str().is_empty() {
+                    return Err((
+                        format!("tls.certificates[{i}].{name}"),
+                        "must name a PEM file".into(),
+                    ));
+                }
             }
         }
         Ok(())
@@ -889,6 +959,44 @@ mod tests {
             assert!(err.contains(key), "{text:?}: {err}");
             assert!(err.contains(line), "{text:?}: {err}");
             assert!(err.contains(&f.0.display().to_string()), "{text:?}: {err}");
+        }
+    }
+
+    /// `listen_tls` and `[[tls.certificates]]` go together; a bad entry is named with its line.
+    #[test]
+    fn tls_keys_are_checked_together() {
+        let f = write(
+            "listen_tls = \"127.0.0.1:8443\"\n[[tls.certificates]]\ncert = \"a.pem\"\nkey = \"a.key\"\n",
+        );
+        let c = Config::from_file(&f.0).unwrap();
+        assert_eq!(c.listen_tls, Some("127.0.0.1:8443".parse().unwrap()));
+        assert_eq!(c.tls.certificates[0].key, std::path::PathBuf::from("a.key"));
+        let cases = [
+            (
+                "listen_tls = \"127.0.0.1:8443\"\n",
+                "`tls.certificates` must list at least one certificate",
+            ),
+            (
+                "[[tls.certificates]]\ncert = \"a.pem\"\nkey = \"a.key\"\n",
+                "`listen_tls` must be set",
+            ),
+            (
+                "listen = \"127.0.0.1:9\"\nlisten_tls = \"127.0.0.1:9\"\n[[tls.certificates]]\ncert = \"a\"\nkey = \"b\"\n",
+                "`listen_tls` must differ from listen",
+            ),
+            (
+                "listen_tls = \"127.0.0.1:8443\"\n[[tls.certificates]]\ncert = \"a.pem\"\n\nkey = \"\"\n",
+                "line 5: `tls.certificates[0].key` must name a PEM file",
+            ),
+            (
+                "listen_tls = \"127.0.0.1:8443\"\n[[tls.certificates]]\ncert = \"a.pem\"\nkey = \"a.key\"\nchain = 1\n",
+                "chain",
+            ),
+        ];
+        for (text, want) in cases {
+            let f = write(text);
+            let err = Config::from_file(&f.0).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
         }
     }
 

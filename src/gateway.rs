@@ -16,6 +16,7 @@ use crate::ops;
 use crate::relay::{self, UpstreamLink};
 use crate::route::RouteTable;
 use crate::telemetry::Heartbeat;
+use crate::tls::{TlsError, TlsServer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -40,17 +41,22 @@ pub enum GatewayError {
     #[error("cannot start the gateway: {0}")]
     Setup(io::Error),
     #[error(
-        "the new configuration changes listen, workers, backlog, read buffers, relay_queue or \
-         upstreams, which need a restart; keeping the running configuration"
+        "the new configuration changes listen, listen_tls, workers, backlog, read buffers, \
+         relay_queue or upstreams, which need a restart; keeping the running configuration"
     )]
     NeedsRestart,
     #[error("invalid routes: {0}")]
     Routes(#[from] crate::route::RouteError),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// A running gateway: its cores, its relay, and the address it serves.
 pub struct Gateway {
     local_addr: SocketAddr,
+    /// The wss:// listener's address, when TLS is configured.
+    local_tls_addr: Option<SocketAddr>,
+    tls: Option<TlsServer>,
     upstream_links: Vec<UpstreamLink>,
     config: Arc<Config>,
     routes: Arc<RouteTable>,
@@ -158,6 +164,28 @@ impl Gateway {
                 }
             })?;
         let local_addr = listeners[0].local_addr().map_err(GatewayError::Setup)?;
+        // TLS only when configured: without it no core holds any TLS state.
+        let (tls, mut tls_listeners): (_, Vec<Option<std::net::TcpListener>>) =
+            match config.listen_tls {
+                Some(addr) => {
+                    let tls = TlsServer::new(&config.tls.certificates)?;
+                    for l in tls.certificates().loaded() {
+                        tracing::info!(
+                            file = %l.cert_path.display(),
+                            names = ?l.names,
+                            "TLS certificate loaded"
+                        );
+                    }
+                    let bound = edge::listener::bind_all(addr, count, config.backlog)
+                        .map_err(|source| GatewayError::Bind { addr, source })?;
+                    (Some(tls), bound.into_iter().map(Some).collect())
+                }
+                None => (None, Vec::new()),
+            };
+        let local_tls_addr = match tls_listeners.first() {
+            Some(Some(l)) => Some(l.local_addr().map_err(GatewayError::Setup)?),
+            _ => None,
+        };
         let shared = Arc::new(Shared::default());
         shared
             .memory_budget
@@ -186,6 +214,8 @@ impl Gateway {
                 routes: routes.clone(),
                 cpu: (!cpus.is_empty()).then(|| cpus[index % cpus.len()]),
                 listener,
+                tls_listener: tls_listeners.get_mut(index).and_then(Option::take),
+                tls: tls.as_ref().map(TlsServer::config),
                 config: config.clone(),
                 relay: (config.upstream != Upstream::LocalEcho).then(|| relay_tx.clone()),
                 inbox: inbox_rx,
@@ -240,6 +270,8 @@ impl Gateway {
 
         let gateway = Gateway {
             local_addr,
+            local_tls_addr,
+            tls,
             config: config.clone(),
             routes: routes.clone(),
             upstream_links,
@@ -278,6 +310,7 @@ impl Gateway {
         let routes = RouteTable::from_config(&config)?;
         let current = self.config.clone();
         if config.listen != current.listen
+            || config.listen_tls != current.listen_tls
             || config.worker_count() != current.worker_count()
             || config.backlog != current.backlog
             || config.read_buffers != current.read_buffers
@@ -287,6 +320,10 @@ impl Gateway {
             || routes.upstreams() != self.routes.upstreams()
         {
             return Err(GatewayError::NeedsRestart);
+        }
+        // Certificates first: a bad file keeps the running certificates and configuration.
+        if let Some(tls) = &self.tls {
+            tls.reload(&config.tls.certificates)?;
         }
         self.shared
             .memory_budget
@@ -322,6 +359,11 @@ impl Gateway {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The wss:// listener's address, when TLS is configured.
+    pub fn local_tls_addr(&self) -> Option<SocketAddr> {
+        self.local_tls_addr
     }
 
     pub fn workers(&self) -> usize {

@@ -7,7 +7,7 @@
 //! `ops` watches them through `telemetry`.
 //!
 //! Imports go one way (checked by scripts/check-imports.py): `ids`, `config`, `protocol`,
-//! `policy`, `route`, `admission`, `telemetry`, `in_flight`, `test_hooks` at the bottom; then
+//! `policy`, `route`, `admission`, `tls`, `telemetry`, `in_flight`, `test_hooks` at the bottom; then
 //! `edge` and `relay` (the edge may use the relay's channel types, the relay never names the
 //! edge); then `ops`, which only reads; then `gateway`; then the binary.
 //!
@@ -30,3 +30,4 @@ pub mod route;
 pub mod session;
 pub mod telemetry;
 pub mod test_hooks;
+pub mod tls;

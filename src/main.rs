@@ -28,6 +28,16 @@ struct Cli {
     /// Address to serve WebSocket clients on [default: 127.0.0.1:8080].
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<SocketAddr>,
+    /// Address to serve wss:// (TLS) clients on, beside --listen; needs --tls-cert and
+    /// --tls-key (or [[tls.certificates]] in the config file).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen_tls: Option<SocketAddr>,
+    /// PEM file with the TLS certificate, then its chain (replaces [[tls.certificates]]).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM file with the certificate's private key (PKCS#8, SEC1 or PKCS#1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Event-loop threads, one per core (1-255) [default: one per CPU the process may use].
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
@@ -103,6 +113,15 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     };
     if let Some(listen) = cli.listen {
         config.listen = listen;
+    }
+    if let Some(listen) = cli.listen_tls {
+        config.listen_tls = Some(listen);
+    }
+    if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
+        config.tls.certificates = vec![config::CertificateConfig {
+            cert: cert.clone(),
+            key: key.clone(),
+        }];
     }
     if let Some(workers) = cli.workers {
         anyhow::ensure!(workers > 0, "--workers must be at least 1");
@@ -252,6 +271,13 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::from_file(file)?;
     ringway::route::RouteTable::from_config(&config)
         .map_err(|e| anyhow::anyhow!("config file {}: {e}", file.display()))?;
+    if config.listen_tls.is_some() {
+        let tls = ringway::tls::TlsServer::new(&config.tls.certificates)
+            .map_err(|e| anyhow::anyhow!("config file {}: {e}", file.display()))?;
+        for l in tls.certificates().loaded() {
+            println!("{}: names {:?}", l.cert_path.display(), l.names);
+        }
+    }
     println!("{}: ok", file.display());
     Ok(())
 }
@@ -272,8 +298,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let mut signals =
         Signals::new([SIGINT, SIGTERM, SIGHUP]).context("installing signal handlers")?;
     let gateway = Gateway::start(config.clone())?;
+    let wss = gateway
+        .local_tls_addr()
+        .map(|a| format!(" and wss://{a}/"))
+        .unwrap_or_default();
     tracing::info!(
-        "ringway {} serving ws://{}/ with upstream {} on {} worker(s)",
+        "ringway {} serving ws://{}/{wss} with upstream {} on {} worker(s)",
         env!("CARGO_PKG_VERSION"),
         gateway.local_addr(),
         config.upstream,

@@ -280,6 +280,15 @@ fn every_commented_value_is_the_real_default() {
         "the documented example"
     );
     loaded.memory_budget_bytes = None;
+    // Likewise wss:// (off by default): the documented example, both keys together.
+    assert_eq!(
+        loaded.listen_tls,
+        Some("[::]:443".parse().unwrap()),
+        "the documented example"
+    );
+    assert_eq!(loaded.tls.certificates.len(), 1, "the documented example");
+    loaded.listen_tls = None;
+    loaded.tls = Default::default();
     // Likewise `jwt` (off by default): its documented example must parse and build.
     assert!(
         loaded.routes.iter().any(|r| r.jwt.is_some()),

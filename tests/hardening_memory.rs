@@ -278,7 +278,9 @@ async fn over_the_budget_the_largest_holder_is_shed_1008() {
     let end = Instant::now() + WAIT;
     let mut closed = None;
     while sent < 12 * MIB && Instant::now() < end {
-        if timeout(Duration::from_millis(500), hog.stream.write_all(&chunk))
+        // Generous per write: on a loaded 2-core machine the gateway's one core can be off
+        // the CPU for a while; the loop is bounded by `end` all the same.
+        if timeout(Duration::from_secs(3), hog.stream.write_all(&chunk))
             .await
             .is_ok_and(|r| r.is_ok())
         {

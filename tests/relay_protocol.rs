@@ -44,9 +44,12 @@ fn rust_backend_path() -> PathBuf {
         let mut cmd = Command::new(cargo);
         cmd.current_dir(repo())
             .args(["build", "--quiet", "--example", "chat_backend"]);
-        if profile_dir.file_name().is_some_and(|p| p == "release") {
-            cmd.arg("--release");
-        }
+        // The profile this test was built with (target/<dir>/): `debug` is cargo's `dev`.
+        let profile = match profile_dir.file_name().and_then(|p| p.to_str()) {
+            Some("debug") | None => "dev",
+            Some(dir) => dir,
+        };
+        cmd.args(["--profile", profile]);
         let status = cmd
             .status()
             .expect("run cargo build --example chat_backend");

@@ -4,13 +4,18 @@
 
 use crate::admission::PolicyRefusal;
 use crate::session::compression::InflateFailure;
-use crate::session::{Count, Meter};
+use crate::session::{Count, Meter, TlsFailure};
 use crate::telemetry::{Counter, Heartbeat, LatencyHistogram};
 
 impl CoreStats {
     /// The counter of one `ringway_policy_refusals_total` reason.
     pub fn refused(&self, why: PolicyRefusal) -> &Counter {
         &self.refusals[why as usize]
+    }
+
+    /// The counter of one `ringway_tls_handshake_failures_total` reason.
+    pub fn tls_failed(&self, why: TlsFailure) -> &Counter {
+        &self.tls_failures[why as usize]
     }
 }
 
@@ -40,6 +45,7 @@ impl Meter for CoreStats {
                 self.deflate_in_raw.add(after as u64);
             }
             Count::InflateFailed(why) => self.inflate_failures[why as usize].inc(),
+            Count::TlsFailure(why) => self.tls_failed(why).inc(),
         }
     }
 }
@@ -68,6 +74,9 @@ pub struct CoreStats {
     /// Refused by the edge's policy, one counter per `reason` label of
     /// `ringway_policy_refusals_total` (indexed by `PolicyRefusal`; see `refused`).
     pub refusals: [Counter; PolicyRefusal::ALL.len()],
+    /// TLS failures, one counter per `reason` label of `ringway_tls_handshake_failures_total`
+    /// (indexed by `TlsFailure`; see `tls_failed`).
+    pub tls_failures: [Counter; TlsFailure::ALL.len()],
     /// Bytes of connection state and buffers this core holds (a gauge).
     pub buffer_bytes: Counter,
     /// Connections currently held by this core (handshaking, open or closing).

@@ -42,6 +42,7 @@ const OP_SEND: u64 = 3;
 const OP_TICK: u64 = 4;
 const OP_WAKE: u64 = 5;
 const OP_CANCEL: u64 = 6;
+const OP_ACCEPT_TLS: u64 = 7;
 
 mod backpressure;
 mod drain;
@@ -79,6 +80,9 @@ pub struct WorkerSetup {
     pub routes: Arc<RouteTable>,
     pub cpu: Option<core_affinity::CoreId>,
     pub listener: TcpListener,
+    /// The wss:// listener and what its connections' TLS is built from.
+    pub tls_listener: Option<TcpListener>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub config: Arc<Config>,
     pub relay: Option<RelayTx>,
     pub inbox: super::inbox::Inbox,
@@ -99,6 +103,7 @@ pub struct Worker {
     buffers: BufferRing,
     ring: IoUring,
     listener: Option<TcpListener>,
+    tls_listener: Option<TcpListener>,
     slots: Vec<Slot>,
     free: Vec<u32>,
     live: usize,
@@ -122,6 +127,7 @@ pub struct Worker {
     topics: HashMap<Topic, Vec<u32>>,
     recv_rearm: Vec<u32>,
     accept_armed: bool,
+    tls_accept_armed: bool,
     accept_retry: bool,
     start: Instant,
     draining: Option<u64>,
@@ -211,10 +217,12 @@ impl Worker {
                 published: 0,
                 over_budget: false,
                 panic_on: panic_hook_from_env(),
+                tls: setup.tls,
             },
             buffers,
             ring,
             listener: Some(setup.listener),
+            tls_listener: setup.tls_listener,
             slots: Vec::new(),
             free: Vec::new(),
             live: 0,
@@ -232,6 +240,7 @@ impl Worker {
             paused: Vec::new(),
             recv_rearm: Vec::new(),
             accept_armed: false,
+            tls_accept_armed: false,
             accept_retry: false,
             start,
             draining: None,
@@ -306,14 +315,23 @@ impl Worker {
         uring::submit_all(&mut self.ring, &mut self.pending_sqes)
     }
 
+    /// Arm a multishot accept on each listener that has none.
     fn arm_accept(&mut self) {
-        if let Some(l) = &self.listener {
-            let sqe = opcode::AcceptMulti::new(types::Fd(l.as_raw_fd()))
+        let accept = |l: &TcpListener, op| {
+            opcode::AcceptMulti::new(types::Fd(l.as_raw_fd()))
                 .flags(libc::SOCK_CLOEXEC)
                 .build()
-                .user_data(user_data(OP_ACCEPT, 0, 0));
+                .user_data(user_data(op, 0, 0))
+        };
+        if let (Some(l), false) = (&self.listener, self.accept_armed) {
+            let sqe = accept(l, OP_ACCEPT);
             self.push(sqe);
             self.accept_armed = true;
+        }
+        if let (Some(l), false) = (&self.tls_listener, self.tls_accept_armed) {
+            let sqe = accept(l, OP_ACCEPT_TLS);
+            self.push(sqe);
+            self.tls_accept_armed = true;
         }
     }
 
@@ -362,7 +380,8 @@ impl Worker {
     fn complete(&mut self, ud: u64, res: i32, flags: u32) {
         let (op, slot, generation) = split_user_data(ud);
         match op {
-            OP_ACCEPT => self.on_accept(res, flags),
+            OP_ACCEPT => self.on_accept(res, flags, false),
+            OP_ACCEPT_TLS => self.on_accept(res, flags, true),
             OP_RECV => self.on_recv(slot, generation, res, flags),
             OP_SEND => self.on_send(slot, generation, res),
             OP_TICK => {
@@ -380,12 +399,16 @@ impl Worker {
         }
     }
 
-    fn on_accept(&mut self, res: i32, flags: u32) {
+    fn on_accept(&mut self, res: i32, flags: u32, tls: bool) {
         if !cqueue::more(flags) {
-            self.accept_armed = false;
+            if tls {
+                self.tls_accept_armed = false;
+            } else {
+                self.accept_armed = false;
+            }
         }
         if res >= 0 {
-            self.new_connection(uring::accepted_socket(res));
+            self.new_connection(uring::accepted_socket(res), tls);
         } else if res != -libc::ECANCELED {
             let err = io::Error::from_raw_os_error(-res);
             match -res {
@@ -396,7 +419,12 @@ impl Worker {
                 _ => tracing::warn!(core = self.index, "accept failed: {err}"),
             }
         }
-        if !self.accept_armed && self.draining.is_none() && self.listener.is_some() {
+        let armed = if tls {
+            self.tls_accept_armed || self.tls_listener.is_none()
+        } else {
+            self.accept_armed || self.listener.is_none()
+        };
+        if !armed && self.draining.is_none() {
             // Retry on the next tick rather than spin on a persistent error.
             if res < 0 {
                 self.accept_retry = true;
@@ -406,11 +434,24 @@ impl Worker {
         }
     }
 
-    fn new_connection(&mut self, socket: Socket) {
+    fn new_connection(&mut self, socket: Socket, tls: bool) {
         self.core.stats.accepted.inc();
         if self.draining.is_some() {
             return; // dropping the socket closes it
         }
+        // A wss:// client gets its own rustls connection (the config and its certificates
+        // are shared); a plain one has no TLS state at all.
+        let tls = match (tls, &self.core.tls) {
+            (false, _) => None,
+            (true, Some(config)) => match rustls::ServerConnection::new(config.clone()) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(core = self.index, "cannot start a TLS connection: {e}");
+                    return;
+                }
+            },
+            (true, None) => return,
+        };
         if let Err(e) = socket.set_nodelay() {
             tracing::debug!("TCP_NODELAY failed: {e}");
         }
@@ -427,12 +468,15 @@ impl Worker {
         let generation = self.slots[slot as usize].generation;
         let id = ConnId::new(self.index as u8, slot, generation);
         let peer = socket.peer_addr();
-        let session = Session::new(
+        let mut session = Session::new(
             id,
             peer,
             self.core.config.message_limits(),
             self.core.now_ms,
         );
+        if let Some(tls) = tls {
+            session = session.with_tls(tls);
+        }
         let mut conn = Conn::new(session, socket);
         // Admission before anything is read: a refused client gets its answer (503 or 429
         // with a reason) once its request arrives, and costs nothing more.
@@ -649,6 +693,8 @@ impl Worker {
         let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
             return;
         };
+        // TLS: encrypt what this event queued (nothing to do for plain TCP).
+        conn.session.seal_output();
         let now = conn.session.footprint();
         self.core.charged = self.core.charged - conn.charged as u64 + now as u64;
         conn.charged = now;
@@ -794,6 +840,7 @@ impl Worker {
             return;
         };
         conn.dirty = false;
+        conn.session.seal_output();
         if conn.send_in_flight || conn.session.queued().is_empty() || conn.shut {
             return;
         }
@@ -923,6 +970,8 @@ struct CoreState {
     /// Test-only (`RINGWAY_TEST_PANIC_ON`): a text message equal to these bytes, or a
     /// handshake for `/__panic`, panics, to exercise panic containment.
     panic_on: Option<Vec<u8>>,
+    /// What a wss:// connection's rustls state is built from (shared by every core).
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl CoreState {

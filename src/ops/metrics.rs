@@ -19,6 +19,7 @@ use crate::relay::link::LinkState;
 use crate::relay::RelayGauges;
 pub use crate::relay::UpstreamLink;
 use crate::session::compression::InflateFailure;
+use crate::session::TlsFailure;
 use crate::telemetry::{Heartbeat, HistogramSnapshot};
 
 /// The `Content-Type` of what [`render`] returns.
@@ -232,6 +233,16 @@ impl Collector for Sources {
             "ringway_policy_refusals",
             "Clients refused by the edge policy: per-IP limits (429/503), Origin (403), token (401), message rate, fragments per message or token expiry (close 1008), memory budget (503, or close 1008 for the largest holders: memory_shed), connection limit (503)",
             refused,
+        )?;
+        let tls = TlsFailure::ALL
+            .into_iter()
+            .flat_map(|why| self.per_core(&[("reason", why.label())], |s| s.tls_failed(why).get()))
+            .collect::<Vec<_>>();
+        counters(
+            e,
+            "ringway_tls_handshake_failures",
+            "TLS connections that failed, by reason: plaintext HTTP or other non-TLS bytes on the TLS port, no handshake within handshake_timeout_ms, no common ALPN protocol (h2 only), no common version or suite, an alert from the client, a protocol violation",
+            tls,
         )?;
         gauges(
             e,

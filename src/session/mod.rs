@@ -19,6 +19,7 @@ mod queue;
 #[cfg(test)]
 mod tests;
 mod timers;
+mod transport;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -40,6 +41,7 @@ use crate::route::{Backend, RouteId, RouteTable};
 use queue::Outbound;
 pub use queue::ENTRY_BYTES;
 pub use timers::{Timer, TimerTable};
+pub use transport::{TlsFailure, TLS_BUFFER_LIMIT, TLS_HANDSHAKE_BYTES, TLS_OPEN_BYTES};
 
 /// What a connection is charged against the memory budget besides its buffers: its slot,
 /// timer entry and bookkeeping. Measured at 1.5-2.1 KiB of RSS per idle connection
@@ -130,6 +132,8 @@ pub enum Count {
         after: usize,
     },
     InflateFailed(compression::InflateFailure),
+    /// The TLS layer failed (`ringway_tls_handshake_failures_total`).
+    TlsFailure(TlsFailure),
 }
 
 pub trait Meter {
@@ -246,6 +250,8 @@ pub struct Session {
     protocol: Option<String>,
     /// permessage-deflate as agreed in the handshake (shared: no state of its own).
     deflate: Option<Agreed>,
+    /// Plain TCP, or TLS (`transport.rs`): what `queued` hands the driver.
+    transport: transport::Transport,
 }
 
 /// Encode a server frame into an allocation of its own, sized to the frame: a queued tiny
@@ -320,6 +326,7 @@ impl Session {
             rate: None,
             protocol: None,
             deflate: None,
+            transport: transport::Transport::Plain,
         }
     }
 
@@ -371,7 +378,8 @@ impl Session {
 
     /// Its input is drained, not acted on.
     pub fn reading_done(&self) -> bool {
-        self.reading_done
+        // A TLS handshake still runs: a refusal queued at accept leaves after it.
+        self.reading_done && !self.transport.handshaking()
     }
 
     /// The client closed its side or the socket failed: nothing more will come in.
@@ -408,16 +416,16 @@ impl Session {
 
     /// Bytes to transmit, in order; the driver sends a prefix and reports with `on_sent`.
     pub fn queued(&self) -> &VecDeque<Bytes> {
-        self.out.items()
+        self.wire().items()
     }
 
     pub fn queued_bytes(&self) -> usize {
-        self.out.bytes()
+        self.out.bytes() + self.transport.records().map_or(0, Outbound::bytes)
     }
 
     /// The outbound queue's cost as compared with `send_queue_bytes`.
     pub fn queued_cost(&self) -> usize {
-        self.out.cost()
+        self.out.cost() + self.transport.records().map_or(0, Outbound::cost)
     }
 
     /// Bytes this connection holds in the process now: its fixed share plus every buffer a
@@ -452,6 +460,7 @@ impl Session {
             + self.out.heap_bytes()
             + subscriptions
             + protocol
+            + self.transport.heap_bytes()
     }
 
     // ----- the lifecycle's transitions (forward only) -----
@@ -506,18 +515,20 @@ impl Session {
 
     /// The driver handed the front `n` queued items to the kernel.
     pub fn start_send(&mut self, n: usize) {
-        self.out.start_send(n);
+        self.wire_mut().start_send(n);
     }
 
     /// `sent` bytes of the in-flight send left.
     pub fn on_sent(&mut self, sent: usize) {
-        self.out.advance(sent);
+        self.wire_mut().advance(sent);
+        self.seal_output();
     }
 
     /// The send failed (EPIPE/ECONNRESET): the client is gone; what is queued cannot be
     /// delivered.
     pub fn on_send_failed(&mut self) {
         self.out.clear();
+        self.wire_mut().clear();
         self.stop_reading();
         self.drain();
     }
@@ -532,6 +543,7 @@ impl Session {
             self.drain();
             if reset {
                 self.out.clear();
+                self.wire_mut().clear();
             }
         }
     }
@@ -544,7 +556,7 @@ impl Session {
 
     /// What the socket needs now. `Write` is answered once: the session records the FIN.
     pub fn poll_shutdown(&mut self, now_ms: u64, send_in_flight: bool) -> Option<Shutdown> {
-        let flushed = self.out.is_empty() && !send_in_flight;
+        let flushed = self.out.is_empty() && self.wire().is_empty() && !send_in_flight;
         let eof = self.eof;
         match &mut self.state {
             Lifecycle::Draining { abort: true, .. } => Some(Shutdown::Both),
@@ -583,7 +595,8 @@ impl Session {
 
     // ----- bytes from the client -----
 
-    pub fn on_bytes(&mut self, cx: &mut Context<'_>, data: &mut [u8]) {
+    /// Plaintext from the client (from the socket, or decrypted by the transport).
+    fn on_plaintext(&mut self, cx: &mut Context<'_>, data: &mut [u8]) {
         if self.reading_done {
             return;
         }
@@ -973,147 +986,5 @@ impl Session {
     pub fn set_route(&mut self, route: RouteId, limits: Limits) {
         self.route = route;
         self.decoder.set_limits(limits);
-    }
-
-    // ----- timers -----
-
-    /// Every armed deadline, from its state and the configuration. `draining` is the
-    /// gateway's drain deadline, if it drains.
-    pub fn timers(&self, config: &Config, draining: Option<u64>) -> TimerTable {
-        let mut t = TimerTable::default();
-        let fin_sent_ms = match self.state {
-            Lifecycle::Closed => return t,
-            Lifecycle::Draining { fin_sent_ms, .. } => fin_sent_ms,
-            _ => None,
-        };
-        if let Some(since) = fin_sent_ms.or(self.fence.as_ref().map(|f| f.since_ms)) {
-            t.set(
-                Timer::CloseLinger,
-                since.saturating_add(config.close_linger_ms),
-            );
-            return t;
-        }
-        if self.close_sent_ms.is_some() || self.is_draining() {
-            let linger = self
-                .close_sent_ms
-                .unwrap_or(self.last_rx_ms)
-                .saturating_add(config.close_linger_ms);
-            match draining {
-                Some(d) if self.is_open() && !self.close.close_received() => {
-                    t.set(Timer::Drain, d.max(linger))
-                }
-                _ => t.set(Timer::CloseLinger, linger),
-            }
-            return t;
-        }
-        match self.state {
-            Lifecycle::Handshaking(_) => t.set(
-                Timer::Handshake,
-                self.accepted_ms.saturating_add(config.handshake_timeout_ms),
-            ),
-            Lifecycle::Authorizing { until_ms, .. } => t.set(Timer::Authorize, until_ms),
-            Lifecycle::Open => {
-                if config.ping_interval_ms > 0 {
-                    match self.ping_sent_ms {
-                        Some(sent) if config.pong_timeout_ms > 0 => {
-                            t.set(Timer::Pong, sent.saturating_add(config.pong_timeout_ms))
-                        }
-                        Some(_) => {}
-                        None => t.set(
-                            Timer::Ping,
-                            self.last_rx_ms.saturating_add(config.ping_interval_ms),
-                        ),
-                    }
-                }
-                if config.idle_timeout_ms > 0 {
-                    t.set(
-                        Timer::Idle,
-                        self.last_message_ms.saturating_add(config.idle_timeout_ms),
-                    );
-                }
-                if let Some(at) = self.token_expiry_ms {
-                    t.set(Timer::TokenExpiry, at);
-                }
-                if let (Some(since), false) = (self.over_queue_ms, self.eof) {
-                    t.set(
-                        Timer::SlowConsumer,
-                        since.saturating_add(SLOW_CONSUMER_GRACE_MS),
-                    );
-                }
-            }
-            // Input stopped without a close frame or fence (a caught panic the driver ends
-            // at once): bounded all the same.
-            Lifecycle::Closing | Lifecycle::Draining { .. } | Lifecycle::Closed => t.set(
-                Timer::CloseLinger,
-                self.last_rx_ms.saturating_add(config.close_linger_ms),
-            ),
-        }
-        t
-    }
-
-    /// When the driver must next call `handle_timeout`.
-    pub fn poll_timeout(&self, config: &Config, draining: Option<u64>) -> Option<u64> {
-        self.timers(config, draining).next()
-    }
-
-    /// Fire the first expired timer, if any; returns it.
-    pub fn handle_timeout(&mut self, cx: &mut Context<'_>, draining: Option<u64>) -> Option<Timer> {
-        let now = cx.now_ms;
-        let timer = self.timers(cx.config, draining).expired(now)?;
-        match timer {
-            Timer::CloseLinger | Timer::Drain => {
-                if let Some(Fence {
-                    error: Some((code, reason)),
-                    ..
-                }) = self.fence.take()
-                {
-                    // The relay did not hand back the fence: the client gets its close now.
-                    tracing::debug!(conn = %self.id, "fence timed out; closing {code}");
-                    self.start_close(now, code, &reason);
-                    self.drain();
-                } else {
-                    // The client did not answer our close, or will not read what we queued.
-                    tracing::debug!(conn = %self.id, "close linger expired; dropping TCP");
-                    self.abort();
-                }
-            }
-            Timer::Handshake => {
-                tracing::debug!(conn = %self.id, "handshake timed out");
-                cx.meter.count(Count::HandshakeRejected);
-                self.out.push(handshake::error_response(
-                    408,
-                    "handshake not completed in time",
-                    &[],
-                ));
-                self.stop_reading();
-                self.drain();
-                // Give the 408 one linger period to leave, then drop regardless.
-                self.close_sent_ms = Some(now);
-            }
-            Timer::Authorize => {
-                tracing::debug!(conn = %self.id, "backend did not authorize in time");
-                self.on_authorization(cx, Err((503, "authorization timed out".into())));
-                self.close_sent_ms = Some(now);
-            }
-            Timer::SlowConsumer => {
-                tracing::debug!(conn = %self.id, queued = self.out.bytes(), "slow consumer");
-                cx.meter.count(Count::SlowConsumerClosed);
-                self.start_close(now, close::POLICY_VIOLATION, "slow consumer");
-                self.reading_done = true;
-                self.closing_without_reply = true;
-                self.drain();
-            }
-            Timer::TokenExpiry => {
-                cx.meter.count(Count::Refused(PolicyRefusal::TokenExpired));
-                self.start_close(now, close::POLICY_VIOLATION, "token expired");
-            }
-            Timer::Pong => self.start_close(now, close::GOING_AWAY, "no pong received"),
-            Timer::Idle => self.start_close(now, close::GOING_AWAY, "idle timeout"),
-            Timer::Ping => {
-                self.out.push(encode(OpCode::Ping, b""));
-                self.ping_sent_ms = Some(now);
-            }
-        }
-        Some(timer)
     }
 }

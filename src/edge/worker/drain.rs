@@ -3,7 +3,7 @@
 
 use io_uring::opcode;
 
-use super::{user_data, Worker, OP_ACCEPT, OP_CANCEL};
+use super::{user_data, Worker, OP_ACCEPT, OP_ACCEPT_TLS, OP_CANCEL};
 
 impl Worker {
     pub(super) fn begin_drain(&mut self) {
@@ -12,15 +12,21 @@ impl Worker {
             .now_ms
             .saturating_add(self.core.config.shutdown_grace_ms);
         self.draining = Some(deadline);
-        if self.accept_armed {
-            let sqe = opcode::AsyncCancel::new(user_data(OP_ACCEPT, 0, 0))
-                .build()
-                .user_data(user_data(OP_CANCEL, 0, 0));
-            self.push(sqe);
+        for (armed, op) in [
+            (self.accept_armed, OP_ACCEPT),
+            (self.tls_accept_armed, OP_ACCEPT_TLS),
+        ] {
+            if armed {
+                let sqe = opcode::AsyncCancel::new(user_data(op, 0, 0))
+                    .build()
+                    .user_data(user_data(OP_CANCEL, 0, 0));
+                self.push(sqe);
+            }
         }
-        // Closing our listener makes the kernel send new connections to no one on this core;
-        // the ring keeps its own reference until the accept is cancelled.
+        // Closing our listeners makes the kernel send new connections to no one on this
+        // core; the ring keeps its own reference until the accept is cancelled.
         self.listener = None;
+        self.tls_listener = None;
         for slot in 0..self.slots.len() as u32 {
             let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
                 continue;
