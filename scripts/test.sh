@@ -5,7 +5,7 @@
 #   run of the three decoders that face untrusted bytes (when cargo-fuzz is installed), then
 #   the Autobahn|Testsuite RFC 6455 conformance run in echo mode. A second Autobahn run, of
 #   the permessage-deflate cases 12.* and 13.* against `--compression shared`, starts in the
-#   background as soon as the binary is built (it takes ~14 min of one core's Python) and is
+#   background as soon as the binary is built (8-14 min of one core's Python) and is
 #   waited for at the end, with its own wall time.
 # Installs what the tests need first (idempotent; see scripts/setup-test-deps.sh).
 set -euo pipefail
