@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Runs the Autobahn|Testsuite fuzzingclient (RFC 6455 conformance) against a ringway echo server.
 #
-# usage: scripts/autobahn.sh [--binary PATH] [--quick] [--timeout SECS] [-- EXTRA_SERVER_ARGS...]
+# usage: scripts/autobahn.sh [--binary PATH] [--quick] [--timeout SECS] [--spec FILE] [--name NAME] [-- EXTRA_SERVER_ARGS...]
 #   --binary PATH   server binary (default target/release/ringway), started as
 #                   PATH --listen 127.0.0.1:PORT --upstream echo EXTRA_SERVER_ARGS...
 #   --quick         small subset (framing, pings, reserved bits, opcodes, fragmentation, basic close) for iteration
 #   --timeout SECS  wall-clock cap for wstest (default 1200 full, 180 quick)
-# Spec template: tests/autobahn/fuzzingclient.json (12.* / 13.* permessage-deflate excluded).
-# Artifact: reports/autobahn/index.html (+ index.json, per-case JSON/HTML, server.log, wstest.log).
+#   --spec FILE     spec template (default tests/autobahn/fuzzingclient.json: 12.* / 13.* excluded;
+#                   tests/autobahn/fuzzingclient-deflate.json runs them, with --compression shared)
+#   --name NAME     report and run directory name (default autobahn), so two runs can go in parallel
+#   --strict        also fail on NON-STRICT, UNIMPLEMENTED and WRONG CODE (the deflate run uses it)
+# Artifact: reports/NAME/index.html (+ index.json, per-case JSON/HTML, server.log, wstest.log).
 # Exit status: 0 only if no case FAILED (behavior or close behavior), wstest finished in time, every case ran,
 # and the server stayed alive.
 set -euo pipefail
@@ -18,6 +21,9 @@ cd "$ROOT"
 BINARY="target/release/ringway"
 QUICK=0
 TIMEOUT=""
+TEMPLATE="$ROOT/tests/autobahn/fuzzingclient.json"
+NAME="autobahn"
+STRICT=0
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -26,8 +32,11 @@ while [ $# -gt 0 ]; do
     --quick) QUICK=1; shift ;;
     --timeout) TIMEOUT="$2"; shift 2 ;;
     --timeout=*) TIMEOUT="${1#*=}"; shift ;;
+    --spec) TEMPLATE="$2"; shift 2 ;;
+    --name) NAME="$2"; shift 2 ;;
+    --strict) STRICT=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "autobahn: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -44,8 +53,8 @@ fi
 [ -x "$BINARY" ] || fail "server binary '$BINARY' not found or not executable (build it: cargo build --release)"
 BINARY="$(cd "$(dirname "$BINARY")" && pwd)/$(basename "$BINARY")"
 
-OUTDIR="$ROOT/reports/autobahn"
-RUNDIR="$ROOT/.autobahn/run"
+OUTDIR="$ROOT/reports/$NAME"
+RUNDIR="$ROOT/.autobahn/run-$NAME"
 rm -rf "$OUTDIR"   # a stale index.json must never be mistaken for this run's result
 mkdir -p "$OUTDIR" "$RUNDIR"
 SERVER_LOG="$OUTDIR/server.log"
@@ -64,8 +73,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-log "starting $BINARY --listen 127.0.0.1:$PORT --upstream echo ${EXTRA[*]:-}"
-"$BINARY" --listen "127.0.0.1:$PORT" --upstream echo "${EXTRA[@]}" >"$SERVER_LOG" 2>&1 &
+log "starting $BINARY --listen 127.0.0.1:$PORT --admin 127.0.0.1:0 --upstream echo ${EXTRA[*]:-}"
+"$BINARY" --listen "127.0.0.1:$PORT" --admin 127.0.0.1:0 --upstream echo "${EXTRA[@]}" >"$SERVER_LOG" 2>&1 &
 SERVER_PID=$!
 
 # Wait (max 10 s) until the port accepts a TCP connection.
@@ -85,7 +94,7 @@ if [ "$QUICK" = 1 ]; then
 else
   CASES=''
 fi
-python3 - "$ROOT/tests/autobahn/fuzzingclient.json" "$SPEC" "$PORT" "$OUTDIR" "$CASES" <<'PY'
+python3 - "$TEMPLATE" "$SPEC" "$PORT" "$OUTDIR" "$CASES" <<'PY'
 import json, sys
 template, out, port, outdir, cases = sys.argv[1:6]
 spec = json.load(open(template))
@@ -111,9 +120,10 @@ log "wstest finished in ${elapsed}s (exit $WSTEST_RC)"
 SERVER_ALIVE=1
 kill -0 "$SERVER_PID" 2>/dev/null || SERVER_ALIVE=0
 
-python3 - "$OUTDIR" "$WSTEST_LOG" "$WSTEST_RC" "$SERVER_ALIVE" "$SERVER_LOG" <<'PY'
+python3 - "$OUTDIR" "$WSTEST_LOG" "$WSTEST_RC" "$SERVER_ALIVE" "$SERVER_LOG" "$STRICT" <<'PY'
 import ast, json, os, re, sys
 outdir, wstest_log, rc, alive, server_log = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
+strict = sys.argv[6] == "1"
 problems = []
 if rc in (124, 137):
     problems.append("wstest timed out (exit %d)" % rc)
@@ -161,7 +171,8 @@ for cid in sorted(results, key=key):
     except Exception:
         pass
     line = "  %-9s behavior=%s close=%s code=%s  %s" % (cid, b, bc, r.get("remoteCloseCode"), desc)
-    if b not in ("OK", "NON-STRICT", "INFORMATIONAL", "UNIMPLEMENTED") or bc in ("FAILED", "UNCLEAN"):
+    lenient = ("OK", "INFORMATIONAL") if strict else ("OK", "NON-STRICT", "INFORMATIONAL", "UNIMPLEMENTED")
+    if b not in lenient or bc in ("FAILED", "UNCLEAN") or (strict and bc == "WRONG CODE"):
         failed.append(line)
     elif b == "NON-STRICT" or bc == "WRONG CODE":
         nonstrict.append(line)

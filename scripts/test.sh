@@ -3,7 +3,10 @@
 #   structure (scripts/check-imports.py), formatting and lints, every unit and integration
 #   test of the workspace (the gateway and bench/, release build), a short bounded fuzzing
 #   run of the three decoders that face untrusted bytes (when cargo-fuzz is installed), then
-#   the Autobahn|Testsuite RFC 6455 conformance run in echo mode.
+#   the Autobahn|Testsuite RFC 6455 conformance run in echo mode. A second Autobahn run, of
+#   the permessage-deflate cases 12.* and 13.* against `--compression shared`, starts in the
+#   background as soon as the binary is built (8-14 min of one core's Python) and is
+#   waited for at the end, with its own wall time.
 # Installs what the tests need first (idempotent; see scripts/setup-test-deps.sh).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -43,6 +46,20 @@ cargo fmt --all -- --check
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --profile ci --workspace --all-targets -- -D warnings
 
+step "cargo build --profile ci (the binary both Autobahn runs serve)"
+cargo build --profile ci
+
+# Autobahn 12.* / 13.* (permessage-deflate) in the background: report and log of their own.
+mkdir -p reports
+DEFLATE_LOG="$ROOT/reports/autobahn-deflate.log"
+DEFLATE_T0=$SECONDS
+bash scripts/autobahn.sh --binary target/ci/ringway --timeout 2400 --strict \
+    --spec tests/autobahn/fuzzingclient-deflate.json --name autobahn-deflate \
+    -- --max-message 16777216 --max-fragments 0 --compression shared >"$DEFLATE_LOG" 2>&1 &
+DEFLATE_PID=$!
+printf 'Autobahn 12.*/13.* (--compression shared) running in the background (pid %d, log %s)\n' \
+    "$DEFLATE_PID" "$DEFLATE_LOG"
+
 step "cargo test --profile ci --workspace (the gateway, and the load tool in bench/; release code without LTO)"
 cargo test --profile ci --workspace
 
@@ -51,3 +68,13 @@ bash scripts/fuzz.sh "${RINGWAY_FUZZ_SECONDS:-15}"
 
 step "Autobahn|Testsuite fuzzingclient (all cases but 12.* and 13.*: compression is not offered)"
 bash scripts/autobahn.sh --binary target/ci/ringway -- --max-message 16777216 --max-fragments 0
+
+step "Autobahn|Testsuite 12.* and 13.* (permessage-deflate, --compression shared; started after the build)"
+set +e
+wait "$DEFLATE_PID"
+DEFLATE_RC=$?
+set -e
+cat "$DEFLATE_LOG"
+printf 'Autobahn 12.*/13.* wall time: %d s (in parallel with the steps above)\n' \
+    "$((SECONDS - DEFLATE_T0))"
+[ "$DEFLATE_RC" = 0 ]

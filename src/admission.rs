@@ -44,6 +44,9 @@ pub enum Refusal {
     NoRoute,
     #[error("origin not allowed")]
     Origin,
+    /// The route has `require_subprotocol` and the client offered none of its `subprotocols`.
+    #[error("none of this route's subprotocols offered")]
+    Subprotocol,
     #[error("{0}")]
     Auth(AuthError),
 }
@@ -53,6 +56,7 @@ impl Refusal {
         match self {
             Refusal::NoRoute => 404,
             Refusal::Origin => 403,
+            Refusal::Subprotocol => 400,
             Refusal::Auth(e) => e.status(),
         }
     }
@@ -62,6 +66,7 @@ impl Refusal {
         match self {
             Refusal::NoRoute => "no route for this path",
             Refusal::Origin => "origin not allowed",
+            Refusal::Subprotocol => "none of this route's subprotocols offered",
             Refusal::Auth(e) => e.reason(),
         }
     }
@@ -77,7 +82,7 @@ impl Refusal {
     /// What it is counted under in `ringway_policy_refusals_total`, where it is counted.
     pub fn metric(&self) -> Option<PolicyRefusal> {
         match self {
-            Refusal::NoRoute => None,
+            Refusal::NoRoute | Refusal::Subprotocol => None,
             Refusal::Origin => Some(PolicyRefusal::Origin),
             Refusal::Auth(_) => Some(PolicyRefusal::Auth),
         }
@@ -302,6 +307,20 @@ pub fn admit(request: &Request, routes: &RouteTable, now_unix_s: u64) -> Result<
             .into_iter()
             .map(|(k, v)| (format!("{CLAIM_HEADER_PREFIX}{k}"), v)),
     );
+    // The JWT companion (a token carried in a subprotocol) keeps its place; otherwise the
+    // route's first subprotocol, in its order of preference, that the client offered.
+    if protocol.is_none() && !route.subprotocols.is_empty() {
+        protocol = select_subprotocol(&route.subprotocols, &request.protocols);
+        match &protocol {
+            None if route.require_subprotocol => return Err(Refusal::Subprotocol),
+            None => {}
+            Some(p) => {
+                // The backend learns the one selected, not the client's whole list.
+                headers.retain(|(name, _)| name != "sec-websocket-protocol");
+                headers.push(("sec-websocket-protocol".into(), p.clone()));
+            }
+        }
+    }
     Ok(Admitted {
         route_id,
         protocol,
@@ -309,6 +328,15 @@ pub fn admit(request: &Request, routes: &RouteTable, now_unix_s: u64) -> Result<
         headers,
         token_expiry_s,
     })
+}
+
+/// The server's most preferred subprotocol among those offered (RFC 6455 §4.2.2 step 5.5:
+/// the server picks; names compare exactly, they are tokens).
+fn select_subprotocol(preference: &[String], offered: &[String]) -> Option<String> {
+    preference
+        .iter()
+        .find(|p| offered.iter().any(|o| o == *p))
+        .cloned()
 }
 
 /// A token expiry (Unix seconds) as a deadline on the core's monotonic clock: `now_ms` on
@@ -386,6 +414,70 @@ pass_headers = ["x-claim-sub", "x-request-id"]
     }
 
     const ORIGIN: &str = "Origin: https://app.example.com\r\n";
+
+    #[test]
+    fn route_subprotocols_select_by_server_preference() {
+        let routes = table(
+            r#"
+[[routes]]
+path = "/gql"
+subprotocols = ["graphql-transport-ws", "mqtt"]
+
+[[routes]]
+path = "/strict"
+subprotocols = ["mqtt"]
+require_subprotocol = true
+
+[[routes]]
+path = "/*"
+"#,
+        );
+        let admit = |target: &str, extra: &str| admit(&request(target, extra), &routes, NOW);
+        // The server's order wins over the client's.
+        let a = admit(
+            "/gql",
+            "Sec-WebSocket-Protocol: mqtt, graphql-transport-ws\r\n",
+        )
+        .unwrap();
+        assert_eq!(a.protocol.as_deref(), Some("graphql-transport-ws"));
+        // The backend's `open` carries the one selected.
+        assert_eq!(
+            a.headers,
+            vec![(
+                "sec-websocket-protocol".into(),
+                "graphql-transport-ws".into()
+            )]
+        );
+        let a = admit("/gql", "Sec-WebSocket-Protocol: stomp, mqtt\r\n").unwrap();
+        assert_eq!(a.protocol.as_deref(), Some("mqtt"));
+        // None offered, or none of the route's: no subprotocol, unless required.
+        let a = admit("/gql", "Sec-WebSocket-Protocol: stomp\r\n").unwrap();
+        assert_eq!((a.protocol, a.headers.len()), (None, 0));
+        assert_eq!(admit("/gql", "").unwrap().protocol, None);
+        assert_eq!(
+            admit("/strict", "Sec-WebSocket-Protocol: stomp\r\n"),
+            Err(Refusal::Subprotocol)
+        );
+        let e = admit("/strict", "").unwrap_err();
+        assert_eq!(
+            (e.status(), e.reason()),
+            (400, "none of this route's subprotocols offered")
+        );
+        assert_eq!(
+            admit("/strict", "Sec-WebSocket-Protocol: mqtt\r\n")
+                .unwrap()
+                .protocol
+                .as_deref(),
+            Some("mqtt")
+        );
+        // A route without a list selects none, as before.
+        assert_eq!(
+            admit("/x", "Sec-WebSocket-Protocol: mqtt\r\n")
+                .unwrap()
+                .protocol,
+            None
+        );
+    }
 
     #[test]
     fn verified_claims_replace_client_sent_claim_headers() {

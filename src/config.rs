@@ -79,6 +79,21 @@ pub enum SlowConsumer {
     DropNewest,
 }
 
+/// permessage-deflate (RFC 7692) for a route's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Compression {
+    /// Decline every offer: frames go as today.
+    #[default]
+    Off,
+    /// Both `no_context_takeover` parameters, one compressor and inflater per core: no
+    /// compression memory per connection.
+    Shared,
+    /// Context takeover with a capped window per connection. Not built yet: runs as `shared`
+    /// (a warning at start-up says so).
+    Dedicated,
+}
+
 /// A named group of backends that messages can be routed to.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -137,6 +152,12 @@ pub struct RouteConfig {
     /// Messages per second one connection may send (0: no limit); beyond it close 1008.
     pub messages_per_sec: u32,
     pub message_burst: u32,
+    /// permessage-deflate for this route; absent: the top-level `compression`.
+    pub compression: Option<Compression>,
+    /// Subprotocols this route selects, in the server's order of preference.
+    pub subprotocols: Vec<String>,
+    /// With `subprotocols`: a client offering none of them gets 400 instead of none.
+    pub require_subprotocol: bool,
 }
 
 impl Default for RouteConfig {
@@ -158,6 +179,9 @@ impl Default for RouteConfig {
             close_at_token_expiry: true,
             messages_per_sec: 0,
             message_burst: 0,
+            compression: None,
+            subprotocols: Vec::new(),
+            require_subprotocol: false,
         }
     }
 }
@@ -237,6 +261,10 @@ pub struct Config {
     pub ip_limits: crate::policy::rate::IpLimits,
     /// The admin listener (/metrics, /healthz, /readyz); keep it off public interfaces.
     pub admin_listen: Option<SocketAddr>,
+    /// permessage-deflate for routes that do not set their own.
+    pub compression: Compression,
+    /// Outbound messages smaller than this go uncompressed (RSV1 clear, RFC 7692 §6.1).
+    pub compression_min_bytes: usize,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
 }
@@ -270,6 +298,8 @@ impl Default for Config {
             memory_budget_bytes: None,
             ip_limits: Default::default(),
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9091))),
+            compression: Compression::Off,
+            compression_min_bytes: 256,
             upstreams: Vec::new(),
             routes: Vec::new(),
         }

@@ -55,6 +55,10 @@ struct Cli {
     /// Frames one message may span (0: no limit; at most 1048576), for every route.
     #[arg(long, value_name = "N")]
     max_fragments: Option<u32>,
+    /// permessage-deflate for every route: `off`, `shared` (one compressor per core) or
+    /// `dedicated` (runs as `shared` for now).
+    #[arg(long, value_name = "MODE")]
+    compression: Option<config::Compression>,
     /// Close connections that sent no message for this long, in milliseconds (0: never; at
     /// most one day, 86400000).
     #[arg(long, value_name = "MS")]
@@ -139,6 +143,12 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
             route.max_fragments = n;
         }
     }
+    if let Some(mode) = cli.compression {
+        config.compression = mode;
+        for route in &mut config.routes {
+            route.compression = Some(mode);
+        }
+    }
     if let Some(ms) = cli.idle_timeout_ms {
         flag_within("--idle-timeout-ms", ms, 0, config::MAX_CONNECTION_TIMER_MS)?;
         config.idle_timeout_ms = ms;
@@ -147,6 +157,14 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
         config.admin_listen = Some(admin);
     }
     config.validate("command line")?;
+    let dedicated = std::iter::once(config.compression)
+        .chain(config.routes.iter().filter_map(|r| r.compression))
+        .any(|c| c == config::Compression::Dedicated);
+    if dedicated {
+        tracing::warn!(
+            "compression \"dedicated\" is not built yet: those routes run as \"shared\""
+        );
+    }
     Ok(config)
 }
 

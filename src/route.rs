@@ -9,10 +9,11 @@ use std::path::PathBuf;
 
 use simd_json::{Buffers, Node, Tape, INPUT_PADDING};
 
-use crate::config::{Balance, Config, RouteConfig, SlowConsumer, Upstream};
+use crate::config::{Balance, Compression, Config, RouteConfig, SlowConsumer, Upstream};
 use crate::ids::UpstreamId;
 use crate::policy::auth::JwtVerifier;
 use crate::policy::origin::OriginPolicy;
+use crate::protocol::handshake;
 use crate::protocol::message::MessageKind;
 
 /// Index of a route in [`RouteTable::routes`] (config order).
@@ -119,6 +120,11 @@ pub struct Route {
     pub slow_consumer: SlowConsumer,
     /// Frames one message may span (0: no limit).
     pub max_fragments: u32,
+    /// permessage-deflate (the route's, else the top-level setting).
+    pub compression: Compression,
+    /// Subprotocols it selects, in the server's order of preference.
+    pub subprotocols: Vec<String>,
+    pub require_subprotocol: bool,
 }
 
 /// How a compiled pattern matches.
@@ -221,6 +227,15 @@ impl RouteTable {
                 });
             }
             let upstream = table.resolve(config, &format!("{key}.upstream"), &r.upstream)?;
+            if r.subprotocols
+                .iter()
+                .any(|p| !handshake::is_token(p.as_bytes()))
+            {
+                return Err(RouteError::Invalid {
+                    key: format!("{key}.subprotocols"),
+                    problem: "each subprotocol must be an HTTP token (RFC 6455 §4.1)",
+                });
+            }
             let route_key = if r.actions.is_empty() {
                 None
             } else {
@@ -276,6 +291,9 @@ impl RouteTable {
                 max_subscriptions: r.max_subscriptions,
                 slow_consumer: r.slow_consumer,
                 max_fragments: r.max_fragments,
+                compression: r.compression.unwrap_or(config.compression),
+                subprotocols: r.subprotocols.clone(),
+                require_subprotocol: r.require_subprotocol,
             });
         }
         if table.routes.len() > usize::from(RouteId::MAX) + 1 {

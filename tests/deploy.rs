@@ -228,6 +228,7 @@ fn expected() -> Config {
                 actions: [("heartbeat".to_string(), "presence".to_string())].into(),
                 authorize: true,
                 pass_headers: vec!["authorization".into(), "x-request-id".into()],
+                compression: Some(ringway::config::Compression::Shared),
                 ..RouteConfig::default()
             },
             RouteConfig {

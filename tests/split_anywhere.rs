@@ -21,6 +21,7 @@ fn own(ev: Event<'_>) -> Ev {
         Event::Message { kind, payload } => Ev::Msg(kind, payload.as_slice().to_vec()),
         Event::Ping(p) => Ev::Ping(p.to_vec()),
         Event::Pong(p) => Ev::Pong(p.to_vec()),
+        Event::Compressed { .. } => panic!("RSV1 is not allowed here: no compressed events"),
         Event::Close(c) => Ev::Close(c.map(|(code, r)| (code, r.to_string()))),
     }
 }

@@ -367,6 +367,13 @@ fn on_data<M: Mode>(
                 write_client_frame(&mut c.wbuf, true, OpCode::Pong, mask(m.rng()), p);
             }
             Event::Pong(_) => {}
+            // The load tool offers no extension, so RSV1 stays forbidden and this cannot occur.
+            Event::Compressed { .. } => {
+                return Err((
+                    ErrorKind::Protocol,
+                    format!("{}: compressed message without permessage-deflate", c.id),
+                ));
+            }
             Event::Close(_) if c.state == State::Closing => return m.close_answered(c),
             Event::Close(code) => {
                 return Err((

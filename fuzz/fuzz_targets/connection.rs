@@ -82,6 +82,8 @@ fuzz_target!(|data: &[u8]| {
             match refusal {
                 Refusal::NoRoute => unreachable!("`/*` matches every path"),
                 Refusal::Origin => assert_eq!(refusal.status(), 403),
+                // The fuzzed routes set no `require_subprotocol`.
+                Refusal::Subprotocol => unreachable!("no route requires a subprotocol"),
                 Refusal::Auth(_) => {
                     assert_eq!(refusal.status(), 401);
                     assert!(response
@@ -175,6 +177,8 @@ fuzz_target!(|data: &[u8]| {
                 assert!(reason.len() <= MAX_CONTROL_PAYLOAD - 2);
             }
             Some(Event::Close(None)) => {}
+            // RSV1 is never allowed here (no extension negotiated): must not happen.
+            Some(Event::Compressed { .. }) => panic!("compressed event without RSV1 allowed"),
         }
     }
 });

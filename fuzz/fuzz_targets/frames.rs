@@ -56,6 +56,8 @@ fuzz_target!(|data: &[u8]| {
                     assert!(reason.len() <= MAX_CONTROL_PAYLOAD - 2);
                 }
                 Some(Event::Close(None)) => {}
+                // RSV1 is never allowed here (no extension negotiated): must not happen.
+                Some(Event::Compressed { .. }) => panic!("compressed event without RSV1 allowed"),
             }
             assert!(dec.heap_bytes() as u64 <= 2 * limits.max_message);
         }

@@ -3,6 +3,7 @@
 //! instruction on the hot path); the metrics endpoint reads all of them at scrape time.
 
 use crate::admission::PolicyRefusal;
+use crate::session::compression::InflateFailure;
 use crate::session::{Count, Meter, TlsFailure};
 use crate::telemetry::{Counter, Heartbeat, LatencyHistogram};
 
@@ -32,6 +33,18 @@ impl Meter for CoreStats {
             Count::Refused(why) => self.refused(why).inc(),
             Count::SlowConsumerClosed => self.overflow_closed.inc(),
             Count::SlowConsumerDropped => self.overflow_dropped.inc(),
+            Count::Compressed { before, after } => {
+                self.deflate_compressed.inc();
+                self.deflate_out_raw.add(before as u64);
+                self.deflate_out_compressed.add(after as u64);
+            }
+            Count::CompressionSkipped => self.deflate_skipped.inc(),
+            Count::Inflated { before, after } => {
+                self.deflate_inflated.inc();
+                self.deflate_in_compressed.add(before as u64);
+                self.deflate_in_raw.add(after as u64);
+            }
+            Count::InflateFailed(why) => self.inflate_failures[why as usize].inc(),
             Count::TlsFailure(why) => self.tls_failed(why).inc(),
         }
     }
@@ -73,6 +86,17 @@ pub struct CoreStats {
     /// Time from accept to the 101 response (on the core's loop clock), for
     /// `ringway_handshake_duration_seconds`.
     pub handshake_latency: LatencyHistogram,
+    /// permessage-deflate: messages compressed once each (a fan-out counts once per core),
+    /// sent plain for their size, and inflated; bytes before and after, each way.
+    pub deflate_compressed: Counter,
+    pub deflate_skipped: Counter,
+    pub deflate_inflated: Counter,
+    pub deflate_out_raw: Counter,
+    pub deflate_out_compressed: Counter,
+    pub deflate_in_compressed: Counter,
+    pub deflate_in_raw: Counter,
+    /// Indexed by `InflateFailure`.
+    pub inflate_failures: [Counter; InflateFailure::ALL.len()],
 }
 
 #[cfg(test)]

@@ -204,6 +204,7 @@ impl Worker {
                 config: setup.config,
                 routes: setup.routes,
                 scratch: Vec::new(),
+                codec: Default::default(),
                 outputs: Vec::new(),
                 shared: setup.shared,
                 relay: setup.relay,
@@ -946,6 +947,8 @@ struct CoreState {
     routes: Arc<RouteTable>,
     /// simd-json parses in place: messages are routed on a copy.
     scratch: Vec<u8>,
+    /// The core's one permessage-deflate compressor and inflater (`compression = "shared"`).
+    pub(super) codec: crate::session::compression::SharedCodec,
     /// What the last session call handed over (`Worker::dispatch_outputs`).
     outputs: Vec<Output>,
     shared: Arc<Shared>,
@@ -982,6 +985,7 @@ impl CoreState {
             meter: &*self.stats,
             relay: self.relay.is_some(),
             scratch: &mut self.scratch,
+            codec: &mut self.codec,
             panic_on: self.panic_on.as_deref(),
             out: &mut self.outputs,
         }

@@ -18,6 +18,7 @@ use crate::edge::CoreStats;
 use crate::relay::link::LinkState;
 use crate::relay::RelayGauges;
 pub use crate::relay::UpstreamLink;
+use crate::session::compression::InflateFailure;
 use crate::session::TlsFailure;
 use crate::telemetry::{Heartbeat, HistogramSnapshot};
 
@@ -297,6 +298,49 @@ impl Collector for Sources {
             "ringway_memory_budget_bytes",
             "Connection buffers across all cores beyond which new connections get 503",
             [(Labels::new(), (self.memory_budget)())],
+        )?;
+        let mut z = self.per_core(&[("direction", "out"), ("form", "raw")], |s| {
+            s.deflate_out_raw.get()
+        });
+        z.extend(
+            self.per_core(&[("direction", "out"), ("form", "compressed")], |s| {
+                s.deflate_out_compressed.get()
+            }),
+        );
+        z.extend(
+            self.per_core(&[("direction", "in"), ("form", "compressed")], |s| {
+                s.deflate_in_compressed.get()
+            }),
+        );
+        z.extend(self.per_core(&[("direction", "in"), ("form", "raw")], |s| {
+            s.deflate_in_raw.get()
+        }));
+        counters(
+            e,
+            "ringway_deflate_bytes",
+            "permessage-deflate payload bytes before (raw) and after (compressed) compression, out and in",
+            z,
+        )?;
+        let mut m = self.per_core(&[("result", "compressed")], |s| s.deflate_compressed.get());
+        m.extend(self.per_core(&[("result", "skipped")], |s| s.deflate_skipped.get()));
+        m.extend(self.per_core(&[("result", "inflated")], |s| s.deflate_inflated.get()));
+        counters(
+            e,
+            "ringway_deflate_messages",
+            "permessage-deflate messages: compressed (a fan-out once per core), sent plain under compression_min_bytes, inflated",
+            m,
+        )?;
+        let mut f = Vec::new();
+        for why in InflateFailure::ALL {
+            f.extend(self.per_core(&[("reason", why.label())], |s| {
+                s.inflate_failures[why as usize].get()
+            }));
+        }
+        counters(
+            e,
+            "ringway_inflate_failures",
+            "Compressed client messages refused: too_large (1009), corrupt or invalid_utf8 (1007)",
+            f,
         )?;
         let mut slow = self.per_core(&[("action", "closed")], |s| s.overflow_closed.get());
         slow.extend(self.per_core(&[("action", "dropped")], |s| s.overflow_dropped.get()));

@@ -38,6 +38,10 @@ pub enum ProtocolError {
     InvalidCloseCode(u16),
     #[error("close reason is not valid UTF-8")]
     InvalidCloseReason,
+    /// permessage-deflate data that does not inflate (RFC 7692 §8.2.3.6 leaves the code to
+    /// us; 1007 says "data inconsistent with the message type").
+    #[error("compressed message does not inflate")]
+    InvalidCompressedData,
 }
 
 impl ProtocolError {
@@ -47,9 +51,9 @@ impl ProtocolError {
             ProtocolError::FrameTooLarge { .. } | ProtocolError::MessageTooLarge { .. } => {
                 close::MESSAGE_TOO_BIG
             }
-            ProtocolError::InvalidUtf8 | ProtocolError::InvalidCloseReason => {
-                close::INVALID_PAYLOAD
-            }
+            ProtocolError::InvalidUtf8
+            | ProtocolError::InvalidCloseReason
+            | ProtocolError::InvalidCompressedData => close::INVALID_PAYLOAD,
             ProtocolError::TooManyFragments { .. } => close::POLICY_VIOLATION,
             _ => close::PROTOCOL_ERROR,
         }

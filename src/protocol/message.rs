@@ -15,6 +15,9 @@ use super::mask;
 use super::ProtocolError;
 use bytes::{Bytes, BytesMut};
 
+/// RSV1 in `FrameHeader::rsv`: permessage-deflate's "compressed" bit (RFC 7692 §6).
+pub const RSV1: u8 = 0b100;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Largest frame payload (1009 beyond it).
@@ -70,6 +73,12 @@ impl Payload<'_> {
 #[derive(Debug)]
 pub enum Event<'a> {
     Message {
+        kind: MessageKind,
+        payload: Payload<'a>,
+    },
+    /// A permessage-deflate message (RSV1 on its first frame, RFC 7692 §6.1): the payload is
+    /// still compressed and, for text, not yet UTF-8 checked. Only once RSV1 is allowed.
+    Compressed {
         kind: MessageKind,
         payload: Payload<'a>,
     },
@@ -153,6 +162,8 @@ pub struct MessageDecoder {
     assembly: BytesMut,
     /// The data message being assembled (first frame seen, final fragment not yet).
     message: Option<MessageKind>,
+    /// `message` had RSV1 (permessage-deflate): its bytes are checked once inflated.
+    compressed: bool,
     /// Declared payload bytes of `message` so far, checked against `max_message` at each
     /// header, before its payload is read.
     message_len: u64,
@@ -179,6 +190,7 @@ impl MessageDecoder {
             limits,
             assembly: BytesMut::new(),
             message: None,
+            compressed: false,
             message_len: 0,
             fragments: 0,
             utf8: Utf8State::default(),
@@ -197,9 +209,8 @@ impl MessageDecoder {
     }
 
     /// Allow RSV bits (RSV1<<2|RSV2<<1|RSV3) once an extension that defines them has been
-    /// negotiated; applies from the next frame. The payload is still delivered as is. Only
-    /// tests use it until permessage-deflate is negotiated (then the session will).
-    #[cfg(test)]
+    /// negotiated; applies from the next frame. With RSV1 allowed, a message whose first
+    /// frame has it comes out as [`Event::Compressed`] (RFC 7692 §6.1).
     pub fn set_allowed_rsv(&mut self, rsv: u8) {
         self.rules.allowed_rsv = rsv & 0x7;
     }
@@ -266,6 +277,15 @@ impl MessageDecoder {
                         if let Some(m) = h.mask {
                             mask::unmask(payload, m, 0);
                         }
+                        if h.rsv & RSV1 != 0 {
+                            let kind = if h.opcode == OpCode::Text {
+                                MessageKind::Text
+                            } else {
+                                MessageKind::Binary
+                            };
+                            let payload = Payload::Borrowed(payload);
+                            return Ok((end, Some(Event::Compressed { kind, payload })));
+                        }
                         let kind = if h.opcode == OpCode::Text {
                             // §8.1: whole message at once, so the fast (non-locating) check.
                             if simdutf8::basic::from_utf8(payload).is_err() {
@@ -298,7 +318,7 @@ impl MessageDecoder {
                 self.control[at..at + avail].copy_from_slice(piece);
                 self.control_len += avail as u8;
             } else {
-                if self.message == Some(MessageKind::Text) {
+                if self.message == Some(MessageKind::Text) && !self.compressed {
                     self.utf8.feed(piece)?;
                 }
                 self.append(piece, f.remaining);
@@ -320,12 +340,16 @@ impl MessageDecoder {
                 let Some(kind) = self.message.take() else {
                     return Err(ProtocolError::UnexpectedContinuation);
                 };
-                if kind == MessageKind::Text {
+                let compressed = std::mem::take(&mut self.compressed);
+                if kind == MessageKind::Text && !compressed {
                     self.utf8.finish()?;
                 }
                 self.message_len = 0;
                 // Hand the buffer over whole: the idle decoder keeps no heap memory.
                 let payload = Payload::Owned(std::mem::take(&mut self.assembly).freeze());
+                if compressed {
+                    return Ok((pos, Some(Event::Compressed { kind, payload })));
+                }
                 return Ok((pos, Some(Event::Message { kind, payload })));
             }
             // A non-final fragment is done; the next header may already be in `input`.
@@ -365,6 +389,10 @@ impl MessageDecoder {
     /// judged from the header before any payload byte is read.
     fn check_header(&self, h: &FrameHeader) -> Result<(), ProtocolError> {
         let limit = self.limits.max_message;
+        // RFC 7692 §6.1: RSV1 marks a message's first frame only, never a control frame.
+        if h.rsv & RSV1 != 0 && (h.opcode.is_control() || h.opcode == OpCode::Continuation) {
+            return Err(ProtocolError::ReservedBits(h.rsv));
+        }
         match h.opcode {
             OpCode::Continuation => {
                 if self.message.is_none() {
@@ -400,8 +428,8 @@ impl MessageDecoder {
     /// belongs to a fragmented message.
     fn start_frame(&mut self, h: &FrameHeader) -> FrameInProgress {
         match h.opcode {
-            OpCode::Text => self.begin_message(MessageKind::Text, h.payload_len),
-            OpCode::Binary => self.begin_message(MessageKind::Binary, h.payload_len),
+            OpCode::Text => self.begin_message(MessageKind::Text, h),
+            OpCode::Binary => self.begin_message(MessageKind::Binary, h),
             OpCode::Continuation => {
                 self.message_len += h.payload_len;
                 self.fragments += 1;
@@ -417,9 +445,10 @@ impl MessageDecoder {
         }
     }
 
-    fn begin_message(&mut self, kind: MessageKind, len: u64) {
+    fn begin_message(&mut self, kind: MessageKind, h: &FrameHeader) {
         self.message = Some(kind);
-        self.message_len = len;
+        self.compressed = h.rsv & RSV1 != 0;
+        self.message_len = h.payload_len;
         self.fragments = 1;
         self.utf8 = Utf8State::default();
     }
@@ -471,6 +500,7 @@ mod tests {
     #[derive(Debug, Clone, PartialEq, Eq)]
     enum Ev {
         Msg(MessageKind, Vec<u8>, bool),
+        Compressed(MessageKind, Vec<u8>),
         Ping(Vec<u8>),
         Pong(Vec<u8>),
         Close(Option<(u16, String)>),
@@ -481,6 +511,9 @@ mod tests {
             Event::Message { kind, payload } => {
                 let borrowed = matches!(payload, Payload::Borrowed(_));
                 Ev::Msg(kind, payload.as_slice().to_vec(), borrowed)
+            }
+            Event::Compressed { kind, payload } => {
+                Ev::Compressed(kind, payload.as_slice().to_vec())
             }
             Event::Ping(p) => Ev::Ping(p.to_vec()),
             Event::Pong(p) => Ev::Pong(p.to_vec()),
@@ -1004,8 +1037,45 @@ mod tests {
         dec.set_allowed_rsv(0b100);
         assert_eq!(
             feed(&mut dec, &wire).unwrap(),
-            vec![Ev::Msg(MessageKind::Binary, b"z".to_vec(), true)]
+            vec![Ev::Compressed(MessageKind::Binary, b"z".to_vec())]
         );
+    }
+
+    #[test]
+    fn rsv1_marks_a_compressed_message_and_only_its_first_frame() {
+        let rsv1 = |mut w: Vec<u8>| {
+            w[0] |= 0x40;
+            w
+        };
+        let deflate = || {
+            let mut d = server();
+            d.set_allowed_rsv(RSV1);
+            d
+        };
+        // Fragmented: RSV1 on the first frame; the bytes (not UTF-8) are not checked yet.
+        let mut wire = rsv1(masked(false, OpCode::Text, &[0xff, 0xfe]));
+        wire.extend(masked(true, OpCode::Continuation, &[0xc3]));
+        assert_eq!(
+            feed(&mut deflate(), &wire).unwrap(),
+            vec![Ev::Compressed(MessageKind::Text, vec![0xff, 0xfe, 0xc3])]
+        );
+        // A plain message after it is checked again.
+        let mut dec = deflate();
+        let mut wire = rsv1(masked(true, OpCode::Text, &[0xff]));
+        wire.extend(masked(true, OpCode::Text, &[0xff]));
+        assert_eq!(
+            feed(&mut dec, &wire).unwrap_err(),
+            ProtocolError::InvalidUtf8
+        );
+        // RFC 7692 §6.1: RSV1 on a continuation or a control frame is a protocol error.
+        let mut wire = masked(false, OpCode::Binary, b"a");
+        wire.extend(rsv1(masked(true, OpCode::Continuation, b"b")));
+        let e = feed(&mut deflate(), &wire).unwrap_err();
+        assert_eq!(e.close_code(), close::PROTOCOL_ERROR);
+        for op in [OpCode::Ping, OpCode::Pong, OpCode::Close] {
+            let e = feed(&mut deflate(), &rsv1(masked(true, op, b""))).unwrap_err();
+            assert_eq!(e, ProtocolError::ReservedBits(RSV1), "{op:?}");
+        }
     }
 
     #[test]

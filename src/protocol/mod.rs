@@ -4,6 +4,7 @@
 //! handshake outcomes, decoded (unmasked in place) frames and whole messages.
 
 pub mod close;
+pub mod deflate;
 pub mod error;
 pub mod frame;
 pub mod handshake;

@@ -13,6 +13,8 @@
 //! send in flight, shut) beside it.
 #![forbid(unsafe_code)]
 
+pub mod compression;
+mod frames;
 mod queue;
 #[cfg(test)]
 mod tests;
@@ -25,14 +27,14 @@ use std::net::SocketAddr;
 use bytes::{Bytes, BytesMut};
 
 use crate::admission::{self, AcceptRefusal, MessageRefusal, PolicyRefusal};
-use crate::config::{Config, SlowConsumer, Upstream};
+use crate::config::{Config, SlowConsumer};
 use crate::ids::{ConnId, UpstreamId};
 use crate::policy::rate::MessageRate;
 use crate::protocol::close::{self, CloseHandshake};
+use crate::protocol::deflate::Agreed;
 use crate::protocol::frame::{self, OpCode, Role, MAX_HEADER_LEN};
 use crate::protocol::handshake::{self, Parsed, Request};
-use crate::protocol::message::{Event, Limits, MessageDecoder, MessageKind};
-use crate::protocol::ProtocolError;
+use crate::protocol::message::{Limits, MessageDecoder, MessageKind, RSV1};
 use crate::relay::{OpenInfo, ToUpstream, Topic};
 use crate::route::{Backend, RouteId, RouteTable};
 
@@ -117,6 +119,19 @@ pub enum Count {
     SlowConsumerClosed,
     /// A topic or broadcast frame dropped for a full send queue (drop-newest).
     SlowConsumerDropped,
+    /// permessage-deflate: an outbound message compressed (bytes before and after), or sent
+    /// plain for being under `compression_min_bytes`.
+    Compressed {
+        before: usize,
+        after: usize,
+    },
+    CompressionSkipped,
+    /// An inbound compressed message inflated (bytes on the wire and inflated), or refused.
+    Inflated {
+        before: usize,
+        after: usize,
+    },
+    InflateFailed(compression::InflateFailure),
     /// The TLS layer failed (`ringway_tls_handshake_failures_total`).
     TlsFailure(TlsFailure),
 }
@@ -139,6 +154,8 @@ pub struct Context<'a> {
     pub relay: bool,
     /// simd-json parses in place: messages are routed on a copy here.
     pub scratch: &'a mut Vec<u8>,
+    /// The core's permessage-deflate compressor and inflater, shared by its connections.
+    pub codec: &'a mut compression::SharedCodec,
     /// Test-only panic hook (`RINGWAY_TEST_PANIC_ON`).
     pub panic_on: Option<&'a [u8]>,
     pub out: &'a mut Vec<Output>,
@@ -231,6 +248,8 @@ pub struct Session {
     rate: Option<MessageRate>,
     /// The subprotocol the 101 names (the companion of a token carried in one).
     protocol: Option<String>,
+    /// permessage-deflate as agreed in the handshake (shared: no state of its own).
+    deflate: Option<Agreed>,
     /// Plain TCP, or TLS (`transport.rs`): what `queued` hands the driver.
     transport: transport::Transport,
 }
@@ -306,6 +325,7 @@ impl Session {
             route: 0,
             rate: None,
             protocol: None,
+            deflate: None,
             transport: transport::Transport::Plain,
         }
     }
@@ -378,6 +398,12 @@ impl Session {
 
     pub fn close_code(&self) -> u16 {
         self.close_code
+    }
+
+    /// Our compressor's window when it agreed to permessage-deflate (fan-out compresses once
+    /// per core for these).
+    pub fn deflate_bits(&self) -> Option<u8> {
+        self.deflate.map(|a| a.server_window_bits)
     }
 
     pub fn route(&self) -> RouteId {
@@ -628,6 +654,10 @@ impl Session {
                 let authorize = route.authorize && cx.relay;
                 self.rate = MessageRate::new(policy.messages_per_sec, policy.message_burst);
                 self.protocol = admitted.protocol;
+                self.deflate = compression::negotiate(route.compression, &request);
+                if self.deflate.is_some() {
+                    self.decoder.set_allowed_rsv(RSV1);
+                }
                 self.token_expiry_ms = admitted
                     .token_expiry_s
                     .map(|s| admission::expiry_deadline_ms(s, cx.now_ms, cx.unix_ms));
@@ -663,8 +693,12 @@ impl Session {
         cx.meter.count(Count::HandshakeOk {
             latency_ms: cx.now_ms.saturating_sub(self.accepted_ms),
         });
-        self.out
-            .push(handshake::response_101(request, self.protocol.as_deref()));
+        let extensions = self.deflate.map(|a| a.response_value());
+        self.out.push(handshake::response_101_with(
+            request,
+            self.protocol.as_deref(),
+            extensions.as_deref(),
+        ));
         self.state = Lifecycle::Open;
         self.opened = true;
         self.last_message_ms = cx.now_ms;
@@ -681,110 +715,6 @@ impl Session {
         self.out.push(response);
         self.stop_reading();
         self.drain();
-    }
-
-    /// Decode frames where they lie, unmasking in place, and act on each event.
-    fn on_frames(&mut self, cx: &mut Context<'_>, data: &mut [u8]) {
-        let mut off = 0;
-        while off < data.len() && !self.reading_done {
-            let accepts_data = self.close.accepts_data();
-            let close_sent = self.close.close_sent();
-            let (n, event) = match self.decoder.decode(&mut data[off..]) {
-                Ok(r) => r,
-                Err(e) => {
-                    cx.meter.count(Count::ProtocolError);
-                    if let ProtocolError::TooManyFragments { .. } = e {
-                        cx.meter.count(Count::Refused(PolicyRefusal::Fragments));
-                    }
-                    tracing::debug!(conn = %self.id, "protocol error: {e}");
-                    let reason = e.to_string();
-                    self.close_for_error(cx, e.close_code(), &reason);
-                    return;
-                }
-            };
-            off += n;
-            let Some(event) = event else { break };
-            let action = match event {
-                Event::Message {
-                    kind: MessageKind::Text,
-                    payload,
-                } if cx.panic_on == Some(payload.as_slice()) => {
-                    panic!("test hook: message {:?}", payload.as_slice())
-                }
-                Event::Message { .. }
-                    if self.rate.as_mut().is_some_and(|r| !r.on_message(cx.now_ms)) =>
-                {
-                    Action::Refuse(MessageRefusal::Rate)
-                }
-                Event::Message { kind, payload } => {
-                    cx.meter.count(Count::MessageIn);
-                    if !accepts_data {
-                        Action::None
-                    } else if cx.config.upstream == Upstream::LocalEcho {
-                        Action::Data(encode(opcode_for(kind), payload.as_slice()))
-                    } else {
-                        let route = cx.routes.route(self.route);
-                        match cx
-                            .routes
-                            .select(route, kind, payload.as_slice(), cx.scratch)
-                        {
-                            Ok(upstream) => {
-                                self.uses_backend |= !in_process(cx.routes, upstream);
-                                Action::Relay(upstream, kind, payload.into_bytes())
-                            }
-                            Err(e) => Action::Refuse(e.into()),
-                        }
-                    }
-                }
-                Event::Ping(p) if !close_sent => Action::Pong(encode(OpCode::Pong, p)),
-                Event::Ping(_) => Action::None,
-                Event::Pong(_) => Action::PongReceived,
-                Event::Close(c) => {
-                    let (code, reason) = c.map_or((close::NO_STATUS, String::new()), |(c, r)| {
-                        (c, r.to_string())
-                    });
-                    Action::Close(code, reason)
-                }
-            };
-            match action {
-                Action::None => {}
-                Action::Data(frame) => {
-                    self.last_message_ms = cx.now_ms;
-                    self.queue_data(cx, frame);
-                }
-                Action::Relay(upstream, kind, payload) => {
-                    self.last_message_ms = cx.now_ms;
-                    cx.out.push(Output::Message {
-                        upstream,
-                        kind,
-                        payload,
-                    });
-                }
-                Action::Refuse(refusal) => {
-                    cx.meter.count(Count::ProtocolError);
-                    if let Some(metric) = refusal.metric() {
-                        cx.meter.count(Count::Refused(metric));
-                    }
-                    tracing::debug!(conn = %self.id, "message refused: {refusal}");
-                    self.close_for_error(cx, refusal.close_code(), &refusal.to_string());
-                    return;
-                }
-                Action::Pong(frame) => {
-                    // Only the newest unanswered pong is kept (RFC 6455 §5.5.3) once the
-                    // client stops reading; a queue over `send_queue_bytes` stops reading.
-                    self.out.push_pong(frame, PONG_COALESCE_PAST);
-                }
-                Action::PongReceived => self.ping_sent_ms = None,
-                Action::Close(code, reason) => {
-                    tracing::debug!(conn = %self.id, code, reason = %reason, "client sent close");
-                    self.close.receive();
-                    self.close_code = code;
-                    // RFC 6455 §5.5.1: answer with a close echoing the status code, after the
-                    // replies to what the client sent before it.
-                    self.close_after_replies(cx, code, "");
-                }
-            }
-        }
     }
 
     // ----- the outbound queue -----
@@ -806,7 +736,11 @@ impl Session {
 
     /// A message the relay sends this client.
     pub fn on_relay_send(&mut self, cx: &mut Context<'_>, kind: MessageKind, payload: &[u8]) {
-        let frame = encode(opcode_for(kind), payload);
+        let bits = self.deflate_bits();
+        let min = cx.config.compression_min_bytes;
+        let frame = cx
+            .codec
+            .encode(cx.meter, bits, min, opcode_for(kind), payload);
         self.queue_data(cx, frame);
     }
 

@@ -59,6 +59,7 @@ struct Sim {
     routes: RouteTable,
     meter: Recorder,
     scratch: Vec<u8>,
+    codec: super::compression::SharedCodec,
     out: Vec<Output>,
     now: u64,
     relay: bool,
@@ -80,6 +81,7 @@ impl Sim {
             routes,
             meter: Recorder::default(),
             scratch: Vec::new(),
+            codec: Default::default(),
             out: Vec::new(),
             now: 0,
             relay,
@@ -112,6 +114,7 @@ impl Sim {
             meter: &self.meter,
             relay: self.relay,
             scratch: &mut self.scratch,
+            codec: &mut self.codec,
             panic_on: None,
             out: &mut self.out,
         };

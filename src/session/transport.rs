@@ -406,6 +406,7 @@ mod tests {
         routes: RouteTable,
         meter: Recorder,
         scratch: Vec<u8>,
+        codec: super::super::compression::SharedCodec,
         out: Vec<super::super::Output>,
         now: u64,
         s: Session,
@@ -431,6 +432,7 @@ mod tests {
                 routes,
                 meter: Recorder::default(),
                 scratch: Vec::new(),
+                codec: Default::default(),
                 out: Vec::new(),
                 now: 0,
                 s,
@@ -448,6 +450,7 @@ mod tests {
                 meter: &self.meter,
                 relay: false,
                 scratch: &mut self.scratch,
+                codec: &mut self.codec,
                 panic_on: None,
                 out: &mut self.out,
             };

@@ -443,6 +443,32 @@ impl RawWs {
         RawWs { stream, buf: rest }
     }
 
+    /// Connect to `path` with `extra` header lines (each ending in CRLF) in the upgrade
+    /// request; returns the client and the 101 (its headers, e.g. the extensions answer).
+    #[allow(dead_code)]
+    pub async fn connect_headers(
+        addr: SocketAddr,
+        path: &str,
+        extra: &str,
+    ) -> (RawWs, HttpResponse) {
+        let mut stream = timeout(WAIT, TcpStream::connect(addr))
+            .await
+            .expect("connect timed out")
+            .expect("connect");
+        stream.set_nodelay(true).unwrap();
+        let request = upgrade_request(addr)
+            .replacen("GET /chat ", &format!("GET {path} "), 1)
+            .replacen("\r\n\r\n", &format!("\r\n{extra}\r\n"), 1);
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("write request");
+        let (head, rest) = read_http_head(&mut stream).await;
+        let response = HttpResponse::parse(&head);
+        assert_eq!(response.status, 101, "expected 101, got {head:?}");
+        (RawWs { stream, buf: rest }, response)
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
         timeout(WAIT, self.stream.write_all(bytes))
             .await

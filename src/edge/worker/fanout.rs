@@ -34,7 +34,11 @@ impl Worker {
             }
             _ => return,
         };
-        let frame = session::encode(session::opcode_for(kind), &payload);
+        let opcode = session::opcode_for(kind);
+        let frame = session::encode(opcode, &payload);
+        // Compressed once per core and window size, for the subscribers that negotiated it.
+        let mut compressed: [Option<bytes::Bytes>; 7] = Default::default();
+        let min = self.core.config.compression_min_bytes;
         for slot in recipients {
             let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
                 continue;
@@ -43,8 +47,20 @@ impl Worker {
                 continue;
             }
             let core = &mut self.core;
+            let frame = match conn.session.deflate_bits() {
+                Some(bits) if payload.len() >= min => {
+                    let i = usize::from(bits.saturating_sub(9)).min(6);
+                    compressed[i]
+                        .get_or_insert_with(|| {
+                            core.codec
+                                .encode(&*core.stats, Some(bits), 0, opcode, &payload)
+                        })
+                        .clone()
+                }
+                _ => frame.clone(),
+            };
             let session = &mut conn.session;
-            let queued = panic::contain(|| session.queue_fanout(&mut core.cx(), frame.clone()));
+            let queued = panic::contain(|| session.queue_fanout(&mut core.cx(), frame));
             if let Err(location) = queued {
                 self.contained_panic(slot, &location);
             }

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use super::path::{self, PathError};
 
 mod response;
-pub use response::{accept_key, error_response, reason_phrase, response_101};
+pub use response::{accept_key, error_response, reason_phrase, response_101, response_101_with};
 
 #[derive(Debug, Clone, Copy)]
 pub struct HandshakeLimits {
@@ -422,7 +422,8 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-fn is_token(v: &[u8]) -> bool {
+/// An RFC 9110 token: what a subprotocol name must be (RFC 6455 §4.1).
+pub fn is_token(v: &[u8]) -> bool {
     !v.is_empty() && v.iter().all(|&b| is_tchar(b))
 }
 

@@ -25,9 +25,22 @@ pub fn accept_key(key: &[u8]) -> String {
 /// `protocol` should be one of `request.protocols` (RFC 6455 §4.2.2 step 5.5); one that is
 /// not a token is left out rather than written into the header block.
 pub fn response_101(request: &Request, protocol: Option<&str>) -> Bytes {
+    response_101_with(request, protocol, None)
+}
+
+/// [`response_101`] with a `Sec-WebSocket-Extensions` answer (built by `protocol::deflate`,
+/// never from request bytes); one holding CR or LF is left out.
+pub fn response_101_with(
+    request: &Request,
+    protocol: Option<&str>,
+    extensions: Option<&str>,
+) -> Bytes {
     let accept = accept_key(request.key.as_bytes());
     let protocol = protocol.filter(|p| is_token(p.as_bytes()));
-    let mut out = BytesMut::with_capacity(160 + protocol.map_or(0, str::len));
+    let extensions = extensions.filter(|e| !e.bytes().any(|b| b == b'\r' || b == b'\n'));
+    let mut out = BytesMut::with_capacity(
+        160 + protocol.map_or(0, str::len) + extensions.map_or(0, |e| e.len() + 28),
+    );
     out.put_slice(
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
           Sec-WebSocket-Accept: ",
@@ -37,6 +50,11 @@ pub fn response_101(request: &Request, protocol: Option<&str>) -> Bytes {
     if let Some(p) = protocol {
         out.put_slice(b"Sec-WebSocket-Protocol: ");
         out.put_slice(p.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    if let Some(e) = extensions {
+        out.put_slice(b"Sec-WebSocket-Extensions: ");
+        out.put_slice(e.as_bytes());
         out.put_slice(b"\r\n");
     }
     out.put_slice(b"\r\n");
