@@ -26,6 +26,10 @@ end_step() {
 step() { end_step; STEP_NAME="$*" STEP_T0=$SECONDS; printf '\n== %s\n' "$*"; }
 summary() {
     local rc=$?
+    # A failed step leaves no background run behind (autobahn.sh stops its own server).
+    if [ -n "${DEFLATE_PID:-}" ] && kill -0 "$DEFLATE_PID" 2>/dev/null; then
+        kill "$DEFLATE_PID" 2>/dev/null || true
+    fi
     end_step
     printf '\n== wall time per part (%s)\n' "$([ "$rc" = 0 ] && echo passed || echo "FAILED, exit $rc")"
     printf '%s\n' "${TIMES[@]}"
