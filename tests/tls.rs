@@ -126,6 +126,20 @@ fn start(cert: &Path, key: &Path, extra: &[&str]) -> Gateway {
     Gateway::start(&args)
 }
 
+/// A configuration file serving wss:// on a free port with `certs` (cert, key) in order
+/// (the first is the default without SNI), after the top-level keys in `head`.
+fn tls_config(head: &str, certs: &[(&Path, &Path)]) -> String {
+    let mut toml = format!("{head}listen_tls = \"127.0.0.1:0\"\n");
+    for (cert, key) in certs {
+        toml += &format!(
+            "[[tls.certificates]]\ncert = \"{}\"\nkey = \"{}\"\n",
+            s(cert),
+            s(key)
+        );
+    }
+    toml
+}
+
 /// The wss:// address from the start-up line `serving ws://A/ and wss://B/ ...`.
 fn wss_addr(gw: &Gateway) -> SocketAddr {
     // The line may reach the log just after the address was reported.
@@ -416,15 +430,7 @@ fn sni_picks_the_certificate_that_lists_the_name() {
     let b = ca.leaf(&["b.test", "*.b.test"]);
     let (a_cert, a_key) = dir.write("a", &a);
     let (b_cert, b_key) = dir.write("b", &b);
-    let toml = format!(
-        "listen_tls = \"127.0.0.1:0\"\n\
-         [[tls.certificates]]\ncert = \"{}\"\nkey = \"{}\"\n\
-         [[tls.certificates]]\ncert = \"{}\"\nkey = \"{}\"\n",
-        s(&a_cert),
-        s(&a_key),
-        s(&b_cert),
-        s(&b_key)
-    );
+    let toml = tls_config("", &[(&a_cert, &a_key), (&b_cert, &b_key)]);
     let gw = Gateway::with_config(&toml, &[]);
     let addr = wss_addr(&gw);
     let config = default_client(&ca);
@@ -469,12 +475,7 @@ async fn a_stalled_client_hello_is_closed_at_the_handshake_timeout_and_counted()
     let ca = Ca::new();
     let dir = Dir::new("stall");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
-    let toml = format!(
-        "handshake_timeout_ms = 600\nlisten_tls = \"127.0.0.1:0\"\n\
-         [[tls.certificates]]\ncert = \"{}\"\nkey = \"{}\"\n",
-        s(&cert),
-        s(&key)
-    );
+    let toml = tls_config("handshake_timeout_ms = 600\n", &[(&cert, &key)]);
     let gw = Gateway::with_config(&toml, &[]);
     let addr = wss_addr(&gw);
     // One client sends nothing; one sends the first bytes of a ClientHello and stops.
@@ -707,12 +708,7 @@ async fn a_client_refused_at_accept_gets_its_503_over_tls() {
     let ca = Ca::new();
     let dir = Dir::new("refused");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
-    let toml = format!(
-        "max_connections = 1\nlisten_tls = \"127.0.0.1:0\"\n\
-         [[tls.certificates]]\ncert = \"{}\"\nkey = \"{}\"\n",
-        s(&cert),
-        s(&key)
-    );
+    let toml = tls_config("max_connections = 1\n", &[(&cert, &key)]);
     let gw = Gateway::with_config(&toml, &[]);
     let addr = wss_addr(&gw);
     let mut first = wss(addr, &default_client(&ca), "localhost").await;
