@@ -27,7 +27,8 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# utime+stime of every PID given (the gateway, and the backend when there is one).
+cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo "$t"; }
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
 HZ=$(getconf CLK_TCK)
 OUT=$(mktemp -d)
@@ -37,7 +38,7 @@ for rep in $(seq "$REPS"); do
     for size in 16 1024; do
       bport=$(free_port); gport=$(free_port)
       if [ "$LOCAL" = 1 ]; then
-        sleep 30 & bpid=$!; PIDS+=("$bpid")   # stands in for the backend: no CPU
+        bpid=""
         upstream=local-echo
       else
         taskset -c 0 "$BACKEND" --listen "127.0.0.1:$bport" --echo-other >/dev/null 2>&1 & bpid=$!; PIDS+=("$bpid")
@@ -46,11 +47,11 @@ for rep in $(seq "$REPS"); do
       fi
       taskset -c 0 "$bin" --workers 1 --listen "127.0.0.1:$gport" --upstream "$upstream" --admin 127.0.0.1:0 >/dev/null 2>&1 & gpid=$!; PIDS+=("$gpid")
       wait_port "$gport"; sleep 1   # the link to the backend comes up
-      c0=$(( $(cpu_ticks "$gpid") + $(cpu_ticks "$bpid") ))
+      c0=$(cpu_ticks $gpid $bpid)
       timeout 60 taskset -c 1 "$BENCH" echo --json --url "ws://127.0.0.1:$gport/" --connections 100 \
           --in-flight 1 --size "$size" --duration "$DURATION" --warmup 1s --drain 2s > "$OUT/r.json"
-      c1=$(( $(cpu_ticks "$gpid") + $(cpu_ticks "$bpid") ))
-      kill "$gpid" "$bpid"; wait "$gpid" "$bpid" 2>/dev/null || true
+      c1=$(cpu_ticks $gpid $bpid)
+      kill $gpid $bpid; wait $gpid $bpid 2>/dev/null || true
       python3 - "$OUT/r.json" "$which" "$size" "$((c1 - c0))" "$HZ" >> "$OUT/rows" <<'PY'
 import json, sys
 r = json.JSONDecoder().raw_decode(open(sys.argv[1]).read().lstrip())[0]; ticks = int(sys.argv[4]); hz = int(sys.argv[5])
