@@ -219,6 +219,7 @@ fn expected() -> Config {
                 backends: vec!["unix:/run/presence/presence.sock".into()],
                 balance: Balance::Hash,
                 buffer_messages: 1000,
+                ..UpstreamConfig::default()
             },
         ],
         routes: vec![
