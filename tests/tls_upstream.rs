@@ -300,7 +300,11 @@ async fn mutual_tls_with_and_without_a_client_certificate() {
     let backend = TlsBackend::spawn(server_config(&ca.leaf(&["localhost"]), Some(&client_ca)));
     let url = format!("tls://localhost:{}", backend.addr.port());
 
-    let with = format!("client_cert = \"{}\"\nclient_key = \"{}\"\n", s(&cert), s(&key));
+    let with = format!(
+        "client_cert = \"{}\"\nclient_key = \"{}\"\n",
+        s(&cert),
+        s(&key)
+    );
     let gw = Gateway::with_config(&config(&url, &ca_file, &with), &[]);
     wait_log(&gw, "backend link up", 1, WAIT).await;
     echo(&gw, 1, WAIT).await;
@@ -341,7 +345,10 @@ fn tls_backend_settings_are_checked_naming_key_file_and_line() {
     );
     assert!(err.contains("system roots are not used"), "{err}");
 
-    let err = cfg("gone.toml", &format!("{up}ca_file = \"/nonexistent/ca.pem\"\n"));
+    let err = cfg(
+        "gone.toml",
+        &format!("{up}ca_file = \"/nonexistent/ca.pem\"\n"),
+    );
     assert!(
         err.contains("upstreams[0].ca_file")
             && err.contains("line 4")
@@ -350,7 +357,11 @@ fn tls_backend_settings_are_checked_naming_key_file_and_line() {
     );
 
     let ca = dir.file("ca.pem", &Ca::new("c").pem());
-    let half = format!("{up}ca_file = \"{}\"\nclient_cert = \"{}\"\n", s(&ca), s(&ca));
+    let half = format!(
+        "{up}ca_file = \"{}\"\nclient_cert = \"{}\"\n",
+        s(&ca),
+        s(&ca)
+    );
     let err = cfg("half.toml", &half);
     assert!(
         err.contains("upstreams[0].client_key") && err.contains("must be set with client_cert"),
@@ -368,5 +379,8 @@ fn tls_backend_settings_are_checked_naming_key_file_and_line() {
     let out = common::run_to_exit(&["--upstream", "tls://127.0.0.1:9443"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("[[upstreams]]") && err.contains("ca_file"), "{err}");
+    assert!(
+        err.contains("[[upstreams]]") && err.contains("ca_file"),
+        "{err}"
+    );
 }
