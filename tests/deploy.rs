@@ -284,7 +284,11 @@ fn every_commented_value_is_the_real_default() {
     }
     let mut loaded = load(&all, "uncommented");
     for u in &mut loaded.upstreams[..1] {
-        assert_eq!(u.ca_file.as_deref(), Some(readable.as_path()), "the documented example");
+        assert_eq!(
+            u.ca_file.as_deref(),
+            Some(readable.as_path()),
+            "the documented example"
+        );
         (u.ca_file, u.client_cert, u.client_key) = (None, None, None);
     }
     assert_eq!(loaded.workers, Some(4), "the documented example");

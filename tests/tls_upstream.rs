@@ -61,8 +61,19 @@ fn server_config(leaf: &Leaf, client_ca: Option<&Ca>) -> Arc<ServerConfig> {
 
 impl TlsBackend {
     fn spawn(config: Arc<ServerConfig>) -> TlsBackend {
+        TlsBackend::spawn_with(config, false)
+    }
+
+    /// `slow`: a small receive buffer and a pause after every read, so the gateway's
+    /// socket fills and its link must wait for room.
+    fn spawn_with(config: Arc<ServerConfig>, slow: bool) -> TlsBackend {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
+        if slow {
+            socket2::SockRef::from(&listener)
+                .set_recv_buffer_size(4096)
+                .unwrap();
+        }
         let b = TlsBackend {
             addr: listener.local_addr().unwrap(),
             config: Arc::new(Mutex::new(config)),
@@ -83,7 +94,7 @@ impl TlsBackend {
                     Ok((sock, _)) => {
                         let cfg = config.lock().unwrap().clone();
                         let (h, f, st) = (handshakes.clone(), failures.clone(), stop.clone());
-                        std::thread::spawn(move || serve(sock, cfg, &h, &f, &st));
+                        std::thread::spawn(move || serve(sock, cfg, &h, &f, &st, slow));
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(5))
@@ -124,6 +135,7 @@ fn serve(
     handshakes: &AtomicUsize,
     failures: &Mutex<Vec<String>>,
     stop: &AtomicBool,
+    slow: bool,
 ) {
     sock.set_nonblocking(false).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(50)))
@@ -172,6 +184,9 @@ fn serve(
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e) if timed_out(&e) => {}
             Err(_) => return,
+        }
+        if slow {
+            std::thread::sleep(Duration::from_micros(500));
         }
     }
 }
@@ -383,4 +398,70 @@ fn tls_backend_settings_are_checked_naming_key_file_and_line() {
         err.contains("[[upstreams]]") && err.contains("ca_file"),
         "{err}"
     );
+}
+
+/// Messages larger than a TLS record, and a burst larger than the link's TLS buffer
+/// (64 KiB) and the socket's, arrive whole and in order: records are split and joined, and
+/// a full socket only makes the link wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_and_a_burst_cross_the_tls_link_intact() {
+    let ca = Ca::new("backend CA");
+    let dir = Dir::new("tlsup-burst");
+    let ca_file = dir.file("ca.pem", &ca.pem());
+    let leaf = ca.leaf(&["127.0.0.1"]);
+    let backend = TlsBackend::spawn_with(server_config(&leaf, None), true);
+    let url = format!("tls://{}", backend.addr);
+    // Room for every echo while the client sends before it reads.
+    let toml = format!(
+        "send_queue_bytes = 16777216\n{}",
+        config(&url, &ca_file, "")
+    );
+    let gw = Gateway::with_config(&toml, &[]);
+    wait_log(&gw, "backend link up", 1, WAIT).await;
+    let mut ws = ws_connect(&gw.url()).await;
+    const N: usize = 120;
+    let big = |i: usize| json!({ "i": i, "pad": "x".repeat(50_000 + i) }).to_string();
+    // All at once (6 MB: far over the TLS buffer and what the slow backend's socket takes),
+    // then every echo.
+    for i in 0..N {
+        send_text(&mut ws, big(i)).await;
+    }
+    for i in 0..N {
+        match ws_next_within(&mut ws, WAIT).await {
+            Some(Got::Json(v)) => {
+                assert_eq!(v["i"], json!(i));
+                assert_eq!(v["pad"].as_str().map(str::len), Some(50_000 + i));
+            }
+            other => panic!("message {i}: {other:?}; stderr:\n{}", gw.log()),
+        }
+    }
+    assert_eq!(
+        backend.handshakes.load(Ordering::Relaxed),
+        1,
+        "one link throughout"
+    );
+}
+
+/// A backend that accepts TCP but never answers the ClientHello: the handshake times out
+/// (5 s), is counted as `timeout`, and retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_never_answers_the_handshake_times_out() {
+    let dir = Dir::new("tlsup-stall");
+    let ca_file = dir.file("ca.pem", &Ca::new("backend CA").pem());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("tls://{}", listener.local_addr().unwrap());
+    let held = std::thread::spawn(move || {
+        // Hold each connection open, silent, until the gateway gives up on it.
+        let (first, _) = listener.accept().unwrap();
+        let (second, _) = listener.accept().unwrap();
+        (first, second)
+    });
+    let gw = Gateway::with_config(&config(&url, &ca_file, ""), &[]);
+    let log = wait_log(&gw, "TLS failed (timeout)", 1, Duration::from_secs(9)).await;
+    assert!(log.contains("no TLS handshake within 5 s"), "{log}");
+    assert_eq!(failures(&gw, "timeout").await, 1);
+    // Retried: a second connection arrives after the backoff.
+    let _ = tokio::task::spawn_blocking(move || held.join().unwrap())
+        .await
+        .unwrap();
 }
