@@ -355,6 +355,9 @@ impl Gateway {
         if let Some(tls) = &self.tls {
             tls.reload(&config.tls.certificates)?;
         }
+        // The backends' client certificates stay those read at start; their expiry is told
+        // again with the served ones'.
+        crate::tls::expiry::log_standing(self.client_certs.iter());
         self.shared
             .memory_budget
             .store(resolve_memory_budget(&config), Ordering::Relaxed);

@@ -42,7 +42,8 @@ struct Cli {
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
     /// Where client messages go: `echo` (the embedded upstream, through the relay),
-    /// `local-echo` (inside each core), or a backend `tcp://HOST:PORT` / `unix:PATH`.
+    /// `local-echo` (inside each core), or a backend `tcp://HOST:PORT` / `unix:PATH`
+    /// (`tls://` backends need a `ca_file`: declare them in the config's [[upstreams]]).
     #[arg(long, value_name = "NAME")]
     upstream: Option<Upstream>,
     /// TOML configuration file; command-line flags override it.

@@ -528,26 +528,24 @@ impl Link {
         let Stream::Tls(tls) = stream else {
             return;
         };
-        let result = match tls.handshake() {
+        let outcome = match tls.handshake() {
             Ok(false) if cx.now >= *deadline => Err(tls::failed(
                 BackendTlsFailure::Timeout,
                 format!("no TLS handshake within {} s", HELLO_TIMEOUT.as_secs()),
             )),
+            Ok(false) => return,
             other => other,
         };
-        let Ok(done) = result.as_ref().map(|d| *d) else {
-            if let Phase::Handshaking { mut stream, .. } =
-                std::mem::replace(&mut self.phase, Phase::Down(cx.now))
-            {
-                let _ = cx.registry.deregister(stream.source());
-            }
-            return self.connect_failed(result.unwrap_err(), cx);
+        let Phase::Handshaking { mut stream, .. } =
+            std::mem::replace(&mut self.phase, Phase::Down(cx.now))
+        else {
+            unreachable!("matched above")
         };
-        if done {
-            if let Phase::Handshaking { stream, .. } =
-                std::mem::replace(&mut self.phase, Phase::Down(cx.now))
-            {
-                self.greet(stream, cx);
+        match outcome {
+            Ok(_) => self.greet(stream, cx),
+            Err(e) => {
+                let _ = cx.registry.deregister(stream.source());
+                self.connect_failed(e, cx)
             }
         }
     }
