@@ -489,17 +489,21 @@ impl Link {
                         return self.connect_failed(e, cx);
                     }
                 }
-                let stream = match (stream, &self.tls) {
-                    (Stream::Tcp(sock), Some(client)) => match TlsStream::new(sock, client) {
-                        Ok(t) => Stream::Tls(Box::new(t)),
-                        Err(e) => return self.connect_failed(e, cx),
-                    },
-                    (Stream::Tcp(sock), None) if matches!(self.addr, Address::Tls(_)) => {
-                        drop(sock);
-                        let e = io::Error::other("no TLS client configuration for this upstream");
-                        return self.connect_failed(e, cx);
+                let stream = match stream {
+                    Stream::Tcp(mut sock) if matches!(self.addr, Address::Tls(_)) => {
+                        let conn = match &self.tls {
+                            Some(client) => tls::connection(client),
+                            None => Err(io::Error::other("no TLS client configuration")),
+                        };
+                        match conn {
+                            Ok(conn) => Stream::Tls(Box::new(TlsStream::new(sock, conn))),
+                            Err(e) => {
+                                let _ = cx.registry.deregister(&mut sock);
+                                return self.connect_failed(e, cx);
+                            }
+                        }
                     }
-                    (stream, _) => return self.greet(stream, cx),
+                    stream => return self.greet(stream, cx),
                 };
                 self.phase = Phase::Handshaking {
                     stream,

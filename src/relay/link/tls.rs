@@ -129,12 +129,17 @@ pub struct TlsStream {
     pub(super) conn: ClientConnection,
 }
 
+/// A new client connection to one backend, its send buffer bounded.
+pub fn connection(client: &TlsClient) -> io::Result<ClientConnection> {
+    let mut conn =
+        ClientConnection::new(client.config.clone(), client.name.clone()).map_err(from_rustls)?;
+    conn.set_buffer_limit(Some(TLS_BUFFER_BYTES));
+    Ok(conn)
+}
+
 impl TlsStream {
-    pub fn new(sock: mio::net::TcpStream, client: &TlsClient) -> io::Result<TlsStream> {
-        let mut conn = ClientConnection::new(client.config.clone(), client.name.clone())
-            .map_err(from_rustls)?;
-        conn.set_buffer_limit(Some(TLS_BUFFER_BYTES));
-        Ok(TlsStream { sock, conn })
+    pub fn new(sock: mio::net::TcpStream, conn: ClientConnection) -> TlsStream {
+        TlsStream { sock, conn }
     }
 
     /// Advance the handshake as far as the socket allows: Ok(true) once it is complete.
