@@ -76,8 +76,10 @@ struct Cli {
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
-    /// Validate a configuration file (syntax, values, routes and upstreams) and exit:
-    /// 0 when it can be used, 1 with a message naming the key, file and line when not.
+    /// Validate a configuration file (syntax, values, routes, upstreams, and every
+    /// certificate, key and CA file with each leaf's names and notAfter) and exit: 0 when it
+    /// can be used, 1 with a message naming the key, file and line (or the certificate file:
+    /// expired, not yet valid, unparsable, key not matching) when not.
     CheckConfig { file: PathBuf },
 }
 
