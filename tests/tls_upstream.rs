@@ -465,3 +465,22 @@ async fn a_backend_that_never_answers_the_handshake_times_out() {
         .await
         .unwrap();
 }
+
+/// An expired backend certificate from the trusted CA is refused as `expired`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_backend_certificate_is_refused() {
+    let ca = Ca::new("backend CA");
+    let dir = Dir::new("tlsup-expired");
+    let ca_file = dir.file("ca.pem", &ca.pem());
+    let names = ["127.0.0.1"];
+    let leaf = ca.make(&common_tls::LeafSpec {
+        expired_ago: Some(Duration::from_secs(3_600)),
+        ..common_tls::LeafSpec::server(&names)
+    });
+    let backend = TlsBackend::spawn(server_config(&leaf, None));
+    let url = format!("tls://{}", backend.addr);
+    let gw = Gateway::with_config(&config(&url, &ca_file, ""), &[]);
+    wait_log(&gw, "TLS failed (expired)", 1, WAIT).await;
+    assert!(failures(&gw, "expired").await >= 1);
+    assert_eq!(backend.handshakes.load(Ordering::Relaxed), 0);
+}
