@@ -41,6 +41,11 @@ impl std::str::FromStr for Upstream {
             url if url.starts_with("tcp://") || url.starts_with("unix:") => {
                 Ok(Upstream::Backend(url.to_string()))
             }
+            url if url.starts_with("tls://") => Err(format!(
+                "{url:?}: a tls:// backend needs its CA (ca_file): declare it in [[upstreams]] \
+                 with backends = [{url:?}] and ca_file = \"FILE\", and name that upstream in \
+                 [[routes]]"
+            )),
             other => Err(format!(
                 "unknown upstream {other:?}: expected echo, local-echo, tcp://HOST:PORT or unix:PATH"
             )),
@@ -99,11 +104,18 @@ pub enum Compression {
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub name: String,
-    /// `tcp://HOST:PORT`, `unix:PATH`, or the embedded `echo`.
+    /// `tcp://HOST:PORT`, `tls://HOST:PORT`, `unix:PATH`, or the embedded `echo`.
     pub backends: Vec<String>,
     pub balance: Balance,
     /// Messages that wait while no backend is live; beyond it clients are closed 1013.
     pub buffer_messages: usize,
+    /// PEM CA certificates the `tls://` backends' certificates must chain to (required with
+    /// them: system roots are never trusted).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM certificate and key presented to `tls://` backends that ask (mutual TLS); both
+    /// or neither.
+    pub client_cert: Option<std::path::PathBuf>,
+    pub client_key: Option<std::path::PathBuf>,
 }
 
 impl Default for UpstreamConfig {
@@ -113,6 +125,9 @@ impl Default for UpstreamConfig {
             backends: Vec::new(),
             balance: Balance::RoundRobin,
             buffer_messages: 10_000,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
         }
     }
 }
@@ -464,6 +479,36 @@ fn line_of(text: &str, key: &str) -> Option<usize> {
         .map(|i| i + 1)
 }
 
+/// `ca_file` is required by `tls://` backends; `client_cert` and `client_key` go together;
+/// every file named must be readable (its contents are checked at start).
+fn check_upstream_tls(i: usize, u: &UpstreamConfig) -> Result<(), (String, String)> {
+    let k = |name: &str| format!("upstreams[{i}].{name}");
+    let tls = u.backends.iter().any(|b| b.starts_with("tls://"));
+    if tls && u.ca_file.is_none() {
+        let problem = "must name a PEM file of the CA certificates that sign the tls:// \
+                       backends' certificates (system roots are not used)";
+        return Err((k("ca_file"), problem.into()));
+    }
+    match (&u.client_cert, &u.client_key) {
+        (Some(_), None) => return Err((k("client_key"), "must be set with client_cert".into())),
+        (None, Some(_)) => return Err((k("client_cert"), "must be set with client_key".into())),
+        _ => {}
+    }
+    let files = [
+        ("ca_file", &u.ca_file),
+        ("client_cert", &u.client_cert),
+        ("client_key", &u.client_key),
+    ];
+    for (name, path) in files {
+        if let Some(p) = path {
+            if let Err(e) = std::fs::File::open(p) {
+                return Err((k(name), format!("cannot read {}: {e}", p.display())));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `value` within `range`, else the problem to report.
 fn within<T: PartialOrd + std::fmt::Display + Copy>(
     value: T,
@@ -672,6 +717,7 @@ impl Config {
                 &format!("upstreams[{i}].buffer_messages"),
                 within(u.buffer_messages, 0, MAX_BUFFER_MESSAGES),
             )?;
+            check_upstream_tls(i, u)?;
         }
         for (i, r) in self.routes.iter().enumerate() {
             let k = |name: &str| format!("routes[{i}].{name}");

@@ -49,6 +49,8 @@ pub enum GatewayError {
     Routes(#[from] crate::route::RouteError),
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+    #[error("TLS to backends: {0}")]
+    BackendTls(#[from] crate::tls::client::ClientTlsError),
 }
 
 /// A running gateway: its cores, its relay, and the address it serves.
@@ -57,6 +59,8 @@ pub struct Gateway {
     /// The wss:// listener's address, when TLS is configured.
     local_tls_addr: Option<SocketAddr>,
     tls: Option<TlsServer>,
+    /// The client certificates `tls://` backends are shown (fixed at start).
+    client_certs: Arc<Vec<crate::tls::Loaded>>,
     upstream_links: Vec<UpstreamLink>,
     config: Arc<Config>,
     routes: Arc<RouteTable>,
@@ -148,12 +152,35 @@ fn resolve_memory_budget(config: &Config) -> u64 {
     budget
 }
 
+/// Each upstream's TLS client configuration (for its `tls://` backends), indexed like the
+/// table's upstreams, and the client certificates among them.
+type BackendTls = (
+    Vec<Option<Arc<rustls::ClientConfig>>>,
+    Vec<crate::tls::Loaded>,
+);
+
+fn backend_tls(routes: &RouteTable) -> Result<BackendTls, GatewayError> {
+    let (mut configs, mut certs) = (Vec::new(), Vec::new());
+    for spec in routes.upstreams() {
+        let Some(files) = &spec.tls else {
+            configs.push(None);
+            continue;
+        };
+        let client = crate::tls::client::client_config(files)?;
+        certs.extend(client.client_cert);
+        configs.push(Some(client.config));
+    }
+    crate::tls::expiry::log_standing(&certs);
+    Ok((configs, certs))
+}
+
 impl Gateway {
     /// Bind every core's listener, start the cores and the relay, and return once every core
     /// is serving (or the first error any of them hit).
     pub fn start(config: Config) -> Result<Gateway, GatewayError> {
         check_io_uring()?;
         let routes = Arc::new(RouteTable::from_config(&config).map_err(GatewayError::Routes)?);
+        let (client_tls, client_certs) = backend_tls(&routes)?;
         let config = Arc::new(config);
         let count = config.worker_count();
         let listeners =
@@ -176,6 +203,7 @@ impl Gateway {
                             "TLS certificate loaded"
                         );
                     }
+                    crate::tls::expiry::log_standing(tls.certificates().loaded());
                     let bound = edge::listener::bind_all(addr, count, config.backlog)
                         .map_err(|source| GatewayError::Bind { addr, source })?;
                     (Some(tls), bound.into_iter().map(Some).collect())
@@ -250,6 +278,7 @@ impl Gateway {
             links,
             relay::wire::DEFAULT_MAX_FRAME,
             shared.relay.clone(),
+            &client_tls,
         );
         let upstream_links = router.links();
         // With `local-echo` no core holds a relay sender, so the relay ends at once: then it
@@ -272,6 +301,7 @@ impl Gateway {
             local_addr,
             local_tls_addr,
             tls,
+            client_certs: Arc::new(client_certs),
             config: config.clone(),
             routes: routes.clone(),
             upstream_links,
@@ -325,6 +355,9 @@ impl Gateway {
         if let Some(tls) = &self.tls {
             tls.reload(&config.tls.certificates)?;
         }
+        // The backends' client certificates stay those read at start; their expiry is told
+        // again with the served ones'.
+        crate::tls::expiry::log_standing(self.client_certs.iter());
         self.shared
             .memory_budget
             .store(resolve_memory_budget(&config), Ordering::Relaxed);
@@ -340,6 +373,18 @@ impl Gateway {
             w.wake();
         }
         Ok(())
+    }
+
+    /// (name, notAfter) of every certificate in force, read at scrape time: the wss://
+    /// listener's (as last reloaded) and the client certificates shown to backends.
+    pub fn certificate_expiry(&self) -> Arc<dyn Fn() -> Vec<(String, i64)> + Send + Sync> {
+        let tls = self.tls.clone();
+        let clients = self.client_certs.clone();
+        Arc::new(move || {
+            let current = tls.as_ref().map(TlsServer::certificates);
+            let served = current.iter().flat_map(|c| c.loaded());
+            crate::tls::expiry::expiry_rows(served.chain(clients.iter()))
+        })
     }
 
     /// Every backend link, for metrics and readiness.

@@ -42,7 +42,8 @@ struct Cli {
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
     /// Where client messages go: `echo` (the embedded upstream, through the relay),
-    /// `local-echo` (inside each core), or a backend `tcp://HOST:PORT` / `unix:PATH`.
+    /// `local-echo` (inside each core), or a backend `tcp://HOST:PORT` / `unix:PATH`
+    /// (`tls://` backends need a `ca_file`: declare them in the config's [[upstreams]]).
     #[arg(long, value_name = "NAME")]
     upstream: Option<Upstream>,
     /// TOML configuration file; command-line flags override it.
@@ -75,8 +76,10 @@ struct Cli {
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
-    /// Validate a configuration file (syntax, values, routes and upstreams) and exit:
-    /// 0 when it can be used, 1 with a message naming the key, file and line when not.
+    /// Validate a configuration file (syntax, values, routes, upstreams, and every
+    /// certificate, key and CA file with each leaf's names and notAfter) and exit: 0 when it
+    /// can be used, 1 with a message naming the key, file and line (or the certificate file:
+    /// expired, not yet valid, unparsable, key not matching) when not.
     CheckConfig { file: PathBuf },
 }
 
@@ -208,6 +211,7 @@ fn start_admin(
         }),
         relay_heartbeat: gateway.relay_heartbeat(),
         relay: gateway.shared().relay.clone(),
+        certificates: gateway.certificate_expiry(),
     }));
     match admin::spawn(addr, state.clone()) {
         Ok((bound, _)) => {
@@ -267,15 +271,46 @@ fn spawn_supervisor(gateway: &Gateway) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Everything a start would read: the file, the routes, every certificate and key (the
+/// wss:// listener's, the backends' CA files and client certificates). Each leaf is listed
+/// with its names and notAfter; an expired or not-yet-valid one fails the check.
 fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+    use ringway::tls::expiry::{self, Standing};
     let config = Config::from_file(file)?;
-    ringway::route::RouteTable::from_config(&config)
-        .map_err(|e| anyhow::anyhow!("config file {}: {e}", file.display()))?;
+    let in_file =
+        |e: &dyn std::fmt::Display| anyhow::anyhow!("config file {}: {e}", file.display());
+    let routes = ringway::route::RouteTable::from_config(&config).map_err(|e| in_file(&e))?;
+    let mut leaves = Vec::new();
     if config.listen_tls.is_some() {
-        let tls = ringway::tls::TlsServer::new(&config.tls.certificates)
-            .map_err(|e| anyhow::anyhow!("config file {}: {e}", file.display()))?;
-        for l in tls.certificates().loaded() {
-            println!("{}: names {:?}", l.cert_path.display(), l.names);
+        let tls =
+            ringway::tls::TlsServer::new(&config.tls.certificates).map_err(|e| in_file(&e))?;
+        leaves.extend(tls.certificates().loaded().iter().cloned());
+    }
+    for spec in routes.upstreams() {
+        if let Some(files) = &spec.tls {
+            let client = ringway::tls::client::client_config(files).map_err(|e| in_file(&e))?;
+            let (ca, n) = (files.ca_file.display(), client.roots.len());
+            println!("{}: ca_file {ca}: {n} CA certificate(s)", files.key);
+            leaves.extend(client.client_cert);
+        }
+    }
+    let now = expiry::unix_now();
+    for l in &leaves {
+        let (path, after) = (l.cert_path.display(), expiry::date(l.not_after));
+        println!("{path}: names {:?}, notAfter {after}", l.names);
+        match expiry::standing(l, now) {
+            Standing::Expired => anyhow::bail!("certificate file {path}: expired at {after}"),
+            Standing::NotYetValid => anyhow::bail!(
+                "certificate file {path}: not valid before {}",
+                expiry::date(l.not_before)
+            ),
+            Standing::ExpiresSoon => {
+                println!(
+                    "{path}: warning: expires in {} days",
+                    (l.not_after - now) / 86_400
+                )
+            }
+            Standing::Valid => {}
         }
     }
     println!("{}: ok", file.display());

@@ -63,6 +63,9 @@ pub enum RouteError {
 pub enum Backend {
     /// `tcp://HOST:PORT`, kept as `HOST:PORT` (resolved when connecting, not here).
     Tcp(String),
+    /// `tls://HOST:PORT`: `addr` is `HOST:PORT`, `name` the HOST its certificate must name
+    /// (a DNS name or an IP address, without brackets).
+    Tls { addr: String, name: String },
     /// `unix:PATH`.
     Unix(PathBuf),
     /// The embedded upstream (`echo`: the chat contract plus echo), in the relay's process.
@@ -77,6 +80,8 @@ pub struct UpstreamSpec {
     pub backends: Vec<Backend>,
     pub balance: Balance,
     pub buffer_messages: usize,
+    /// The TLS client files, when some backend is `tls://`.
+    pub tls: Option<crate::tls::client::ClientFiles>,
 }
 
 /// A route's routing key and its value -> upstream table.
@@ -189,11 +194,20 @@ impl RouteTable {
                 .enumerate()
                 .map(|(j, url)| parse_backend(&format!("{key}.backends[{j}]"), url))
                 .collect::<Result<Vec<_>, _>>()?;
+            let tls = backends
+                .iter()
+                .any(|b| matches!(b, Backend::Tls { .. }))
+                .then(|| crate::tls::client::ClientFiles {
+                    key: key.clone(),
+                    ca_file: u.ca_file.clone().unwrap_or_default(),
+                    client_cert: u.client_cert.clone().zip(u.client_key.clone()),
+                });
             upstreams.push(UpstreamSpec {
                 name: u.name.clone(),
                 backends,
                 balance: u.balance,
                 buffer_messages: u.buffer_messages,
+                tls,
             });
         }
 
@@ -329,6 +343,7 @@ impl RouteTable {
                     backends: vec![backend],
                     balance: Balance::RoundRobin,
                     buffer_messages: crate::config::UpstreamConfig::default().buffer_messages,
+                    tls: None,
                 });
                 self.upstreams.len() - 1
             }
@@ -538,9 +553,10 @@ fn parse_backend(key: &str, url: &str) -> Result<Backend, RouteError> {
     if url == "echo" {
         return Ok(Backend::Embedded);
     }
-    if let Some(addr) = url.strip_prefix("tcp://") {
+    let tls = url.strip_prefix("tls://");
+    if let Some(addr) = url.strip_prefix("tcp://").or(tls) {
         let Some((host, port)) = addr.rsplit_once(':') else {
-            return Err(bad("expected tcp://HOST:PORT"));
+            return Err(bad("expected tcp://HOST:PORT or tls://HOST:PORT"));
         };
         if host.is_empty() || host == "[]" {
             return Err(bad("missing host"));
@@ -549,6 +565,16 @@ fn parse_backend(key: &str, url: &str) -> Result<Backend, RouteError> {
             return Err(bad("bad host (IPv6 addresses go in brackets)"));
         }
         match port.parse::<u16>() {
+            Ok(p) if p > 0 && tls.is_some() => {
+                let name = host.trim_start_matches('[').trim_end_matches(']');
+                rustls::pki_types::ServerName::try_from(name)
+                    .map_err(|_| bad("the host is not a valid DNS name or IP address"))?;
+                let name = name.to_string();
+                Ok(Backend::Tls {
+                    addr: addr.into(),
+                    name,
+                })
+            }
             Ok(p) if p > 0 => Ok(Backend::Tcp(addr.into())),
             _ => Err(bad("port must be 1-65535")),
         }
@@ -558,7 +584,9 @@ fn parse_backend(key: &str, url: &str) -> Result<Backend, RouteError> {
         }
         Ok(Backend::Unix(PathBuf::from(path)))
     } else {
-        Err(bad("expected echo, tcp://HOST:PORT or unix:PATH"))
+        Err(bad(
+            "expected echo, tcp://HOST:PORT, tls://HOST:PORT or unix:PATH",
+        ))
     }
 }
 
@@ -671,6 +699,20 @@ mod tests {
         assert_eq!(
             t.upstreams()[2].backends,
             vec![Backend::Tcp("[::1]:9002".into())]
+        );
+        let tls = "[[upstreams]]\nname = \"t\"\nbackends = [\"tls://[::1]:9\"]\nca_file = \"/ca\"";
+        let t2 = RouteTable::from_config(&config(tls)).unwrap();
+        let name = "::1".into();
+        assert_eq!(
+            t2.upstreams()[0].backends,
+            [Backend::Tls {
+                addr: "[::1]:9".into(),
+                name
+            }]
+        );
+        assert_eq!(
+            t2.upstreams()[0].tls.as_ref().unwrap().ca_file,
+            PathBuf::from("/ca")
         );
 
         let (id, r) = t.match_path("/chat").unwrap();
@@ -899,6 +941,10 @@ mod tests {
             (
                 "[[upstreams]]\nname = \"a\"\nbackends = [\"unix:\"]".into(),
                 "missing socket path",
+            ),
+            (
+                "[[upstreams]]\nname = \"a\"\nbackends = [\"tls://a_b!:443\"]".into(),
+                "not a valid DNS name or IP address",
             ),
             (
                 "upstream = \"tcp://:80\"".into(),

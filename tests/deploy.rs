@@ -219,6 +219,7 @@ fn expected() -> Config {
                 backends: vec!["unix:/run/presence/presence.sock".into()],
                 balance: Balance::Hash,
                 buffer_messages: 1000,
+                ..UpstreamConfig::default()
             },
         ],
         routes: vec![
@@ -270,7 +271,26 @@ fn every_commented_value_is_the_real_default() {
     // duplicates a set key would not parse.
     // `workers` has no value for its default (one per CPU): the documented example is checked
     // as an example, everything else must equal the default.
+    // The upstream TLS files (no default) must exist to load: any readable file will do.
+    let readable = deploy("ringway.toml");
+    let mut all = all;
+    for example in [
+        "/etc/ringway/backend-ca.pem",
+        "/etc/ringway/gateway-client.pem",
+        "/etc/ringway/gateway-client.key",
+    ] {
+        assert!(all.contains(example), "the documented {example}");
+        all = all.replace(example, readable.to_str().unwrap());
+    }
     let mut loaded = load(&all, "uncommented");
+    for u in &mut loaded.upstreams[..1] {
+        assert_eq!(
+            u.ca_file.as_deref(),
+            Some(readable.as_path()),
+            "the documented example"
+        );
+        (u.ca_file, u.client_cert, u.client_key) = (None, None, None);
+    }
     assert_eq!(loaded.workers, Some(4), "the documented example");
     loaded.workers = None;
     // Likewise `memory_budget_bytes` (its default depends on the machine).

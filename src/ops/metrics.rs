@@ -15,6 +15,7 @@ use prometheus_client::registry::Registry;
 
 use crate::admission::PolicyRefusal;
 use crate::edge::CoreStats;
+use crate::relay::link::tls::BackendTlsFailure;
 use crate::relay::link::LinkState;
 use crate::relay::RelayGauges;
 pub use crate::relay::UpstreamLink;
@@ -43,6 +44,8 @@ pub struct Sources {
     pub relay_heartbeat: Option<Arc<Heartbeat>>,
     /// What the relay holds for peers and what it refused or dropped.
     pub relay: Arc<RelayGauges>,
+    /// (name, notAfter in Unix seconds) of every certificate in force.
+    pub certificates: Probe<Vec<(String, i64)>>,
 }
 
 impl fmt::Debug for Sources {
@@ -380,6 +383,36 @@ impl Collector for Sources {
             "Bytes of messages waiting for this backend",
             self.per_link(|l| l.queued_bytes.load(Ordering::Relaxed) as u64),
         )?;
+        let tls_links = || {
+            self.links
+                .iter()
+                .filter(|l| l.backend.starts_with("tls://"))
+        };
+        let backend_tls = BackendTlsFailure::ALL.into_iter().flat_map(|why| {
+            tls_links().map(move |l| {
+                let labels = vec![
+                    ("upstream", l.upstream.clone()),
+                    ("backend", l.backend.clone()),
+                    ("reason", why.label().to_string()),
+                ];
+                (labels, l.state.tls_failed(why))
+            })
+        });
+        counters(
+            e,
+            "ringway_backend_tls_failures",
+            "TLS connections to a tls:// backend that failed (each retried with backoff), by reason: its certificate from another CA, for another name, expired or not yet valid, otherwise bad; an alert from it (such as our client certificate refused); a protocol error; closed or no handshake within 5 s",
+            backend_tls.collect::<Vec<_>>(),
+        )?;
+        let now = crate::tls::expiry::unix_now();
+        float_gauges(
+            e,
+            "ringway_tls_certificate_expiry_seconds",
+            "Seconds until the certificate's notAfter (negative: expired); name is its first DNS name, else its file",
+            (self.certificates)()
+                .into_iter()
+                .map(|(name, after)| (vec![("name", name)], (after - now) as f64)),
+        )?;
         float_gauges(
             e,
             "ringway_loop_heartbeat_age_seconds",
@@ -529,7 +562,47 @@ pub(crate) mod tests {
                 r.charge(777);
                 r
             },
+            certificates: Arc::new(|| {
+                vec![("a.test".into(), crate::tls::expiry::unix_now() + 3600)]
+            }),
         }
+    }
+
+    #[test]
+    fn backend_tls_failures_and_certificate_expiry() {
+        let mut sources = sample_sources();
+        let state = Arc::new(LinkState::default());
+        state.tls_failures[BackendTlsFailure::UnknownCa as usize].store(2, Ordering::Relaxed);
+        let backend = "tls://b.test:443";
+        let (upstream, state) = ("api".into(), state);
+        sources.links.push(UpstreamLink {
+            upstream,
+            backend: backend.into(),
+            state,
+        });
+        let s = parse(&render(&sources));
+        let name = "ringway_backend_tls_failures_total";
+        let at = |r| {
+            get(
+                &s,
+                name,
+                &[("upstream", "api"), ("backend", backend), ("reason", r)],
+            )
+        };
+        assert_eq!((at("unknown_ca"), at("wrong_name")), (Some(2.0), Some(0.0)));
+        let plain = [
+            ("upstream", "chat"),
+            ("backend", "tcp://10.0.0.5:9000"),
+            ("reason", "unknown_ca"),
+        ];
+        assert_eq!(get(&s, name, &plain), None, "no TLS rows for plain links");
+        let left = get(
+            &s,
+            "ringway_tls_certificate_expiry_seconds",
+            &[("name", "a.test")],
+        )
+        .unwrap();
+        assert!((3590.0..=3600.0).contains(&left), "{left}");
     }
 
     #[test]

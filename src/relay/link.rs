@@ -29,7 +29,11 @@ use super::{EdgeSink, OpenInfo, RelayGauges, ToEdge, ENTRY_OVERHEAD, MAX_TOPIC_B
 use crate::protocol::message::MessageKind;
 
 mod outbox;
+mod stream;
+pub mod tls;
 use outbox::{reset_buffer, Kind, Outbox};
+use stream::Stream;
+use tls::{BackendTlsFailure, TlsClient, TlsStream};
 
 /// Bytes of messages that may wait for one backend link, whatever their count.
 pub const LINK_BUFFER_BYTES: usize = 16 * 1024 * 1024;
@@ -38,6 +42,8 @@ pub const LINK_BUFFER_BYTES: usize = 16 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
     Tcp(String),
+    /// `HOST:PORT`, over TLS.
+    Tls(String),
     Unix(PathBuf),
 }
 
@@ -45,6 +51,7 @@ impl std::fmt::Display for Address {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Address::Tcp(a) => write!(f, "tcp://{a}"),
+            Address::Tls(a) => write!(f, "tls://{a}"),
             Address::Unix(p) => write!(f, "unix:{}", p.display()),
         }
     }
@@ -63,6 +70,15 @@ pub struct LinkState {
     /// Links dropped because the backend did not read what we sent: its pongs/`gone`s piled
     /// up past [`CTL_QUEUE`] or the out buffer made no progress for [`WRITE_TIMEOUT`].
     pub stalled: AtomicU64,
+    /// TLS handshakes (or their verdict, read with the backend's hello) that failed, by
+    /// [`BackendTlsFailure`] in `ALL` order.
+    pub tls_failures: [AtomicU64; BackendTlsFailure::ALL.len()],
+}
+
+impl LinkState {
+    pub fn tls_failed(&self, why: BackendTlsFailure) -> u64 {
+        self.tls_failures[why as usize].load(Ordering::Relaxed)
+    }
 }
 
 /// The link's heartbeat: a ping after this long without writing, and the link is dropped
@@ -90,57 +106,6 @@ pub const INBOX_RETRY: Duration = Duration::from_millis(1);
 /// Reads per link per loop turn: a busy backend does not starve the others.
 const READS_PER_TURN: usize = 4;
 
-enum Stream {
-    Tcp(mio::net::TcpStream),
-    Unix(mio::net::UnixStream),
-}
-
-impl Stream {
-    fn source(&mut self) -> &mut dyn mio::event::Source {
-        match self {
-            Stream::Tcp(s) => s,
-            Stream::Unix(s) => s,
-        }
-    }
-
-    /// The connect's outcome: Ok(true) done, Ok(false) still in progress.
-    fn connected(&self) -> io::Result<bool> {
-        let (err, peer) = match self {
-            Stream::Tcp(s) => (s.take_error()?, s.peer_addr().map(|_| ())),
-            Stream::Unix(s) => (s.take_error()?, s.peer_addr().map(|_| ())),
-        };
-        if let Some(e) = err {
-            return Err(e);
-        }
-        match peer {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write(buf),
-            Stream::Unix(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Where the link is in its life.
 enum Phase {
     /// Waiting to (re)connect at the given time.
@@ -151,6 +116,11 @@ enum Phase {
     Connecting {
         stream: Stream,
         rest: Vec<SocketAddr>,
+        deadline: Instant,
+    },
+    /// Connected to a `tls://` backend; the TLS handshake in progress.
+    Handshaking {
+        stream: Stream,
         deadline: Instant,
     },
     /// Connected; our hello sent (what of it is left in `hello`), waiting for the backend's.
@@ -184,6 +154,8 @@ pub(super) struct Ctx<'a, S> {
 pub(super) struct Link {
     pub upstream: String,
     addr: Address,
+    /// For `tls://` backends.
+    tls: Option<TlsClient>,
     pub state: Arc<LinkState>,
     token: Token,
     phase: Phase,
@@ -245,6 +217,7 @@ impl Link {
         index: usize,
         upstream: String,
         addr: Address,
+        tls: Option<TlsClient>,
         state: Arc<LinkState>,
         max_frame: usize,
         now: Instant,
@@ -253,6 +226,7 @@ impl Link {
             upstream,
             seed: jitter_seed(index, &addr),
             addr,
+            tls,
             state,
             token: Token(index),
             phase: Phase::Down(now),
@@ -355,7 +329,7 @@ impl Link {
     }
 
     pub(super) fn has_unsent(&self) -> bool {
-        !self.out.is_empty()
+        !self.out.is_empty() || matches!(&self.phase, Phase::Up(s) if s.has_pending())
     }
 
     // ----- what the loop drives -----
@@ -374,9 +348,9 @@ impl Link {
         match &self.phase {
             Phase::Down(at) => Some(*at),
             Phase::Resolving(_) => None,
-            Phase::Connecting { deadline, .. } | Phase::Greeting { deadline, .. } => {
-                Some(*deadline)
-            }
+            Phase::Connecting { deadline, .. }
+            | Phase::Handshaking { deadline, .. }
+            | Phase::Greeting { deadline, .. } => Some(*deadline),
             Phase::Up(_) => {
                 let mut t = (self.last_read + DEAD_AFTER).min(self.last_write + PING_EVERY);
                 if let Some(w) = self.waiting_since {
@@ -410,6 +384,7 @@ impl Link {
                 }
             },
             Phase::Connecting { .. } => self.on_connecting(cx),
+            Phase::Handshaking { .. } => self.on_handshaking(cx),
             Phase::Greeting { .. } => self.on_greeting(cx),
             Phase::Up(_) => self.on_up(cx),
         }
@@ -417,7 +392,7 @@ impl Link {
 
     fn start_connect<S: EdgeSink>(&mut self, cx: &mut Ctx<'_, S>) {
         match &self.addr {
-            Address::Tcp(a) => {
+            Address::Tcp(a) | Address::Tls(a) => {
                 if let Ok(sa) = a.parse::<SocketAddr>() {
                     return self.connect_next(vec![sa], cx);
                 }
@@ -514,23 +489,27 @@ impl Link {
                         return self.connect_failed(e, cx);
                     }
                 }
-                let mut hello = BytesMut::new();
-                wire::encode(
-                    &Record::Hello {
-                        version: wire::VERSION,
-                        name: "ringway".into(),
-                    },
-                    &mut hello,
-                );
-                self.inbuf.clear();
-                self.phase = Phase::Greeting {
+                let stream = match stream {
+                    Stream::Tcp(mut sock) if matches!(self.addr, Address::Tls(_)) => {
+                        let conn = match &self.tls {
+                            Some(client) => tls::connection(client),
+                            None => Err(io::Error::other("no TLS client configuration")),
+                        };
+                        match conn {
+                            Ok(conn) => Stream::Tls(Box::new(TlsStream::new(sock, conn))),
+                            Err(e) => {
+                                let _ = cx.registry.deregister(&mut sock);
+                                return self.connect_failed(e, cx);
+                            }
+                        }
+                    }
+                    stream => return self.greet(stream, cx),
+                };
+                self.phase = Phase::Handshaking {
                     stream,
-                    hello,
                     deadline: cx.now + HELLO_TIMEOUT,
                 };
-                self.writable = true;
-                self.readable = true;
-                self.on_greeting(cx);
+                self.on_handshaking(cx);
             }
             Err(e) => {
                 let _ = cx.registry.deregister(stream.source());
@@ -542,6 +521,58 @@ impl Link {
                 }
             }
         }
+    }
+
+    /// Drive the TLS handshake; once done, greet. A failure is retried like a refused
+    /// connect, counted by reason.
+    fn on_handshaking<S: EdgeSink>(&mut self, cx: &mut Ctx<'_, S>) {
+        let Phase::Handshaking { stream, deadline } = &mut self.phase else {
+            return;
+        };
+        let Stream::Tls(tls) = stream else {
+            return;
+        };
+        let outcome = match tls.handshake() {
+            Ok(false) if cx.now >= *deadline => Err(tls::failed(
+                BackendTlsFailure::Timeout,
+                format!("no TLS handshake within {} s", HELLO_TIMEOUT.as_secs()),
+            )),
+            Ok(false) => return,
+            other => other,
+        };
+        let Phase::Handshaking { mut stream, .. } =
+            std::mem::replace(&mut self.phase, Phase::Down(cx.now))
+        else {
+            unreachable!("matched above")
+        };
+        match outcome {
+            Ok(_) => self.greet(stream, cx),
+            Err(e) => {
+                let _ = cx.registry.deregister(stream.source());
+                self.connect_failed(e, cx)
+            }
+        }
+    }
+
+    /// Connected (and TLS done): send our hello.
+    fn greet<S: EdgeSink>(&mut self, stream: Stream, cx: &mut Ctx<'_, S>) {
+        let mut hello = BytesMut::new();
+        wire::encode(
+            &Record::Hello {
+                version: wire::VERSION,
+                name: "ringway".into(),
+            },
+            &mut hello,
+        );
+        self.inbuf.clear();
+        self.phase = Phase::Greeting {
+            stream,
+            hello,
+            deadline: cx.now + HELLO_TIMEOUT,
+        };
+        self.writable = true;
+        self.readable = true;
+        self.on_greeting(cx);
     }
 
     /// Write our hello, read theirs; anything after it in the same read stays in `inbuf`.
@@ -612,10 +643,18 @@ impl Link {
         // Exponential backoff with full jitter, so a fleet of gateways does not reconnect in
         // lockstep when a backend comes back.
         let wait = jittered(self.backoff, &mut self.seed);
-        tracing::warn!(
-            upstream = %self.upstream, backend = %self.addr,
-            "backend unreachable: {e}; retrying in {} ms", wait.as_millis()
-        );
+        if let Some(why) = tls::reason_of(&e) {
+            self.state.tls_failures[why as usize].fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                upstream = %self.upstream, backend = %self.addr, reason = why.label(),
+                "backend refused over TLS: {e}; retrying in {} ms", wait.as_millis()
+            );
+        } else {
+            tracing::warn!(
+                upstream = %self.upstream, backend = %self.addr,
+                "backend unreachable: {e}; retrying in {} ms", wait.as_millis()
+            );
+        }
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
         self.phase = Phase::Down(cx.now + wait);
     }
@@ -797,6 +836,13 @@ impl Link {
         let Phase::Up(stream) = &mut self.phase else {
             return Ok(());
         };
+        if self.writable && stream.has_pending() {
+            match stream.push() {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
+                Err(e) => return Err(e),
+            }
+        }
         let out = &mut self.out;
         if out.is_empty() {
             return Ok(());
@@ -916,6 +962,7 @@ impl Link {
     pub(super) fn close(&mut self, registry: &Registry, gauges: &RelayGauges) {
         if let Phase::Up(mut s)
         | Phase::Connecting { stream: mut s, .. }
+        | Phase::Handshaking { stream: mut s, .. }
         | Phase::Greeting { stream: mut s, .. } =
             std::mem::replace(&mut self.phase, Phase::Down(Instant::now()))
         {
@@ -961,158 +1008,4 @@ fn read_into(stream: &mut Stream, buf: &mut BytesMut, scratch: &mut [u8]) -> io:
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn info(path: &str) -> OpenInfo {
-        OpenInfo {
-            path: path.into(),
-            query: Some("room=1".into()),
-            headers: vec![("x-user".into(), "ann".into())],
-            peer: Some("127.0.0.1:4000".parse().unwrap()),
-            authorize: true,
-        }
-    }
-
-    fn open(conn: u64, path: &str, replay: bool) -> Record {
-        Record::Open {
-            conn,
-            path: path.into(),
-            query: Some("room=1".into()),
-            headers: vec![("x-user".into(), "ann".into())],
-            peer: Some("127.0.0.1:4000".into()),
-            authorize: true,
-            replay,
-        }
-    }
-
-    fn decode_all(mut buf: BytesMut) -> Vec<Record> {
-        let mut decoder = Decoder::new(1 << 20);
-        let mut records = Vec::new();
-        while let Some(f) = decoder.decode(&mut buf).expect("a valid record") {
-            records.push(f);
-        }
-        assert!(buf.is_empty(), "trailing bytes: {buf:?}");
-        records
-    }
-
-    fn link() -> Link {
-        Link::new(
-            0,
-            "b".into(),
-            Address::Tcp("127.0.0.1:9".into()),
-            Arc::default(),
-            1 << 20,
-            Instant::now(),
-        )
-    }
-
-    /// docs/relay-protocol.md "Reconnects": opens go out unflagged; once written, each is
-    /// replayed on every reconnect with the replay flag, otherwise as it was first sent; a
-    /// connection closed meanwhile is not replayed, and its close is released once.
-    #[test]
-    fn opens_go_out_unflagged_and_replay_flagged_with_the_same_fields() {
-        let gauges = RelayGauges::default();
-        let mut l = link();
-        l.push_open(7, info("/a"), &gauges);
-        l.push_open(9, info("/b"), &gauges);
-        let held = gauges.held();
-        assert_eq!(held, 2 * (info("/a").held_bytes() + ENTRY_OVERHEAD) as u64);
-        assert_eq!(
-            decode_all(l.outbox_bytes()),
-            vec![open(7, "/a", false), open(9, "/b", false)]
-        );
-        // Not written yet: a lost link carries them as they are, unreplayed.
-        l.out.carry();
-        assert_eq!(
-            decode_all(l.outbox_bytes()),
-            vec![open(7, "/a", false), open(9, "/b", false)]
-        );
-        // Written: the next link replays them (and the carry keeps no replay).
-        let len = l.out.buf.len();
-        l.out.written = len;
-        for s in l.opens.values_mut() {
-            s.sent = true;
-        }
-        l.out = Outbox::default();
-        for _ in 0..2 {
-            for stored in l.opens.values() {
-                l.out.push(Kind::Replay, &stored.replay);
-            }
-            let mut replayed = decode_all(l.outbox_bytes());
-            replayed.sort_by_key(|f| match f {
-                Record::Open { conn, .. } => *conn,
-                _ => u64::MAX,
-            });
-            assert_eq!(replayed, vec![open(7, "/a", true), open(9, "/b", true)]);
-            l.out.carry();
-            assert!(l.out.is_empty(), "replays are not carried");
-        }
-        l.push_close(7, 1000, &gauges);
-        l.push_close(7, 1000, &gauges);
-        assert_eq!(gauges.held(), held / 2, "a close releases its open once");
-    }
-
-    /// A lost link carries messages and closes (a partly written one whole) but not its
-    /// pongs; a full buffer refuses messages without queueing them.
-    #[test]
-    fn a_lost_link_carries_data_not_control() {
-        let gauges = RelayGauges::default();
-        let mut l = link();
-        l.push_message(1, MessageKind::Text, Bytes::from_static(b"a"), 2, &gauges)
-            .unwrap();
-        l.out.push(Kind::Control, &Record::Pong(3));
-        l.push_message(1, MessageKind::Text, Bytes::from_static(b"b"), 2, &gauges)
-            .unwrap();
-        assert!(l
-            .push_message(1, MessageKind::Text, Bytes::from_static(b"c"), 2, &gauges)
-            .is_err());
-        l.push_close(1, 1001, &gauges);
-        l.out.written = 3;
-        l.out.carry();
-        let msg = |p: &'static [u8]| Record::Message {
-            conn: 1,
-            kind: MessageKind::Text,
-            payload: Bytes::from_static(p),
-        };
-        assert_eq!(
-            decode_all(l.outbox_bytes()),
-            vec![
-                msg(b"a"),
-                msg(b"b"),
-                Record::Close {
-                    conn: 1,
-                    code: 1001,
-                    reason: String::new()
-                }
-            ]
-        );
-        assert_eq!(l.out.control, 0);
-        assert_eq!(l.state.queued.load(Ordering::Relaxed), 2);
-    }
-
-    /// Two links that start together draw different backoff sequences (their seeds mix the
-    /// link index and address, not a shared clock reading).
-    #[test]
-    fn two_links_get_different_backoff_sequences() {
-        let addr = Address::Tcp("127.0.0.1:9".into());
-        let mut a = jitter_seed(0, &addr);
-        let mut b = jitter_seed(1, &addr);
-        let mut c = jitter_seed(0, &Address::Tcp("127.0.0.1:10".into()));
-        let seq = |seed: &mut u64| {
-            let mut backoff = BACKOFF_MIN;
-            (0..6)
-                .map(|_| {
-                    let d = jittered(backoff, seed);
-                    assert!(d >= backoff / 2 && d < backoff, "{d:?}");
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    d
-                })
-                .collect::<Vec<_>>()
-        };
-        let (sa, sb, sc) = (seq(&mut a), seq(&mut b), seq(&mut c));
-        assert_ne!(sa, sb);
-        assert_ne!(sa, sc);
-        assert_ne!(sa[0], sb[0]);
-    }
-}
+mod tests;

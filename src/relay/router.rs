@@ -27,6 +27,7 @@ use mio::Events;
 
 use super::embedded::ChatEcho;
 use super::inlet::{RelayRx, WAKE};
+use super::link::tls::TlsClient;
 use super::link::{Address, Ctx, Link, LinkState};
 #[cfg(test)]
 use super::to_edge;
@@ -37,6 +38,8 @@ use crate::config::Balance;
 use crate::ids::ConnId;
 use crate::protocol::close;
 use crate::route::{Backend, RouteTable};
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
 
 pub use super::link::LINK_BUFFER_BYTES;
 
@@ -85,12 +88,13 @@ pub struct Router<S: EdgeSink + 'static> {
 
 impl<S: EdgeSink + 'static> Router<S> {
     /// One link per backend of every upstream that has them; they connect once [`Router::run`]
-    /// turns.
+    /// turns. `client_tls[u]` is what upstream `u`'s `tls://` backends connect with.
     pub fn new(
         table: &RouteTable,
         sink: S,
         max_frame: usize,
         gauges: Arc<RelayGauges>,
+        client_tls: &[Option<Arc<ClientConfig>>],
     ) -> Router<S> {
         let now = Instant::now();
         let mut upstreams = Vec::new();
@@ -99,9 +103,18 @@ impl<S: EdgeSink + 'static> Router<S> {
         for spec in table.upstreams() {
             let mut mine = Vec::new();
             for backend in &spec.backends {
+                let mut tls = None;
                 let addr = match backend {
                     Backend::Embedded => continue,
                     Backend::Tcp(a) => Address::Tcp(a.clone()),
+                    Backend::Tls { addr, name } => {
+                        let config = client_tls.get(upstreams.len()).cloned().flatten();
+                        let name = ServerName::try_from(name.clone()).ok();
+                        tls = config
+                            .zip(name)
+                            .map(|(config, name)| TlsClient { config, name });
+                        Address::Tls(addr.clone())
+                    }
                     Backend::Unix(p) => Address::Unix(p.clone()),
                 };
                 let state = Arc::new(LinkState::default());
@@ -115,6 +128,7 @@ impl<S: EdgeSink + 'static> Router<S> {
                     links.len(),
                     spec.name.clone(),
                     addr,
+                    tls,
                     state,
                     max_frame,
                     now,

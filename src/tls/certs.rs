@@ -39,6 +39,9 @@ pub struct Loaded {
     pub names: Vec<String>,
     /// Where it came from, for logs.
     pub cert_path: PathBuf,
+    /// The leaf's validity, in seconds since the Unix epoch.
+    pub not_before: i64,
+    pub not_after: i64,
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, CertError> {
@@ -64,6 +67,7 @@ pub fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<Loaded
         return Err(cert_err("holds no CERTIFICATE block".into()));
     }
     let names = leaf_names(&chain[0]).map_err(cert_err)?;
+    let (not_before, not_after) = validity(&chain[0]).map_err(cert_err)?;
 
     let key_pem = read("key", key)?;
     let key_err = |problem: String| CertError::Key {
@@ -90,7 +94,17 @@ pub fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<Loaded
         key: Arc::new(certified),
         names,
         cert_path: cert.to_path_buf(),
+        not_before,
+        not_after,
     })
+}
+
+/// The leaf's notBefore and notAfter (Unix seconds).
+fn validity(leaf: &CertificateDer<'_>) -> Result<(i64, i64), String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| format!("the first certificate cannot be parsed: {e}"))?;
+    let v = parsed.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
 }
 
 /// The DNS names of a leaf certificate's subjectAltName, lower-cased.

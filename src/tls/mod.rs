@@ -8,6 +8,8 @@
 //! (one `ServerConnection` per accepted wss client) -> session transport.
 
 mod certs;
+pub mod client;
+pub mod expiry;
 mod resolver;
 
 use std::sync::Arc;
@@ -113,6 +115,7 @@ impl TlsServer {
                 "TLS certificate loaded"
             );
         }
+        expiry::log_standing(set.loaded());
         self.resolver.replace(set);
         Ok(())
     }

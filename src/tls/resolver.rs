@@ -107,6 +107,8 @@ mod tests {
             key: Arc::new(CertifiedKey::new(chain, signing)),
             names: names.iter().map(|s| s.to_string()).collect(),
             cert_path: format!("cert{tag}.pem").into(),
+            not_before: 0,
+            not_after: i64::MAX,
         }
     }
 
