@@ -116,7 +116,18 @@ async function launchChromium(extraArgs = []) {
     headless: true,
     chromiumSandbox: false,
     timeout: 30000,
-    args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', ...extraArgs],
+    // The machine's network is closed: no background, update or sync traffic to be refused.
+    args: [
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-dev-shm-usage',
+      '--disable-quic',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+      ...extraArgs,
+    ],
   });
   const proc = browser.process && browser.process();
   if (proc && proc.pid) browserPids.push(proc.pid);
