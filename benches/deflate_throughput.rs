@@ -21,7 +21,7 @@ fn json(n: usize, seed: u64) -> Vec<u8> {
             i % 97,
             1_700_000_000_000u64 + i * 37,
             i * 7919 % 10007,
-            i % 3 == 0
+            i.is_multiple_of(3)
         ));
         i += 1;
     }

@@ -5,7 +5,15 @@
 // Used by tests/deflate_peers.rs (through node-ws-echo.js and chromium-echo.js); meant to be
 // reused by other browser tests (a demo-page test). Each script prints one JSON line on
 // stdout: {"ok": true, ...} on success, {"ok": false, "error": "..."} on failure (exit 1),
-// and exits 124 when the deadline passes.
+// and exits 124 when the deadline passes. A browser test is, in full:
+//
+//   const { run, servePage, launchChromium } = require('./harness');
+//   run(async () => {
+//     const origin = await servePage({ '/': '<!doctype html><script>...</script>' });
+//     const page = await (await launchChromium()).newPage();
+//     await page.goto(origin + '/');
+//     return { title: await page.title() };   // merged into the {"ok": true} line
+//   }, 60000);
 'use strict';
 
 const http = require('http');
