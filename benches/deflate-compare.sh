@@ -93,7 +93,7 @@ fi
 # (c) broadcast to many deflate subscribers.
 if ! skip c; then
   ulimit -n "$(ulimit -Hn)"
-  need=$((2 * SUBS + 1000))
+  need=$((SUBS + 1000))   # per process: the client holds SUBS sockets, the server as many
   [ "$(ulimit -n)" -ge "$need" ] || { echo "fd limit $(ulimit -n) is under $need for $SUBS subscribers" >&2; exit 1; }
   for rep in $(seq "$REPS"); do
     for d in $(order "$rep"); do
