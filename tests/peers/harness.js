@@ -16,6 +16,7 @@
 //   }, 60000);
 'use strict';
 
+const fs = require('fs');
 const http = require('http');
 
 const cleanups = [];
@@ -95,18 +96,35 @@ async function servePage(routes) {
     server.listen(0, '127.0.0.1', resolve);
   });
   onCleanup(() => new Promise((resolve) => server.close(resolve)));
-  server.closeAllConnections && onCleanup(() => server.closeAllConnections());
+  // Run first (cleanups run last-in first-out): close() waits for kept-alive connections.
+  onCleanup(() => server.closeAllConnections());
   return `http://127.0.0.1:${server.address().port}`;
 }
 
-const browserPids = [];
-
+/**
+ * SIGKILLs this process's own child processes (the browser Playwright spawned; its helper
+ * processes exit with it), found in /proc/self/task/TID/children: nothing else is touched.
+ */
 function killBrowsers() {
-  for (const pid of browserPids) {
+  let tasks = [];
+  try {
+    tasks = fs.readdirSync('/proc/self/task');
+  } catch (_) {
+    return;
+  }
+  for (const tid of tasks) {
+    let children = '';
     try {
-      process.kill(pid, 'SIGKILL');
+      children = fs.readFileSync(`/proc/self/task/${tid}/children`, 'utf8');
     } catch (_) {
-      // already gone
+      continue;
+    }
+    for (const pid of children.split(' ').filter(Boolean)) {
+      try {
+        process.kill(Number(pid), 'SIGKILL');
+      } catch (_) {
+        // already gone
+      }
     }
   }
 }
@@ -137,8 +155,6 @@ async function launchChromium(extraArgs = []) {
       ...extraArgs,
     ],
   });
-  const proc = browser.process && browser.process();
-  if (proc && proc.pid) browserPids.push(proc.pid);
   onCleanup(() => browser.close());
   return browser;
 }
