@@ -238,3 +238,52 @@ asyncio.run(asyncio.wait_for(main(sys.argv[1]), 60))
     assert_eq!(c.inflated, n(&peer, "messages"), "{c:?} {peer}");
     assert_eq!(c.in_raw, n(&peer, "bytes"), "{c:?} {peer}");
 }
+
+/// A room of 1,000 deflate subscribers spread over two cores: each publish is compressed
+/// once per core (not per subscriber), every subscriber gets it compressed, and a compressed
+/// frame inflates to the same message the plain publisher got (tests/peers/fanout.js).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_to_1000_deflate_subscribers_is_compressed_once_per_core() {
+    let gw = Gateway::start(&["--compression", "shared", "--workers", "2"]);
+    let (addr, admin, pid) = (gw.addr.to_string(), gw.admin_addr().to_string(), gw.pid());
+    let publishes = 5u64;
+    let subscribers = 1000u64;
+    let peer = tokio::task::spawn_blocking(move || {
+        let dir = peers_dir();
+        let mut cmd = Command::new("node");
+        cmd.current_dir(&dir).args([
+            "fanout.js",
+            &addr,
+            &admin,
+            &pid.to_string(),
+            "--deflate",
+            "1",
+            "--connections",
+            &subscribers.to_string(),
+            "--publishes",
+            &publishes.to_string(),
+        ]);
+        run_peer(cmd, Duration::from_secs(90))
+    })
+    .await
+    .unwrap();
+    assert_eq!(peer["extensions"], serde_json::json!([ANSWER]), "{peer}");
+    assert_eq!(
+        n(&peer, "compressed_frames"),
+        subscribers * publishes,
+        "{peer}"
+    );
+    let by_core = peer["compress_calls_per_publish_by_core"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{peer}"));
+    assert_eq!(by_core.len(), 2, "{peer}");
+    for (core, calls) in by_core {
+        assert_eq!(calls.as_f64(), Some(1.0), "core {core}: {peer}");
+    }
+    // JSON-like text compresses several times over on the wire.
+    let per_subscriber = peer["wire_bytes_per_subscriber"].as_f64().unwrap();
+    assert!(
+        per_subscriber * 3.0 < n(&peer, "payload_bytes") as f64,
+        "{peer}"
+    );
+}
