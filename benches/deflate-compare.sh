@@ -6,8 +6,8 @@
 #      pinned to CPU 0; the client (tests/peers/echo-load.js, Node `ws`: ringway-bench offers
 #      no extensions) on CPU 1 at a fixed rate, so both cases run at the same load; server
 #      CPU is the sum of its threads' /proc/PID/task/*/schedstat over the measured window.
-#  (b) throughput: one core's compressor and inflater (benches/deflate_throughput.rs, in thread CPU time, run
-#      pinned to CPU 0) over JSON-like text: MB/s in and out, and the ratio.
+#  (b) throughput: one core's compressor and inflater (benches/deflate_throughput.rs, in the
+#      thread's CPU time, pinned to CPU 0) over JSON-like text: MB/s in and out, and the ratio.
 #  (c) fan-out: --subscribers connections of the embedded chat join one room, offering
 #      deflate or not (server `--workers 2 --compression shared|off`, unpinned); a publisher
 #      says a ~4 KiB JSON-like text --publishes times (tests/peers/fanout.js). Reports the
