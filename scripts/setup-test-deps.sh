@@ -3,6 +3,7 @@
 #   .autobahn/venv      CPython 2.7 virtualenv with Autobahn|Testsuite (wstest), pins in tests/autobahn/requirements-py27.txt
 #   .autobahn/bootstrap Python 3 venv holding virtualenv<20.22 (the last line that can create 2.7 environments)
 #   .venv-py3           Python 3 venv with `websockets` (independent client), pins in tests/autobahn/requirements-py3.txt
+#   tests/peers/node_modules  Node `ws` + playwright-core (pins in tests/peers/package-lock.json); nodejs, npm, chromium from Debian
 # Env overrides: PY27=/path/to/python2.7, PY3=/path/to/python3.
 set -euo pipefail
 
@@ -129,6 +130,25 @@ else
   "$VENV3/bin/python" -m pip install -q --disable-pip-version-check -r "$REQ3"
   echo "$want3" > "$VENV3/$STAMP"
   log "installed websockets $("$VENV3/bin/python" -c 'import websockets; print(websockets.__version__)')"
+fi
+
+# --- JS peers for tests/deflate_peers.rs (tests/peers): Node ws, and headless Chromium via playwright-core ---
+# Debian packages only when missing (nodejs and npm are separate packages on Debian; a NodeSource
+# nodejs brings npm itself). `npm ci` only when package-lock.json changed (stamp = its hash +
+# node's version); playwright-core downloads no browser: the tests use /usr/bin/chromium.
+need_cmd_or_apt node nodejs
+need_cmd_or_apt npm npm
+need_cmd_or_apt chromium chromium
+PEERS="tests/peers"
+want_js="$({ cat "$PEERS/package-lock.json"; node --version; } | sha256sum | cut -d' ' -f1)"
+if [ -d "$PEERS/node_modules/ws" ] && [ -d "$PEERS/node_modules/playwright-core" ] \
+   && stamp_matches "$PEERS/node_modules" "$want_js"; then
+  log "$PEERS/node_modules up to date"
+else
+  log "npm ci in $PEERS"
+  (cd "$PEERS" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error) \
+    || die "npm ci in $PEERS failed"
+  echo "$want_js" > "$PEERS/node_modules/$STAMP"
 fi
 
 command -v timeout >/dev/null 2>&1 || need_cmd_or_apt timeout coreutils
