@@ -37,9 +37,11 @@ const CLOSE_WAIT_NS: u64 = 10_000_000_000;
 
 #[derive(Debug, Args)]
 pub struct ChurnArgs {
-    /// Server URL; its host must be a loopback address.
+    /// Server URL (ws:// or wss://); its host must be a loopback address.
     #[arg(long, default_value = "ws://127.0.0.1:8080/")]
     url: String,
+    #[command(flatten)]
+    tls: crate::tls::TlsArgs,
     /// Connections held open for the whole run.
     #[arg(long, default_value_t = 15_000, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     held: u32,
@@ -182,7 +184,7 @@ struct Counts {
 }
 
 pub fn run(args: ChurnArgs) -> anyhow::Result<ChurnReport> {
-    let target = ws::parse_url(&args.url).map_err(anyhow::Error::msg)?;
+    let target = ws::target(&args.url, &args.tls).map_err(anyhow::Error::msg)?;
     if let Some(pid) = args.server_pid {
         snapshot(pid).with_context(|| format!("reading /proc/{pid}"))?;
     }
@@ -460,15 +462,18 @@ impl<'a> Worker<'a> {
             self.conns.len() - 1
         });
         let src = self.source();
+        let tls = &self.cfg.target.tls;
         let res = connect(self.cfg.target.addr, Some(src)).and_then(|mut s| {
+            let tls = tls.as_ref().map(|t| t.start()).transpose();
+            let tls = tls.map_err(io::Error::other)?;
             self.poll.registry().register(
                 &mut s,
                 Token(slot),
                 Interest::READABLE | Interest::WRITABLE,
             )?;
-            Ok(s)
+            Ok((s, tls))
         });
-        let stream = match res {
+        let (stream, tls) = match res {
             Ok(s) => s,
             Err(e) => {
                 self.free.push(slot);
@@ -481,7 +486,7 @@ impl<'a> Worker<'a> {
             }
         };
         self.conns[slot] = Some(Conn::new(
-            stream,
+            (stream, tls),
             Token(slot),
             ConnId { n: id, hex: true },
             (self.cfg.size, false),
