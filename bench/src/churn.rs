@@ -115,6 +115,8 @@ pub struct ChurnReport {
     /// Valid 101s, held and churn.
     pub connects: u64,
     pub churn_connects: u64,
+    /// wss://: connections whose TLS handshake resumed a session (ticket or session id).
+    pub tls_resumed: u64,
     pub churn_per_sec: f64,
     /// Closing handshakes completed (RFC 6455 §7.1.2), held and churn.
     pub disconnects: u64,
@@ -141,6 +143,9 @@ impl fmt::Display for ChurnReport {
             self.churn_connects, self.duration_s, self.churn_per_sec, self.target_rate
         )?;
         writeln!(f, "  connects:     {}", self.connects)?;
+        if self.tls_resumed > 0 {
+            writeln!(f, "  TLS resumed:  {}", self.tls_resumed)?;
+        }
         writeln!(f, "  disconnects:  {}", self.disconnects)?;
         writeln!(f, "  messages:     {}", self.messages)?;
         if let (Some(a), Some(b)) = (self.pre_churn, self.post_churn) {
@@ -178,6 +183,7 @@ struct Cfg {
 struct Counts {
     connects: u64,
     churn_connects: u64,
+    tls_resumed: u64,
     disconnects: u64,
     messages: u64,
     errors: ErrorTally,
@@ -252,6 +258,7 @@ pub fn run(args: ChurnArgs) -> anyhow::Result<ChurnReport> {
     for o in &outs {
         total.connects += o.connects;
         total.churn_connects += o.churn_connects;
+        total.tls_resumed += o.tls_resumed;
         total.disconnects += o.disconnects;
         total.messages += o.messages;
         total.errors.merge(&o.errors);
@@ -266,6 +273,7 @@ pub fn run(args: ChurnArgs) -> anyhow::Result<ChurnReport> {
         duration_s: churn_s,
         connects: total.connects,
         churn_connects: total.churn_connects,
+        tls_resumed: total.tls_resumed,
         churn_per_sec: total.churn_connects as f64 / churn_s.max(1e-9),
         disconnects: total.disconnects,
         messages: total.messages,
@@ -312,6 +320,7 @@ impl Mode for Ctx<'_> {
 
     fn opened(&mut self, c: &mut Conn, now: u64) {
         self.counts.connects += 1;
+        self.counts.tls_resumed += u64::from(c.tls_resumed);
         if !c.ext.held {
             self.counts.churn_connects += 1;
             send_message(c, self.rng, now);

@@ -14,7 +14,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use ringway::protocol::frame::{write_client_frame, OpCode, Role};
 use ringway::protocol::message::{Event, Limits, MessageDecoder, MessageKind};
-use rustls::ClientConnection;
+use rustls::{ClientConnection, HandshakeKind};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::payload::{xorshift, PayloadGen};
@@ -62,6 +62,8 @@ pub struct Conn<X> {
     /// Boxed: an idle connection keeps it (its state and a 4 KiB record buffer) and
     /// nothing else of size.
     tls: Option<Box<ClientConnection>>,
+    /// wss://: the TLS handshake resumed an earlier session (known by the 101).
+    pub tls_resumed: bool,
     pub id: ConnId,
     pub state: State,
     /// When the current state's deadline started counting.
@@ -129,6 +131,7 @@ impl<X> Conn<X> {
         Conn {
             stream,
             tls,
+            tls_resumed: false,
             id,
             state: State::Connecting,
             since: now,
@@ -374,6 +377,10 @@ fn read_all_tls<M: Mode>(
                 return Err((c.closed_kind(), format!("{}: TLS: {e}", c.id)));
             }
             let io = match tls.process_new_packets() {
+                Ok(io) if c.state == State::Handshaking && !tls.is_handshaking() => {
+                    c.tls_resumed = tls.handshake_kind() == Some(HandshakeKind::Resumed);
+                    io
+                }
                 Ok(io) => io,
                 Err(e) => {
                     // Our alert, if the socket takes it; the error is what counts.

@@ -1,0 +1,144 @@
+//! Server-side cost of a TLS handshake with the gateway's own rustls configuration
+//! (`ringway::tls::TlsServer`: aws-lc-rs, tickets, session cache) and an ECDSA P-256
+//! certificate, in memory: a rustls client on the other side of byte vectors, and only the
+//! server's calls timed (`iter_custom`), so 1 / time is handshakes per second on one core
+//! without the kernel's TCP or the WebSocket upgrade. Full and resumed, TLS 1.3 and 1.2.
+//!
+//! `cargo bench --bench tls_handshake -- --warm-up-time 1 --measurement-time 3`
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use ringway::config::CertificateConfig;
+use ringway::tls::TlsServer;
+use rustls::client::Resumption;
+use rustls::{ClientConfig, ClientConnection, HandshakeKind, RootCertStore, ServerConnection};
+
+struct Setup {
+    server: Arc<rustls::ServerConfig>,
+    roots: RootCertStore,
+}
+
+fn setup() -> Setup {
+    // rcgen's default key: ECDSA P-256 with SHA-256. Self-signed, not a CA: its own anchor.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("ringway-bench-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    let server = TlsServer::new(&[CertificateConfig { cert: c, key: k }])
+        .unwrap()
+        .config();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let mut roots = RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    Setup { server, roots }
+}
+
+fn client(
+    s: &Setup,
+    version: &'static rustls::SupportedProtocolVersion,
+    resume: bool,
+) -> Arc<ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut c = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(s.roots.clone())
+        .with_no_client_auth();
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if !resume {
+        c.resumption = Resumption::disabled();
+    }
+    Arc::new(c)
+}
+
+/// One handshake to completion (and the server's tickets read by the client); returns the
+/// time spent in the server's calls and how the server saw the handshake.
+fn handshake(
+    server: &Arc<rustls::ServerConfig>,
+    client: &Arc<ClientConfig>,
+) -> (Duration, HandshakeKind) {
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut c = ClientConnection::new(client.clone(), name).unwrap();
+    let t0 = Instant::now();
+    let mut s = ServerConnection::new(server.clone()).unwrap();
+    let mut in_server = t0.elapsed();
+    let mut buf = Vec::with_capacity(4096);
+    for _ in 0..8 {
+        buf.clear();
+        while c.wants_write() {
+            c.write_tls(&mut buf).unwrap();
+        }
+        let t = Instant::now();
+        let mut input = &buf[..];
+        while !input.is_empty() {
+            s.read_tls(&mut input).unwrap();
+            s.process_new_packets().unwrap();
+        }
+        buf.clear();
+        while s.wants_write() {
+            s.write_tls(&mut buf).unwrap();
+        }
+        in_server += t.elapsed();
+        let mut input = &buf[..];
+        while !input.is_empty() {
+            c.read_tls(&mut input).unwrap();
+            c.process_new_packets().unwrap();
+        }
+        if !s.is_handshaking() && !c.is_handshaking() && !c.wants_write() {
+            break;
+        }
+    }
+    assert!(!s.is_handshaking(), "handshake did not finish");
+    (in_server, s.handshake_kind().unwrap())
+}
+
+fn bench(c: &mut Criterion) {
+    let s = setup();
+    eprintln!(
+        "size_of ServerConnection: {} B (boxed in the session; plus rustls' buffers)",
+        std::mem::size_of::<ServerConnection>()
+    );
+    let mut g = c.benchmark_group("tls_handshake_server_side");
+    for (label, version) in [
+        ("tls13", &rustls::version::TLS13),
+        ("tls12", &rustls::version::TLS12),
+    ] {
+        let full = client(&s, version, false);
+        g.bench_function(format!("{label}_full"), |b| {
+            b.iter_custom(|iters| {
+                (0..iters)
+                    .map(|_| {
+                        let (t, kind) = handshake(&s.server, &full);
+                        assert_eq!(kind, HandshakeKind::Full);
+                        t
+                    })
+                    .sum()
+            })
+        });
+        let resuming = client(&s, version, true);
+        handshake(&s.server, &resuming);
+        g.bench_function(format!("{label}_resumed"), |b| {
+            b.iter_custom(|iters| {
+                (0..iters)
+                    .map(|_| {
+                        let (t, kind) = handshake(&s.server, &resuming);
+                        assert_eq!(kind, HandshakeKind::Resumed);
+                        t
+                    })
+                    .sum()
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
