@@ -41,12 +41,19 @@ fn setup() -> Setup {
     Setup { server, roots }
 }
 
+/// A client for `version`; `x25519_only` offers only X25519 instead of rustls' default list
+/// (X25519MLKEM768 first, which the server then picks).
 fn client(
     s: &Setup,
     version: &'static rustls::SupportedProtocolVersion,
     resume: bool,
+    x25519_only: bool,
 ) -> Arc<ClientConfig> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    if x25519_only {
+        provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+    }
+    let provider = Arc::new(provider);
     let mut c = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[version])
         .unwrap()
@@ -107,11 +114,13 @@ fn bench(c: &mut Criterion) {
         std::mem::size_of::<ServerConnection>()
     );
     let mut g = c.benchmark_group("tls_handshake_server_side");
-    for (label, version) in [
-        ("tls13", &rustls::version::TLS13),
-        ("tls12", &rustls::version::TLS12),
-    ] {
-        let full = client(&s, version, false);
+    let cases = [
+        ("tls13", &rustls::version::TLS13, false),
+        ("tls13_x25519", &rustls::version::TLS13, true),
+        ("tls12", &rustls::version::TLS12, false),
+    ];
+    for (label, version, x25519) in cases {
+        let full = client(&s, version, false, x25519);
         g.bench_function(format!("{label}_full"), |b| {
             b.iter_custom(|iters| {
                 (0..iters)
@@ -123,7 +132,7 @@ fn bench(c: &mut Criterion) {
                     .sum()
             })
         });
-        let resuming = client(&s, version, true);
+        let resuming = client(&s, version, true, x25519);
         handshake(&s.server, &resuming);
         g.bench_function(format!("{label}_resumed"), |b| {
             b.iter_custom(|iters| {
