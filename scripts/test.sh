@@ -68,7 +68,7 @@ printf 'Autobahn 12.*/13.* (--compression shared) running in the background (pid
 step "cargo test --profile ci --workspace (the gateway, and the load tool in bench/; release code without LTO)"
 cargo test --profile ci --workspace
 
-step "fuzzing: handshake, frames, relay decoders (15 s each)"
+step "fuzzing: handshake, frames, relay, connection, tls_session (15 s each)"
 bash scripts/fuzz.sh "${RINGWAY_FUZZ_SECONDS:-15}"
 
 step "Autobahn|Testsuite fuzzingclient (all cases but 12.* and 13.*: compression is not offered)"
