@@ -16,14 +16,15 @@
 # Prints markdown tables of medians, with the wss/ws ratio.
 #
 # Usage: benches/tls.sh [--ringway PATH] [--bench PATH] [--reps 3] [--duration 5s]
-#                       [--idle 10000] [--churn-rate 1500] [--churn-time 5s] [--only echo|churn|idle]
+#                       [--idle 10000] [--churn-rate 1000] [--churn-time 5s] [--only echo|churn|idle]
 #   default binaries: target/release/ringway and target/release/ringway-bench
+# A load run that reports errors is kept (its errors are printed) and the script goes on.
 # Every server started is killed by PID on exit; every load run is bounded by `timeout`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 RINGWAY=target/release/ringway BENCH=target/release/ringway-bench
-REPS=3 DURATION=5s IDLE=10000 CHURN_RATE=1500 CHURN_TIME=5s ONLY=""
+REPS=3 DURATION=5s IDLE=10000 CHURN_RATE=1000 CHURN_TIME=5s ONLY=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --ringway) RINGWAY=$2; shift ;;
@@ -82,7 +83,7 @@ for rep in $(seq "$REPS"); do
           # shellcheck disable=SC2046
           timeout 60 taskset -c 1 "$BENCH" --json echo --url "$(url_of $scheme)" $(tls_of $scheme) \
               --connections 100 --in-flight 1 --size "$size" --duration "$DURATION" --warmup 1s \
-              --server-pid "$GPID" >"$OUT/r.json"
+              --server-pid "$GPID" >"$OUT/r.json" || echo "tls.sh: that run failed (exit $?)" >&2
           stop
           printf 'echo\t%s %s\t%s\t%s\t%s\n' "$upstream" "$size" "$scheme" \
               "$(field "$OUT/r.json" server.cpu_us_per_msg)" "$(field "$OUT/r.json" msgs_per_sec)" >>"$ROWS"
@@ -99,7 +100,8 @@ for rep in $(seq "$REPS"); do
       c0=$(cpu_ticks "$GPID")
       # shellcheck disable=SC2086
       timeout 120 taskset -c 1 "$BENCH" --json churn --url "$url" $extra --held 0 --rate "$CHURN_RATE" \
-          --duration "$CHURN_TIME" --warmup 0s --settle 0s >"$OUT/r.json"
+          --duration "$CHURN_TIME" --warmup 0s --settle 0s >"$OUT/r.json" \
+          || echo "tls.sh: that run failed (exit $?)" >&2
       c1=$(cpu_ticks "$GPID")
       stop
       n=$(field "$OUT/r.json" churn_connects)
@@ -114,7 +116,8 @@ for rep in $(seq "$REPS"); do
       start local-echo
       # shellcheck disable=SC2046
       timeout 300 taskset -c 1 "$BENCH" --json idle --url "$(url_of $scheme)" $(tls_of $scheme) \
-          --connections "$IDLE" --hold 2s --server-pid "$GPID" >"$OUT/r.json"
+          --connections "$IDLE" --hold 2s --server-pid "$GPID" >"$OUT/r.json" \
+          || echo "tls.sh: that run failed (exit $?)" >&2
       stop
       printf 'idle\t%s\t%s\t%s\t%s\n' "$IDLE" "$scheme" \
           "$(field "$OUT/r.json" server.bytes_per_connection)" "$(field "$OUT/r.json" connected)" >>"$ROWS"
