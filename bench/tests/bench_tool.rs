@@ -285,28 +285,42 @@ fn wss_insecure_works_for_every_mode() {
     ]);
     assert_eq!((code, r["errors"]["total"].as_u64()), (0, Some(0)), "{r:#}");
     assert_eq!(r["connected"], 50);
-    // Churn, with full handshakes only.
-    let (code, r) = bench(&[
-        "churn",
-        "--url",
-        &url,
-        "--insecure",
-        "--no-resume",
-        "--held",
-        "5",
-        "--rate",
-        "100",
-        "--duration",
-        "500ms",
-        "--warmup",
-        "100ms",
-        "--settle",
-        "100ms",
-        "--interval",
-        "100ms",
-    ]);
-    assert_eq!((code, r["errors"]["total"].as_u64()), (0, Some(0)), "{r:#}");
-    assert!(r["churn_connects"].as_u64().unwrap() >= 40, "{r:#}");
+    // Churn, with full handshakes only, then resuming sessions from tickets.
+    for resume in [false, true] {
+        let mut args = vec![
+            "churn",
+            "--url",
+            &url,
+            "--insecure",
+            "--held",
+            "5",
+            "--rate",
+            "100",
+            "--duration",
+            "500ms",
+            "--warmup",
+            "100ms",
+            "--settle",
+            "100ms",
+            "--interval",
+            "100ms",
+        ];
+        if !resume {
+            args.push("--no-resume");
+        }
+        let (code, r) = bench(&args);
+        assert_eq!((code, r["errors"]["total"].as_u64()), (0, Some(0)), "{r:#}");
+        let churned = r["churn_connects"].as_u64().unwrap();
+        assert!(churned >= 40, "{r:#}");
+        let resumed = r["tls_resumed"].as_u64().unwrap();
+        if resume {
+            // The held set opens at once, before any ticket came back (full handshakes);
+            // every churn connection after it finds a ticket.
+            assert!(resumed >= churned, "{r:#}");
+        } else {
+            assert_eq!(resumed, 0, "{r:#}");
+        }
+    }
     assert_eq!(
         tls_failures(&http_metrics(&t.gw), ""),
         0,
