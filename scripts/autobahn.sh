@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the Autobahn|Testsuite fuzzingclient (RFC 6455 conformance) against a ringway echo server.
 #
-# usage: scripts/autobahn.sh [--binary PATH] [--quick] [--timeout SECS] [--spec FILE] [--name NAME] [-- EXTRA_SERVER_ARGS...]
+# usage: scripts/autobahn.sh [--binary PATH] [--quick] [--timeout SECS] [--spec FILE] [--name NAME] [--tls] [-- EXTRA_SERVER_ARGS...]
 #   --binary PATH   server binary (default target/release/ringway), started as
 #                   PATH --listen 127.0.0.1:PORT --upstream echo EXTRA_SERVER_ARGS...
 #   --quick         small subset (framing, pings, reserved bits, opcodes, fragmentation, basic close) for iteration
@@ -10,6 +10,9 @@
 #                   tests/autobahn/fuzzingclient-deflate.json runs them, with --compression shared)
 #   --name NAME     report and run directory name (default autobahn), so two runs can go in parallel
 #   --strict        also fail on NON-STRICT, UNIMPLEMENTED and WRONG CODE (the deflate run uses it)
+#   --tls           wss://: a self-signed certificate for 127.0.0.1/localhost is made (openssl CLI),
+#                   the server also gets --listen-tls/--tls-cert/--tls-key, and wstest connects
+#                   to the TLS listener (via pyOpenSSL in its venv; it does not verify the certificate)
 # Artifact: reports/NAME/index.html (+ index.json, per-case JSON/HTML, server.log, wstest.log).
 # Exit status: 0 only if no case FAILED (behavior or close behavior), wstest finished in time, every case ran,
 # and the server stayed alive.
@@ -24,6 +27,7 @@ TIMEOUT=""
 TEMPLATE="$ROOT/tests/autobahn/fuzzingclient.json"
 NAME="autobahn"
 STRICT=0
+TLS=0
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -35,8 +39,9 @@ while [ $# -gt 0 ]; do
     --spec) TEMPLATE="$2"; shift 2 ;;
     --name) NAME="$2"; shift 2 ;;
     --strict) STRICT=1; shift ;;
+    --tls) TLS=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "autobahn: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -72,9 +77,22 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-log "starting $BINARY --listen 127.0.0.1:$PORT --admin 127.0.0.1:0 --upstream echo ${EXTRA[*]:-}"
-"$BINARY" --listen "127.0.0.1:$PORT" --admin 127.0.0.1:0 --upstream echo "${EXTRA[@]}" >"$SERVER_LOG" 2>&1 &
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+PORT="$(free_port)"
+TLS_ARGS=()
+if [ "$TLS" = 1 ]; then
+  # A throwaway ECDSA P-256 certificate, valid two days, for the names wstest connects to.
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+    -keyout "$RUNDIR/key.pem" -out "$RUNDIR/cert.pem" 2>"$RUNDIR/openssl.log" \
+    || fail "openssl could not make a test certificate (log: $RUNDIR/openssl.log)"
+  "$ROOT/.autobahn/venv/bin/python" -c 'import OpenSSL, service_identity' 2>/dev/null \
+    || fail "wstest's venv lacks pyOpenSSL/service_identity (run scripts/setup-test-deps.sh)"
+  TLS_PORT="$(free_port)"
+  TLS_ARGS=(--listen-tls "127.0.0.1:$TLS_PORT" --tls-cert "$RUNDIR/cert.pem" --tls-key "$RUNDIR/key.pem")
+fi
+log "starting $BINARY --listen 127.0.0.1:$PORT --admin 127.0.0.1:0 --upstream echo ${TLS_ARGS[*]:-} ${EXTRA[*]:-}"
+"$BINARY" --listen "127.0.0.1:$PORT" --admin 127.0.0.1:0 --upstream echo "${TLS_ARGS[@]}" "${EXTRA[@]}" >"$SERVER_LOG" 2>&1 &
 SERVER_PID=$!
 
 # Wait (max 10 s) until the port accepts a TCP connection.
@@ -88,18 +106,27 @@ for _ in $(seq 100); do
 done
 [ "$ready" = 1 ] || fail "server did not accept connections on 127.0.0.1:$PORT within 10 s (log: $SERVER_LOG)"
 log "server pid $SERVER_PID listening on 127.0.0.1:$PORT"
+if [ "$TLS" = 1 ]; then
+  # Every core listens on both before the start-up line; check the TLS port all the same.
+  python3 -c 'import socket,sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 2).close()' "$TLS_PORT" \
+    || fail "server does not accept connections on its TLS port 127.0.0.1:$TLS_PORT (log: $SERVER_LOG)"
+  log "wstest connects to wss://127.0.0.1:$TLS_PORT"
+fi
 
 if [ "$QUICK" = 1 ]; then
   CASES='["1.*", "2.*", "3.*", "4.*", "5.*", "7.1.*"]'
 else
   CASES=''
 fi
-python3 - "$TEMPLATE" "$SPEC" "$PORT" "$OUTDIR" "$CASES" <<'PY'
+python3 - "$TEMPLATE" "$SPEC" "$PORT" "$OUTDIR" "$CASES" "${TLS_PORT:-}" <<'PY'
 import json, sys
-template, out, port, outdir, cases = sys.argv[1:6]
+template, out, port, outdir, cases, tls_port = sys.argv[1:7]
 spec = json.load(open(template))
 for s in spec["servers"]:
-    s["url"] = s["url"].replace("PORT", port)
+    if tls_port:
+        s["url"] = s["url"].replace("ws://", "wss://").replace("PORT", tls_port)
+    else:
+        s["url"] = s["url"].replace("PORT", port)
 spec["outdir"] = outdir
 if cases:
     spec["cases"] = json.loads(cases)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Short, bounded fuzzing of what faces untrusted bytes: the handshake parser, the
 # frame/message decoder, the relay protocol decoder, and a whole connection (handshake,
-# admission policy with Origin and JWT, 101, frames, routing key). Seeds come from
+# admission policy with Origin and JWT, 101, frames, routing key), and one over TLS (records
+# into a session's rustls transport, then the same frame path). Seeds come from
 # fuzz/corpus/<target>/ (kept clean: new inputs go to a scratch folder). Any crash fails
 # the run; its input is left in fuzz/artifacts/<target>/ to be kept as a regression test.
 #
@@ -17,7 +18,7 @@ cd "$ROOT/fuzz"
 # Stable Rust: RUSTC_BOOTSTRAP lets the sanitizer flags through.
 export RUSTC_BOOTSTRAP=1
 passed=0; failed=0
-for target in handshake frames relay connection; do
+for target in handshake frames relay connection tls_session; do
   scratch="$(mktemp -d)"
   echo "fuzz: $target for ${SECS}s"
   if timeout $((SECS + 600)) cargo fuzz run --sanitizer "${RINGWAY_FUZZ_SANITIZER:-none}" "$target" "$scratch" "corpus/$target" -- \

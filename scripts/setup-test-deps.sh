@@ -90,7 +90,7 @@ PY27BIN="$(find_py27)" || die "CPython 2.7 not found (looked at \$PY27, pyenv 2.
 PYBIN="$PY27BIN"
 want27="$(stamp_of "$REQ27")"
 if [ -x "$VENV27/bin/wstest" ] && stamp_matches "$VENV27" "$want27" \
-   && "$VENV27/bin/python" -c 'import autobahntestsuite' 2>/dev/null; then
+   && "$VENV27/bin/python" -c 'import autobahntestsuite, OpenSSL, service_identity' 2>/dev/null; then
   log "wstest up to date ($VENV27, $("$VENV27/bin/wstest" -a 2>/dev/null | tr '\n' ' '))"
 else
   log "building $VENV27 from $REQ27 with $PY27BIN"
@@ -110,6 +110,9 @@ else
   PYTHONWARNINGS=ignore "$VENV27/bin/python" -m pip install -q --disable-pip-version-check --no-python-version-warning \
     -r "$REQ27" 2>&1 | grep -v -E 'DEPRECATION|^$' || true
   "$VENV27/bin/python" -c 'import autobahntestsuite' || die "autobahntestsuite failed to install into $VENV27"
+  # The wss:// run (scripts/autobahn.sh --tls) needs Twisted's TLS: pyOpenSSL and service_identity.
+  PYTHONWARNINGS=ignore "$VENV27/bin/python" -c 'import OpenSSL, service_identity' \
+    || die "pyOpenSSL/service_identity failed to install into $VENV27 (wss:// Autobahn run)"
   [ -x "$VENV27/bin/wstest" ] || die "wstest missing after install"
   PYBIN="$PY27BIN"
   echo "$want27" > "$VENV27/$STAMP"

@@ -3,7 +3,8 @@
 #   structure (scripts/check-imports.py), formatting and lints, every unit and integration
 #   test of the workspace (the gateway and bench/, release build), a short bounded fuzzing
 #   run of the three decoders that face untrusted bytes (when cargo-fuzz is installed), then
-#   the Autobahn|Testsuite RFC 6455 conformance run in echo mode. A second Autobahn run, of
+#   the Autobahn|Testsuite RFC 6455 conformance run in echo mode, over ws:// and then over
+#   wss:// (the TLS listener). A second Autobahn run, of
 #   the permessage-deflate cases 12.* and 13.* against `--compression shared`, starts in the
 #   background as soon as the binary is built (8-14 min of one core's Python) and is
 #   waited for at the end, with its own wall time.
@@ -67,11 +68,17 @@ printf 'Autobahn 12.*/13.* (--compression shared) running in the background (pid
 step "cargo test --profile ci --workspace (the gateway, and the load tool in bench/; release code without LTO)"
 cargo test --profile ci --workspace
 
-step "fuzzing: handshake, frames, relay decoders (15 s each)"
+step "fuzzing: handshake, frames, relay, connection, tls_session (15 s each)"
 bash scripts/fuzz.sh "${RINGWAY_FUZZ_SECONDS:-15}"
 
 step "Autobahn|Testsuite fuzzingclient (all cases but 12.* and 13.*: compression is not offered)"
 bash scripts/autobahn.sh --binary target/ci/ringway -- --max-message 16777216 --max-fragments 0
+
+# The same cases over wss:// against the TLS listener (self-signed certificate made by the
+# script); ~17 s here, so it runs in line rather than in the background.
+step "Autobahn|Testsuite fuzzingclient over wss:// (TLS listener; all cases but 12.* and 13.*)"
+bash scripts/autobahn.sh --binary target/ci/ringway --tls --name autobahn-tls \
+    -- --max-message 16777216 --max-fragments 0
 
 step "Autobahn|Testsuite 12.* and 13.* (permessage-deflate, --compression shared; started after the build)"
 set +e

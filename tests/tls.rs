@@ -507,6 +507,51 @@ async fn a_stalled_client_hello_is_closed_at_the_handshake_timeout_and_counted()
     echo(&mut ws, Message::text("prompt")).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_closing_mid_handshake_is_counted_as_eof_during_handshake() {
+    let ca = Ca::new();
+    let dir = Dir::new("eof");
+    let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
+    let gw = start(&cert, &key, &["--workers", "1"]);
+    let addr = wss_addr(&gw);
+    // Half of a real ClientHello, then FIN; and a connection that sends nothing before FIN.
+    let mut client = ClientConnection::new(
+        default_client(&ca),
+        ServerName::try_from("localhost").unwrap(),
+    )
+    .unwrap();
+    let mut hello = Vec::new();
+    while client.wants_write() {
+        client.write_tls(&mut hello).unwrap();
+    }
+    let mut half = TcpStream::connect(addr).unwrap();
+    half.write_all(&hello[..hello.len() / 2]).unwrap();
+    half.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut nothing = TcpStream::connect(addr).unwrap();
+    nothing.shutdown(std::net::Shutdown::Write).unwrap();
+    // Closed at once, with no alert: well before the 10 s handshake deadline.
+    assert!(expect_closed_silently(&mut half, Duration::from_secs(3)) < Duration::from_secs(3));
+    expect_closed_silently(&mut nothing, Duration::from_secs(3));
+    let eof = "reason=\"eof_during_handshake\"";
+    let deadline = Instant::now() + WAIT;
+    while gw.metric("ringway_tls_handshake_failures_total", eof).await != 2 {
+        assert!(Instant::now() < deadline, "{}", gw.metrics().await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Nothing else was counted for them, and a client that finishes is not counted at all.
+    let mut ws = wss(addr, &default_client(&ca), "localhost").await;
+    echo(&mut ws, Message::text("after the quitters")).await;
+    ws.close(None).await.unwrap();
+    drop(ws);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        gw.metric("ringway_tls_handshake_failures_total", "").await,
+        2,
+        "{}",
+        gw.metrics().await
+    );
+}
+
 #[test]
 fn a_second_connection_resumes_the_session() {
     let ca = Ca::new();

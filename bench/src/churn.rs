@@ -37,9 +37,11 @@ const CLOSE_WAIT_NS: u64 = 10_000_000_000;
 
 #[derive(Debug, Args)]
 pub struct ChurnArgs {
-    /// Server URL; its host must be a loopback address.
+    /// Server URL (ws:// or wss://); its host must be a loopback address.
     #[arg(long, default_value = "ws://127.0.0.1:8080/")]
     url: String,
+    #[command(flatten)]
+    tls: crate::tls::TlsArgs,
     /// Connections held open for the whole run.
     #[arg(long, default_value_t = 15_000, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     held: u32,
@@ -113,6 +115,8 @@ pub struct ChurnReport {
     /// Valid 101s, held and churn.
     pub connects: u64,
     pub churn_connects: u64,
+    /// wss://: connections whose TLS handshake resumed a session (ticket or session id).
+    pub tls_resumed: u64,
     pub churn_per_sec: f64,
     /// Closing handshakes completed (RFC 6455 §7.1.2), held and churn.
     pub disconnects: u64,
@@ -139,6 +143,9 @@ impl fmt::Display for ChurnReport {
             self.churn_connects, self.duration_s, self.churn_per_sec, self.target_rate
         )?;
         writeln!(f, "  connects:     {}", self.connects)?;
+        if self.tls_resumed > 0 {
+            writeln!(f, "  TLS resumed:  {}", self.tls_resumed)?;
+        }
         writeln!(f, "  disconnects:  {}", self.disconnects)?;
         writeln!(f, "  messages:     {}", self.messages)?;
         if let (Some(a), Some(b)) = (self.pre_churn, self.post_churn) {
@@ -176,13 +183,14 @@ struct Cfg {
 struct Counts {
     connects: u64,
     churn_connects: u64,
+    tls_resumed: u64,
     disconnects: u64,
     messages: u64,
     errors: ErrorTally,
 }
 
 pub fn run(args: ChurnArgs) -> anyhow::Result<ChurnReport> {
-    let target = ws::parse_url(&args.url).map_err(anyhow::Error::msg)?;
+    let target = ws::target(&args.url, &args.tls).map_err(anyhow::Error::msg)?;
     if let Some(pid) = args.server_pid {
         snapshot(pid).with_context(|| format!("reading /proc/{pid}"))?;
     }
@@ -250,6 +258,7 @@ pub fn run(args: ChurnArgs) -> anyhow::Result<ChurnReport> {
     for o in &outs {
         total.connects += o.connects;
         total.churn_connects += o.churn_connects;
+        total.tls_resumed += o.tls_resumed;
         total.disconnects += o.disconnects;
         total.messages += o.messages;
         total.errors.merge(&o.errors);
@@ -264,6 +273,7 @@ pub fn run(args: ChurnArgs) -> anyhow::Result<ChurnReport> {
         duration_s: churn_s,
         connects: total.connects,
         churn_connects: total.churn_connects,
+        tls_resumed: total.tls_resumed,
         churn_per_sec: total.churn_connects as f64 / churn_s.max(1e-9),
         disconnects: total.disconnects,
         messages: total.messages,
@@ -310,6 +320,7 @@ impl Mode for Ctx<'_> {
 
     fn opened(&mut self, c: &mut Conn, now: u64) {
         self.counts.connects += 1;
+        self.counts.tls_resumed += u64::from(c.tls_resumed);
         if !c.ext.held {
             self.counts.churn_connects += 1;
             send_message(c, self.rng, now);
@@ -460,15 +471,18 @@ impl<'a> Worker<'a> {
             self.conns.len() - 1
         });
         let src = self.source();
+        let tls = &self.cfg.target.tls;
         let res = connect(self.cfg.target.addr, Some(src)).and_then(|mut s| {
+            let tls = tls.as_ref().map(|t| t.start()).transpose();
+            let tls = tls.map_err(io::Error::other)?;
             self.poll.registry().register(
                 &mut s,
                 Token(slot),
                 Interest::READABLE | Interest::WRITABLE,
             )?;
-            Ok(s)
+            Ok((s, tls))
         });
-        let stream = match res {
+        let (stream, tls) = match res {
             Ok(s) => s,
             Err(e) => {
                 self.free.push(slot);
@@ -481,7 +495,7 @@ impl<'a> Worker<'a> {
             }
         };
         self.conns[slot] = Some(Conn::new(
-            stream,
+            (stream, tls),
             Token(slot),
             ConnId { n: id, hex: true },
             (self.cfg.size, false),

@@ -392,13 +392,16 @@ impl<'a> Worker<'a> {
                 }
                 r => r,
             };
-            let mut stream = match res.and_then(|mut s| {
+            let tls = &self.ctx.plan.target.tls;
+            let (stream, tls) = match res.and_then(|mut s| {
+                let tls = tls.as_ref().map(|t| t.start()).transpose();
+                let tls = tls.map_err(io::Error::other)?;
                 self.poll.registry().register(
                     &mut s,
                     Token(local),
                     Interest::READABLE | Interest::WRITABLE,
                 )?;
-                Ok(s)
+                Ok((s, tls))
             }) {
                 Ok(s) => s,
                 Err(e) => {
@@ -409,10 +412,9 @@ impl<'a> Worker<'a> {
                     continue;
                 }
             };
-            let _ = &mut stream;
             let plan = self.ctx.plan;
             self.conns[local] = Some(Conn::new(
-                stream,
+                (stream, tls),
                 Token(local),
                 ConnId {
                     n: id.into(),

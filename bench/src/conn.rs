@@ -1,6 +1,6 @@
 //! One client connection as both load modes drive it: connect, send the upgrade, check the
 //! 101, decode frames, check every reply against what was sent, answer pings, finish the
-//! closing handshake. What a mode does on a 101 and on a checked reply goes through [`Mode`],
+//! closing handshake, over TCP or TLS (wss://). What a mode does on a 101 and on a checked reply goes through [`Mode`],
 //! so the echo/rate/idle engine and the churn soak cannot drift apart on the wire.
 
 use std::collections::VecDeque;
@@ -14,11 +14,13 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use ringway::protocol::frame::{write_client_frame, OpCode, Role};
 use ringway::protocol::message::{Event, Limits, MessageDecoder, MessageKind};
+use rustls::{ClientConnection, HandshakeKind};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::payload::{xorshift, PayloadGen};
 use crate::report::ErrorKind;
 use crate::sys::set_bind_address_no_port;
+use crate::tls::describe;
 use crate::ws::{self, Target};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +58,12 @@ impl fmt::Display for ConnId {
 
 pub struct Conn<X> {
     pub stream: TcpStream,
+    /// wss://: the TLS layer; `wbuf` then holds plaintext that [`Conn::flush`] encrypts.
+    /// Boxed: an idle connection keeps it (its state and a 4 KiB record buffer) and
+    /// nothing else of size.
+    tls: Option<Box<ClientConnection>>,
+    /// wss://: the TLS handshake resumed an earlier session (known by the 101).
+    pub tls_resumed: bool,
     pub id: ConnId,
     pub state: State,
     /// When the current state's deadline started counting.
@@ -106,10 +114,11 @@ pub fn mask(rng: &mut u64) -> [u8; 4] {
 }
 
 impl<X> Conn<X> {
-    /// A connection whose connect() is in progress, registered as `token` for both
-    /// directions. `payload` is the message size and whether messages are binary.
+    /// A connection whose connect() is in progress (with its TLS client for wss://),
+    /// registered as `token` for both directions. `payload` is the message size and
+    /// whether messages are binary.
     pub fn new(
-        stream: TcpStream,
+        (stream, tls): (TcpStream, Option<Box<ClientConnection>>),
         token: Token,
         id: ConnId,
         payload: (usize, bool),
@@ -121,6 +130,8 @@ impl<X> Conn<X> {
         let max = size.max(1024) as u64;
         Conn {
             stream,
+            tls,
+            tls_resumed: false,
             id,
             state: State::Connecting,
             since: now,
@@ -159,18 +170,50 @@ impl<X> Conn<X> {
         self.since = now;
     }
 
-    /// Write what is queued; writability is watched only while something is left over.
+    /// Write what is queued (over TLS: encrypt it, then write the records, handshake ones
+    /// included); writability is watched only while something is left over.
     pub fn flush(&mut self, registry: &Registry) -> Result<(), Failure> {
-        while !self.wbuf.is_empty() {
-            match self.stream.write(&self.wbuf) {
-                Ok(0) => return Err((ErrorKind::Closed, format!("{}: write returned 0", self.id))),
-                Ok(n) => self.wbuf.advance(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err((self.closed_kind(), format!("{}: write: {e}", self.id))),
+        if let Some(tls) = &mut self.tls {
+            loop {
+                while !self.wbuf.is_empty() {
+                    match tls.writer().write(&self.wbuf) {
+                        Ok(0) => break, // rustls' buffer limit: its records go first
+                        Ok(n) => self.wbuf.advance(n),
+                        Err(e) => {
+                            return Err((ErrorKind::Closed, format!("{}: TLS: {e}", self.id)))
+                        }
+                    }
+                }
+                if !tls.wants_write() {
+                    break;
+                }
+                match tls.write_tls(&mut self.stream) {
+                    Ok(0) => {
+                        return Err((ErrorKind::Closed, format!("{}: write returned 0", self.id)))
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let kind = closed_kind(self.state);
+                        return Err((kind, format!("{}: write: {e}", self.id)));
+                    }
+                }
+            }
+        } else {
+            while !self.wbuf.is_empty() {
+                match self.stream.write(&self.wbuf) {
+                    Ok(0) => {
+                        return Err((ErrorKind::Closed, format!("{}: write returned 0", self.id)))
+                    }
+                    Ok(n) => self.wbuf.advance(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err((self.closed_kind(), format!("{}: write: {e}", self.id))),
+                }
             }
         }
-        let pending = !self.wbuf.is_empty();
+        let pending = !self.wbuf.is_empty() || self.tls.as_ref().is_some_and(|t| t.wants_write());
         if pending != self.want_write && self.state != State::Connecting {
             let interest = if pending {
                 Interest::READABLE | Interest::WRITABLE
@@ -186,11 +229,15 @@ impl<X> Conn<X> {
     }
 
     fn closed_kind(&self) -> ErrorKind {
-        match self.state {
-            State::Connecting => ErrorKind::Connect,
-            State::Handshaking => ErrorKind::Handshake,
-            _ => ErrorKind::Closed,
-        }
+        closed_kind(self.state)
+    }
+}
+
+fn closed_kind(state: State) -> ErrorKind {
+    match state {
+        State::Connecting => ErrorKind::Connect,
+        State::Handshaking => ErrorKind::Handshake,
+        _ => ErrorKind::Closed,
     }
 }
 
@@ -272,25 +319,14 @@ fn read_all<M: Mode>(
     scratch: &mut [u8],
     now: u64,
 ) -> Result<Flow, Failure> {
+    if let Some(mut tls) = c.tls.take() {
+        let r = read_all_tls(m, c, &mut tls, scratch, now);
+        c.tls = Some(tls);
+        return r;
+    }
     loop {
         let n = match c.stream.read(scratch) {
-            Ok(0) => {
-                return match c.state {
-                    State::Closing => Ok(Flow::Done),
-                    State::Handshaking => Err((
-                        ErrorKind::Handshake,
-                        format!("{}: closed before the 101 response", c.id),
-                    )),
-                    _ => Err((
-                        ErrorKind::Closed,
-                        format!(
-                            "{}: server closed the connection ({} messages unanswered)",
-                            c.id,
-                            c.times.len()
-                        ),
-                    )),
-                }
-            }
+            Ok(0) => return at_eof(c),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flow::Keep),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -300,30 +336,122 @@ fn read_all<M: Mode>(
             Err(e) => return Err((c.closed_kind(), format!("{}: read: {e}", c.id))),
         };
         let framed = c.state != State::Handshaking;
-        let mut rest;
-        let data: &mut [u8] = if framed {
-            &mut scratch[..n]
-        } else {
-            c.hs.extend_from_slice(&scratch[..n]);
-            let len = match ws::check_101(&c.hs, &c.key) {
-                Ok(None) => continue,
-                Ok(Some(len)) => len,
-                Err(e) => return Err((ErrorKind::Handshake, format!("{}: {e}", c.id))),
-            };
-            c.state = State::Open;
-            c.since = now;
-            c.key = String::new();
-            rest = std::mem::take(&mut c.hs);
-            m.opened(c, now);
-            &mut rest[len..]
-        };
-        if let Flow::Done = on_data(m, c, data, now)? {
+        if let Flow::Done = on_plaintext(m, c, &mut scratch[..n], now)? {
             return Ok(Flow::Done);
         }
         if M::STOP_AT_SHORT_READ && framed && n < scratch.len() {
             return Ok(Flow::Keep);
         }
     }
+}
+
+/// wss://: records are read into the first half of `scratch` and decrypted into the
+/// second, where frames are parsed as for ws://. `c.tls` is lent out meanwhile: nothing
+/// here flushes (the caller does, handshake records included).
+fn read_all_tls<M: Mode>(
+    m: &mut M,
+    c: &mut Conn<M::Ext>,
+    tls: &mut ClientConnection,
+    scratch: &mut [u8],
+    now: u64,
+) -> Result<Flow, Failure> {
+    let (cipher, plain) = scratch.split_at_mut(scratch.len() / 2);
+    loop {
+        let n = match c.stream.read(cipher) {
+            Ok(0) if tls.is_handshaking() => {
+                let kind = c.closed_kind();
+                return Err((kind, format!("{}: closed during the TLS handshake", c.id)));
+            }
+            Ok(0) => return at_eof(c),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flow::Keep),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) if M::READ_ERROR_AFTER_CLOSE_IS_DONE && c.state == State::Closing => {
+                return Ok(Flow::Done)
+            }
+            Err(e) => return Err((c.closed_kind(), format!("{}: read: {e}", c.id))),
+        };
+        let mut input = &cipher[..n];
+        while !input.is_empty() {
+            if let Err(e) = tls.read_tls(&mut input) {
+                return Err((c.closed_kind(), format!("{}: TLS: {e}", c.id)));
+            }
+            let io = match tls.process_new_packets() {
+                Ok(io) if c.state == State::Handshaking && !tls.is_handshaking() => {
+                    c.tls_resumed = tls.handshake_kind() == Some(HandshakeKind::Resumed);
+                    io
+                }
+                Ok(io) => io,
+                Err(e) => {
+                    // Our alert, if the socket takes it; the error is what counts.
+                    let _ = tls.write_tls(&mut c.stream);
+                    return Err((c.closed_kind(), format!("{}: {}", c.id, describe(&e))));
+                }
+            };
+            loop {
+                match tls.reader().read(plain) {
+                    Ok(0) => break,
+                    Ok(k) => {
+                        if let Flow::Done = on_plaintext(m, c, &mut plain[..k], now)? {
+                            return Ok(Flow::Done);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err((c.closed_kind(), format!("{}: TLS: {e}", c.id))),
+                }
+            }
+            if io.peer_has_closed() {
+                // close_notify: the server sends nothing more; the FIN follows.
+                return at_eof(c);
+            }
+        }
+        if M::STOP_AT_SHORT_READ && c.state != State::Handshaking && n < cipher.len() {
+            return Ok(Flow::Keep);
+        }
+    }
+}
+
+/// The server ended the stream (TCP EOF, or TLS close_notify).
+fn at_eof<X>(c: &Conn<X>) -> Result<Flow, Failure> {
+    match c.state {
+        State::Closing => Ok(Flow::Done),
+        State::Handshaking => Err((
+            ErrorKind::Handshake,
+            format!("{}: closed before the 101 response", c.id),
+        )),
+        _ => Err((
+            ErrorKind::Closed,
+            format!(
+                "{}: server closed the connection ({} messages unanswered)",
+                c.id,
+                c.times.len()
+            ),
+        )),
+    }
+}
+
+/// Plaintext from the server: the 101 (and what follows it) while handshaking, frames after.
+fn on_plaintext<M: Mode>(
+    m: &mut M,
+    c: &mut Conn<M::Ext>,
+    data: &mut [u8],
+    now: u64,
+) -> Result<Flow, Failure> {
+    if c.state != State::Handshaking {
+        return on_data(m, c, data, now);
+    }
+    c.hs.extend_from_slice(data);
+    let len = match ws::check_101(&c.hs, &c.key) {
+        Ok(None) => return Ok(Flow::Keep),
+        Ok(Some(len)) => len,
+        Err(e) => return Err((ErrorKind::Handshake, format!("{}: {e}", c.id))),
+    };
+    c.state = State::Open;
+    c.since = now;
+    c.key = String::new();
+    let mut rest = std::mem::take(&mut c.hs);
+    m.opened(c, now);
+    on_data(m, c, &mut rest[len..], now)
 }
 
 fn on_data<M: Mode>(

@@ -10,6 +10,7 @@ mod payload;
 mod procfs;
 mod report;
 mod sys;
+mod tls;
 mod ws;
 
 use std::process::ExitCode;
@@ -55,9 +56,11 @@ enum Mode {
 
 #[derive(Debug, Args)]
 struct Common {
-    /// Server URL; its host must be a loopback address.
+    /// Server URL (ws:// or wss://); its host must be a loopback address.
     #[arg(long, default_value = "ws://127.0.0.1:8080/")]
     url: String,
+    #[command(flatten)]
+    tls: tls::TlsArgs,
     /// Connections to open.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     connections: u32,
@@ -221,7 +224,7 @@ fn plan(
     binary: bool,
     drain: Duration,
 ) -> anyhow::Result<Plan> {
-    let target = ws::parse_url(&common.url).map_err(anyhow::Error::msg)?;
+    let target = ws::target(&common.url, &common.tls).map_err(anyhow::Error::msg)?;
     Ok(Plan {
         target,
         in_flight,

@@ -1,10 +1,13 @@
-//! Client side of the opening handshake (RFC 6455 §4.1) and the `ws://` URL, loopback only.
+//! Client side of the opening handshake (RFC 6455 §4.1) and the `ws://` / `wss://` URL,
+//! loopback only.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use ringway::protocol::handshake::accept_key;
+
+use crate::tls::{TlsArgs, TlsClient};
 
 /// Largest 101 response we wait for before giving up on the handshake.
 const MAX_RESPONSE: usize = 8192;
@@ -15,13 +18,37 @@ pub struct Target {
     /// Host header value, as written in the URL.
     pub host: String,
     pub path: String,
+    /// wss://: every connection speaks TLS with this client configuration.
+    pub tls: Option<TlsClient>,
 }
 
-/// `ws://HOST:PORT/PATH` where HOST resolves to a loopback address.
-pub fn parse_url(url: &str) -> Result<Target, String> {
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or_else(|| format!("{url:?}: only ws:// URLs are supported"))?;
+/// `ws://HOST:PORT/PATH` or `wss://HOST:PORT/PATH` where HOST resolves to a loopback
+/// address; `tls` says how wss:// verifies the server (and must be empty for ws://).
+pub fn target(url: &str, tls: &TlsArgs) -> Result<Target, String> {
+    let (mut t, secure) = parse_url(url)?;
+    if secure {
+        let host = match t.host.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() => h,
+            _ => &t.host,
+        };
+        t.tls = Some(TlsClient::new(host, tls)?);
+    } else if tls.ca.is_some() || tls.insecure || tls.no_resume {
+        return Err(format!(
+            "{url:?}: --ca, --insecure and --no-resume are for wss:// URLs"
+        ));
+    }
+    Ok(t)
+}
+
+/// The URL's address, Host and path, and whether it is wss://.
+fn parse_url(url: &str) -> Result<(Target, bool), String> {
+    let (rest, secure) = if let Some(r) = url.strip_prefix("ws://") {
+        (r, false)
+    } else if let Some(r) = url.strip_prefix("wss://") {
+        (r, true)
+    } else {
+        return Err(format!("{url:?}: only ws:// and wss:// URLs are supported"));
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -35,7 +62,7 @@ pub fn parse_url(url: &str) -> Result<Target, String> {
     {
         authority.to_string()
     } else {
-        format!("{authority}:80")
+        format!("{authority}:{}", if secure { 443 } else { 80 })
     };
     let addr = with_port
         .to_socket_addrs()
@@ -45,11 +72,15 @@ pub fn parse_url(url: &str) -> Result<Target, String> {
     if !addr.ip().is_loopback() {
         return Err(format!("{url:?}: {} is not a loopback address", addr.ip()));
     }
-    Ok(Target {
-        addr,
-        host: authority.to_string(),
-        path: path.to_string(),
-    })
+    Ok((
+        Target {
+            addr,
+            host: authority.to_string(),
+            path: path.to_string(),
+            tls: None,
+        },
+        secure,
+    ))
 }
 
 /// A fresh Sec-WebSocket-Key (§4.1: 16 random bytes, base64).
@@ -149,18 +180,41 @@ mod tests {
         assert!(check_101(&huge, key).is_err());
     }
 
+    fn plain(url: &str) -> Result<Target, String> {
+        target(url, &TlsArgs::default())
+    }
+
     #[test]
-    fn urls_must_be_ws_and_loopback() {
-        let t = parse_url("ws://127.0.0.1:9001/chat?x=1").unwrap();
+    fn urls_must_be_ws_or_wss_and_loopback() {
+        let t = plain("ws://127.0.0.1:9001/chat?x=1").unwrap();
         assert_eq!(t.addr, "127.0.0.1:9001".parse().unwrap());
         assert_eq!(t.host, "127.0.0.1:9001");
         assert_eq!(t.path, "/chat?x=1");
-        assert_eq!(parse_url("ws://127.0.0.1:9001").unwrap().path, "/");
-        assert!(parse_url("wss://127.0.0.1:9001/").is_err());
-        assert!(parse_url("ws://10.1.2.3:80/")
+        assert!(t.tls.is_none());
+        assert_eq!(plain("ws://127.0.0.1:9001").unwrap().path, "/");
+        assert!(plain("http://127.0.0.1:9001/").is_err());
+        assert!(plain("ws://10.1.2.3:80/").unwrap_err().contains("loopback"));
+        assert!(plain("ws:///").is_err());
+    }
+
+    #[test]
+    fn wss_urls_get_a_tls_client_and_port_443() {
+        let t = plain("wss://127.0.0.1:9443/").unwrap();
+        assert!(t.tls.is_some());
+        assert_eq!(t.addr.port(), 9443);
+        assert_eq!(plain("wss://127.0.0.1/").unwrap().addr.port(), 443);
+        let insecure = TlsArgs {
+            insecure: true,
+            ..TlsArgs::default()
+        };
+        assert!(target("wss://localhost:1/", &insecure)
+            .unwrap()
+            .tls
+            .is_some());
+        // TLS options on a ws:// URL are a mistake worth saying so.
+        assert!(target("ws://127.0.0.1:1/", &insecure)
             .unwrap_err()
-            .contains("loopback"));
-        assert!(parse_url("ws:///").is_err());
+            .contains("wss://"));
     }
 
     #[test]
@@ -168,7 +222,7 @@ mod tests {
         let mut rng = 1;
         let key = new_key(&mut rng);
         assert_eq!(STANDARD.decode(&key).unwrap().len(), 16);
-        let t = parse_url("ws://127.0.0.1:1/p").unwrap();
+        let t = plain("ws://127.0.0.1:1/p").unwrap();
         let req = request(&t, &key);
         assert!(req.starts_with("GET /p HTTP/1.1\r\nHost: 127.0.0.1:1\r\n"));
         assert!(req.contains(&format!("Sec-WebSocket-Key: {key}\r\n")));

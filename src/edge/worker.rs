@@ -548,7 +548,9 @@ impl Worker {
             // ECANCELED: we cancelled it, to pause a client for backpressure (re-armed when
             // it may resume) or to close.
             if res != -libc::ECANCELED {
-                conn.session.on_peer_closed(res < 0);
+                let core = &mut self.core;
+                conn.session.on_peer_closed(&mut core.cx(), res < 0);
+                self.dispatch_outputs(slot);
             }
         }
         self.after_event(slot);

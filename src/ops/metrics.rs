@@ -244,7 +244,7 @@ impl Collector for Sources {
         counters(
             e,
             "ringway_tls_handshake_failures",
-            "TLS connections that failed, by reason: plaintext HTTP or other non-TLS bytes on the TLS port, no handshake within handshake_timeout_ms, no common ALPN protocol (h2 only), no common version or suite, an alert from the client, a protocol violation",
+            "TLS connections that failed, by reason: plaintext HTTP or other non-TLS bytes on the TLS port, no handshake within handshake_timeout_ms, no common ALPN protocol (h2 only), no common version or suite, an alert from the client, a protocol violation, the client closing TCP mid-handshake without an alert (eof_during_handshake)",
             tls,
         )?;
         gauges(

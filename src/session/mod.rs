@@ -534,8 +534,11 @@ impl Session {
     }
 
     /// recv returned 0 (`reset == false`) or an error: nothing more will come in; send what
-    /// is queued (unless reset), then drop TCP.
-    pub fn on_peer_closed(&mut self, reset: bool) {
+    /// is queued (unless reset), then drop TCP. EOF in a TLS handshake is a counted failure.
+    pub fn on_peer_closed(&mut self, cx: &mut Context<'_>, reset: bool) {
+        if !reset {
+            self.tls_eof(cx);
+        }
         self.stop_reading();
         self.eof = true;
         if !self.is_closed() {

@@ -229,7 +229,7 @@ fn bad_request_is_refused_then_tcp_goes_after_the_flush() {
     assert_eq!(sim.counted(), [Count::HandshakeRejected]);
     assert!(sim.outputs().is_empty(), "the relay never heard of it");
     // The client's FIN ends it.
-    sim.s.on_peer_closed(false);
+    sim.with(|s, cx| s.on_peer_closed(cx, false));
     assert_eq!(sim.shutdown(), Some(Shutdown::Both));
     sim.s.on_shut();
     assert_eq!(sim.s.state(), State::Closed);
@@ -396,7 +396,7 @@ fn client_close_is_echoed_then_fin() {
     assert_eq!(sim.wire(), [text("before"), Wire::Close(1000)]);
     assert_eq!(sim.s.close_code(), 1000);
     assert_eq!(sim.shutdown(), Some(Shutdown::Write));
-    sim.s.on_peer_closed(false);
+    sim.with(|s, cx| s.on_peer_closed(cx, false));
     assert_eq!(sim.shutdown(), Some(Shutdown::Both));
 }
 
@@ -663,7 +663,7 @@ fn after_fin_the_linger_ends_the_wait_for_the_clients_fin() {
 fn a_reset_drops_what_is_queued() {
     let mut sim = Sim::open(PLAIN, true);
     sim.relay_send("lost");
-    sim.s.on_peer_closed(true);
+    sim.with(|s, cx| s.on_peer_closed(cx, true));
     assert!(sim.s.peer_closed() && sim.s.queued().is_empty());
     assert_eq!(sim.shutdown(), Some(Shutdown::Both));
     let mut sim = Sim::open(PLAIN, true);
@@ -970,7 +970,7 @@ proptest::proptest! {
                         }
                     }
                 }
-                Step::PeerClosed(reset) => sim.s.on_peer_closed(reset),
+                Step::PeerClosed(reset) => sim.with(|s, cx| s.on_peer_closed(cx, reset)),
                 Step::Flush => {
                     sim.wire();
                 }

@@ -67,11 +67,14 @@ pub enum TlsFailure {
     AlertReceived,
     /// Malformed or out-of-order TLS messages, or records that do not decrypt.
     ProtocolViolation,
+    /// The client closed TCP before the handshake finished, without an alert (a port
+    /// probe, a client that gave up, half a ClientHello).
+    EofDuringHandshake,
     Other,
 }
 
 impl TlsFailure {
-    pub const ALL: [TlsFailure; 8] = [
+    pub const ALL: [TlsFailure; 9] = [
         TlsFailure::PlaintextHttp,
         TlsFailure::NotTls,
         TlsFailure::HandshakeTimeout,
@@ -79,6 +82,7 @@ impl TlsFailure {
         TlsFailure::PeerIncompatible,
         TlsFailure::AlertReceived,
         TlsFailure::ProtocolViolation,
+        TlsFailure::EofDuringHandshake,
         TlsFailure::Other,
     ];
 
@@ -91,6 +95,7 @@ impl TlsFailure {
             TlsFailure::PeerIncompatible => "peer_incompatible",
             TlsFailure::AlertReceived => "alert_received",
             TlsFailure::ProtocolViolation => "protocol_violation",
+            TlsFailure::EofDuringHandshake => "eof_during_handshake",
             TlsFailure::Other => "other",
         }
     }
@@ -293,6 +298,20 @@ impl Session {
                 self.abort()
             }
             _ => self.drain(),
+        }
+    }
+
+    /// TCP EOF from the client (no alert came, or the failure is counted already): a TLS
+    /// handshake still unfinished has failed. Counted once; nothing more is read.
+    pub(super) fn tls_eof(&mut self, cx: &mut Context<'_>) {
+        if !self.transport.handshaking() {
+            return;
+        }
+        let why = TlsFailure::EofDuringHandshake;
+        cx.meter.count(Count::TlsFailure(why));
+        tracing::debug!(conn = %self.id, reason = why.label(), "TLS failed: closed during the handshake");
+        if let Transport::Tls(tls) = &mut self.transport {
+            tls.failed = true;
         }
     }
 
@@ -612,6 +631,37 @@ mod tests {
             p.meter.0.borrow()[..],
             [Count::TlsFailure(TlsFailure::HandshakeTimeout)]
         );
+    }
+
+    #[test]
+    fn eof_during_the_tls_handshake_is_counted_once() {
+        // Half a ClientHello, then FIN; and FIN with nothing sent at all.
+        for half in [true, false] {
+            let mut p = Pipe::new(4096);
+            if half {
+                let mut hello = Vec::new();
+                while p.client.wants_write() {
+                    p.client.write_tls(&mut hello).unwrap();
+                }
+                p.feed(&hello[..hello.len() / 2]);
+            }
+            p.with(|s, cx| s.on_peer_closed(cx, false));
+            assert_eq!(
+                p.meter.0.borrow()[..],
+                [Count::TlsFailure(TlsFailure::EofDuringHandshake)]
+            );
+            assert!(!p.s.transport.handshaking());
+            // The handshake deadline then finds nothing left to count.
+            p.now = p.config.handshake_timeout_ms;
+            p.with(|s, cx| s.handle_timeout(cx, None));
+            assert_eq!(p.meter.0.borrow().len(), 1);
+            assert_eq!(p.s.poll_shutdown(p.now, false), Some(Shutdown::Both));
+        }
+        // After the handshake, EOF is no TLS failure.
+        let mut p = Pipe::new(4096);
+        p.open();
+        p.with(|s, cx| s.on_peer_closed(cx, false));
+        assert!(p.meter.0.borrow().is_empty());
     }
 
     #[test]
