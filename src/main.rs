@@ -157,14 +157,6 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
         config.admin_listen = Some(admin);
     }
     config.validate("command line")?;
-    let dedicated = std::iter::once(config.compression)
-        .chain(config.routes.iter().filter_map(|r| r.compression))
-        .any(|c| c == config::Compression::Dedicated);
-    if dedicated {
-        tracing::warn!(
-            "compression \"dedicated\" is not built yet: those routes run as \"shared\""
-        );
-    }
     Ok(config)
 }
 

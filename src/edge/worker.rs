@@ -782,6 +782,9 @@ impl Worker {
         }
         conn.shut = true;
         conn.session.on_shut();
+        // Nothing more is compressed or inflated for it: its contexts go now.
+        let released = conn.session.release_compression();
+        self.core.codec.release(released);
         let _ = conn.socket.shutdown(std::net::Shutdown::Both);
         if conn.recv_armed {
             let sqe = opcode::AsyncCancel::new(user_data(OP_RECV, slot, generation))
@@ -793,8 +796,12 @@ impl Worker {
 
     fn free_slot(&mut self, slot: u32) {
         let s = &mut self.slots[slot as usize];
-        let Some(conn) = s.conn.take() else { return };
+        let Some(mut conn) = s.conn.take() else {
+            return;
+        };
         self.core.charged -= conn.charged as u64;
+        let released = conn.session.release_compression();
+        self.core.codec.release(released);
         for topic in conn.session.subscriptions() {
             fanout::unsubscribe(&mut self.topics, topic, slot);
         }
@@ -1007,6 +1014,9 @@ impl CoreState {
             self.published = total;
             self.stats.buffer_bytes.set(total);
         }
+        self.stats
+            .deflate_dedicated_contexts
+            .set(self.codec.contexts as u64);
     }
 
     /// Whether the gateway is over its memory budget (as of the published totals).

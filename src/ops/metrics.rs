@@ -330,6 +330,18 @@ impl Collector for Sources {
             "permessage-deflate messages: compressed (a fan-out once per core), sent plain under compression_min_bytes, inflated",
             m,
         )?;
+        gauges(
+            e,
+            "ringway_deflate_dedicated_contexts",
+            "compression = \"dedicated\": per-connection compressors and inflaters held now (each charged to the memory budget)",
+            self.per_core(&[], |s| s.deflate_dedicated_contexts.get()),
+        )?;
+        counters(
+            e,
+            "ringway_deflate_dedicated_fallbacks",
+            "compression = \"dedicated\" connections that got \"shared\": their core had compression_dedicated_per_core",
+            self.per_core(&[], |s| s.deflate_dedicated_fallbacks.get()),
+        )?;
         let mut f = Vec::new();
         for why in InflateFailure::ALL {
             f.extend(self.per_core(&[("reason", why.label())], |s| {

@@ -47,7 +47,21 @@ impl Worker {
                 continue;
             }
             let core = &mut self.core;
-            let frame = match conn.session.deflate_bits() {
+            let session = &mut conn.session;
+            let frame = match session.deflate_bits() {
+                // `dedicated`: its own context, so its own compression.
+                _ if session.compresses_alone() => {
+                    match panic::contain(|| {
+                        session.encode_message(&mut core.cx(), opcode, &payload)
+                    }) {
+                        Ok(frame) => frame,
+                        Err(location) => {
+                            self.contained_panic(slot, &location);
+                            self.after_event(slot);
+                            continue;
+                        }
+                    }
+                }
                 Some(bits) if payload.len() >= min => {
                     let i = usize::from(bits.saturating_sub(9)).min(6);
                     compressed[i]
@@ -59,7 +73,6 @@ impl Worker {
                 }
                 _ => frame.clone(),
             };
-            let session = &mut conn.session;
             let queued = panic::contain(|| session.queue_fanout(&mut core.cx(), frame));
             if let Err(location) = queued {
                 self.contained_panic(slot, &location);
