@@ -304,3 +304,75 @@ asyncio.run(main(sys.argv[1]))
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Per-route byte counters: a topic message compressed once per core for `shared`
+/// subscribers and once per `dedicated` one is counted for each recipient's route, raw and
+/// compressed as it went on the wire; inbound compressed messages too.
+#[tokio::test]
+async fn deflate_bytes_are_counted_per_route_and_recipient() {
+    let gw = Gateway::with_config(
+        r#"
+[[routes]]
+path = "/a"
+compression = "shared"
+
+[[routes]]
+path = "/b"
+compression = "dedicated"
+"#,
+        &["--workers", "1"],
+    );
+    let join = br#"{"action":"join","room":"lobby"}"#;
+    let (mut a1, _) = RawWs::connect_headers(gw.addr, "/a", CHROME).await;
+    let (mut a2, _) = RawWs::connect_headers(gw.addr, "/a", CHROME).await;
+    let (mut b1, rb) = RawWs::connect_headers(gw.addr, "/b", CHROME).await;
+    assert_eq!(rb.header("sec-websocket-extensions"), Some(DEDICATED));
+    let mut b_codec = ClientCodec::new(12);
+    for ws in [&mut a1, &mut a2] {
+        ws.send(&common::masked_frame(true, OP_TEXT, join)).await;
+        ws.read_frame().await;
+    }
+    // b1 joins with a compressed message (under 256 B: its reply goes plain).
+    let z_join = b_codec.deflate(join);
+    b1.send(&frame_bytes(true, 4, OP_TEXT, Some(KEY), &z_join))
+        .await;
+    b1.read_frame().await;
+    let text = "y".repeat(3000);
+    let say = format!(r#"{{"action":"say","room":"lobby","text":"{text}"}}"#);
+    a1.send(&common::masked_frame(true, OP_TEXT, say.as_bytes()))
+        .await;
+    let mut got = Vec::new();
+    for ws in [&mut a1, &mut a2, &mut b1] {
+        let f = ws.read_frame().await;
+        assert_eq!(f.rsv, 4);
+        got.push(f.payload);
+    }
+    let raw = b_codec.inflate(&got[2]);
+    let metric = "ringway_route_deflate_bytes_total";
+    let v = |route: &'static str, dir: &'static str, form: &'static str| {
+        let labels = format!("route=\"{route}\",direction=\"{dir}\",form=\"{form}\"");
+        let gw = &gw;
+        async move { common::metric_sum(gw, metric, &labels).await }
+    };
+    // Published once per loop turn: wait for the last recipient's count.
+    let end = Instant::now() + Duration::from_secs(5);
+    while v("/b", "out", "raw").await == 0 && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // /a: two recipients of the one shared compression.
+    assert_eq!(v("/a", "out", "raw").await, 2 * raw.len() as u64);
+    assert_eq!(
+        v("/a", "out", "compressed").await,
+        (got[0].len() + got[1].len()) as u64
+    );
+    // /b: its own compression, and its compressed join on the way in.
+    assert_eq!(v("/b", "out", "raw").await, raw.len() as u64);
+    assert_eq!(v("/b", "out", "compressed").await, got[2].len() as u64);
+    assert_eq!(v("/b", "in", "compressed").await, z_join.len() as u64);
+    assert_eq!(v("/b", "in", "raw").await, join.len() as u64);
+    assert_eq!(v("/a", "in", "raw").await, 0);
+    // The core's own counters count compression work: once for /a's two, once for /b.
+    let core_raw = "direction=\"out\",form=\"raw\"";
+    let work = common::metric_sum(&gw, "ringway_deflate_bytes_total", core_raw).await;
+    assert_eq!(work, 2 * raw.len() as u64);
+}

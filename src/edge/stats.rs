@@ -100,6 +100,10 @@ pub struct CoreStats {
     /// loop turn; connections that got `shared` for the per-core cap.
     pub deflate_dedicated_contexts: Counter,
     pub deflate_dedicated_fallbacks: Counter,
+    /// permessage-deflate payload bytes by route path, as
+    /// [out raw, out compressed, in compressed, in raw] (`session::compression::OUT_RAW`...):
+    /// each connection's own messages. Written once per loop turn, read by a scrape.
+    pub route_deflate: std::sync::Mutex<std::collections::HashMap<String, [u64; 4]>>,
     /// Indexed by `InflateFailure`.
     pub inflate_failures: [Counter; InflateFailure::ALL.len()],
 }

@@ -1017,6 +1017,31 @@ impl CoreState {
         self.stats
             .deflate_dedicated_contexts
             .set(self.codec.contexts as u64);
+        self.publish_route_bytes();
+    }
+
+    /// Add this core's per-route deflate bytes to the totals a scrape reads (by route path,
+    /// which outlives a reload's renumbering); a lock per loop turn only when there were any.
+    pub(super) fn publish_route_bytes(&mut self) {
+        let mut pending = self.codec.take_route_bytes().peekable();
+        if pending.peek().is_none() {
+            return;
+        }
+        let mut totals = self
+            .stats
+            .route_deflate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (route, bytes) in pending {
+            let path = &self.routes.route(route).path;
+            let t = match totals.get_mut(path.as_str()) {
+                Some(t) => t,
+                None => totals.entry(path.clone()).or_default(),
+            };
+            for (t, b) in t.iter_mut().zip(bytes) {
+                *t += b;
+            }
+        }
     }
 
     /// Whether the gateway is over its memory budget (as of the published totals).

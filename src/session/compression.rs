@@ -16,6 +16,7 @@ use crate::protocol::frame::{self, OpCode, MAX_HEADER_LEN};
 use crate::protocol::handshake::Request;
 use crate::protocol::message::{MessageKind, RSV1};
 use crate::protocol::ProtocolError;
+use crate::route::RouteId;
 
 use super::{Context, Count, Meter, Session};
 
@@ -133,6 +134,26 @@ pub struct SharedCodec {
     dedicated: usize,
     /// Their contexts made so far (`ringway_deflate_dedicated_contexts`).
     pub contexts: usize,
+    /// Payload bytes per route (index: `RouteId`) not yet published, as
+    /// [out raw, out compressed, in compressed, in raw]: each connection's own messages, so
+    /// a fan-out compressed once counts for every recipient's route.
+    route_bytes: Vec<[u64; 4]>,
+}
+
+/// Indexes of [`SharedCodec::take_route_bytes`]' arrays.
+pub const OUT_RAW: usize = 0;
+pub const OUT_COMPRESSED: usize = 1;
+pub const IN_COMPRESSED: usize = 2;
+pub const IN_RAW: usize = 3;
+
+/// The payload length of an unmasked server frame of `frame_len` bytes (RFC 6455 §5.2: a
+/// 2-byte header up to 125, 4 up to 65,535, else 10).
+pub fn payload_len(frame_len: usize) -> usize {
+    match frame_len {
+        0..=127 => frame_len.saturating_sub(2),
+        128..=65_539 => frame_len - 4,
+        _ => frame_len - 10,
+    }
 }
 
 /// Frame compressed bytes as one server frame with RSV1 (RFC 7692 §6: on the first frame).
@@ -153,6 +174,31 @@ impl SharedCodec {
     /// Connections holding a `dedicated` place on this core.
     pub fn dedicated(&self) -> usize {
         self.dedicated
+    }
+
+    /// A compressed message went to (`out`) or came from a connection on `route`.
+    pub fn count_route(&mut self, route: RouteId, out: bool, raw: usize, compressed: usize) {
+        let i = usize::from(route);
+        if self.route_bytes.len() <= i {
+            self.route_bytes.resize(i + 1, [0; 4]);
+        }
+        let r = &mut self.route_bytes[i];
+        if out {
+            r[OUT_RAW] += raw as u64;
+            r[OUT_COMPRESSED] += compressed as u64;
+        } else {
+            r[IN_COMPRESSED] += compressed as u64;
+            r[IN_RAW] += raw as u64;
+        }
+    }
+
+    /// The per-route byte counts since the last call (then zero), for publishing.
+    pub fn take_route_bytes(&mut self) -> impl Iterator<Item = (RouteId, [u64; 4])> + '_ {
+        self.route_bytes
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, r)| r.iter().any(|&v| v > 0))
+            .map(|(i, r)| (i as RouteId, std::mem::take(r)))
     }
 
     /// A whole server frame for `payload`: compressed with RSV1 when the connection agreed to
@@ -238,7 +284,14 @@ impl Session {
         opcode: OpCode,
         payload: &[u8],
     ) -> Bytes {
-        encode_message(&mut self.contexts, self.deflate, cx, opcode, payload)
+        encode_message(
+            &mut self.contexts,
+            self.deflate,
+            self.route,
+            cx,
+            opcode,
+            payload,
+        )
     }
 }
 
@@ -248,6 +301,7 @@ impl Session {
 pub(super) fn encode_message(
     own: &mut Contexts,
     agreed: Option<Agreed>,
+    route: RouteId,
     cx: &mut Context<'_>,
     opcode: OpCode,
     payload: &[u8],
@@ -258,7 +312,12 @@ pub(super) fn encode_message(
     };
     if !agreed.server_takeover {
         let bits = Some(agreed.server_window_bits);
-        return cx.codec.encode(cx.meter, bits, min, opcode, payload);
+        let frame = cx.codec.encode(cx.meter, bits, min, opcode, payload);
+        if payload.len() >= min {
+            cx.codec
+                .count_route(route, true, payload.len(), payload_len(frame.len()));
+        }
+        return frame;
     }
     if payload.len() < min {
         cx.meter.count(Count::CompressionSkipped);
@@ -274,6 +333,8 @@ pub(super) fn encode_message(
         before: payload.len(),
         after: codec.buf.len(),
     });
+    let z = codec.buf.len();
+    codec.count_route(route, true, payload.len(), z);
     let out = compressed_frame(opcode, &codec.buf);
     if codec.buf.capacity() > KEEP_BUF_BYTES {
         codec.buf = Vec::new();
@@ -286,19 +347,26 @@ pub(super) fn encode_message(
 pub(super) fn inflate_message(
     own: &mut Contexts,
     agreed: Option<Agreed>,
+    route: RouteId,
     cx: &mut Context<'_>,
     kind: MessageKind,
     payload: &[u8],
     limit: usize,
 ) -> Result<Bytes, ProtocolError> {
-    let Some(agreed) = agreed.filter(|a| a.client_takeover) else {
-        return cx.codec.inflate(cx.meter, kind, payload, limit);
+    let out = match agreed.filter(|a| a.client_takeover) {
+        None => cx.codec.inflate(cx.meter, kind, payload, limit),
+        Some(agreed) => {
+            let codec = &mut *cx.codec;
+            let i = own.inflater.get_or_insert_with(|| {
+                codec.contexts += 1;
+                TakeoverInflater::new(agreed.inflate_window_bits())
+            });
+            let out = i.inflate(codec.inflater.chunk(), payload, limit);
+            checked(cx.meter, kind, payload.len(), out)
+        }
     };
-    let codec = &mut *cx.codec;
-    let i = own.inflater.get_or_insert_with(|| {
-        codec.contexts += 1;
-        TakeoverInflater::new(agreed.inflate_window_bits())
-    });
-    let out = i.inflate(codec.inflater.chunk(), payload, limit);
-    checked(cx.meter, kind, payload.len(), out)
+    if let Ok(raw) = &out {
+        cx.codec.count_route(route, false, raw.len(), payload.len());
+    }
+    out
 }

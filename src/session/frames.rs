@@ -43,7 +43,8 @@ impl Session {
                     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
                     let (own, agreed) = (&mut self.contexts, self.deflate);
                     let p = payload.as_slice();
-                    match compression::inflate_message(own, agreed, cx, kind, p, limit) {
+                    match compression::inflate_message(own, agreed, self.route, cx, kind, p, limit)
+                    {
                         Ok(bytes) => Ok(Event::Message {
                             kind,
                             payload: Payload::Owned(bytes),
@@ -82,7 +83,9 @@ impl Session {
                         let op = opcode_for(kind);
                         let (own, agreed) = (&mut self.contexts, self.deflate);
                         let p = payload.as_slice();
-                        Action::Data(compression::encode_message(own, agreed, cx, op, p))
+                        Action::Data(compression::encode_message(
+                            own, agreed, self.route, cx, op, p,
+                        ))
                     } else {
                         let route = cx.routes.route(self.route);
                         match cx

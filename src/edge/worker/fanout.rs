@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use crate::relay::{ToEdge, Topic};
-use crate::session;
+use crate::session::{self, compression};
 
 use super::super::panic;
 use super::Worker;
@@ -64,12 +64,17 @@ impl Worker {
                 }
                 Some(bits) if payload.len() >= min => {
                     let i = usize::from(bits.saturating_sub(9)).min(6);
-                    compressed[i]
+                    let frame = compressed[i]
                         .get_or_insert_with(|| {
                             core.codec
                                 .encode(&*core.stats, Some(bits), 0, opcode, &payload)
                         })
-                        .clone()
+                        .clone();
+                    // Compressed once per core, but counted for each recipient's route.
+                    let z = compression::payload_len(frame.len());
+                    core.codec
+                        .count_route(session.route(), true, payload.len(), z);
+                    frame
                 }
                 _ => frame.clone(),
             };
