@@ -956,12 +956,15 @@ impl Session {
     }
 
     /// Over the memory budget: close 1008 "server memory budget" and let go of what it
-    /// holds now: its unsent queue (what the kernel is sending stays) and its message
-    /// assembly.
+    /// holds now: its unsent queue (what the kernel is sending stays), its message
+    /// assembly and its compression contexts.
     pub fn shed(&mut self, cx: &mut Context<'_>, send_in_flight: bool) {
         cx.meter.count(Count::Refused(PolicyRefusal::MemoryShed));
         self.out.drop_unsent(send_in_flight);
         self.decoder = MessageDecoder::new(Role::Server, cx.config.message_limits());
+        // Its `dedicated` contexts are the largest thing it holds; nothing more is
+        // compressed (the close goes plain) or inflated (reading stops).
+        cx.codec.release(self.contexts.release());
         self.stop_reading();
         self.closing_without_reply = true;
         self.drain();
