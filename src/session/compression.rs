@@ -138,6 +138,8 @@ pub struct SharedCodec {
     /// [out raw, out compressed, in compressed, in raw]: each connection's own messages, so
     /// a fan-out compressed once counts for every recipient's route.
     route_bytes: Vec<[u64; 4]>,
+    /// Some `route_bytes` are not zero (a loop turn without compression skips the scan).
+    route_bytes_dirty: bool,
 }
 
 /// Indexes of [`SharedCodec::take_route_bytes`]' arrays.
@@ -179,6 +181,7 @@ impl SharedCodec {
     /// A compressed message went to (`out`) or came from a connection on `route`.
     pub fn count_route(&mut self, route: RouteId, out: bool, raw: usize, compressed: usize) {
         let i = usize::from(route);
+        self.route_bytes_dirty = true;
         if self.route_bytes.len() <= i {
             self.route_bytes.resize(i + 1, [0; 4]);
         }
@@ -194,7 +197,9 @@ impl SharedCodec {
 
     /// The per-route byte counts since the last call (then zero), for publishing.
     pub fn take_route_bytes(&mut self) -> impl Iterator<Item = (RouteId, [u64; 4])> + '_ {
-        self.route_bytes
+        let dirty = std::mem::take(&mut self.route_bytes_dirty);
+        let n = if dirty { self.route_bytes.len() } else { 0 };
+        self.route_bytes[..n]
             .iter_mut()
             .enumerate()
             .filter(|(_, r)| r.iter().any(|&v| v > 0))
