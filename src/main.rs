@@ -56,7 +56,7 @@ struct Cli {
     #[arg(long, value_name = "N")]
     max_fragments: Option<u32>,
     /// permessage-deflate for every route: `off`, `shared` (one compressor per core) or
-    /// `dedicated` (runs as `shared` for now).
+    /// `dedicated` (context takeover, a compressor and inflater per connection).
     #[arg(long, value_name = "MODE")]
     compression: Option<config::Compression>,
     /// Close connections that sent no message for this long, in milliseconds (0: never; at
