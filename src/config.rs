@@ -94,8 +94,9 @@ pub enum Compression {
     /// Both `no_context_takeover` parameters, one compressor and inflater per core: no
     /// compression memory per connection.
     Shared,
-    /// Context takeover with a capped window per connection. Not built yet: runs as `shared`
-    /// (a warning at start-up says so).
+    /// Context takeover with a capped window (`compression_window_bits`): a compressor and
+    /// inflater per connection, charged to the memory budget; past
+    /// `compression_dedicated_per_core` on a core, new connections get `shared`.
     Dedicated,
 }
 
@@ -280,6 +281,11 @@ pub struct Config {
     pub compression: Compression,
     /// Outbound messages smaller than this go uncompressed (RSV1 clear, RFC 7692 §6.1).
     pub compression_min_bytes: usize,
+    /// `dedicated`: our compressor's window (9..=15; zlib cannot do a raw 8-bit window),
+    /// and the client's when its offer lets us name one.
+    pub compression_window_bits: u8,
+    /// `dedicated`: connections per core with their own contexts; beyond it, `shared`.
+    pub compression_dedicated_per_core: usize,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
 }
@@ -315,6 +321,8 @@ impl Default for Config {
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9091))),
             compression: Compression::Off,
             compression_min_bytes: 256,
+            compression_window_bits: 12,
+            compression_dedicated_per_core: 256,
             upstreams: Vec::new(),
             routes: Vec::new(),
         }
@@ -695,6 +703,14 @@ impl Config {
                     .map_err(|p| format!("{p} (leave it out for half of the memory available)")),
             )?;
         }
+        key(
+            "compression_window_bits",
+            within(self.compression_window_bits, 9, 15),
+        )?;
+        key(
+            "compression_dedicated_per_core",
+            within(self.compression_dedicated_per_core, 0, MAX_CONNECTIONS),
+        )?;
         let ip = &self.ip_limits;
         key(
             "ip_limits.max_concurrent",
@@ -893,6 +909,11 @@ mod tests {
             ("listen = \"127.0.0.1\"\n", "listen", "line 1"),
             ("backlog = 10\nworkers = 0\n", "workers", "line 2"),
             ("read_buffers = 1000\n", "read_buffers", "line 1"),
+            (
+                "backlog = 10\ncompression_window_bits = 8\n",
+                "compression_window_bits",
+                "line 2",
+            ),
             (
                 "backlog = 10\nmemory_budget_bytes = 4096\n",
                 "memory_budget_bytes",

@@ -57,7 +57,7 @@ struct Cli {
     #[arg(long, value_name = "N")]
     max_fragments: Option<u32>,
     /// permessage-deflate for every route: `off`, `shared` (one compressor per core) or
-    /// `dedicated` (runs as `shared` for now).
+    /// `dedicated` (context takeover, a compressor and inflater per connection).
     #[arg(long, value_name = "MODE")]
     compression: Option<config::Compression>,
     /// Close connections that sent no message for this long, in milliseconds (0: never; at
@@ -160,14 +160,6 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
         config.admin_listen = Some(admin);
     }
     config.validate("command line")?;
-    let dedicated = std::iter::once(config.compression)
-        .chain(config.routes.iter().filter_map(|r| r.compression))
-        .any(|c| c == config::Compression::Dedicated);
-    if dedicated {
-        tracing::warn!(
-            "compression \"dedicated\" is not built yet: those routes run as \"shared\""
-        );
-    }
     Ok(config)
 }
 

@@ -39,6 +39,7 @@ impl Meter for CoreStats {
                 self.deflate_out_compressed.add(after as u64);
             }
             Count::CompressionSkipped => self.deflate_skipped.inc(),
+            Count::DedicatedFallback => self.deflate_dedicated_fallbacks.inc(),
             Count::Inflated { before, after } => {
                 self.deflate_inflated.inc();
                 self.deflate_in_compressed.add(before as u64);
@@ -95,6 +96,14 @@ pub struct CoreStats {
     pub deflate_out_compressed: Counter,
     pub deflate_in_compressed: Counter,
     pub deflate_in_raw: Counter,
+    /// `dedicated`: contexts (compressors and inflaters) held now, a gauge set once per
+    /// loop turn; connections that got `shared` for the per-core cap.
+    pub deflate_dedicated_contexts: Counter,
+    pub deflate_dedicated_fallbacks: Counter,
+    /// permessage-deflate payload bytes by route path, as
+    /// [out raw, out compressed, in compressed, in raw] (`session::compression::OUT_RAW`...):
+    /// each connection's own messages. Written once per loop turn, read by a scrape.
+    pub route_deflate: std::sync::Mutex<std::collections::HashMap<String, [u64; 4]>>,
     /// Indexed by `InflateFailure`.
     pub inflate_failures: [Counter; InflateFailure::ALL.len()],
 }

@@ -784,6 +784,9 @@ impl Worker {
         }
         conn.shut = true;
         conn.session.on_shut();
+        // Nothing more is compressed or inflated for it: its contexts go now.
+        let released = conn.session.release_compression();
+        self.core.codec.release(released);
         let _ = conn.socket.shutdown(std::net::Shutdown::Both);
         if conn.recv_armed {
             let sqe = opcode::AsyncCancel::new(user_data(OP_RECV, slot, generation))
@@ -795,8 +798,12 @@ impl Worker {
 
     fn free_slot(&mut self, slot: u32) {
         let s = &mut self.slots[slot as usize];
-        let Some(conn) = s.conn.take() else { return };
+        let Some(mut conn) = s.conn.take() else {
+            return;
+        };
         self.core.charged -= conn.charged as u64;
+        let released = conn.session.release_compression();
+        self.core.codec.release(released);
         for topic in conn.session.subscriptions() {
             fanout::unsubscribe(&mut self.topics, topic, slot);
         }
@@ -1008,6 +1015,34 @@ impl CoreState {
             }
             self.published = total;
             self.stats.buffer_bytes.set(total);
+        }
+        self.stats
+            .deflate_dedicated_contexts
+            .set(self.codec.contexts as u64);
+        self.publish_route_bytes();
+    }
+
+    /// Add this core's per-route deflate bytes to the totals a scrape reads (by route path,
+    /// which outlives a reload's renumbering); a lock per loop turn only when there were any.
+    pub(super) fn publish_route_bytes(&mut self) {
+        let mut pending = self.codec.take_route_bytes().peekable();
+        if pending.peek().is_none() {
+            return;
+        }
+        let mut totals = self
+            .stats
+            .route_deflate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (route, bytes) in pending {
+            let path = &self.routes.route(route).path;
+            let t = match totals.get_mut(path.as_str()) {
+                Some(t) => t,
+                None => totals.entry(path.clone()).or_default(),
+            };
+            for (t, b) in t.iter_mut().zip(bytes) {
+                *t += b;
+            }
         }
     }
 

@@ -23,6 +23,14 @@ use crate::session::compression::InflateFailure;
 use crate::session::TlsFailure;
 use crate::telemetry::{Heartbeat, HistogramSnapshot};
 
+/// `ringway_route_deflate_bytes` labels in the order of `CoreStats::route_deflate`'s arrays.
+const ROUTE_DEFLATE_LABELS: [(&str, &str); 4] = [
+    ("out", "raw"),
+    ("out", "compressed"),
+    ("in", "compressed"),
+    ("in", "raw"),
+];
+
 /// The `Content-Type` of what [`render`] returns.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
@@ -332,6 +340,39 @@ impl Collector for Sources {
             "ringway_deflate_messages",
             "permessage-deflate messages: compressed (a fan-out once per core), sent plain under compression_min_bytes, inflated",
             m,
+        )?;
+        let mut r = Vec::new();
+        for (core, s) in self.cores.iter().enumerate() {
+            let totals = s.route_deflate.lock().unwrap_or_else(|e| e.into_inner());
+            for (route, bytes) in totals.iter() {
+                for (i, (direction, form)) in ROUTE_DEFLATE_LABELS.iter().enumerate() {
+                    let labels: Labels = vec![
+                        ("core", core.to_string()),
+                        ("route", route.clone()),
+                        ("direction", direction.to_string()),
+                        ("form", form.to_string()),
+                    ];
+                    r.push((labels, bytes[i]));
+                }
+            }
+        }
+        counters(
+            e,
+            "ringway_route_deflate_bytes",
+            "permessage-deflate payload bytes per route before (raw) and after (compressed) compression: every connection's messages, so a fan-out compressed once per core counts once per recipient",
+            r,
+        )?;
+        gauges(
+            e,
+            "ringway_deflate_dedicated_contexts",
+            "compression = \"dedicated\": per-connection compressors and inflaters held now (each charged to the memory budget)",
+            self.per_core(&[], |s| s.deflate_dedicated_contexts.get()),
+        )?;
+        counters(
+            e,
+            "ringway_deflate_dedicated_fallbacks",
+            "compression = \"dedicated\" connections that got \"shared\": their core had compression_dedicated_per_core",
+            self.per_core(&[], |s| s.deflate_dedicated_fallbacks.get()),
         )?;
         let mut f = Vec::new();
         for why in InflateFailure::ALL {

@@ -10,7 +10,8 @@ use crate::protocol::message::{Event, MessageKind, Payload};
 use crate::protocol::ProtocolError;
 
 use super::{
-    encode, in_process, opcode_for, Action, Context, Count, Output, Session, PONG_COALESCE_PAST,
+    compression, encode, in_process, opcode_for, Action, Context, Count, Output, Session,
+    PONG_COALESCE_PAST,
 };
 
 impl Session {
@@ -40,7 +41,10 @@ impl Session {
                 Event::Compressed { kind, payload } => {
                     let limit = cx.config.message_limits().max_message;
                     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-                    match cx.codec.inflate(cx.meter, kind, payload.as_slice(), limit) {
+                    let (own, agreed) = (&mut self.contexts, self.deflate);
+                    let p = payload.as_slice();
+                    match compression::inflate_message(own, agreed, self.route, cx, kind, p, limit)
+                    {
                         Ok(bytes) => Ok(Event::Message {
                             kind,
                             payload: Payload::Owned(bytes),
@@ -76,11 +80,12 @@ impl Session {
                     if !accepts_data {
                         Action::None
                     } else if cx.config.upstream == Upstream::LocalEcho {
-                        let bits = self.deflate.map(|a| a.server_window_bits);
-                        let min = cx.config.compression_min_bytes;
                         let op = opcode_for(kind);
+                        let (own, agreed) = (&mut self.contexts, self.deflate);
                         let p = payload.as_slice();
-                        Action::Data(cx.codec.encode(cx.meter, bits, min, op, p))
+                        Action::Data(compression::encode_message(
+                            own, agreed, self.route, cx, op, p,
+                        ))
                     } else {
                         let route = cx.routes.route(self.route);
                         match cx

@@ -126,6 +126,9 @@ pub enum Count {
         after: usize,
     },
     CompressionSkipped,
+    /// A `dedicated` route's connection got `shared`: its core had
+    /// `compression_dedicated_per_core` already.
+    DedicatedFallback,
     /// An inbound compressed message inflated (bytes on the wire and inflated), or refused.
     Inflated {
         before: usize,
@@ -250,6 +253,8 @@ pub struct Session {
     protocol: Option<String>,
     /// permessage-deflate as agreed in the handshake (shared: no state of its own).
     deflate: Option<Agreed>,
+    /// `dedicated`: its own compressor and inflater, made on first use.
+    contexts: compression::Contexts,
     /// Plain TCP, or TLS (`transport.rs`): what `queued` hands the driver.
     transport: transport::Transport,
 }
@@ -326,6 +331,7 @@ impl Session {
             rate: None,
             protocol: None,
             deflate: None,
+            contexts: Default::default(),
             transport: transport::Transport::Plain,
         }
     }
@@ -400,10 +406,22 @@ impl Session {
         self.close_code
     }
 
-    /// Our compressor's window when it agreed to permessage-deflate (fan-out compresses once
-    /// per core for these).
+    /// Our compressor's window when it agreed to permessage-deflate without context
+    /// takeover on our side (fan-out compresses once per core for these).
     pub fn deflate_bits(&self) -> Option<u8> {
-        self.deflate.map(|a| a.server_window_bits)
+        self.deflate
+            .filter(|a| !a.server_takeover)
+            .map(|a| a.server_window_bits)
+    }
+
+    /// It compresses with its own context (`dedicated`): fan-out encodes for it alone.
+    pub fn compresses_alone(&self) -> bool {
+        self.deflate.is_some_and(|a| a.server_takeover)
+    }
+
+    /// Drop its compression contexts (it is shut): what the core gets back.
+    pub fn release_compression(&mut self) -> compression::Released {
+        self.contexts.release()
     }
 
     pub fn route(&self) -> RouteId {
@@ -461,6 +479,7 @@ impl Session {
             + subscriptions
             + protocol
             + self.transport.heap_bytes()
+            + self.contexts.heap_bytes(self.deflate.as_ref())
     }
 
     // ----- the lifecycle's transitions (forward only) -----
@@ -657,7 +676,8 @@ impl Session {
                 let authorize = route.authorize && cx.relay;
                 self.rate = MessageRate::new(policy.messages_per_sec, policy.message_burst);
                 self.protocol = admitted.protocol;
-                self.deflate = compression::negotiate(route.compression, &request);
+                self.deflate =
+                    compression::negotiate(route.compression, &request, cx, &mut self.contexts);
                 if self.deflate.is_some() {
                     self.decoder.set_allowed_rsv(RSV1);
                 }
@@ -739,11 +759,7 @@ impl Session {
 
     /// A message the relay sends this client.
     pub fn on_relay_send(&mut self, cx: &mut Context<'_>, kind: MessageKind, payload: &[u8]) {
-        let bits = self.deflate_bits();
-        let min = cx.config.compression_min_bytes;
-        let frame = cx
-            .codec
-            .encode(cx.meter, bits, min, opcode_for(kind), payload);
+        let frame = self.encode_message(cx, opcode_for(kind), payload);
         self.queue_data(cx, frame);
     }
 
@@ -943,12 +959,15 @@ impl Session {
     }
 
     /// Over the memory budget: close 1008 "server memory budget" and let go of what it
-    /// holds now: its unsent queue (what the kernel is sending stays) and its message
-    /// assembly.
+    /// holds now: its unsent queue (what the kernel is sending stays), its message
+    /// assembly and its compression contexts.
     pub fn shed(&mut self, cx: &mut Context<'_>, send_in_flight: bool) {
         cx.meter.count(Count::Refused(PolicyRefusal::MemoryShed));
         self.out.drop_unsent(send_in_flight);
         self.decoder = MessageDecoder::new(Role::Server, cx.config.message_limits());
+        // Its `dedicated` contexts are the largest thing it holds; nothing more is
+        // compressed (the close goes plain) or inflated (reading stops).
+        cx.codec.release(self.contexts.release());
         self.stop_reading();
         self.closing_without_reply = true;
         self.drain();

@@ -1026,3 +1026,68 @@ proptest::proptest! {
         }
     }
 }
+
+// ----- permessage-deflate, dedicated -----
+
+#[test]
+fn dedicated_contexts_are_made_on_use_charged_and_given_back() {
+    use crate::protocol::deflate::takeover::{self, TakeoverDeflater, TakeoverInflater};
+    let cfg = "compression = \"dedicated\"\ncompression_dedicated_per_core = 1\n";
+    let offer = REQUEST.replace(
+        "\r\n\r\n",
+        "\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n",
+    );
+    let mut sim = Sim::new(cfg, false);
+    sim.feed(offer.as_bytes());
+    assert_eq!(sim.wire(), [Wire::Http(101)]);
+    assert_eq!((sim.codec.dedicated(), sim.codec.contexts), (1, 0));
+    let idle = sim.s.footprint();
+
+    // A compressed message in, its echo out: both contexts made, and charged.
+    let (mut client, mut back) = (TakeoverDeflater::new(12), TakeoverInflater::new(12));
+    let msg: String = (0..40u32)
+        .map(|i| format!("{{\"id\":{},\"seen\":{}}},", i * 7919 % 10007, i * 31 % 97))
+        .collect();
+    let mut z = Vec::new();
+    let mut chunk = Vec::new();
+    let mut sizes = Vec::new();
+    for _ in 0..2 {
+        client.compress(msg.as_bytes(), &mut z);
+        let mut buf = BytesMut::new();
+        write_client_frame(&mut buf, true, OpCode::Text, [1, 2, 3, 4], &z);
+        buf[0] |= 0x40;
+        sim.feed(&buf);
+        let Wire::Frame(OpCode::Text, echoed) = &sim.wire()[0] else {
+            panic!("an echo")
+        };
+        sizes.push(echoed.len());
+        assert_eq!(
+            back.inflate(&mut chunk, echoed, 1 << 20).unwrap(),
+            msg.as_bytes()
+        );
+    }
+    // Our compressor kept its window: the repeat is a fraction of the first.
+    assert!(sizes[1] * 4 < sizes[0], "{sizes:?}");
+    assert_eq!(sim.codec.contexts, 2);
+    let charged = takeover::deflater_bytes(12) + takeover::inflater_bytes(12);
+    assert_eq!(sim.s.footprint(), idle + charged);
+
+    // The core's one place is taken: the next connection gets `shared`, counted.
+    let first = std::mem::replace(
+        &mut sim.s,
+        Session::new(ConnId::new(0, 2, 0), None, sim.config.message_limits(), 0),
+    );
+    sim.feed(offer.as_bytes());
+    assert_eq!(sim.wire(), [Wire::Http(101)]);
+    assert!(sim.counted().contains(&Count::DedicatedFallback));
+    assert!(sim.s.deflate_bits().is_some() && !sim.s.compresses_alone());
+
+    // Shut: the contexts go, the charge with them, and the place is free again.
+    let mut first = first;
+    sim.codec.release(first.release_compression());
+    assert_eq!((sim.codec.dedicated(), sim.codec.contexts), (0, 0));
+    assert_eq!(first.footprint(), idle);
+    // Releasing twice gives nothing back twice.
+    sim.codec.release(first.release_compression());
+    assert_eq!(sim.codec.dedicated(), 0);
+}

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use crate::relay::{ToEdge, Topic};
-use crate::session;
+use crate::session::{self, compression};
 
 use super::super::panic;
 use super::Worker;
@@ -47,19 +47,37 @@ impl Worker {
                 continue;
             }
             let core = &mut self.core;
-            let frame = match conn.session.deflate_bits() {
+            let session = &mut conn.session;
+            let frame = match session.deflate_bits() {
+                // `dedicated`: its own context, so its own compression.
+                _ if session.compresses_alone() => {
+                    match panic::contain(|| {
+                        session.encode_message(&mut core.cx(), opcode, &payload)
+                    }) {
+                        Ok(frame) => frame,
+                        Err(location) => {
+                            self.contained_panic(slot, &location);
+                            self.after_event(slot);
+                            continue;
+                        }
+                    }
+                }
                 Some(bits) if payload.len() >= min => {
                     let i = usize::from(bits.saturating_sub(9)).min(6);
-                    compressed[i]
+                    let frame = compressed[i]
                         .get_or_insert_with(|| {
                             core.codec
                                 .encode(&*core.stats, Some(bits), 0, opcode, &payload)
                         })
-                        .clone()
+                        .clone();
+                    // Compressed once per core, but counted for each recipient's route.
+                    let z = compression::payload_len(frame.len());
+                    core.codec
+                        .count_route(session.route(), true, payload.len(), z);
+                    frame
                 }
                 _ => frame.clone(),
             };
-            let session = &mut conn.session;
             let queued = panic::contain(|| session.queue_fanout(&mut core.cx(), frame));
             if let Err(location) = queued {
                 self.contained_panic(slot, &location);

@@ -60,6 +60,8 @@ impl Worker {
             .ip_limiter
             .set_limits(config.ip_limits.per_core(self.core.workers));
         self.core.config = config;
+        // Route ids change with the table: what was counted under the old ones goes first.
+        self.core.publish_route_bytes();
         self.core.routes = routes;
         for &slot in &gone {
             let conn = self.slots[slot as usize]

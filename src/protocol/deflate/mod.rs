@@ -4,14 +4,18 @@
 //! Sits between the frame decoder and the message router on the receive path (a message
 //! whose first frame has RSV1 is inflated here before it is routed), and after the relay on
 //! the send path (a message at or over `compression_min_bytes` is compressed before framing).
-//! The gateway always answers with `server_no_context_takeover` and
+//! In `shared` mode the gateway always answers with `server_no_context_takeover` and
 //! `client_no_context_takeover` (§7.1.1.1, §7.1.1.2 allow it whatever the offer said), so every
 //! message starts from a fresh state and one [`Deflater`] and one [`Inflater`] per core serve
-//! every connection: a connection holds no compression state at all.
+//! every connection: a connection holds no compression state at all. In `dedicated` mode
+//! (`Mode::Dedicated`) windows carry over between messages, capped at the configured bits,
+//! with one context per connection and direction ([`takeover`]).
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
 use super::handshake::ExtensionOffer;
+
+pub mod takeover;
 
 pub const EXTENSION_NAME: &str = "permessage-deflate";
 
@@ -53,27 +57,64 @@ pub struct Offer {
     pub client_max_window_bits: Option<Option<u8>>,
 }
 
-/// What was agreed: the window our compressor uses (and whether the answer must name it).
+/// What was agreed for one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Agreed {
+    /// The window our compressor uses.
     pub server_window_bits: u8,
-    /// The offer had `server_max_window_bits`: the answer must carry it (§7.1.2.1).
+    /// The answer names `server_max_window_bits` (the offer had it, or `dedicated` caps it).
     pub name_server_window: bool,
+    /// Our compressor keeps its window between messages (`dedicated`, unless the offer had
+    /// `server_no_context_takeover`).
+    pub server_takeover: bool,
+    /// The client's compressor keeps its window: our inflater for it must too.
+    pub client_takeover: bool,
+    /// The `client_max_window_bits` we answer (`dedicated`, when the offer had it): the
+    /// client's window, and so our inflater's.
+    pub client_window_bits: Option<u8>,
 }
 
 impl Agreed {
-    /// The `Sec-WebSocket-Extensions` value of the 101. `client_max_window_bits` is never
-    /// sent: one inflater with a 15-bit window reads every smaller window too.
+    /// The `Sec-WebSocket-Extensions` value of the 101. `shared` never sends
+    /// `client_max_window_bits`: one inflater with a 15-bit window reads every smaller one.
     pub fn response_value(&self) -> String {
-        let mut v = String::from(
-            "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
-        );
+        let mut v = String::from(EXTENSION_NAME);
+        if !self.server_takeover {
+            v.push_str("; server_no_context_takeover");
+        }
+        if !self.client_takeover {
+            v.push_str("; client_no_context_takeover");
+        }
         if self.name_server_window {
             v.push_str("; server_max_window_bits=");
             v.push_str(&self.server_window_bits.to_string());
         }
+        if let Some(bits) = self.client_window_bits {
+            v.push_str("; client_max_window_bits=");
+            v.push_str(&bits.to_string());
+        }
         v
     }
+
+    /// The window the client compresses with, so the one our inflater needs (§7.1.2.2).
+    pub fn inflate_window_bits(&self) -> u8 {
+        self.client_window_bits.unwrap_or(MAX_WINDOW_BITS)
+    }
+
+    /// Whether either direction keeps a context between messages (per-connection state).
+    pub fn takes_over(&self) -> bool {
+        self.server_takeover || self.client_takeover
+    }
+}
+
+/// What the server is willing to agree to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Both `no_context_takeover` parameters, whatever the offer (one codec per core).
+    Shared,
+    /// Context takeover both ways, our window capped at `window_bits` (9..=15) and the
+    /// client's too when its offer lets us name one.
+    Dedicated { window_bits: u8 },
 }
 
 /// A window-bits value: a decimal integer 8..=15 without leading zeros (§7.1.2.1, §7.1.2.2).
@@ -126,19 +167,40 @@ pub fn parse_offer(offer: &ExtensionOffer) -> Result<Offer, Decline> {
 
 /// Pick the first acceptable permessage-deflate offer (the client's order of preference,
 /// RFC 6455 §9.1), or none: then the connection runs uncompressed.
-pub fn negotiate(offers: &[ExtensionOffer]) -> Option<Agreed> {
+pub fn negotiate(offers: &[ExtensionOffer], mode: Mode) -> Option<Agreed> {
     offers.iter().find_map(|offer| {
         let o = parse_offer(offer).ok()?;
         match o.server_max_window_bits {
-            Some(n) if n < MIN_WINDOW_BITS => None,
-            Some(n) => Some(Agreed {
-                server_window_bits: n,
-                name_server_window: true,
+            Some(n) if n < MIN_WINDOW_BITS => return None,
+            _ => {}
+        }
+        match mode {
+            Mode::Shared => Some(Agreed {
+                server_window_bits: o.server_max_window_bits.unwrap_or(MAX_WINDOW_BITS),
+                name_server_window: o.server_max_window_bits.is_some(),
+                server_takeover: false,
+                client_takeover: false,
+                client_window_bits: None,
             }),
-            None => Some(Agreed {
-                server_window_bits: MAX_WINDOW_BITS,
-                name_server_window: false,
-            }),
+            Mode::Dedicated { window_bits } => {
+                let ours = window_bits.clamp(MIN_WINDOW_BITS, MAX_WINDOW_BITS);
+                // §7.1.2.2: we may only limit the client's window when it offered to be
+                // limited; a hint below 9 (zlib cannot honour 8) declines the offer.
+                let client_window_bits = match o.client_max_window_bits {
+                    None => None,
+                    Some(None) => Some(ours),
+                    Some(Some(n)) if n < MIN_WINDOW_BITS => return None,
+                    Some(Some(n)) => Some(n.min(ours)),
+                };
+                Some(Agreed {
+                    server_window_bits: o.server_max_window_bits.map_or(ours, |n| n.min(ours)),
+                    // §7.1.2.1: the server may name its window even when not asked to.
+                    name_server_window: true,
+                    server_takeover: !o.server_no_context_takeover,
+                    client_takeover: !o.client_no_context_takeover,
+                    client_window_bits,
+                })
+            }
         }
     })
 }
@@ -228,46 +290,67 @@ impl Inflater {
             .state
             .get_or_insert_with(|| Box::new(Decompress::new_with_window_bits(false, 15)));
         d.reset(false);
-        if self.chunk.len() != INFLATE_CHUNK {
-            self.chunk = vec![0; INFLATE_CHUNK];
-        }
-        let mut out: Vec<u8> = Vec::with_capacity(limit.min(input.len().saturating_mul(4)));
-        for part in [input, &TAIL[..]] {
-            let mut pos = 0;
-            loop {
-                let (in0, out0) = (d.total_in(), d.total_out());
-                let status = d
-                    .decompress(&part[pos..], &mut self.chunk, FlushDecompress::Sync)
-                    .map_err(|_| InflateError::Corrupt)?;
-                let used = (d.total_in() - in0) as usize;
-                let made = (d.total_out() - out0) as usize;
-                pos += used;
-                if made > 0 {
-                    if out.len() + made > limit {
-                        return Err(InflateError::TooLarge { limit });
-                    }
-                    if out.capacity() - out.len() < made {
-                        // Grow by doubling, but never past the limit.
-                        let want = (out.len() + made).max(out.len() * 2).min(limit);
-                        out.reserve_exact(want - out.len());
-                    }
-                    out.extend_from_slice(&self.chunk[..made]);
-                }
-                match status {
-                    // A final block ends the message; the tail after it is not needed.
-                    Status::StreamEnd => return Ok(out),
-                    _ if used == 0 && made == 0 => break,
-                    _ if pos == part.len() && made < self.chunk.len() => break,
-                    _ => {}
-                }
-            }
-            if pos < part.len() {
-                // No progress with input left: a stream zlib cannot continue.
-                return Err(InflateError::Corrupt);
-            }
-        }
-        Ok(out)
+        inflate_capped(d, &mut self.chunk, input, limit)
     }
+
+    /// The core's 16 KiB output chunk, lent to the connections' own inflaters too.
+    pub fn chunk(&mut self) -> &mut Vec<u8> {
+        &mut self.chunk
+    }
+}
+
+/// Inflate one message with `d` as it stands (fresh, or holding a connection's window),
+/// `INFLATE_CHUNK` bytes at a time through `chunk`, refusing output past `limit`.
+/// A message that ends the stream with a final block (BFINAL, which §7.2.1 allows) leaves
+/// `d` reset for a new stream: a takeover inflater then starts with an empty window.
+pub(crate) fn inflate_capped(
+    d: &mut Decompress,
+    chunk: &mut Vec<u8>,
+    input: &[u8],
+    limit: usize,
+) -> Result<Vec<u8>, InflateError> {
+    if chunk.len() != INFLATE_CHUNK {
+        *chunk = vec![0; INFLATE_CHUNK];
+    }
+    let mut out: Vec<u8> = Vec::with_capacity(limit.min(input.len().saturating_mul(4)));
+    for part in [input, &TAIL[..]] {
+        let mut pos = 0;
+        loop {
+            let (in0, out0) = (d.total_in(), d.total_out());
+            let status = d
+                .decompress(&part[pos..], chunk, FlushDecompress::Sync)
+                .map_err(|_| InflateError::Corrupt)?;
+            let used = (d.total_in() - in0) as usize;
+            let made = (d.total_out() - out0) as usize;
+            pos += used;
+            if made > 0 {
+                if out.len() + made > limit {
+                    return Err(InflateError::TooLarge { limit });
+                }
+                if out.capacity() - out.len() < made {
+                    // Grow by doubling, but never past the limit.
+                    let want = (out.len() + made).max(out.len() * 2).min(limit);
+                    out.reserve_exact(want - out.len());
+                }
+                out.extend_from_slice(&chunk[..made]);
+            }
+            match status {
+                // A final block ends the message; the tail after it is not needed.
+                Status::StreamEnd => {
+                    d.reset(false);
+                    return Ok(out);
+                }
+                _ if used == 0 && made == 0 => break,
+                _ if pos == part.len() && made < chunk.len() => break,
+                _ => {}
+            }
+        }
+        if pos < part.len() {
+            // No progress with input left: a stream zlib cannot continue.
+            return Err(InflateError::Corrupt);
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -286,10 +369,14 @@ mod tests {
 
     const PMD: &str = "permessage-deflate";
 
+    fn negotiate_shared(offers: &[ExtensionOffer]) -> Option<Agreed> {
+        negotiate(offers, Mode::Shared)
+    }
+
     #[test]
     fn bare_offer_is_answered_with_both_no_context_takeover() {
         // RFC 7692 §7.1.1.1 / §7.1.1.2: a server may add both whatever the offer.
-        let a = negotiate(&[offer(PMD, &[])]).unwrap();
+        let a = negotiate_shared(&[offer(PMD, &[])]).unwrap();
         assert_eq!(a.server_window_bits, 15);
         assert_eq!(
             a.response_value(),
@@ -301,7 +388,7 @@ mod tests {
     fn rfc_examples() {
         // §7.1.3 example offers.
         let chrome = offer(PMD, &[("client_max_window_bits", None)]);
-        let a = negotiate(&[chrome]).unwrap();
+        let a = negotiate_shared(&[chrome]).unwrap();
         assert!(!a.name_server_window);
         // "permessage-deflate; client_max_window_bits; server_max_window_bits=10"
         let two = [
@@ -314,12 +401,12 @@ mod tests {
             ),
             offer(PMD, &[("client_max_window_bits", None)]),
         ];
-        let a = negotiate(&two).unwrap();
+        let a = negotiate_shared(&two).unwrap();
         assert_eq!(a.server_window_bits, 10);
         assert!(a.response_value().ends_with("; server_max_window_bits=10"));
         // Quoted values arrive unescaped from the handshake parser.
         let q = offer(PMD, &[("server_max_window_bits", Some("12"))]);
-        assert_eq!(negotiate(&[q]).unwrap().server_window_bits, 12);
+        assert_eq!(negotiate_shared(&[q]).unwrap().server_window_bits, 12);
     }
 
     #[test]
@@ -384,19 +471,84 @@ mod tests {
         ];
         for (o, why) in &bad {
             assert_eq!(parse_offer(o), Err(*why), "{o:?}");
-            assert_eq!(negotiate(std::slice::from_ref(o)), None, "{o:?}");
+            assert_eq!(negotiate_shared(std::slice::from_ref(o)), None, "{o:?}");
             // Declining one offer does not fail the negotiation: the next one is taken.
             let good = offer(PMD, &[("server_max_window_bits", Some("11"))]);
-            let a = negotiate(&[o.clone(), good]).unwrap();
+            let a = negotiate_shared(&[o.clone(), good]).unwrap();
             assert_eq!(a.server_window_bits, 11, "{o:?}");
         }
         // 8 is valid syntax but zlib cannot honour it: declined, next offer taken.
         let eight = offer(PMD, &[("server_max_window_bits", Some("8"))]);
         assert_eq!(parse_offer(&eight).unwrap().server_max_window_bits, Some(8));
-        assert_eq!(negotiate(std::slice::from_ref(&eight)), None);
-        let a = negotiate(&[eight, offer(PMD, &[])]).unwrap();
+        assert_eq!(negotiate_shared(std::slice::from_ref(&eight)), None);
+        let a = negotiate_shared(&[eight, offer(PMD, &[])]).unwrap();
         assert_eq!(a.server_window_bits, 15);
-        assert_eq!(negotiate(&[]), None);
+        assert_eq!(negotiate_shared(&[]), None);
+    }
+
+    #[test]
+    fn dedicated_keeps_context_and_caps_both_windows() {
+        let dedicated = |offers: &[ExtensionOffer]| {
+            negotiate(offers, Mode::Dedicated { window_bits: 12 }).map(|a| a.response_value())
+        };
+        // Firefox's bare offer: takeover both ways, our window named; the client's window
+        // cannot be limited (it did not offer client_max_window_bits).
+        let bare = negotiate(&[offer(PMD, &[])], Mode::Dedicated { window_bits: 12 }).unwrap();
+        assert!(bare.server_takeover && bare.client_takeover);
+        assert_eq!(bare.inflate_window_bits(), 15);
+        assert_eq!(
+            bare.response_value(),
+            "permessage-deflate; server_max_window_bits=12"
+        );
+        // Chrome's: the client's window is capped at ours.
+        let chrome = offer(PMD, &[("client_max_window_bits", None)]);
+        assert_eq!(
+            dedicated(&[chrome]).unwrap(),
+            "permessage-deflate; server_max_window_bits=12; client_max_window_bits=12"
+        );
+        // Smaller asks are honoured, larger ones capped; 9 is the floor.
+        let ask = offer(
+            PMD,
+            &[
+                ("server_max_window_bits", Some("10")),
+                ("client_max_window_bits", Some("9")),
+            ],
+        );
+        assert_eq!(
+            dedicated(&[ask]).unwrap(),
+            "permessage-deflate; server_max_window_bits=10; client_max_window_bits=9"
+        );
+        let big = offer(PMD, &[("client_max_window_bits", Some("15"))]);
+        assert!(dedicated(&[big])
+            .unwrap()
+            .ends_with("client_max_window_bits=12"));
+        // The takeover parameters are answered only when the client asked for them.
+        let no_ctx = offer(
+            PMD,
+            &[
+                ("server_no_context_takeover", None),
+                ("client_no_context_takeover", None),
+            ],
+        );
+        let a = negotiate(&[no_ctx], Mode::Dedicated { window_bits: 12 }).unwrap();
+        assert!(!a.takes_over());
+        assert_eq!(
+            a.response_value(),
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover; \
+             server_max_window_bits=12"
+        );
+        // A client window of 8, or a malformed one, declines that offer: the next is taken.
+        for bad in [Some("8"), Some("x"), Some("16")] {
+            let o = offer(PMD, &[("client_max_window_bits", bad)]);
+            assert_eq!(dedicated(std::slice::from_ref(&o)), None, "{bad:?}");
+            let next = dedicated(&[o, offer(PMD, &[])]).unwrap();
+            assert_eq!(next, "permessage-deflate; server_max_window_bits=12");
+        }
+        // Our window is never answered as 8.
+        let eight = offer(PMD, &[("server_max_window_bits", Some("8"))]);
+        assert_eq!(dedicated(&[eight]), None);
+        let a = negotiate(&[offer(PMD, &[])], Mode::Dedicated { window_bits: 9 }).unwrap();
+        assert_eq!(a.server_window_bits, 9);
     }
 
     fn roundtrip(bits: u8, data: &[u8]) {
