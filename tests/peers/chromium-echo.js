@@ -2,6 +2,9 @@
 // WebSocket (Chromium always offers `permessage-deflate; client_max_window_bits`), echoes
 // text and binary of every size in harness.SIZES plus multi-byte UTF-8 text, and checks each
 // echo is byte-identical. Usage: node chromium-echo.js ws://127.0.0.1:PORT/ [deadline-ms]
+// A wss:// URL is opened with the browser's own TLS stack; the test's certificate comes from
+// a CA made in the test, so the browser is told to skip only the trust decision
+// (--ignore-certificate-errors): the handshake, ALPN and records are Chromium's.
 'use strict';
 
 const { run, servePage, launchChromium, SIZES } = require('./harness');
@@ -61,9 +64,9 @@ async function runEcho(url, sizes) {
 
 run(async () => {
   const origin = await servePage({ '/': page });
-  const browser = await launchChromium();
+  const browser = await launchChromium(url.startsWith('wss:') ? ['--ignore-certificate-errors'] : []);
   const tab = await browser.newPage();
   await tab.goto(origin + '/');
   const result = await tab.evaluate(([u, s]) => runEcho(u, s), [url, SIZES]);
-  return { ...result, browser: browser.version(), origin };
+  return { ...result, browser: browser.version(), origin, url };
 }, deadline);
