@@ -7,8 +7,12 @@
 # the run; its input is left in fuzz/artifacts/<target>/ to be kept as a regression test.
 #
 # usage: scripts/fuzz.sh [SECONDS_PER_TARGET]   (default 20; env RINGWAY_FUZZ_SECONDS too)
+#        scripts/fuzz.sh --build-only            (build every target, run none: test.sh starts
+#                                                  this in the background beside the tests)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BUILD_ONLY=0
+if [ "${1:-}" = --build-only ]; then BUILD_ONLY=1; shift; fi
 SECS="${1:-${RINGWAY_FUZZ_SECONDS:-20}}"
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "fuzz: cargo-fuzz is not installed (cargo install cargo-fuzz); skipping"
@@ -17,6 +21,9 @@ fi
 cd "$ROOT/fuzz"
 # Stable Rust: RUSTC_BOOTSTRAP lets the sanitizer flags through.
 export RUSTC_BOOTSTRAP=1
+if [ "$BUILD_ONLY" = 1 ]; then
+  exec cargo fuzz build --sanitizer "${RINGWAY_FUZZ_SANITIZER:-none}"
+fi
 passed=0; failed=0
 for target in handshake frames relay connection tls_session; do
   scratch="$(mktemp -d)"

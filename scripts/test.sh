@@ -2,7 +2,8 @@
 # The whole test suite, as the README's quick start and CI run it:
 #   structure (scripts/check-imports.py), formatting and lints, every unit and integration
 #   test of the workspace (the gateway and bench/, release build), a short bounded fuzzing
-#   run of the three decoders that face untrusted bytes (when cargo-fuzz is installed), then
+#   run of the five targets that face untrusted bytes (when cargo-fuzz is installed; built in
+#   the background while the tests run), then
 #   the Autobahn|Testsuite RFC 6455 conformance run in echo mode, over ws:// and then over
 #   wss:// (the TLS listener). A second Autobahn run, of
 #   the permessage-deflate cases 12.* and 13.* against `--compression shared`, starts in the
@@ -30,6 +31,9 @@ summary() {
     # A failed step leaves no background run behind (autobahn.sh stops its own server).
     if [ -n "${DEFLATE_PID:-}" ] && kill -0 "$DEFLATE_PID" 2>/dev/null; then
         kill "$DEFLATE_PID" 2>/dev/null || true
+    fi
+    if [ -n "${FUZZ_BUILD_PID:-}" ] && kill -0 "$FUZZ_BUILD_PID" 2>/dev/null; then
+        kill -- "-$FUZZ_BUILD_PID" 2>/dev/null || kill "$FUZZ_BUILD_PID" 2>/dev/null || true
     fi
     end_step
     printf '\n== wall time per part (%s)\n' "$([ "$rc" = 0 ] && echo passed || echo "FAILED, exit $rc")"
@@ -65,10 +69,26 @@ DEFLATE_PID=$!
 printf 'Autobahn 12.*/13.* (--compression shared) running in the background (pid %d, log %s)\n' \
     "$DEFLATE_PID" "$DEFLATE_LOG"
 
+# The fuzz targets (their own workspace and target folder, the gateway and rustls built
+# again with coverage instrumentation: ~4 min of CPU) build in the background while the
+# tests run, much of which is waiting on sockets and timers; the fuzz step waits for it.
+FUZZ_BUILD_LOG="$ROOT/reports/fuzz-build.log"
+bash scripts/fuzz.sh --build-only >"$FUZZ_BUILD_LOG" 2>&1 &
+FUZZ_BUILD_PID=$!
+
 step "cargo test --profile ci --workspace (the gateway, and the load tool in bench/; release code without LTO)"
 cargo test --profile ci --workspace
 
 step "fuzzing: handshake, frames, relay, connection, tls_session (15 s each)"
+set +e
+wait "$FUZZ_BUILD_PID"
+FUZZ_BUILD_RC=$?
+set -e
+if [ "$FUZZ_BUILD_RC" != 0 ]; then
+    tail -40 "$FUZZ_BUILD_LOG"
+    echo "fuzz: building the targets failed (log: $FUZZ_BUILD_LOG)"
+    exit 1
+fi
 bash scripts/fuzz.sh "${RINGWAY_FUZZ_SECONDS:-15}"
 
 step "Autobahn|Testsuite fuzzingclient (all cases but 12.* and 13.*: compression is not offered)"
