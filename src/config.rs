@@ -10,6 +10,9 @@ use serde::Deserialize;
 use crate::protocol::handshake::HandshakeLimits;
 use crate::protocol::message::Limits;
 
+pub mod cluster;
+pub use cluster::ClusterConfig;
+
 /// Where client messages go when no `[[routes]]` are configured.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
@@ -282,6 +285,8 @@ pub struct Config {
     pub compression_min_bytes: usize,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
+    /// `[cluster]`: join a cluster of gateways on NATS (src/config/cluster.rs).
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Default for Config {
@@ -317,6 +322,7 @@ impl Default for Config {
             compression_min_bytes: 256,
             upstreams: Vec::new(),
             routes: Vec::new(),
+            cluster: None,
         }
     }
 }
@@ -581,6 +587,9 @@ impl Config {
             )?;
         }
         key("backlog", within(self.backlog, 1, MAX_BACKLOG))?;
+        if let Some(c) = &self.cluster {
+            c.check()?;
+        }
         self.check_tls()?;
         key(
             "max_connections",

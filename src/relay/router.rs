@@ -84,6 +84,8 @@ pub struct Router<S: EdgeSink + 'static> {
     described: Vec<super::UpstreamLink>,
     gauges: Arc<RelayGauges>,
     heartbeat: Arc<crate::telemetry::Heartbeat>,
+    /// The cluster bus, with `[cluster]` (src/relay/cluster/).
+    cluster: Option<super::cluster::ClusterRelay>,
 }
 
 impl<S: EdgeSink + 'static> Router<S> {
@@ -164,7 +166,15 @@ impl<S: EdgeSink + 'static> Router<S> {
             described,
             gauges,
             heartbeat: Arc::default(),
+            cluster: None,
         }
+    }
+
+    /// Join the cluster bus: publishes and broadcasts also go to the other nodes, replies
+    /// for their connections go to them, and what they send is delivered here.
+    pub fn with_cluster(mut self, cluster: super::cluster::ClusterRelay) -> Router<S> {
+        self.cluster = Some(cluster);
+        self
     }
 
     /// Every backend link, for metrics and readiness.
@@ -211,6 +221,7 @@ impl<S: EdgeSink + 'static> Router<S> {
                     }
                 }
             }
+            more |= self.from_cluster();
             let now = Instant::now();
             let registry = rx.poll.registry();
             let mut next = now + crate::telemetry::RELAY_TURN;
@@ -222,6 +233,7 @@ impl<S: EdgeSink + 'static> Router<S> {
                     waker: &waker,
                     scratch: &mut scratch,
                     now,
+                    cluster: self.cluster.as_ref().map(|c| &c.bus),
                 };
                 link.turn(&mut cx);
                 if let Err(e) = link.flush(now, &self.gauges) {
@@ -287,6 +299,38 @@ impl<S: EdgeSink + 'static> Router<S> {
         }
     }
 
+    /// What other nodes sent (up to [`BATCH`] messages): publishes and broadcasts to every
+    /// core, operations on this node's connections to their core, or `gone` back to the
+    /// node that asked when the connection is not open here. True when more may wait.
+    fn from_cluster(&mut self) -> bool {
+        use super::cluster::In;
+        let Some(cluster) = &self.cluster else {
+            return false;
+        };
+        for _ in 0..BATCH {
+            let Ok(msg) = cluster.incoming.try_recv() else {
+                return false;
+            };
+            match msg {
+                In::Fanout(m) => self.sink.send_now(m),
+                In::ForConn { msg, reply } => {
+                    let conn = msg.conn().unwrap_or(ConnId::from_u64(0));
+                    if self.conns.contains_key(&conn) {
+                        self.sink.send_now(msg);
+                    } else if let Some((node, link)) = reply {
+                        cluster.bus.gone(node, conn.as_u64(), link);
+                    }
+                }
+                In::Gone { conn, link } => {
+                    if let Some(l) = self.links.get_mut(link as usize) {
+                        l.push_gone(conn);
+                    }
+                }
+            }
+        }
+        true
+    }
+
     fn is_embedded(&self, upstream: UpstreamId) -> bool {
         matches!(
             self.upstreams.get(usize::from(upstream)),
@@ -332,14 +376,14 @@ impl<S: EdgeSink + 'static> Router<S> {
                     });
                 }
                 if self.is_embedded(upstream) {
-                    let sink = &mut self.sink;
+                    let (sink, bus) = (&mut self.sink, self.cluster.as_ref().map(|c| &c.bus));
                     self.chat.handle(
                         ToUpstream::Open {
                             conn,
                             upstream,
                             info,
                         },
-                        &mut |m| sink.send(m),
+                        &mut |m| emit(sink, bus, m),
                     );
                 } else {
                     self.bind(conn, upstream);
@@ -353,7 +397,7 @@ impl<S: EdgeSink + 'static> Router<S> {
                 guard,
             } => {
                 if self.is_embedded(upstream) {
-                    let sink = &mut self.sink;
+                    let (sink, bus) = (&mut self.sink, self.cluster.as_ref().map(|c| &c.bus));
                     self.chat.handle(
                         ToUpstream::Message {
                             conn,
@@ -362,7 +406,7 @@ impl<S: EdgeSink + 'static> Router<S> {
                             payload,
                             guard,
                         },
-                        &mut |m| sink.send(m),
+                        &mut |m| emit(sink, bus, m),
                     );
                     return;
                 }
@@ -407,6 +451,11 @@ impl<S: EdgeSink + 'static> Router<S> {
                     _ => self.sink.send(ToEdge::Close { conn, code, reason }),
                 }
             }
+            ToUpstream::Interest { topic, on } => {
+                if let Some(c) = &mut self.cluster {
+                    c.interest(topic, on);
+                }
+            }
             ToUpstream::Closed { conn, code } => {
                 if let Some(binding) = self.conns.remove(&conn) {
                     self.gauges
@@ -419,9 +468,9 @@ impl<S: EdgeSink + 'static> Router<S> {
                         }
                     }
                 }
-                let sink = &mut self.sink;
+                let (sink, bus) = (&mut self.sink, self.cluster.as_ref().map(|c| &c.bus));
                 self.chat
-                    .handle(ToUpstream::Closed { conn, code }, &mut |m| sink.send(m));
+                    .handle(ToUpstream::Closed { conn, code }, &mut |m| emit(sink, bus, m));
             }
         }
     }
@@ -476,6 +525,15 @@ impl<S: EdgeSink + 'static> Router<S> {
         }
         Some(link)
     }
+}
+
+/// A reply of the embedded upstream: to the cores, and a publish or broadcast to the other
+/// nodes of the cluster too.
+fn emit<S: EdgeSink>(sink: &mut S, bus: Option<&super::cluster::ClusterBus>, m: ToEdge) {
+    if let Some(bus) = bus {
+        bus.fan_out(&m);
+    }
+    sink.send(m);
 }
 
 /// A cheap integer hash so sequential connection ids spread over backends.
