@@ -797,6 +797,14 @@ impl Config {
         Ok(())
     }
 
+    /// With `[cluster]`: this node's name and id (its connection ids' NODE field).
+    pub fn cluster_node(&self) -> Option<(String, u8)> {
+        let c = self.cluster.as_ref()?;
+        let name = c.node_name(self.listen.port());
+        let id = c.node_id(&name);
+        Some((name, id))
+    }
+
     pub fn message_limits(&self) -> Limits {
         Limits {
             max_frame: self.max_frame_bytes.min(self.max_message_bytes),

@@ -280,6 +280,12 @@ impl Gateway {
             shared.relay.clone(),
             &client_tls,
         );
+        let router = match relay::cluster::start(&config, &relay_rx, shared.relay.clone())
+            .map_err(GatewayError::Setup)?
+        {
+            Some(cluster) => router.with_cluster(cluster),
+            None => router,
+        };
         let upstream_links = router.links();
         // With `local-echo` no core holds a relay sender, so the relay ends at once: then it
         // is neither watched nor reported.

@@ -250,10 +250,21 @@ impl ClusterRelay {
     }
 }
 
-/// Start the NATS thread for `config` and return the relay's end. `wake` wakes the relay's
-/// event loop when something came from NATS. Failing to reach NATS is not an error: the
-/// client keeps trying, and the node serves its own clients meanwhile.
+/// With `[cluster]`: start the NATS thread and return the relay's end (None without). The
+/// relay loop of `rx` is woken when something comes from NATS. Failing to reach NATS is not
+/// an error: the client keeps trying, and the node serves its own clients meanwhile.
 pub fn start(
+    config: &crate::config::Config,
+    rx: &super::RelayRx,
+    gauges: Arc<super::RelayGauges>,
+) -> std::io::Result<Option<ClusterRelay>> {
+    let (Some(cluster), Some((name, node))) = (&config.cluster, config.cluster_node()) else {
+        return Ok(None);
+    };
+    start_thread(cluster, name, node, rx.waker(), gauges).map(Some)
+}
+
+fn start_thread(
     config: &ClusterConfig,
     name: String,
     node: u8,
