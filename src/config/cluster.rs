@@ -85,8 +85,7 @@ impl ClusterConfig {
             check_server(url).map_err(|p| (k("nats"), p))?;
         }
         if let Some(node) = &self.node {
-            if node.is_empty() || node.len() > MAX_NODE_NAME || node.chars().any(char::is_control)
-            {
+            if node.is_empty() || node.len() > MAX_NODE_NAME || node.chars().any(char::is_control) {
                 return Err((
                     k("node"),
                     format!(
@@ -203,8 +202,14 @@ mod tests {
     fn bad_values_name_their_key() {
         let cases: Vec<(Box<dyn Fn(&mut ClusterConfig)>, &str)> = vec![
             (Box::new(|c| c.nats.clear()), "cluster.nats"),
-            (Box::new(|c| c.nats = vec!["127.0.0.1:4222".into()]), "cluster.nats"),
-            (Box::new(|c| c.nats = vec!["nats://host".into()]), "cluster.nats"),
+            (
+                Box::new(|c| c.nats = vec!["127.0.0.1:4222".into()]),
+                "cluster.nats",
+            ),
+            (
+                Box::new(|c| c.nats = vec!["nats://host".into()]),
+                "cluster.nats",
+            ),
             (Box::new(|c| c.node_id = Some(0)), "cluster.node_id"),
             (Box::new(|c| c.node_id = Some(256)), "cluster.node_id"),
             (Box::new(|c| c.node = Some(String::new())), "cluster.node"),
@@ -222,7 +227,10 @@ mod tests {
                 Box::new(|c| c.ca_file = Some("/nonexistent/ca.pem".into())),
                 "cluster.ca_file",
             ),
-            (Box::new(|c| c.buffer_messages = 0), "cluster.buffer_messages"),
+            (
+                Box::new(|c| c.buffer_messages = 0),
+                "cluster.buffer_messages",
+            ),
         ];
         for (set, want) in cases {
             let mut c = ok();
@@ -267,13 +275,16 @@ mod file_tests {
 
     #[test]
     fn cluster_errors_name_key_file_and_line() {
-        let err = load("backlog = 10\n\n[cluster]\nnats = [\"nats://h:1\"]\nnode_id = 0\n")
-            .unwrap_err();
+        let err =
+            load("backlog = 10\n\n[cluster]\nnats = [\"nats://h:1\"]\nnode_id = 0\n").unwrap_err();
         assert!(err.contains("cluster.node_id"), "{err}");
         assert!(err.contains("line 5"), "{err}");
         assert!(err.contains("ringway-cluster-"), "{err}");
         let err = load("[cluster]\nnats = [\"localhost:4222\"]\n").unwrap_err();
-        assert!(err.contains("cluster.nats") && err.contains("line 2"), "{err}");
+        assert!(
+            err.contains("cluster.nats") && err.contains("line 2"),
+            "{err}"
+        );
         let err = load("[cluster]\nnats = [\"nats://h:1\"]\nnode_name = \"x\"\n").unwrap_err();
         assert!(err.contains("node_name") && err.contains("line 3"), "{err}");
     }

@@ -160,7 +160,10 @@ impl Sources {
             e,
             "ringway_cluster_connected",
             "1 while the connection to NATS (the cluster bus) is up",
-            [(Labels::new(), u64::from(c.connected.load(Ordering::Relaxed)))],
+            [(
+                Labels::new(),
+                u64::from(c.connected.load(Ordering::Relaxed)),
+            )],
         )?;
         gauges(
             e,

@@ -470,7 +470,9 @@ impl<S: EdgeSink + 'static> Router<S> {
                 }
                 let (sink, bus) = (&mut self.sink, self.cluster.as_ref().map(|c| &c.bus));
                 self.chat
-                    .handle(ToUpstream::Closed { conn, code }, &mut |m| emit(sink, bus, m));
+                    .handle(ToUpstream::Closed { conn, code }, &mut |m| {
+                        emit(sink, bus, m)
+                    });
             }
         }
     }

@@ -91,13 +91,25 @@ impl ClusterGauges {
 /// An operation on one connection, sent to the node that owns it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ConnOp {
-    Send { kind: MessageKind, payload: Bytes },
-    Close { code: u16, reason: String },
-    Subscribe { topic: Topic },
-    Unsubscribe { topic: Topic },
+    Send {
+        kind: MessageKind,
+        payload: Bytes,
+    },
+    Close {
+        code: u16,
+        reason: String,
+    },
+    Subscribe {
+        topic: Topic,
+    },
+    Unsubscribe {
+        topic: Topic,
+    },
     /// The connection is not open on its node: for the backend link `link` of the node the
     /// operation came from.
-    Gone { link: u32 },
+    Gone {
+        link: u32,
+    },
 }
 
 /// Relay -> NATS thread.
@@ -120,7 +132,10 @@ pub(crate) enum Out {
         link: Option<u32>,
     },
     /// The cores have local subscribers for `topic` now / no longer.
-    Interest { topic: Topic, on: bool },
+    Interest {
+        topic: Topic,
+        on: bool,
+    },
 }
 
 /// NATS thread -> relay.
@@ -331,7 +346,9 @@ mod tests {
         assert!(matches!(rx.try_recv(), Ok(Out::Interest { on: true, .. })));
         assert!(rx.try_recv().is_err(), "a second core does not resubscribe");
         r.interest(t.clone(), false);
-        assert!(matches!(rx.try_recv(), Ok(Out::Interest { on: false, ref topic }) if **topic == *"room:a"));
+        assert!(
+            matches!(rx.try_recv(), Ok(Out::Interest { on: false, ref topic }) if **topic == *"room:a")
+        );
         assert_eq!(r.topics(), 0);
         // A stray "off" (never on) changes nothing.
         r.interest(t, false);
@@ -351,9 +368,15 @@ mod tests {
         assert!(!r.bus.is_remote(&send(local)));
         assert!(r.bus.is_remote(&send(remote)));
         r.bus.to_node(send(remote), Some(4));
-        assert!(
-            matches!(rx.try_recv(), Ok(Out::ToNode { node: 9, link: Some(4), op: ConnOp::Send { .. }, .. }))
-        );
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Out::ToNode {
+                node: 9,
+                link: Some(4),
+                op: ConnOp::Send { .. },
+                ..
+            })
+        ));
         r.bus.to_node(send(remote), None);
         r.bus.to_node(send(remote), None);
         assert_eq!(r.bus.gauges.cluster.dropped(Drop::OutFull), 1);

@@ -132,7 +132,10 @@ impl Thread {
         let client = match self.options().connect(self.config.nats.clone()).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!("cluster: cannot use the NATS servers {:?}: {e}", self.config.nats);
+                tracing::error!(
+                    "cluster: cannot use the NATS servers {:?}: {e}",
+                    self.config.nats
+                );
                 return;
             }
         };
@@ -220,11 +223,17 @@ impl Thread {
             !names.is_empty()
         });
         let count: usize = map.values().map(HashMap::len).sum();
-        self.gauges.cluster.nodes.store(count as u64, Ordering::Relaxed);
+        self.gauges
+            .cluster
+            .nodes
+            .store(count as u64, Ordering::Relaxed);
         if let Some(names) = map.get(&self.node) {
             let others: Vec<&String> = names.keys().filter(|n| **n != self.name).collect();
             if !others.is_empty() {
-                self.gauges.cluster.id_conflicts.fetch_add(1, Ordering::Relaxed);
+                self.gauges
+                    .cluster
+                    .id_conflicts
+                    .fetch_add(1, Ordering::Relaxed);
                 if logged.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10)) {
                     *logged = Some(now);
                     tracing::error!(
@@ -365,7 +374,9 @@ async fn heard(mut sub: Subscriber, nodes: Nodes) {
         let id = h
             .and_then(|h| h.get(H_ORIGIN))
             .and_then(|v| v.as_str().parse::<u8>().ok());
-        let name = h.and_then(|h| h.get(H_NAME)).map(|v| v.as_str().to_string());
+        let name = h
+            .and_then(|h| h.get(H_NAME))
+            .map(|v| v.as_str().to_string());
         if let (Some(id), Some(name)) = (id, name) {
             let mut map = nodes.lock().unwrap_or_else(|p| p.into_inner());
             map.entry(id).or_default().insert(name, Instant::now());

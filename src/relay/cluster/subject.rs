@@ -69,7 +69,18 @@ mod tests {
     #[test]
     fn topics_map_to_one_valid_token_without_collisions() {
         let names = [
-            "", "a", "room:lobby", "a.b", "a b", "*", ">", "a.*.>", "ünï", "_", "-", "a\u{0}b",
+            "",
+            "a",
+            "room:lobby",
+            "a.b",
+            "a b",
+            "*",
+            ">",
+            "a.*.>",
+            "ünï",
+            "_",
+            "-",
+            "a\u{0}b",
         ];
         let mut seen = std::collections::HashSet::new();
         for n in names {

@@ -1,0 +1,366 @@
+//! A cluster of gateways on NATS (issue 15, docs/cluster.md): two or three `ringway`
+//! processes joined with `--cluster`, each test with its own `nats-server` on an ephemeral
+//! 127.0.0.1 port (stopped by PID). Cross-node chat through the embedded upstream with each
+//! message exactly once to every member, a backend's publish, broadcast and send reaching
+//! another node's clients and its `gone`, and an outage of NATS: local chat goes on, nobody
+//! is disconnected, drops are counted, and cross-node delivery resumes after NATS returns.
+//!
+//! Needs `nats-server` on PATH (scripts/setup-test-deps.sh installs it); without it every
+//! test here says so and passes without running.
+
+mod common;
+mod common_relay;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Gateway, WAIT};
+use common_relay::{
+    broadcast_frame, fake_listener, join, next_json, rstring, said, say_msg, send_frame, send_text,
+    ws_connect, ws_next_within, FakeLink, Got, Ws, T_GONE, T_OPEN, T_PUBLISH,
+};
+
+/// A `nats-server` on 127.0.0.1; killed by PID on drop.
+struct Nats {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl Nats {
+    /// None when `nats-server` is not installed.
+    fn start() -> Option<Nats> {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Nats::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Option<Nats> {
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let nats = Nats {
+            child: Some(child),
+            port,
+        };
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(nats)
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL by PID: an outage, not a goodbye.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn nats_or_skip() -> Option<Nats> {
+    let n = Nats::start();
+    if n.is_none() {
+        eprintln!("nats-server is not installed (scripts/setup-test-deps.sh): skipping");
+    }
+    n
+}
+
+fn node(nats: &Nats, name: &str, extra: &[&str]) -> Gateway {
+    let url = nats.url();
+    let mut args = vec!["--cluster", url.as_str(), "--node-name", name];
+    args.extend_from_slice(extra);
+    Gateway::start(&args)
+}
+
+/// Wait until every gateway is connected to NATS and hears `n` nodes.
+async fn wait_for_cluster(gws: &[&Gateway], n: u64) {
+    let deadline = Instant::now() + WAIT;
+    for gw in gws {
+        loop {
+            let up = gw.metric("ringway_cluster_connected", "").await == 1;
+            if up && gw.metric("ringway_cluster_nodes", "").await == n {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster of {n} not formed:\n{}",
+                gw.metrics().await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Subscriptions travel core -> relay -> NATS thread -> NATS asynchronously.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(700)).await;
+}
+
+/// Every `said` a client gets within `quiet` of the previous one: text -> (from, count).
+async fn collect_said(ws: &mut Ws, room: &str, quiet: Duration) -> BTreeMap<String, (String, u32)> {
+    let mut got: BTreeMap<String, (String, u32)> = BTreeMap::new();
+    loop {
+        match ws_next_within(ws, quiet).await {
+            None => return got,
+            Some(Got::Json(v)) => {
+                let (from, text) = said(&v, room);
+                got.entry(text).or_insert((from, 0)).1 += 1;
+            }
+            Some(other) => panic!("expected said, got {other:?}"),
+        }
+    }
+}
+
+/// A client's own connection id: the `from` of its own `say`, through the gateway.
+async fn own_id(ws: &mut Ws, room: &str) -> u64 {
+    send_text(ws, say_msg(room, "whoami")).await;
+    let v = next_json(ws).await;
+    let (from, text) = said(&v, room);
+    assert_eq!(text, "whoami");
+    from.parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_across_three_nodes_reaches_every_member_exactly_once() {
+    let Some(nats) = nats_or_skip() else { return };
+    let (a, b, c) = (
+        node(&nats, "a", &[]),
+        node(&nats, "b", &[]),
+        node(&nats, "c", &[]),
+    );
+    wait_for_cluster(&[&a, &b, &c], 3).await;
+    let mut clients = vec![
+        ws_connect(&format!("{}/chat", a.url())).await,
+        ws_connect(&format!("{}/chat", a.url())).await,
+        ws_connect(&format!("{}/chat", b.url())).await,
+        ws_connect(&format!("{}/chat", c.url())).await,
+    ];
+    // Someone on another room on node b must not see the lobby.
+    let mut elsewhere = ws_connect(&format!("{}/chat", b.url())).await;
+    join(&mut elsewhere, "kitchen").await;
+    for ws in &mut clients {
+        join(ws, "lobby").await;
+    }
+    settle().await;
+    for (i, ws) in clients.iter_mut().enumerate() {
+        send_text(ws, say_msg("lobby", &format!("hello from {i}"))).await;
+    }
+    let mut senders = BTreeMap::new();
+    for (i, ws) in clients.iter_mut().enumerate() {
+        let got = collect_said(ws, "lobby", Duration::from_millis(1500)).await;
+        let texts: BTreeSet<&str> = got.keys().map(String::as_str).collect();
+        let want: BTreeSet<String> = (0..4).map(|j| format!("hello from {j}")).collect();
+        assert_eq!(
+            texts,
+            want.iter().map(String::as_str).collect(),
+            "client {i} got {got:?}"
+        );
+        for (text, (from, n)) in &got {
+            assert_eq!(*n, 1, "client {i} got {text:?} {n} times");
+            let prev = senders.insert(text.clone(), from.clone());
+            assert!(prev.is_none_or(|p| p == *from), "{text:?} with two senders");
+        }
+    }
+    // Each node's connections carry their own node id (the top 8 bits), never 0.
+    let node_of = |text: &str| senders[text].parse::<u64>().unwrap() >> 56;
+    assert_eq!(node_of("hello from 0"), node_of("hello from 1"));
+    let nodes: BTreeSet<u64> = ["hello from 0", "hello from 2", "hello from 3"]
+        .iter()
+        .map(|t| node_of(t))
+        .collect();
+    assert_eq!(nodes.len(), 3, "node ids {senders:?}");
+    assert!(!nodes.contains(&0));
+    assert!(
+        ws_next_within(&mut elsewhere, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "a member of another room got lobby traffic"
+    );
+    assert!(
+        a.metric("ringway_cluster_messages_total", "direction=\"out\"")
+            .await
+            >= 2
+    );
+    assert!(
+        b.metric("ringway_cluster_messages_total", "direction=\"in\"")
+            .await
+            >= 3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_on_one_node_publishes_broadcasts_and_sends_to_another_nodes_clients() {
+    let Some(nats) = nats_or_skip() else { return };
+    let (listener, addr) = fake_listener();
+    let upstream = format!("tcp://{addr}");
+    let a = node(&nats, "a", &["--upstream", &upstream]);
+    let b = node(&nats, "b", &[]);
+    let mut link = FakeLink::accept(&listener, WAIT).expect("node a's backend link");
+    link.handshake();
+    wait_for_cluster(&[&a, &b], 2).await;
+
+    // A client of node b in room "x" (the topic "room:x"), and a client of node a.
+    let mut bx = ws_connect(&format!("{}/chat", b.url())).await;
+    join(&mut bx, "x").await;
+    let bx_id = own_id(&mut bx, "x").await;
+    let mut on_a = ws_connect(&a.url()).await;
+    let open = link.read_frame().expect("open from node a");
+    assert_eq!(open.ty, T_OPEN);
+    settle().await;
+
+    // publish "room:x" from the backend on node a reaches node b's member.
+    let mut body = rstring("room:x");
+    body.push(1);
+    body.extend_from_slice(&5u32.to_be_bytes());
+    body.extend_from_slice(b"hi-bx");
+    link.write(&common_relay::relay_frame(T_PUBLISH, &body));
+    match ws_next_within(&mut bx, WAIT).await {
+        Some(Got::Other(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+            assert_eq!(t.as_str(), "hi-bx")
+        }
+        other => panic!("node b's member expected the publish, got {other:?}"),
+    }
+
+    // broadcast reaches both nodes' clients, once each.
+    link.write(&broadcast_frame(b"to-all"));
+    for ws in [&mut bx, &mut on_a] {
+        match ws_next_within(ws, WAIT).await {
+            Some(Got::Other(tokio_tungstenite::tungstenite::Message::Binary(p))) => {
+                assert_eq!(&p[..], b"to-all")
+            }
+            other => panic!("expected the broadcast, got {other:?}"),
+        }
+        assert!(
+            ws_next_within(ws, Duration::from_millis(400))
+                .await
+                .is_none(),
+            "a second copy"
+        );
+    }
+
+    // send to node b's connection, by the id node b gave it.
+    assert_ne!(bx_id >> 56, 0);
+    link.write(&send_frame(bx_id, "direct"));
+    match ws_next_within(&mut bx, WAIT).await {
+        Some(Got::Other(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+            assert_eq!(t.as_str(), "direct")
+        }
+        other => panic!("expected the direct send, got {other:?}"),
+    }
+
+    // Once that client is gone, the backend on node a gets `gone` for it from node b.
+    drop(bx);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    link.write(&send_frame(bx_id, "too late"));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let f = link.read_frame().expect("gone from node b");
+        if f.ty == T_GONE {
+            assert_eq!(f.conn(), bx_id);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no gone");
+    }
+    drop(on_a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_outage_keeps_local_chat_and_cross_node_delivery_resumes() {
+    let Some(mut nats) = nats_or_skip() else {
+        return;
+    };
+    let port = nats.port;
+    let (a, b) = (node(&nats, "a", &[]), node(&nats, "b", &[]));
+    wait_for_cluster(&[&a, &b], 2).await;
+    let mut a1 = ws_connect(&format!("{}/chat", a.url())).await;
+    let mut a2 = ws_connect(&format!("{}/chat", a.url())).await;
+    let mut b1 = ws_connect(&format!("{}/chat", b.url())).await;
+    for ws in [&mut a1, &mut a2, &mut b1] {
+        join(ws, "r").await;
+    }
+    settle().await;
+    send_text(&mut a1, say_msg("r", "before")).await;
+    for ws in [&mut a1, &mut a2, &mut b1] {
+        let got = collect_said(ws, "r", Duration::from_millis(800)).await;
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got["before"].1, 1);
+    }
+
+    nats.kill();
+    let deadline = Instant::now() + WAIT;
+    while a.metric("ringway_cluster_connected", "").await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "node a did not notice the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Local chat goes on; node b's member misses it (at most once, dropped and counted).
+    for i in 0..5 {
+        send_text(&mut a1, say_msg("r", &format!("during {i}"))).await;
+    }
+    for ws in [&mut a1, &mut a2] {
+        let got = collect_said(ws, "r", Duration::from_millis(800)).await;
+        assert_eq!(got.len(), 5, "{got:?}");
+        assert!(got.values().all(|(_, n)| *n == 1), "{got:?}");
+    }
+    assert!(
+        a.metric("ringway_cluster_dropped_total", "reason=\"disconnected\"")
+            .await
+            >= 5
+    );
+    let (status, _, _) = common::http_get_timed(a.admin_addr(), "/readyz");
+    assert_eq!(status, 200, "/readyz during the outage");
+
+    let _nats = Nats::start_on(port).expect("nats-server again");
+    wait_for_cluster(&[&a, &b], 2).await;
+    // Delivery resumes within 10 s: keep saying until node b's member hears one.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut said_n = 0;
+    let mut heard: BTreeMap<String, u32> = BTreeMap::new();
+    while heard.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "cross-node delivery did not resume"
+        );
+        send_text(&mut a1, say_msg("r", &format!("after {said_n}"))).await;
+        said_n += 1;
+        for (t, (_, n)) in collect_said(&mut b1, "r", Duration::from_millis(300)).await {
+            assert!(
+                t.starts_with("after "),
+                "{t:?} reached node b after the outage"
+            );
+            *heard.entry(t).or_default() += n;
+        }
+    }
+    for (t, (_, n)) in collect_said(&mut b1, "r", Duration::from_millis(800)).await {
+        *heard.entry(t).or_default() += n;
+    }
+    assert!(heard.values().all(|n| *n == 1), "duplicates: {heard:?}");
+    // Nobody was disconnected: every client still chats, locally and across.
+    send_text(&mut b1, say_msg("r", "b is back")).await;
+    for ws in [&mut a1, &mut a2, &mut b1] {
+        let got = collect_said(ws, "r", Duration::from_millis(1000)).await;
+        assert_eq!(got.get("b is back").map(|x| x.1), Some(1), "{got:?}");
+    }
+}
