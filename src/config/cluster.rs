@@ -200,7 +200,8 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
-        let cases: Vec<(Box<dyn Fn(&mut ClusterConfig)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut ClusterConfig)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (Box::new(|c| c.nats.clear()), "cluster.nats"),
             (
                 Box::new(|c| c.nats = vec!["127.0.0.1:4222".into()]),

@@ -221,7 +221,7 @@ impl<S: EdgeSink + 'static> Router<S> {
                     }
                 }
             }
-            more |= self.from_cluster();
+            more |= self.take_from_cluster();
             let now = Instant::now();
             let registry = rx.poll.registry();
             let mut next = now + crate::telemetry::RELAY_TURN;
@@ -302,7 +302,7 @@ impl<S: EdgeSink + 'static> Router<S> {
     /// What other nodes sent (up to [`BATCH`] messages): publishes and broadcasts to every
     /// core, operations on this node's connections to their core, or `gone` back to the
     /// node that asked when the connection is not open here. True when more may wait.
-    fn from_cluster(&mut self) -> bool {
+    fn take_from_cluster(&mut self) -> bool {
         use super::cluster::In;
         let Some(cluster) = &self.cluster else {
             return false;

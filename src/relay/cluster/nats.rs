@@ -257,10 +257,10 @@ impl Thread {
     ) {
         let (subject, headers, payload) = match msg {
             Out::Interest { topic, on: true } => {
-                if !topics.contains_key(&topic) {
-                    match client.subscribe(s::topic_subject(&topic)).await {
+                if let std::collections::hash_map::Entry::Vacant(slot) = topics.entry(topic) {
+                    match client.subscribe(s::topic_subject(slot.key())).await {
                         Ok(sub) => {
-                            topics.insert(topic, tokio::spawn(relay_from(sub, inlet.clone())));
+                            slot.insert(tokio::spawn(relay_from(sub, inlet.clone())));
                         }
                         Err(e) => tracing::warn!("cluster: cannot subscribe to a topic: {e}"),
                     }
