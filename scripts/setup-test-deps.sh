@@ -133,6 +133,8 @@ fi
 
 command -v timeout >/dev/null 2>&1 || need_cmd_or_apt timeout coreutils
 need_cmd_or_apt systemd-analyze systemd   # tests/deploy.rs verifies the unit
+# tests/cluster.rs starts its own nats-server per test on an ephemeral 127.0.0.1 port.
+need_cmd_or_apt nats-server nats-server
 
 # cargo-fuzz, so the test command's short fuzzing runs happen (it skips them without it);
 # libFuzzer is C++. One build, about 2 minutes; RINGWAY_NO_FUZZ=1 skips it.
