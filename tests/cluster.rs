@@ -31,17 +31,17 @@ struct Nats {
 impl Nats {
     /// None when `nats-server` is not installed.
     fn start() -> Option<Nats> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Nats::start_on(port)
+        Nats::start_on(free_port())
     }
 
     fn start_on(port: u16) -> Option<Nats> {
+        Nats::start_with(port, &[])
+    }
+
+    fn start_with(port: u16, extra: &[&str]) -> Option<Nats> {
         let child = Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -75,6 +75,14 @@ impl Drop for Nats {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn nats_or_skip() -> Option<Nats> {
@@ -363,4 +371,190 @@ async fn a_nats_outage_keeps_local_chat_and_cross_node_delivery_resumes() {
         let got = collect_said(ws, "r", Duration::from_millis(1000)).await;
         assert_eq!(got.get("b is back").map(|x| x.1), Some(1), "{got:?}");
     }
+}
+
+/// Keep saying `text-N` from `from` until `to` hears one (within 10 s); then no message
+/// reached `to` twice.
+async fn until_heard(from: &mut Ws, to: &mut Ws, room: &str, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut heard: BTreeMap<String, u32> = BTreeMap::new();
+    let mut n = 0;
+    while heard.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{text}: cross-node delivery did not resume"
+        );
+        send_text(from, say_msg(room, &format!("{text}-{n}"))).await;
+        n += 1;
+        for (t, (_, k)) in collect_said(to, room, Duration::from_millis(300)).await {
+            if t.starts_with(text) {
+                *heard.entry(t).or_default() += k;
+            }
+        }
+    }
+    for (t, (_, k)) in collect_said(to, room, Duration::from_millis(600)).await {
+        if t.starts_with(text) {
+            *heard.entry(t).or_default() += k;
+        }
+    }
+    assert!(heard.values().all(|k| *k == 1), "duplicates: {heard:?}");
+    // Drain what the sender heard of its own.
+    collect_said(from, room, Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_fails_over_to_the_second_nats_server_of_its_list() {
+    if Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("nats-server is not installed (scripts/setup-test-deps.sh): skipping");
+        return;
+    }
+    // Two NATS servers routed into one NATS cluster.
+    let (p1, p2, r1, r2) = (free_port(), free_port(), free_port(), free_port());
+    let route = |p: u16| format!("nats://127.0.0.1:{p}");
+    let (c1, c2, to1, to2) = (route(r1), route(r2), route(r2), route(r1));
+    let mut n1 = Nats::start_with(
+        p1,
+        &["--cluster_name", "t", "--cluster", &c1, "--routes", &to1],
+    )
+    .expect("nats-server 1");
+    let _n2 = Nats::start_with(
+        p2,
+        &["--cluster_name", "t", "--cluster", &c2, "--routes", &to2],
+    )
+    .expect("nats-server 2");
+    let a = Gateway::with_config(
+        &format!(
+            "[cluster]\nnats = [\"nats://127.0.0.1:{p1}\", \"nats://127.0.0.1:{p2}\"]\nnode = \"a\"\nnode_id = 1\n"
+        ),
+        &[],
+    );
+    let b = Gateway::start(&[
+        "--cluster",
+        &format!("nats://127.0.0.1:{p2}"),
+        "--node-name",
+        "b",
+    ]);
+    // Both hear each other once the NATS servers' route is up.
+    wait_for_cluster(&[&a, &b], 2).await;
+    let mut a1 = ws_connect(&format!("{}/chat", a.url())).await;
+    let mut b1 = ws_connect(&format!("{}/chat", b.url())).await;
+    join(&mut a1, "f").await;
+    join(&mut b1, "f").await;
+    settle().await;
+    until_heard(&mut b1, &mut a1, "f", "before").await;
+    n1.kill();
+    until_heard(&mut b1, &mut a1, "f", "after").await;
+    until_heard(&mut a1, &mut b1, "f", "back").await;
+    assert_eq!(a.metric("ringway_cluster_connected", "").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_leaves_stops_receiving_and_the_others_keep_serving() {
+    let Some(nats) = nats_or_skip() else { return };
+    let (a, mut b, c) = (
+        node(&nats, "a", &[]),
+        node(&nats, "b", &[]),
+        node(&nats, "c", &[]),
+    );
+    wait_for_cluster(&[&a, &b, &c], 3).await;
+    let mut a1 = ws_connect(&format!("{}/chat", a.url())).await;
+    let mut b1 = ws_connect(&format!("{}/chat", b.url())).await;
+    let mut c1 = ws_connect(&format!("{}/chat", c.url())).await;
+    for ws in [&mut a1, &mut b1, &mut c1] {
+        join(ws, "l").await;
+    }
+    settle().await;
+    b.signal(libc::SIGTERM);
+    assert!(
+        b.wait_exit(Duration::from_secs(15)).is_some(),
+        "node b did not exit"
+    );
+    // Node b's client was closed 1001 by its own node, not by the others.
+    let deadline = Instant::now() + WAIT;
+    while a.metric("ringway_cluster_nodes", "").await != 2 {
+        assert!(Instant::now() < deadline, "node b still counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    send_text(&mut a1, say_msg("l", "still here")).await;
+    for ws in [&mut a1, &mut c1] {
+        let got = collect_said(ws, "l", Duration::from_millis(1000)).await;
+        assert_eq!(got.get("still here").map(|x| x.1), Some(1), "{got:?}");
+    }
+    drop(b1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_with_one_id_are_reported_and_not_sent_to() {
+    let Some(nats) = nats_or_skip() else { return };
+    let url = nats.url();
+    let conf =
+        |name: &str| format!("[cluster]\nnats = [\"{url}\"]\nnode = \"{name}\"\nnode_id = 7\n");
+    let a = Gateway::with_config(&conf("x"), &[]);
+    let b = Gateway::with_config(&conf("y"), &[]);
+    let deadline = Instant::now() + WAIT;
+    while a
+        .metric("ringway_cluster_node_id_conflicts_total", "")
+        .await
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no conflict reported:\n{}",
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + WAIT;
+    while !a.log().contains("another node uses this node's id") {
+        assert!(Instant::now() < deadline, "no ERROR logged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        b.metric("ringway_cluster_node_id_conflicts_total", "")
+            .await
+            > 0
+    );
+    // A third node refuses to send to id 7: it cannot tell which of the two is meant.
+    let (listener, addr) = fake_listener();
+    let c = node(&nats, "c", &["--upstream", &format!("tcp://{addr}")]);
+    let mut link = FakeLink::accept(&listener, WAIT).expect("node c's backend link");
+    link.handshake();
+    wait_for_cluster(&[&c], 3).await;
+    link.write(&send_frame((7u64 << 56) | 1, "to whom?"));
+    let deadline = Instant::now() + WAIT;
+    while c
+        .metric(
+            "ringway_cluster_dropped_total",
+            "reason=\"node_id_conflict\"",
+        )
+        .await
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the send was not refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        c.metric("ringway_cluster_messages_total", "direction=\"out\"")
+            .await,
+        0,
+        "published anyway"
+    );
+}
+
+#[test]
+fn cluster_flags_are_checked() {
+    let out = common::run_to_exit(&["--cluster", "127.0.0.1:4222"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--cluster") && err.contains("nats://HOST:PORT"),
+        "{err}"
+    );
+    let out = common::run_to_exit(&["--node-name", "a"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cluster"));
 }
