@@ -558,3 +558,59 @@ fn cluster_flags_are_checked() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cluster"));
 }
+
+/// 1,000 members of one room over 3 nodes; a burst of 20 `say`s from one node: every member
+/// gets every message exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_reaches_a_thousand_members_on_three_nodes_exactly_once() {
+    let Some(nats) = nats_or_skip() else { return };
+    let gws = [
+        node(&nats, "a", &[]),
+        node(&nats, "b", &[]),
+        node(&nats, "c", &[]),
+    ];
+    wait_for_cluster(&[&gws[0], &gws[1], &gws[2]], 3).await;
+    const MEMBERS: usize = 1000;
+    const BURST: usize = 20;
+    let mut members = Vec::with_capacity(MEMBERS);
+    for i in 0..MEMBERS {
+        let mut ws = ws_connect(&format!("{}/chat", gws[i % 3].url())).await;
+        join(&mut ws, "crowd").await;
+        members.push(ws);
+    }
+    settle().await;
+    let mut speaker = ws_connect(&format!("{}/chat", gws[0].url())).await;
+    for n in 0..BURST {
+        send_text(&mut speaker, say_msg("crowd", &format!("m{n}"))).await;
+    }
+    let tasks: Vec<_> = members
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                let mut got: BTreeMap<String, u32> = BTreeMap::new();
+                while got.len() < BURST && Instant::now() < deadline {
+                    match ws_next_within(&mut ws, Duration::from_secs(5)).await {
+                        Some(Got::Json(v)) => *got.entry(said(&v, "crowd").1).or_default() += 1,
+                        other => panic!("expected said, got {other:?}"),
+                    }
+                }
+                // Anything more within a moment would be a duplicate.
+                while let Some(Got::Json(v)) =
+                    ws_next_within(&mut ws, Duration::from_millis(300)).await
+                {
+                    *got.entry(said(&v, "crowd").1).or_default() += 1;
+                }
+                got
+            })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let got = t.await.unwrap();
+        assert_eq!(got.len(), BURST, "member {i} (node {}) got {got:?}", i % 3);
+        assert!(
+            got.values().all(|n| *n == 1),
+            "member {i} got duplicates {got:?}"
+        );
+    }
+}

@@ -197,9 +197,11 @@ impl Thread {
                         ping_sent = Some(Instant::now());
                         let _ = client.publish(ping_subject.clone(), Bytes::new()).await;
                     }
-                    // The relay may be gone without a message to tell it.
-                    if self.out.is_empty() && crossbeam_disconnected(&self.out) {
-                        return;
+                    // The relay may be gone without a wake-up to tell it.
+                    match self.out.try_recv() {
+                        Ok(msg) => self.publish(&client, msg, &mut topics, &inlet, &nodes).await,
+                        Err(TryRecvError::Disconnected) => return,
+                        Err(TryRecvError::Empty) => {}
                     }
                 }
             }
@@ -355,10 +357,6 @@ impl Thread {
 
 fn connected(client: &Client) -> bool {
     client.connection_state() == async_nats::connection::State::Connected
-}
-
-fn crossbeam_disconnected(rx: &Receiver<Out>) -> bool {
-    matches!(rx.try_recv(), Err(TryRecvError::Disconnected))
 }
 
 /// Whether two node names claim `node` (sends to it would be ambiguous).
