@@ -42,7 +42,8 @@ pub enum GatewayError {
     Setup(io::Error),
     #[error(
         "the new configuration changes listen, listen_tls, workers, backlog, read buffers, \
-         relay_queue or upstreams, which need a restart; keeping the running configuration"
+         relay_queue, upstreams or cluster, which need a restart; keeping the running \
+         configuration"
     )]
     NeedsRestart,
     #[error("invalid routes: {0}")]
@@ -353,6 +354,7 @@ impl Gateway {
             || config.read_buffer_bytes != current.read_buffer_bytes
             || config.relay_queue != current.relay_queue
             || config.upstream != current.upstream
+            || config.cluster != current.cluster
             || routes.upstreams() != self.routes.upstreams()
         {
             return Err(GatewayError::NeedsRestart);

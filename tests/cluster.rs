@@ -614,3 +614,31 @@ async fn a_burst_reaches_a_thousand_members_on_three_nodes_exactly_once() {
         );
     }
 }
+
+/// `[cluster]` is fixed at start: a SIGHUP that changes it is refused (the node keeps its id
+/// and its NATS connection); one that leaves it alone is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_may_not_change_the_cluster() {
+    let Some(nats) = nats_or_skip() else { return };
+    let conf = |node: &str, idle: u64| {
+        format!(
+            "idle_timeout_ms = {idle}\n[cluster]\nnats = [\"{}\"]\nnode = \"{node}\"\n",
+            nats.url()
+        )
+    };
+    let gw = Gateway::with_config(&conf("a", 120_000), &[]);
+    wait_for_cluster(&[&gw], 1).await;
+    let path = gw.config_path().unwrap().to_path_buf();
+    std::fs::write(&path, conf("renamed", 120_000)).unwrap();
+    gw.signal(libc::SIGHUP);
+    common_relay::wait_log(&gw, "reload refused", 1, WAIT).await;
+    assert!(
+        gw.log().contains("cluster, which need a restart"),
+        "{}",
+        gw.log()
+    );
+    std::fs::write(&path, conf("a", 60_000)).unwrap();
+    gw.signal(libc::SIGHUP);
+    common_relay::wait_log(&gw, "configuration reloaded", 1, WAIT).await;
+    assert_eq!(gw.metric("ringway_cluster_connected", "").await, 1);
+}
