@@ -557,6 +557,25 @@ fn cluster_flags_are_checked() {
     let out = common::run_to_exit(&["--node-name", "a"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cluster"));
+    // A nats:// backend needs [cluster] (and is its upstream's only backend).
+    let path = std::env::temp_dir().join(format!("ringway-cluster-{}.toml", std::process::id()));
+    for (text, want) in [
+        (
+            "[[upstreams]]\nname = \"q\"\nbackends = [\"nats://b.chat\"]\n",
+            "needs [cluster]",
+        ),
+        (
+            "[cluster]\nnats = [\"nats://h:1\"]\n[[upstreams]]\nname = \"q\"\nbackends = [\"nats://b.*\"]\n",
+            "no wildcards",
+        ),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        let out = common::run_to_exit(&["check-config", path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text}");
+        assert!(err.contains("upstreams[0].backends") && err.contains(want), "{err}");
+    }
+    let _ = std::fs::remove_file(&path);
 }
 
 /// 1,000 members of one room over 3 nodes; a burst of 20 `say`s from one node: every member
@@ -641,4 +660,102 @@ async fn a_reload_may_not_change_the_cluster() {
     gw.signal(libc::SIGHUP);
     common_relay::wait_log(&gw, "configuration reloaded", 1, WAIT).await;
     assert_eq!(gw.metric("ringway_cluster_connected", "").await, 1);
+}
+
+/// One instance of a backend over NATS: answers each `message` with a `send` of
+/// `NAME:PAYLOAD` to the connection's node; counts the `open`s it saw.
+async fn nats_backend(
+    url: String,
+    name: &'static str,
+    opens: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> tokio::task::JoinHandle<()> {
+    use futures_util::StreamExt;
+    let client = async_nats::connect(url)
+        .await
+        .expect("backend connects to NATS");
+    let mut sub = client
+        .queue_subscribe("backends.chat.in", "chat".into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            let h = m.headers.clone().unwrap_or_default();
+            let get = |k: &str| h.get(k).map(|v| v.as_str().to_string()).unwrap_or_default();
+            match get("Ringway-Op").as_str() {
+                "open" => {
+                    let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+                    assert_eq!(v["path"], "/q", "{v}");
+                    opens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                "message" => {
+                    let mut reply = async_nats::HeaderMap::new();
+                    reply.insert("Ringway-Op", "send");
+                    reply.insert("Ringway-Conn", get("Ringway-Conn").as_str());
+                    let mut body = format!("{name}:").into_bytes();
+                    body.extend_from_slice(&m.payload);
+                    client
+                        .publish_with_headers(
+                            format!("ringway.node.{}", get("Ringway-Origin")),
+                            reply,
+                            body.into(),
+                        )
+                        .await
+                        .unwrap();
+                }
+                _ => {}
+            }
+        }
+    })
+}
+
+/// Send `n` texts `TAGi`, each answered `WHO:TAGi`: how many each instance answered.
+async fn exchange(ws: &mut Ws, n: usize, tag: &str) -> BTreeMap<String, usize> {
+    use tokio_tungstenite::tungstenite::Message;
+    let mut by: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..n {
+        send_text(ws, format!("{tag}{i}")).await;
+        match ws_next_within(ws, WAIT).await {
+            Some(Got::Other(Message::Text(t))) => {
+                let (who, what) = t.split_once(':').unwrap();
+                assert_eq!(what, format!("{tag}{i}"));
+                *by.entry(who.to_string()).or_default() += 1;
+            }
+            other => panic!("no answer to {tag}{i}: {other:?}"),
+        }
+    }
+    by
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_over_nats_share_the_messages_and_one_takes_over_from_the_other() {
+    let Some(nats) = nats_or_skip() else { return };
+    let gw = Gateway::with_config(
+        &format!(
+            "[cluster]\nnats = [\"{}\"]\nnode = \"a\"\nnode_id = 3\n\n[[upstreams]]\nname = \"q\"\nbackends = [\"nats://backends.chat\"]\n\n[[routes]]\npath = \"/q\"\nupstream = \"q\"\n",
+            nats.url()
+        ),
+        &[],
+    );
+    wait_for_cluster(&[&gw], 1).await;
+    let opens = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let one = nats_backend(nats.url(), "one", opens.clone()).await;
+    let _two = nats_backend(nats.url(), "two", opens.clone()).await;
+    let mut ws = ws_connect(&format!("{}/q", gw.url())).await;
+    let shared = exchange(&mut ws, 30, "m").await;
+    assert_eq!(shared.len(), 2, "both instances answer: {shared:?}");
+    assert_eq!(
+        opens.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "one open"
+    );
+    one.abort();
+    let _ = one.await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = exchange(&mut ws, 10, "k").await;
+    assert_eq!(
+        after.get("two"),
+        Some(&10),
+        "the other takes over: {after:?}"
+    );
 }

@@ -56,6 +56,8 @@ const SCRATCH: usize = 64 * 1024;
 
 enum UpstreamRt {
     Embedded,
+    /// `nats://PREFIX`: events to the queue group on `PREFIX.in` over the cluster bus.
+    Nats(Arc<str>),
     Backends {
         /// Indices into `Router::links`.
         links: Vec<usize>,
@@ -72,6 +74,8 @@ struct Binding {
     close_sent: bool,
     /// (upstream, index into `Router::links`) pairs this connection was opened on.
     bound: Vec<(UpstreamId, usize)>,
+    /// The `nats://` upstreams this connection was opened on.
+    nats: Vec<UpstreamId>,
 }
 
 pub struct Router<S: EdgeSink + 'static> {
@@ -107,7 +111,7 @@ impl<S: EdgeSink + 'static> Router<S> {
             for backend in &spec.backends {
                 let mut tls = None;
                 let addr = match backend {
-                    Backend::Embedded => continue,
+                    Backend::Embedded | Backend::Nats(_) => continue,
                     Backend::Tcp(a) => Address::Tcp(a.clone()),
                     Backend::Tls { addr, name } => {
                         let config = client_tls.get(upstreams.len()).cloned().flatten();
@@ -136,7 +140,13 @@ impl<S: EdgeSink + 'static> Router<S> {
                     now,
                 ));
             }
-            upstreams.push(if mine.is_empty() {
+            let nats = spec.backends.iter().find_map(|b| match b {
+                Backend::Nats(prefix) => Some(Arc::<str>::from(prefix.as_str())),
+                _ => None,
+            });
+            upstreams.push(if let Some(prefix) = nats {
+                UpstreamRt::Nats(prefix)
+            } else if mine.is_empty() {
                 UpstreamRt::Embedded
             } else {
                 UpstreamRt::Backends {
@@ -352,6 +362,7 @@ impl<S: EdgeSink + 'static> Router<S> {
                         info: info.clone(),
                         close_sent: false,
                         bound: Vec::new(),
+                        nats: Vec::new(),
                     },
                 ) {
                     self.gauges.release(old.info.held_bytes() + ENTRY_OVERHEAD);
@@ -385,7 +396,7 @@ impl<S: EdgeSink + 'static> Router<S> {
                         },
                         &mut |m| emit(sink, bus, m),
                     );
-                } else {
+                } else if !self.open_nats(conn, upstream) {
                     self.bind(conn, upstream);
                 }
             }
@@ -410,12 +421,23 @@ impl<S: EdgeSink + 'static> Router<S> {
                     );
                     return;
                 }
+                if self.open_nats(conn, upstream) {
+                    if let (Some(c), Some(UpstreamRt::Nats(prefix))) =
+                        (&self.cluster, self.upstreams.get(usize::from(upstream)))
+                    {
+                        let event = super::cluster::BackendEvent::Message { kind, payload };
+                        c.bus.to_backend(prefix, conn, event);
+                        self.gauges.forwarded.fetch_add(1, Ordering::Relaxed);
+                    }
+                    drop(guard);
+                    return;
+                }
                 let Some(link) = self.bind(conn, upstream) else {
                     return;
                 };
                 let limit = match &self.upstreams[usize::from(upstream)] {
                     UpstreamRt::Backends { limit, .. } => *limit,
-                    UpstreamRt::Embedded => return,
+                    UpstreamRt::Embedded | UpstreamRt::Nats(_) => return,
                 };
                 // The payload is encoded into the link's buffer here: the guard (the core's
                 // in-flight charge) ends with this message.
@@ -437,7 +459,13 @@ impl<S: EdgeSink + 'static> Router<S> {
             ToUpstream::Fence { conn, code, reason } => {
                 let bound = self.conns.get_mut(&conn).map(|b| {
                     b.close_sent = true;
-                    b.bound.clone()
+                    (b.bound.clone(), std::mem::take(&mut b.nats))
+                });
+                // NATS backends are told, but not waited for: at most once, their answer
+                // may never come.
+                let bound = bound.map(|(bound, nats)| {
+                    self.close_nats(conn, code, &nats);
+                    bound
                 });
                 match bound {
                     // The backends answer our close after their last send for it; their
@@ -463,6 +491,7 @@ impl<S: EdgeSink + 'static> Router<S> {
                     if binding.close_sent {
                         // Each side sends exactly one close per connection.
                     } else {
+                        self.close_nats(conn, code, &binding.nats);
                         for (_, link) in binding.bound {
                             self.links[link].push_close(conn.as_u64(), code, &self.gauges);
                         }
@@ -473,6 +502,36 @@ impl<S: EdgeSink + 'static> Router<S> {
                     .handle(ToUpstream::Closed { conn, code }, &mut |m| {
                         emit(sink, bus, m)
                     });
+            }
+        }
+    }
+
+    /// Whether `upstream` is a `nats://` one; if so, `conn` is opened on it first if need be
+    /// (an `open` to its queue group).
+    fn open_nats(&mut self, conn: ConnId, upstream: UpstreamId) -> bool {
+        let Some(UpstreamRt::Nats(prefix)) = self.upstreams.get(usize::from(upstream)) else {
+            return false;
+        };
+        let Some(binding) = self.conns.get_mut(&conn) else {
+            return true;
+        };
+        if !binding.nats.contains(&upstream) {
+            binding.nats.push(upstream);
+            if let Some(c) = &self.cluster {
+                let event = super::cluster::BackendEvent::Open(binding.info.clone());
+                c.bus.to_backend(prefix, conn, event);
+            }
+        }
+        true
+    }
+
+    /// Tell the `nats://` upstreams `conn` was opened on that it is closing.
+    fn close_nats(&self, conn: ConnId, code: u16, nats: &[UpstreamId]) {
+        let Some(c) = &self.cluster else { return };
+        for &u in nats {
+            if let Some(UpstreamRt::Nats(prefix)) = self.upstreams.get(usize::from(u)) {
+                c.bus
+                    .to_backend(prefix, conn, super::cluster::BackendEvent::Close { code });
             }
         }
     }

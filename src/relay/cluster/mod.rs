@@ -136,6 +136,21 @@ pub(crate) enum Out {
         topic: Topic,
         on: bool,
     },
+    /// An event of a client of a `nats://PREFIX` upstream, for its queue group on
+    /// `PREFIX.in`.
+    Backend {
+        prefix: Arc<str>,
+        conn: u64,
+        event: BackendEvent,
+    },
+}
+
+/// What a `nats://` upstream's backends hear (docs/cluster.md, "Backends over NATS").
+#[derive(Debug)]
+pub enum BackendEvent {
+    Open(Box<super::OpenInfo>),
+    Message { kind: MessageKind, payload: Bytes },
+    Close { code: u16 },
 }
 
 /// NATS thread -> relay.
@@ -219,6 +234,15 @@ impl ClusterBus {
             conn: conn.as_u64(),
             op,
             link,
+        });
+    }
+
+    /// An event for the backends of a `nats://PREFIX` upstream.
+    pub fn to_backend(&self, prefix: &Arc<str>, conn: crate::ids::ConnId, event: BackendEvent) {
+        self.push(Out::Backend {
+            prefix: prefix.clone(),
+            conn: conn.as_u64(),
+            event,
         });
     }
 

@@ -21,7 +21,7 @@ use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 
 use super::subject::{self as s, H_CODE, H_CONN, H_KIND, H_LINK, H_NAME, H_OP, H_ORIGIN};
-use super::{ConnOp, Drop, In, Out};
+use super::{BackendEvent, ConnOp, Drop, In, Out};
 use crate::config::ClusterConfig;
 use crate::ids::ConnId;
 use crate::relay::{RelayGauges, ToEdge, Topic};
@@ -285,6 +285,31 @@ impl Thread {
                 h.insert(H_KIND, s::kind_name(kind));
                 (s::topic_subject(&topic), h, payload)
             }
+            Out::Backend {
+                prefix,
+                conn,
+                event,
+            } => {
+                let mut h = self.headers();
+                h.insert(H_CONN, conn.to_string().as_str());
+                let payload = match event {
+                    BackendEvent::Open(info) => {
+                        h.insert(H_OP, "open");
+                        open_json(&info)
+                    }
+                    BackendEvent::Message { kind, payload } => {
+                        h.insert(H_OP, "message");
+                        h.insert(H_KIND, s::kind_name(kind));
+                        payload
+                    }
+                    BackendEvent::Close { code } => {
+                        h.insert(H_OP, "close");
+                        h.insert(H_CODE, code.to_string().as_str());
+                        Bytes::new()
+                    }
+                };
+                (format!("{prefix}.in"), h, payload)
+            }
             Out::Broadcast { kind, payload } => {
                 let mut h = self.headers();
                 h.insert(H_KIND, s::kind_name(kind));
@@ -353,6 +378,23 @@ impl Thread {
         h.insert(H_ORIGIN, self.node.to_string().as_str());
         h
     }
+}
+
+/// An `open` for NATS backends: the handshake as JSON.
+fn open_json(info: &crate::relay::OpenInfo) -> Bytes {
+    let headers: serde_json::Map<String, serde_json::Value> = info
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    let v = serde_json::json!({
+        "path": info.path,
+        "query": info.query,
+        "peer": info.peer.map(|p| p.to_string()),
+        "headers": headers,
+        "authorize": info.authorize,
+    });
+    Bytes::from(v.to_string())
 }
 
 fn connected(client: &Client) -> bool {
@@ -452,6 +494,15 @@ fn decode(node: u8, m: &async_nats::Message) -> Option<Option<In>> {
             code: get(H_CODE)
                 .and_then(|c| c.parse::<u16>().ok())
                 .unwrap_or(1000),
+            reason: text()?,
+        },
+        "accept" => ToEdge::Accept { conn },
+        "reject" => ToEdge::Reject {
+            conn,
+            status: get(H_CODE)
+                .and_then(|c| c.parse::<u16>().ok())
+                .filter(|s| matches!(s, 401 | 403))
+                .unwrap_or(403),
             reason: text()?,
         },
         "subscribe" | "unsubscribe" => {
