@@ -107,6 +107,7 @@ impl Thread {
                         }
                         async_nats::Event::Disconnected | async_nats::Event::Closed => {
                             gauges.cluster.connected.store(false, Ordering::Relaxed);
+                            gauges.cluster.ping_us.store(0, Ordering::Relaxed);
                             tracing::warn!(
                                 "cluster: NATS unreachable; serving local clients only, \
                                  cross-node messages are dropped until it is back"
