@@ -759,3 +759,60 @@ async fn backends_over_nats_share_the_messages_and_one_takes_over_from_the_other
         "the other takes over: {after:?}"
     );
 }
+
+/// docs/cluster.md "Push from anywhere": a plain NATS client (no ringway headers but the
+/// documented ones) publishes to a topic by its base64url token, broadcasts, and sends to
+/// and closes one connection by its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_nats_client_can_publish_broadcast_and_send_to_one_connection() {
+    use tokio_tungstenite::tungstenite::Message;
+    let Some(nats) = nats_or_skip() else { return };
+    let gw = node(&nats, "a", &[]);
+    wait_for_cluster(&[&gw], 1).await;
+    let mut member = ws_connect(&format!("{}/chat", gw.url())).await;
+    join(&mut member, "a b.*>").await;
+    let id = own_id(&mut member, "a b.*>").await;
+    settle().await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    // base64url("room:a b.*>") without padding, as the doc computes it.
+    let subject = "ringway.topic.cm9vbTphIGIuKj4";
+    client.publish(subject, "to the room".into()).await.unwrap();
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Ringway-Kind", "binary");
+    client
+        .publish_with_headers("ringway.broadcast", h, vec![0u8, 1].into())
+        .await
+        .unwrap();
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Ringway-Op", "send");
+    h.insert("Ringway-Conn", id.to_string().as_str());
+    let node_subject = format!("ringway.node.{}", id >> 56);
+    client
+        .publish_with_headers(node_subject.clone(), h, "just you".into())
+        .await
+        .unwrap();
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Ringway-Op", "close");
+    h.insert("Ringway-Conn", id.to_string().as_str());
+    h.insert("Ringway-Code", "4000");
+    client
+        .publish_with_headers(node_subject, h, "bye".into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let mut seen = Vec::new();
+    loop {
+        match ws_next_within(&mut member, WAIT).await {
+            Some(Got::Other(Message::Text(t))) => seen.push(t.to_string()),
+            Some(Got::Other(Message::Binary(b))) => seen.push(format!("{:?}", &b[..])),
+            Some(Got::Close(code, reason)) => {
+                assert_eq!((code, reason.as_str()), (Some(4000), "bye"));
+                break;
+            }
+            other => panic!("after {seen:?}: {other:?}"),
+        }
+    }
+    // Different subjects have no order between them; the send and the close share one.
+    seen.sort();
+    assert_eq!(seen, ["[0, 1]", "just you", "to the room"]);
+}
