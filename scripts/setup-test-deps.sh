@@ -159,6 +159,8 @@ need_cmd_or_apt systemd-analyze systemd   # tests/deploy.rs verifies the unit
 # benches/deflate.rs measures stock zlib through libz-sys, which links the system libz
 # (clippy --all-targets builds the benches too).
 [ -f /usr/include/zlib.h ] || apt_install zlib1g-dev
+# tests/cluster.rs starts its own nats-server per test on an ephemeral 127.0.0.1 port.
+need_cmd_or_apt nats-server nats-server
 
 # cargo-fuzz, so the test command's short fuzzing runs happen (it skips them without it);
 # libFuzzer is C++. One build, about 2 minutes; RINGWAY_NO_FUZZ=1 skips it.

@@ -42,7 +42,8 @@ pub enum GatewayError {
     Setup(io::Error),
     #[error(
         "the new configuration changes listen, listen_tls, workers, backlog, read buffers, \
-         relay_queue or upstreams, which need a restart; keeping the running configuration"
+         relay_queue, upstreams or cluster, which need a restart; keeping the running \
+         configuration"
     )]
     NeedsRestart,
     #[error("invalid routes: {0}")]
@@ -280,6 +281,12 @@ impl Gateway {
             shared.relay.clone(),
             &client_tls,
         );
+        let router = match relay::cluster::start(&config, &relay_rx, shared.relay.clone())
+            .map_err(GatewayError::Setup)?
+        {
+            Some(cluster) => router.with_cluster(cluster),
+            None => router,
+        };
         let upstream_links = router.links();
         // With `local-echo` no core holds a relay sender, so the relay ends at once: then it
         // is neither watched nor reported.
@@ -347,6 +354,7 @@ impl Gateway {
             || config.read_buffer_bytes != current.read_buffer_bytes
             || config.relay_queue != current.relay_queue
             || config.upstream != current.upstream
+            || config.cluster != current.cluster
             || routes.upstreams() != self.routes.upstreams()
         {
             return Err(GatewayError::NeedsRestart);

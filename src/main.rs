@@ -64,6 +64,13 @@ struct Cli {
     /// most one day, 86400000).
     #[arg(long, value_name = "MS")]
     idle_timeout_ms: Option<u64>,
+    /// Join a cluster of gateways on this NATS server (`nats://HOST:PORT`; replaces
+    /// `cluster.nats` of the config file, whose other `[cluster]` keys still apply).
+    #[arg(long, value_name = "URL")]
+    cluster: Option<String>,
+    /// This node's name in the cluster [default: host name and listen port].
+    #[arg(long, value_name = "NAME", requires = "cluster")]
+    node_name: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
     /// Admin listener for /metrics, /healthz and /readyz [default: 127.0.0.1:9091].
@@ -158,6 +165,18 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(admin) = cli.admin {
         config.admin_listen = Some(admin);
+    }
+    if let Some(url) = &cli.cluster {
+        config::cluster::check_server(url).map_err(|p| anyhow::anyhow!("--cluster: {p}"))?;
+        let cluster = config
+            .cluster
+            .get_or_insert_with(|| config::ClusterConfig::with_servers(Vec::new()));
+        cluster.nats = vec![url.clone()];
+    }
+    if let Some(name) = &cli.node_name {
+        if let Some(cluster) = config.cluster.as_mut() {
+            cluster.node = Some(name.clone());
+        }
     }
     config.validate("command line")?;
     Ok(config)

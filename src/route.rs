@@ -70,6 +70,9 @@ pub enum Backend {
     Unix(PathBuf),
     /// The embedded upstream (`echo`: the chat contract plus echo), in the relay's process.
     Embedded,
+    /// `nats://PREFIX`: backends in a NATS queue group on `PREFIX.in` (docs/cluster.md);
+    /// needs `[cluster]` and is its upstream's only backend.
+    Nats(String),
 }
 
 /// An upstream as the relay needs it; its [`UpstreamId`] is its index in
@@ -194,6 +197,15 @@ impl RouteTable {
                 .enumerate()
                 .map(|(j, url)| parse_backend(&format!("{key}.backends[{j}]"), url))
                 .collect::<Result<Vec<_>, _>>()?;
+            let nats = backends.iter().any(|b| matches!(b, Backend::Nats(_)));
+            if nats && (backends.len() > 1 || config.cluster.is_none()) {
+                return Err(RouteError::BadBackend {
+                    key: format!("{key}.backends"),
+                    url: u.backends.join(", "),
+                    problem:
+                        "a nats:// backend needs [cluster] and must be its upstream's only backend",
+                });
+            }
             let tls = backends
                 .iter()
                 .any(|b| matches!(b, Backend::Tls { .. }))
@@ -578,6 +590,14 @@ fn parse_backend(key: &str, url: &str) -> Result<Backend, RouteError> {
             Ok(p) if p > 0 => Ok(Backend::Tcp(addr.into())),
             _ => Err(bad("port must be 1-65535")),
         }
+    } else if let Some(prefix) = url.strip_prefix("nats://") {
+        let token_ok = |t: &str| !t.is_empty() && !t.contains(['*', '>', ' ', '\t']);
+        if !prefix.split('.').all(token_ok) || !prefix.is_ascii() {
+            return Err(bad(
+                "expected nats://SUBJECT.PREFIX (ASCII, no wildcards or spaces)",
+            ));
+        }
+        Ok(Backend::Nats(prefix.into()))
     } else if let Some(path) = url.strip_prefix("unix:") {
         if path.is_empty() {
             return Err(bad("missing socket path"));

@@ -309,6 +309,13 @@ fn every_commented_value_is_the_real_default() {
     assert_eq!(loaded.tls.certificates.len(), 1, "the documented example");
     loaded.listen_tls = None;
     loaded.tls = Default::default();
+    // Likewise `cluster` (off by default): the documented example, two NATS servers.
+    assert_eq!(
+        loaded.cluster.as_ref().map(|c| (c.nats.len(), c.node_id)),
+        Some((2, Some(1))),
+        "the documented cluster example"
+    );
+    loaded.cluster = None;
     // Likewise `jwt` (off by default): its documented example must parse and build.
     assert!(
         loaded.routes.iter().any(|r| r.jwt.is_some()),

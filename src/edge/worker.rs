@@ -125,6 +125,11 @@ pub struct Worker {
     paused: Vec<(u32, u32)>,
     /// Topic -> slots of this core's subscribers.
     topics: HashMap<Topic, Vec<u32>>,
+    /// The cluster node id in this core's connection ids (0 without `[cluster]`), and
+    /// whether the relay wants to hear when a topic gets its first or loses its last local
+    /// subscriber here (`ToUpstream::Interest`, with `[cluster]` only).
+    node: u8,
+    cluster: bool,
     recv_rearm: Vec<u32>,
     accept_armed: bool,
     tls_accept_armed: bool,
@@ -196,6 +201,8 @@ impl Worker {
             setup.config.read_buffer_bytes,
         )?;
         let start = Instant::now();
+        let node = setup.config.cluster_node().map_or(0, |(_, id)| id);
+        let cluster = setup.config.cluster.is_some();
         Ok(Worker {
             index: setup.index,
             core: CoreState {
@@ -237,6 +244,8 @@ impl Worker {
             sends: uring::Sends::default(),
             dirty: Vec::new(),
             topics: HashMap::new(),
+            node,
+            cluster,
             paused: Vec::new(),
             recv_rearm: Vec::new(),
             accept_armed: false,
@@ -466,7 +475,7 @@ impl Worker {
             }
         };
         let generation = self.slots[slot as usize].generation;
-        let id = ConnId::new(self.index as u8, slot, generation);
+        let id = ConnId::on_node(self.node, self.index as u8, slot, generation);
         let peer = socket.peer_addr();
         let mut session = Session::new(
             id,
@@ -602,6 +611,7 @@ impl Worker {
             self.core.stats.stale_replies.inc();
             return;
         };
+        let watched = fanout::watch_interest(&self.topics, self.cluster, &msg);
         let (core, topics) = (&mut self.core, &mut self.topics);
         let session = &mut conn.session;
         let handled = panic::contain(|| match msg {
@@ -634,6 +644,7 @@ impl Worker {
                 unreachable!("fan-out has no conn")
             }
         });
+        self.report_interest(watched);
         self.dispatch_outputs(slot);
         if let Err(location) = handled {
             self.contained_panic(slot, &location);
@@ -804,8 +815,11 @@ impl Worker {
         self.core.charged -= conn.charged as u64;
         let released = conn.session.release_compression();
         self.core.codec.release(released);
+        let mut emptied = Vec::new();
         for topic in conn.session.subscriptions() {
-            fanout::unsubscribe(&mut self.topics, topic, slot);
+            if fanout::unsubscribe(&mut self.topics, topic, slot) && self.cluster {
+                emptied.push(topic.clone());
+            }
         }
         if let (true, Some(ip)) = (conn.counted_ip, conn.ip) {
             self.core.ip_limiter.closed(ip, self.core.now_ms);
@@ -829,6 +843,9 @@ impl Worker {
                     self.core.relay_backlog.push_back(event);
                 }
             }
+        }
+        for topic in emptied {
+            self.report_interest(Some((topic, true)));
         }
         tracing::debug!(conn = %id, code, "closed");
     }

@@ -159,6 +159,67 @@ impl Sources {
     }
 }
 
+impl Sources {
+    /// `ringway_cluster_*`, with `[cluster]` only (src/relay/cluster/).
+    fn encode_cluster(&self, e: &mut DescriptorEncoder) -> fmt::Result {
+        use crate::relay::cluster::Drop;
+        let c = &self.relay.cluster;
+        gauges(
+            e,
+            "ringway_cluster_connected",
+            "1 while the connection to NATS (the cluster bus) is up",
+            [(
+                Labels::new(),
+                u64::from(c.connected.load(Ordering::Relaxed)),
+            )],
+        )?;
+        gauges(
+            e,
+            "ringway_cluster_nodes",
+            "Cluster nodes (this one included) whose heartbeat came through NATS in the last 3 s",
+            [(Labels::new(), c.nodes.load(Ordering::Relaxed))],
+        )?;
+        counters(
+            e,
+            "ringway_cluster_messages",
+            "Messages published to the cluster bus (out) and taken from it (in)",
+            [
+                (
+                    vec![("direction", "out".to_string())],
+                    c.sent.load(Ordering::Relaxed),
+                ),
+                (
+                    vec![("direction", "in".to_string())],
+                    c.received.load(Ordering::Relaxed),
+                ),
+            ],
+        )?;
+        counters(
+            e,
+            "ringway_cluster_dropped",
+            "Cross-node messages dropped: buffer_full (relay -> NATS), inbound_full (NATS -> relay), disconnected (NATS unreachable), node_id_conflict, invalid (from NATS), publish_failed",
+            Drop::ALL
+                .iter()
+                .map(|&d| (vec![("reason", d.label().to_string())], c.dropped(d))),
+        )?;
+        counters(
+            e,
+            "ringway_cluster_node_id_conflicts",
+            "Heartbeats in which another node name claimed this node's id",
+            [(Labels::new(), c.id_conflicts.load(Ordering::Relaxed))],
+        )?;
+        float_gauges(
+            e,
+            "ringway_cluster_ping_seconds",
+            "The last round trip of a message through NATS (published by this node, received back), every second",
+            [(
+                Labels::new(),
+                c.ping_us.load(Ordering::Relaxed) as f64 / 1e6,
+            )],
+        )
+    }
+}
+
 impl Collector for Sources {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         let e = &mut enc;
@@ -304,6 +365,9 @@ impl Collector for Sources {
             "Backend replies naming a core this gateway does not have (corrupt or forged connection ids), dropped",
             [(Labels::new(), self.relay.misaddressed.load(Ordering::Relaxed))],
         )?;
+        if self.relay.cluster.enabled.load(Ordering::Relaxed) {
+            self.encode_cluster(e)?;
+        }
         gauges(
             e,
             "ringway_memory_budget_bytes",

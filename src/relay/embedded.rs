@@ -126,7 +126,7 @@ impl ChatEcho {
                 });
             }
             ToUpstream::Fence { conn, code, reason } => out(ToEdge::Close { conn, code, reason }),
-            ToUpstream::Open { .. } => {}
+            ToUpstream::Open { .. } | ToUpstream::Interest { .. } => {}
             ToUpstream::Closed { conn, .. } => {
                 if let Some(rooms) = self.rooms.remove(&conn) {
                     let held: usize = rooms.iter().map(|r| Self::room_bytes(r)).sum();

@@ -149,6 +149,8 @@ pub(super) struct Ctx<'a, S> {
     /// The loop's read buffer, shared by every link.
     pub scratch: &'a mut [u8],
     pub now: Instant,
+    /// With `[cluster]`: where publishes also go, and replies for other nodes' connections.
+    pub cluster: Option<&'a super::cluster::ClusterBus>,
 }
 
 pub(super) struct Link {
@@ -275,6 +277,14 @@ impl Link {
     }
 
     /// Queue our `close` for `conn` and forget its `open`.
+    /// A `gone` from the node that owns `conn` (cluster): like our own, a control record;
+    /// past [`CTL_QUEUE`] unwritten ones it is dropped (the backend is not reading).
+    pub(super) fn push_gone(&mut self, conn: u64) {
+        if self.out.control < CTL_QUEUE {
+            self.out.push(Kind::Control, &Record::Gone { conn });
+        }
+    }
+
     pub(super) fn push_close(&mut self, conn: u64, code: u16, gauges: &RelayGauges) {
         self.out.push(
             Kind::Close,
@@ -804,6 +814,14 @@ impl Link {
                 let Some(msg) = super::to_edge(record) else {
                     return Ok(());
                 };
+                if let Some(bus) = cx.cluster {
+                    if bus.is_remote(&msg) {
+                        // Another node's connection: its node answers `gone` if need be.
+                        bus.to_node(msg, Some(self.token.0 as u32));
+                        return Ok(());
+                    }
+                    bus.fan_out(&msg);
+                }
                 if let Some(conn) = msg.conn() {
                     if !self.opens.contains_key(&conn.as_u64()) {
                         // A connection this link never carried or already closed.

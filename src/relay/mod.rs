@@ -2,6 +2,7 @@
 //! clients said ([`ToUpstream`]); upstreams answer through each core's inbox ([`ToEdge`]):
 //! to one connection, to a topic's subscribers, or to everyone.
 
+pub mod cluster;
 pub mod embedded;
 pub mod inlet;
 pub mod link;
@@ -59,6 +60,8 @@ pub struct RelayGauges {
     pub buffer_refused: AtomicU64,
     /// Replies addressed to a core that does not exist (a backend's corrupt or forged id).
     pub misaddressed: AtomicU64,
+    /// The cluster bus's state (only shown with `[cluster]`).
+    pub cluster: cluster::ClusterGauges,
 }
 
 impl RelayGauges {
@@ -137,6 +140,10 @@ pub enum ToUpstream {
     },
     /// The client's connection is gone (close code as sent or received; 1006 if none).
     Closed { conn: ConnId, code: u16 },
+    /// With `[cluster]` only: this core's subscriber list for `topic` became non-empty
+    /// (`on`) or empty, so the node subscribes to the topic on the cluster bus while any
+    /// core has subscribers.
+    Interest { topic: Topic, on: bool },
 }
 
 /// What the relay tells a core.

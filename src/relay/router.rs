@@ -56,6 +56,8 @@ const SCRATCH: usize = 64 * 1024;
 
 enum UpstreamRt {
     Embedded,
+    /// `nats://PREFIX`: events to the queue group on `PREFIX.in` over the cluster bus.
+    Nats(Arc<str>),
     Backends {
         /// Indices into `Router::links`.
         links: Vec<usize>,
@@ -72,6 +74,8 @@ struct Binding {
     close_sent: bool,
     /// (upstream, index into `Router::links`) pairs this connection was opened on.
     bound: Vec<(UpstreamId, usize)>,
+    /// The `nats://` upstreams this connection was opened on.
+    nats: Vec<UpstreamId>,
 }
 
 pub struct Router<S: EdgeSink + 'static> {
@@ -84,6 +88,8 @@ pub struct Router<S: EdgeSink + 'static> {
     described: Vec<super::UpstreamLink>,
     gauges: Arc<RelayGauges>,
     heartbeat: Arc<crate::telemetry::Heartbeat>,
+    /// The cluster bus, with `[cluster]` (src/relay/cluster/).
+    cluster: Option<super::cluster::ClusterRelay>,
 }
 
 impl<S: EdgeSink + 'static> Router<S> {
@@ -105,7 +111,7 @@ impl<S: EdgeSink + 'static> Router<S> {
             for backend in &spec.backends {
                 let mut tls = None;
                 let addr = match backend {
-                    Backend::Embedded => continue,
+                    Backend::Embedded | Backend::Nats(_) => continue,
                     Backend::Tcp(a) => Address::Tcp(a.clone()),
                     Backend::Tls { addr, name } => {
                         let config = client_tls.get(upstreams.len()).cloned().flatten();
@@ -134,7 +140,13 @@ impl<S: EdgeSink + 'static> Router<S> {
                     now,
                 ));
             }
-            upstreams.push(if mine.is_empty() {
+            let nats = spec.backends.iter().find_map(|b| match b {
+                Backend::Nats(prefix) => Some(Arc::<str>::from(prefix.as_str())),
+                _ => None,
+            });
+            upstreams.push(if let Some(prefix) = nats {
+                UpstreamRt::Nats(prefix)
+            } else if mine.is_empty() {
                 UpstreamRt::Embedded
             } else {
                 UpstreamRt::Backends {
@@ -164,7 +176,15 @@ impl<S: EdgeSink + 'static> Router<S> {
             described,
             gauges,
             heartbeat: Arc::default(),
+            cluster: None,
         }
+    }
+
+    /// Join the cluster bus: publishes and broadcasts also go to the other nodes, replies
+    /// for their connections go to them, and what they send is delivered here.
+    pub fn with_cluster(mut self, cluster: super::cluster::ClusterRelay) -> Router<S> {
+        self.cluster = Some(cluster);
+        self
     }
 
     /// Every backend link, for metrics and readiness.
@@ -211,6 +231,7 @@ impl<S: EdgeSink + 'static> Router<S> {
                     }
                 }
             }
+            more |= self.take_from_cluster();
             let now = Instant::now();
             let registry = rx.poll.registry();
             let mut next = now + crate::telemetry::RELAY_TURN;
@@ -222,6 +243,7 @@ impl<S: EdgeSink + 'static> Router<S> {
                     waker: &waker,
                     scratch: &mut scratch,
                     now,
+                    cluster: self.cluster.as_ref().map(|c| &c.bus),
                 };
                 link.turn(&mut cx);
                 if let Err(e) = link.flush(now, &self.gauges) {
@@ -287,6 +309,38 @@ impl<S: EdgeSink + 'static> Router<S> {
         }
     }
 
+    /// What other nodes sent (up to [`BATCH`] messages): publishes and broadcasts to every
+    /// core, operations on this node's connections to their core, or `gone` back to the
+    /// node that asked when the connection is not open here. True when more may wait.
+    fn take_from_cluster(&mut self) -> bool {
+        use super::cluster::In;
+        let Some(cluster) = &self.cluster else {
+            return false;
+        };
+        for _ in 0..BATCH {
+            let Ok(msg) = cluster.incoming.try_recv() else {
+                return false;
+            };
+            match msg {
+                In::Fanout(m) => self.sink.send_now(m),
+                In::ForConn { msg, reply } => {
+                    let conn = msg.conn().unwrap_or(ConnId::from_u64(0));
+                    if self.conns.contains_key(&conn) {
+                        self.sink.send_now(msg);
+                    } else if let Some((node, link)) = reply {
+                        cluster.bus.gone(node, conn.as_u64(), link);
+                    }
+                }
+                In::Gone { conn, link } => {
+                    if let Some(l) = self.links.get_mut(link as usize) {
+                        l.push_gone(conn);
+                    }
+                }
+            }
+        }
+        true
+    }
+
     fn is_embedded(&self, upstream: UpstreamId) -> bool {
         matches!(
             self.upstreams.get(usize::from(upstream)),
@@ -308,6 +362,7 @@ impl<S: EdgeSink + 'static> Router<S> {
                         info: info.clone(),
                         close_sent: false,
                         bound: Vec::new(),
+                        nats: Vec::new(),
                     },
                 ) {
                     self.gauges.release(old.info.held_bytes() + ENTRY_OVERHEAD);
@@ -332,16 +387,16 @@ impl<S: EdgeSink + 'static> Router<S> {
                     });
                 }
                 if self.is_embedded(upstream) {
-                    let sink = &mut self.sink;
+                    let (sink, bus) = (&mut self.sink, self.cluster.as_ref().map(|c| &c.bus));
                     self.chat.handle(
                         ToUpstream::Open {
                             conn,
                             upstream,
                             info,
                         },
-                        &mut |m| sink.send(m),
+                        &mut |m| emit(sink, bus, m),
                     );
-                } else {
+                } else if !self.open_nats(conn, upstream) {
                     self.bind(conn, upstream);
                 }
             }
@@ -353,7 +408,7 @@ impl<S: EdgeSink + 'static> Router<S> {
                 guard,
             } => {
                 if self.is_embedded(upstream) {
-                    let sink = &mut self.sink;
+                    let (sink, bus) = (&mut self.sink, self.cluster.as_ref().map(|c| &c.bus));
                     self.chat.handle(
                         ToUpstream::Message {
                             conn,
@@ -362,8 +417,19 @@ impl<S: EdgeSink + 'static> Router<S> {
                             payload,
                             guard,
                         },
-                        &mut |m| sink.send(m),
+                        &mut |m| emit(sink, bus, m),
                     );
+                    return;
+                }
+                if self.open_nats(conn, upstream) {
+                    if let (Some(c), Some(UpstreamRt::Nats(prefix))) =
+                        (&self.cluster, self.upstreams.get(usize::from(upstream)))
+                    {
+                        let event = super::cluster::BackendEvent::Message { kind, payload };
+                        c.bus.to_backend(prefix, conn, event);
+                        self.gauges.forwarded.fetch_add(1, Ordering::Relaxed);
+                    }
+                    drop(guard);
                     return;
                 }
                 let Some(link) = self.bind(conn, upstream) else {
@@ -371,7 +437,7 @@ impl<S: EdgeSink + 'static> Router<S> {
                 };
                 let limit = match &self.upstreams[usize::from(upstream)] {
                     UpstreamRt::Backends { limit, .. } => *limit,
-                    UpstreamRt::Embedded => return,
+                    UpstreamRt::Embedded | UpstreamRt::Nats(_) => return,
                 };
                 // The payload is encoded into the link's buffer here: the guard (the core's
                 // in-flight charge) ends with this message.
@@ -393,7 +459,13 @@ impl<S: EdgeSink + 'static> Router<S> {
             ToUpstream::Fence { conn, code, reason } => {
                 let bound = self.conns.get_mut(&conn).map(|b| {
                     b.close_sent = true;
-                    b.bound.clone()
+                    (b.bound.clone(), std::mem::take(&mut b.nats))
+                });
+                // NATS backends are told, but not waited for: at most once, their answer
+                // may never come.
+                let bound = bound.map(|(bound, nats)| {
+                    self.close_nats(conn, code, &nats);
+                    bound
                 });
                 match bound {
                     // The backends answer our close after their last send for it; their
@@ -407,6 +479,11 @@ impl<S: EdgeSink + 'static> Router<S> {
                     _ => self.sink.send(ToEdge::Close { conn, code, reason }),
                 }
             }
+            ToUpstream::Interest { topic, on } => {
+                if let Some(c) = &mut self.cluster {
+                    c.interest(topic, on);
+                }
+            }
             ToUpstream::Closed { conn, code } => {
                 if let Some(binding) = self.conns.remove(&conn) {
                     self.gauges
@@ -414,14 +491,47 @@ impl<S: EdgeSink + 'static> Router<S> {
                     if binding.close_sent {
                         // Each side sends exactly one close per connection.
                     } else {
+                        self.close_nats(conn, code, &binding.nats);
                         for (_, link) in binding.bound {
                             self.links[link].push_close(conn.as_u64(), code, &self.gauges);
                         }
                     }
                 }
-                let sink = &mut self.sink;
+                let (sink, bus) = (&mut self.sink, self.cluster.as_ref().map(|c| &c.bus));
                 self.chat
-                    .handle(ToUpstream::Closed { conn, code }, &mut |m| sink.send(m));
+                    .handle(ToUpstream::Closed { conn, code }, &mut |m| {
+                        emit(sink, bus, m)
+                    });
+            }
+        }
+    }
+
+    /// Whether `upstream` is a `nats://` one; if so, `conn` is opened on it first if need be
+    /// (an `open` to its queue group).
+    fn open_nats(&mut self, conn: ConnId, upstream: UpstreamId) -> bool {
+        let Some(UpstreamRt::Nats(prefix)) = self.upstreams.get(usize::from(upstream)) else {
+            return false;
+        };
+        let Some(binding) = self.conns.get_mut(&conn) else {
+            return true;
+        };
+        if !binding.nats.contains(&upstream) {
+            binding.nats.push(upstream);
+            if let Some(c) = &self.cluster {
+                let event = super::cluster::BackendEvent::Open(binding.info.clone());
+                c.bus.to_backend(prefix, conn, event);
+            }
+        }
+        true
+    }
+
+    /// Tell the `nats://` upstreams `conn` was opened on that it is closing.
+    fn close_nats(&self, conn: ConnId, code: u16, nats: &[UpstreamId]) {
+        let Some(c) = &self.cluster else { return };
+        for &u in nats {
+            if let Some(UpstreamRt::Nats(prefix)) = self.upstreams.get(usize::from(u)) {
+                c.bus
+                    .to_backend(prefix, conn, super::cluster::BackendEvent::Close { code });
             }
         }
     }
@@ -476,6 +586,15 @@ impl<S: EdgeSink + 'static> Router<S> {
         }
         Some(link)
     }
+}
+
+/// A reply of the embedded upstream: to the cores, and a publish or broadcast to the other
+/// nodes of the cluster too.
+fn emit<S: EdgeSink>(sink: &mut S, bus: Option<&super::cluster::ClusterBus>, m: ToEdge) {
+    if let Some(bus) = bus {
+        bus.fan_out(&m);
+    }
+    sink.send(m);
 }
 
 /// A cheap integer hash so sequential connection ids spread over backends.

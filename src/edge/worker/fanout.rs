@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use crate::relay::{ToEdge, Topic};
+use crate::relay::{ToEdge, ToUpstream, Topic};
 use crate::session::{self, compression};
 
 use super::super::panic;
@@ -87,14 +87,46 @@ impl Worker {
     }
 }
 
-/// Take `slot` off `topic`'s subscribers (and the topic off the table once it has none).
-pub(super) fn unsubscribe(topics: &mut HashMap<Topic, Vec<u32>>, topic: &Topic, slot: u32) {
+impl Worker {
+    /// Tell the relay when `topic`'s local subscriber list went from empty to not or back
+    /// (`had` is what [`watch_interest`] saw), so the node subscribes to the topic
+    /// on the cluster bus only while some core has subscribers.
+    pub(super) fn report_interest(&mut self, watched: Option<(Topic, bool)>) {
+        let Some((topic, had)) = watched else { return };
+        let has = self.topics.contains_key(&topic);
+        if had != has {
+            self.core
+                .send_to_relay(ToUpstream::Interest { topic, on: has });
+        }
+    }
+}
+
+/// With `[cluster]`, for a subscribe or unsubscribe: its topic and whether this core has
+/// subscribers for it before the change.
+pub(super) fn watch_interest(
+    topics: &HashMap<Topic, Vec<u32>>,
+    cluster: bool,
+    msg: &ToEdge,
+) -> Option<(Topic, bool)> {
+    match msg {
+        ToEdge::Subscribe { topic, .. } | ToEdge::Unsubscribe { topic, .. } if cluster => {
+            Some((topic.clone(), topics.contains_key(topic)))
+        }
+        _ => None,
+    }
+}
+
+/// Take `slot` off `topic`'s subscribers (and the topic off the table once it has none);
+/// true when it had and now has none.
+pub(super) fn unsubscribe(topics: &mut HashMap<Topic, Vec<u32>>, topic: &Topic, slot: u32) -> bool {
     if let Some(slots) = topics.get_mut(topic) {
         if let Some(i) = slots.iter().position(|&s| s == slot) {
             slots.swap_remove(i);
         }
         if slots.is_empty() {
             topics.remove(topic);
+            return true;
         }
     }
+    false
 }
