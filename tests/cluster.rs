@@ -825,3 +825,74 @@ async fn any_nats_client_can_publish_broadcast_and_send_to_one_connection() {
     seen.sort();
     assert_eq!(seen, ["[0, 1]", "just you", "to the room"]);
 }
+
+/// Every text and binary message a client gets until `quiet` passes without one.
+async fn drain_texts(ws: &mut Ws, quiet: Duration) -> Vec<String> {
+    use tokio_tungstenite::tungstenite::Message;
+    let mut seen = Vec::new();
+    loop {
+        match ws_next_within(ws, quiet).await {
+            None => return seen,
+            Some(Got::Other(Message::Text(t))) => seen.push(t.to_string()),
+            Some(Got::Other(Message::Binary(b))) => seen.push(format!("{:?}", &b[..])),
+            Some(Got::Json(v)) => seen.push(v.to_string()),
+            Some(other) => panic!("after {seen:?}: {other:?}"),
+        }
+    }
+}
+
+/// docs/cluster.md "Backends over NATS": a backend answers `publish` and `broadcast` on the
+/// node subject like its other operations; the node delivers them to its own clients and
+/// once to the other nodes, so members on both nodes get each exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_backend_publishes_and_broadcasts_through_the_node_subject() {
+    let Some(nats) = nats_or_skip() else { return };
+    let a = node(&nats, "a", &[]);
+    let b = node(&nats, "b", &[]);
+    wait_for_cluster(&[&a, &b], 2).await;
+    let mut on_a = ws_connect(&format!("{}/chat", a.url())).await;
+    join(&mut on_a, "x").await;
+    let node_a = own_id(&mut on_a, "x").await >> 56;
+    let mut on_b = ws_connect(&format!("{}/chat", b.url())).await;
+    join(&mut on_b, "x").await;
+    let mut elsewhere = ws_connect(&format!("{}/chat", b.url())).await;
+    join(&mut elsewhere, "y").await;
+    settle().await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let subject = format!("ringway.node.{node_a}");
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Ringway-Op", "publish");
+    h.insert("Ringway-Topic", "room:x");
+    client
+        .publish_with_headers(subject.clone(), h, "to room x".into())
+        .await
+        .unwrap();
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Ringway-Op", "broadcast");
+    h.insert("Ringway-Kind", "binary");
+    client
+        .publish_with_headers(subject.clone(), h, vec![7u8].into())
+        .await
+        .unwrap();
+    // Without a topic a publish cannot be delivered: counted as invalid, nothing sent.
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Ringway-Op", "publish");
+    client
+        .publish_with_headers(subject, h, "nowhere".into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let quiet = Duration::from_millis(1500);
+    let mut got_a = drain_texts(&mut on_a, quiet).await;
+    let mut got_b = drain_texts(&mut on_b, quiet).await;
+    got_a.sort();
+    got_b.sort();
+    assert_eq!(got_a, ["[7]", "to room x"], "node a's member");
+    assert_eq!(got_b, ["[7]", "to room x"], "node b's member, once");
+    assert_eq!(drain_texts(&mut elsewhere, quiet).await, ["[7]"]);
+    assert_eq!(
+        a.metric("ringway_cluster_dropped_total", "reason=\"invalid\"")
+            .await,
+        1
+    );
+}

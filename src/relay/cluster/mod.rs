@@ -158,6 +158,9 @@ pub enum BackendEvent {
 pub(crate) enum In {
     /// For every local core (a publish or broadcast from another node).
     Fanout(ToEdge),
+    /// A publish or broadcast of a backend over NATS, sent to this node: for the local cores
+    /// and, once, the other nodes (as a relay link's).
+    Emit(ToEdge),
     /// For a connection of this node; if it is not open here, `gone` goes back to
     /// `reply` (node, link).
     ForConn {

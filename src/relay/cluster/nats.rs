@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 
-use super::subject::{self as s, H_CODE, H_CONN, H_KIND, H_LINK, H_NAME, H_OP, H_ORIGIN};
+use super::subject::{self as s, H_CODE, H_CONN, H_KIND, H_LINK, H_NAME, H_OP, H_ORIGIN, H_TOPIC};
 use super::{BackendEvent, ConnOp, Drop, In, Out};
 use crate::config::ClusterConfig;
 use crate::ids::ConnId;
@@ -469,11 +469,32 @@ fn decode(node: u8, m: &async_nats::Message) -> Option<Option<In>> {
         };
         return Some(Some(In::Fanout(msg)));
     }
-    // This node's own subject: an operation on one of its connections.
+    // This node's own subject: a backend's publish or broadcast (for every node, through
+    // this one), or an operation on one of its connections.
+    let op = get(H_OP)?;
+    match op.as_str() {
+        "publish" => {
+            let topic = get(H_TOPIC)?;
+            if topic.len() > crate::relay::MAX_TOPIC_BYTES {
+                return None;
+            }
+            return Some(Some(In::Emit(ToEdge::Publish {
+                topic: Topic::from(topic),
+                kind: s::kind_of(get(H_KIND).as_deref())?,
+                payload: m.payload.clone(),
+            })));
+        }
+        "broadcast" => {
+            return Some(Some(In::Emit(ToEdge::Broadcast {
+                kind: s::kind_of(get(H_KIND).as_deref())?,
+                payload: m.payload.clone(),
+            })));
+        }
+        _ => {}
+    }
     let conn_raw = get(H_CONN)?.parse::<u64>().ok()?;
     let conn = ConnId::from_u64(conn_raw);
     let link = get(H_LINK).and_then(|v| v.parse::<u32>().ok());
-    let op = get(H_OP)?;
     if op == "gone" {
         return Some(Some(In::Gone {
             conn: conn_raw,
