@@ -896,3 +896,106 @@ async fn a_nats_backend_publishes_and_broadcasts_through_the_node_subject() {
         1
     );
 }
+
+/// examples/chat_backend_nats.py, run with .venv-py3's Python (nats-py, from
+/// scripts/setup-test-deps.sh); killed by PID on drop.
+struct PyBackend(Child);
+
+impl PyBackend {
+    /// None (after saying why) when the venv has no nats-py and RINGWAY_SKIP_NATS=1.
+    fn start(nats: &Nats) -> Option<PyBackend> {
+        use std::io::BufRead;
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let python = root.join(".venv-py3/bin/python");
+        let has_nats = Command::new(&python)
+            .args(["-c", "import nats"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !has_nats {
+            assert!(
+                std::env::var("RINGWAY_SKIP_NATS").is_ok_and(|v| v == "1"),
+                "{} has no nats-py: run scripts/setup-test-deps.sh",
+                python.display()
+            );
+            eprintln!("no nats-py and RINGWAY_SKIP_NATS=1: skipping");
+            return None;
+        }
+        let mut child = Command::new(&python)
+            .arg(root.join("examples/chat_backend_nats.py"))
+            .args(["--nats", &nats.url(), "--prefix", "chat"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning examples/chat_backend_nats.py");
+        let mut line = String::new();
+        let out = child.stdout.take().unwrap();
+        let mut out = std::io::BufReader::new(out);
+        // It prints this line once subscribed (and flushed to NATS); EOF if it died.
+        out.read_line(&mut line).unwrap();
+        let backend = PyBackend(child);
+        assert!(
+            line.starts_with("listening on chat.in"),
+            "backend said {line:?}"
+        );
+        Some(backend)
+    }
+}
+
+impl Drop for PyBackend {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// docs/cluster.md "Backends over NATS", the example: two nodes whose `/room` upstream is
+/// `nats://chat`, served by examples/chat_backend_nats.py; a member on each node chats
+/// through it, each `said` reaching both members exactly once, in a plain room and in one
+/// whose name no NATS header can carry (the example then publishes to the topic subject).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_nats_chat_backend_serves_members_on_two_nodes() {
+    let Some(nats) = nats_or_skip() else { return };
+    let config = |name: &str, id: u8| {
+        format!(
+            "[cluster]\nnats = [\"{}\"]\nnode = \"{name}\"\nnode_id = {id}\n\n[[upstreams]]\nname = \"chat\"\nbackends = [\"nats://chat\"]\n\n[[routes]]\npath = \"/room\"\nupstream = \"chat\"\n",
+            nats.url()
+        )
+    };
+    let a = Gateway::with_config(&config("a", 1), &[]);
+    let b = Gateway::with_config(&config("b", 2), &[]);
+    wait_for_cluster(&[&a, &b], 2).await;
+    let Some(_backend) = PyBackend::start(&nats) else {
+        return;
+    };
+    let mut on_a = ws_connect(&format!("{}/room", a.url())).await;
+    let mut on_b = ws_connect(&format!("{}/room", b.url())).await;
+    send_text(&mut on_a, "not json".into()).await;
+    assert_eq!(
+        next_json(&mut on_a).await,
+        serde_json::json!({"event": "error", "reason": "expected a JSON object"})
+    );
+    let odd = " two\nlines";
+    for ws in [&mut on_a, &mut on_b] {
+        join(ws, "lobby").await;
+        join(ws, odd).await;
+    }
+    settle().await;
+    send_text(&mut on_a, say_msg("lobby", "hello from a")).await;
+    send_text(&mut on_b, say_msg("lobby", "hello from b")).await;
+    let quiet = Duration::from_millis(1500);
+    let got_a = collect_said(&mut on_a, "lobby", quiet).await;
+    let got_b = collect_said(&mut on_b, "lobby", quiet).await;
+    for got in [&got_a, &got_b] {
+        let texts: Vec<(&str, u32)> = got.iter().map(|(t, (_, n))| (t.as_str(), *n)).collect();
+        assert_eq!(texts, [("hello from a", 1), ("hello from b", 1)]);
+    }
+    let id_a: u64 = got_a["hello from a"].0.parse().unwrap();
+    let id_b: u64 = got_a["hello from b"].0.parse().unwrap();
+    assert_eq!((id_a >> 56, id_b >> 56), (1, 2), "`from` names each node");
+    send_text(&mut on_b, say_msg(odd, "odd")).await;
+    for ws in [&mut on_a, &mut on_b] {
+        let got = collect_said(ws, odd, quiet).await;
+        assert_eq!(got.get("odd").map(|(_, n)| *n), Some(1), "{got:?}");
+        assert_eq!(got.len(), 1);
+    }
+}
