@@ -999,3 +999,64 @@ async fn the_python_nats_chat_backend_serves_members_on_two_nodes() {
         assert_eq!(got.len(), 1);
     }
 }
+
+/// Read the link's frames until a `gone` for `conn` (other frames, pings, are skipped).
+fn expect_gone(link: &mut FakeLink, conn: u64, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let f = link
+            .read_frame()
+            .unwrap_or_else(|| panic!("no gone: {what}"));
+        if f.ty == T_GONE {
+            assert_eq!(f.conn(), conn, "{what}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "no gone: {what}");
+    }
+}
+
+/// A backend's `send` or `close` to a connection of a node no heartbeat came from, or
+/// while NATS is unreachable, cannot be delivered: the backend gets `gone` for it at once
+/// (and the drop is counted), as for a stale id on one gateway, instead of silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_to_a_missing_node_or_during_an_outage_get_gone() {
+    let Some(mut nats) = nats_or_skip() else {
+        return;
+    };
+    let (listener, addr) = fake_listener();
+    let upstream = format!("tcp://{addr}");
+    let a = node(&nats, "a", &["--upstream", &upstream]);
+    let mut link = FakeLink::accept(&listener, WAIT).expect("node a's backend link");
+    link.handshake();
+    wait_for_cluster(&[&a], 1).await;
+    // Past the grace after connecting in which nodes not heard yet are not taken as missing.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let nowhere = (77u64 << 56) | 5;
+    link.write(&send_frame(nowhere, "hello?"));
+    expect_gone(&mut link, nowhere, "send to node 77");
+    link.write(&common_relay::close_frame_for(nowhere + 1, 4000));
+    expect_gone(&mut link, nowhere + 1, "close to node 77");
+    assert_eq!(
+        a.metric("ringway_cluster_dropped_total", "reason=\"unknown_node\"")
+            .await,
+        2
+    );
+
+    nats.kill();
+    let deadline = Instant::now() + WAIT;
+    while a.metric("ringway_cluster_connected", "").await != 0 {
+        assert!(Instant::now() < deadline, "still connected after the kill");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = a
+        .metric("ringway_cluster_dropped_total", "reason=\"disconnected\"")
+        .await;
+    let other = (2u64 << 56) | 9;
+    link.write(&send_frame(other, "during the outage"));
+    expect_gone(&mut link, other, "send during the outage");
+    assert_eq!(
+        a.metric("ringway_cluster_dropped_total", "reason=\"disconnected\"")
+            .await,
+        before + 1
+    );
+}

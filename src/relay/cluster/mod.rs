@@ -37,16 +37,19 @@ pub enum Drop {
     Invalid = 4,
     /// The NATS client refused the publish (payload over the server's max_payload, ...).
     PublishFailed = 5,
+    /// Addressed to a node id whose heartbeat was not heard (no such node, or it left).
+    UnknownNode = 6,
 }
 
 impl Drop {
-    pub const ALL: [Drop; 6] = [
+    pub const ALL: [Drop; 7] = [
         Drop::OutFull,
         Drop::Disconnected,
         Drop::InFull,
         Drop::NodeIdConflict,
         Drop::Invalid,
         Drop::PublishFailed,
+        Drop::UnknownNode,
     ];
     pub fn label(self) -> &'static str {
         match self {
@@ -56,6 +59,7 @@ impl Drop {
             Drop::NodeIdConflict => "node_id_conflict",
             Drop::Invalid => "invalid",
             Drop::PublishFailed => "publish_failed",
+            Drop::UnknownNode => "unknown_node",
         }
     }
 }
@@ -72,7 +76,7 @@ pub struct ClusterGauges {
     /// Messages published to NATS / taken from NATS.
     pub sent: AtomicU64,
     pub received: AtomicU64,
-    pub dropped: [AtomicU64; 6],
+    pub dropped: [AtomicU64; 7],
     /// The last round trip of a ping through NATS, in microseconds (0: none yet).
     pub ping_us: AtomicU64,
     /// Heartbeats from another node name claiming this node's id.
@@ -327,6 +331,7 @@ fn start_thread(
         incoming: in_tx,
         wake,
         gauges: gauges.clone(),
+        up_since: std::cell::Cell::new(None),
     };
     std::thread::Builder::new()
         .name("ringway-cluster".into())
