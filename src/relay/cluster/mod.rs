@@ -189,18 +189,23 @@ impl ClusterBus {
         self.node
     }
 
-    fn push(&self, msg: Out) {
+    /// False when it did not fit (counted).
+    fn push(&self, msg: Out) -> bool {
         match self.out.try_send(msg) {
-            Ok(()) => self.notify.notify_one(),
+            Ok(()) => {
+                self.notify.notify_one();
+                true
+            }
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.gauges.cluster.drop(Drop::OutFull)
+                self.gauges.cluster.drop(Drop::OutFull);
+                false
             }
         }
     }
 
     /// A publish or broadcast made on this node: to the other nodes too (once).
     pub fn fan_out(&self, msg: &ToEdge) {
-        match msg {
+        let _ = match msg {
             ToEdge::Publish {
                 topic,
                 kind,
@@ -214,8 +219,8 @@ impl ClusterBus {
                 kind: *kind,
                 payload: payload.clone(),
             }),
-            _ => {}
-        }
+            _ => true,
+        };
     }
 
     /// Whether `msg` is for a connection of another node (then it goes there, not to a
@@ -226,22 +231,22 @@ impl ClusterBus {
 
     /// A backend's operation on a connection of another node, from backend link `link`;
     /// accept and reject only ever go to the link that carried the `open`, so they are not
-    /// carried.
-    pub fn to_node(&self, msg: ToEdge, link: Option<u32>) {
-        let Some(conn) = msg.conn() else { return };
+    /// carried. False when the buffer to NATS was full: the caller answers `gone`.
+    pub fn to_node(&self, msg: ToEdge, link: Option<u32>) -> bool {
+        let Some(conn) = msg.conn() else { return true };
         let op = match msg {
             ToEdge::Send { kind, payload, .. } => ConnOp::Send { kind, payload },
             ToEdge::Close { code, reason, .. } => ConnOp::Close { code, reason },
             ToEdge::Subscribe { topic, .. } => ConnOp::Subscribe { topic },
             ToEdge::Unsubscribe { topic, .. } => ConnOp::Unsubscribe { topic },
-            _ => return,
+            _ => return true,
         };
         self.push(Out::ToNode {
             node: conn.node(),
             conn: conn.as_u64(),
             op,
             link,
-        });
+        })
     }
 
     /// An event for the backends of a `nats://PREFIX` upstream.
@@ -399,7 +404,7 @@ mod tests {
         };
         assert!(!r.bus.is_remote(&send(local)));
         assert!(r.bus.is_remote(&send(remote)));
-        r.bus.to_node(send(remote), Some(4));
+        assert!(r.bus.to_node(send(remote), Some(4)));
         assert!(matches!(
             rx.try_recv(),
             Ok(Out::ToNode {
@@ -409,8 +414,11 @@ mod tests {
                 ..
             })
         ));
-        r.bus.to_node(send(remote), None);
-        r.bus.to_node(send(remote), None);
+        assert!(r.bus.to_node(send(remote), None));
+        assert!(
+            !r.bus.to_node(send(remote), None),
+            "a full buffer says so (the link answers gone)"
+        );
         assert_eq!(r.bus.gauges.cluster.dropped(Drop::OutFull), 1);
     }
 }
