@@ -2,7 +2,8 @@
 # Installs everything the test suite needs beyond the Rust toolchain. Idempotent: a repeat run checks stamps and exits.
 #   .autobahn/venv      CPython 2.7 virtualenv with Autobahn|Testsuite (wstest), pins in tests/autobahn/requirements-py27.txt
 #   .autobahn/bootstrap Python 3 venv holding virtualenv<20.22 (the last line that can create 2.7 environments)
-#   .venv-py3           Python 3 venv with `websockets` (independent client), pins in tests/autobahn/requirements-py3.txt
+#   .venv-py3           Python 3 venv with `websockets` (independent client) and `nats-py` (examples/chat_backend_nats.py),
+#                       pins in tests/autobahn/requirements-py3.txt; a symlinked .venv-py3 is rebuilt where it points
 #   tests/peers/node_modules  Node `ws` + playwright-core (pins in tests/peers/package-lock.json); nodejs, npm, chromium from Debian
 # Env overrides: PY27=/path/to/python2.7, PY3=/path/to/python3.
 set -euo pipefail
@@ -15,7 +16,9 @@ REQBOOT="tests/autobahn/requirements-bootstrap.txt"
 AB_DIR=".autobahn"
 VENV27="$AB_DIR/venv"
 BOOT="$AB_DIR/bootstrap"
+# A worktree may link .venv-py3 to a shared venv: rebuild that one, never just drop the link.
 VENV3=".venv-py3"
+[ -L "$VENV3" ] && VENV3="$(readlink -f "$VENV3")"
 STAMP=".ringway-setup-stamp"
 
 log() { printf 'setup-test-deps: %s\n' "$*"; }
@@ -123,7 +126,7 @@ fi
 PYBIN="$PY3BIN"
 want3="$(stamp_of "$REQ3")"
 if [ -x "$VENV3/bin/python" ] && stamp_matches "$VENV3" "$want3" \
-   && "$VENV3/bin/python" -c 'import websockets, prometheus_client' 2>/dev/null; then
+   && "$VENV3/bin/python" -c 'import websockets, prometheus_client, nats' 2>/dev/null; then
   log "$VENV3 up to date (websockets $("$VENV3/bin/python" -c 'import websockets; print(websockets.__version__)'))"
 else
   log "building $VENV3 from $REQ3 with $PY3BIN"
@@ -132,7 +135,7 @@ else
   echo '*' > "$VENV3/.gitignore"   # keep the venv out of git without touching the repo's .gitignore
   "$VENV3/bin/python" -m pip install -q --disable-pip-version-check -r "$REQ3"
   echo "$want3" > "$VENV3/$STAMP"
-  log "installed websockets $("$VENV3/bin/python" -c 'import websockets; print(websockets.__version__)')"
+  log "installed websockets $("$VENV3/bin/python" -c 'import websockets; print(websockets.__version__)'), nats-py $("$VENV3/bin/python" -c 'import importlib.metadata as m; print(m.version("nats-py"))')"
 fi
 
 # --- JS peers for tests/deflate_peers.rs (tests/peers): Node ws, and headless Chromium via playwright-core ---

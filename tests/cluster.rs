@@ -825,3 +825,238 @@ async fn any_nats_client_can_publish_broadcast_and_send_to_one_connection() {
     seen.sort();
     assert_eq!(seen, ["[0, 1]", "just you", "to the room"]);
 }
+
+/// Every text and binary message a client gets until `quiet` passes without one.
+async fn drain_texts(ws: &mut Ws, quiet: Duration) -> Vec<String> {
+    use tokio_tungstenite::tungstenite::Message;
+    let mut seen = Vec::new();
+    loop {
+        match ws_next_within(ws, quiet).await {
+            None => return seen,
+            Some(Got::Other(Message::Text(t))) => seen.push(t.to_string()),
+            Some(Got::Other(Message::Binary(b))) => seen.push(format!("{:?}", &b[..])),
+            Some(Got::Json(v)) => seen.push(v.to_string()),
+            Some(other) => panic!("after {seen:?}: {other:?}"),
+        }
+    }
+}
+
+/// docs/cluster.md "Backends over NATS": a backend answers `publish` and `broadcast` on the
+/// node subject like its other operations; the node delivers them to its own clients and
+/// once to the other nodes, so members on both nodes get each exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_backend_publishes_and_broadcasts_through_the_node_subject() {
+    let Some(nats) = nats_or_skip() else { return };
+    let a = node(&nats, "a", &[]);
+    let b = node(&nats, "b", &[]);
+    wait_for_cluster(&[&a, &b], 2).await;
+    let mut on_a = ws_connect(&format!("{}/chat", a.url())).await;
+    join(&mut on_a, "x").await;
+    let node_a = own_id(&mut on_a, "x").await >> 56;
+    let mut on_b = ws_connect(&format!("{}/chat", b.url())).await;
+    join(&mut on_b, "x").await;
+    let mut elsewhere = ws_connect(&format!("{}/chat", b.url())).await;
+    join(&mut elsewhere, "y").await;
+    settle().await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let subject = format!("ringway.node.{node_a}");
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Ringway-Op", "publish");
+    h.insert("Ringway-Topic", "room:x");
+    client
+        .publish_with_headers(subject.clone(), h, "to room x".into())
+        .await
+        .unwrap();
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Ringway-Op", "broadcast");
+    h.insert("Ringway-Kind", "binary");
+    client
+        .publish_with_headers(subject.clone(), h, vec![7u8].into())
+        .await
+        .unwrap();
+    // Without a topic a publish cannot be delivered: counted as invalid, nothing sent.
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Ringway-Op", "publish");
+    client
+        .publish_with_headers(subject, h, "nowhere".into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let quiet = Duration::from_millis(1500);
+    let mut got_a = drain_texts(&mut on_a, quiet).await;
+    let mut got_b = drain_texts(&mut on_b, quiet).await;
+    got_a.sort();
+    got_b.sort();
+    assert_eq!(got_a, ["[7]", "to room x"], "node a's member");
+    assert_eq!(got_b, ["[7]", "to room x"], "node b's member, once");
+    assert_eq!(drain_texts(&mut elsewhere, quiet).await, ["[7]"]);
+    assert_eq!(
+        a.metric("ringway_cluster_dropped_total", "reason=\"invalid\"")
+            .await,
+        1
+    );
+}
+
+/// examples/chat_backend_nats.py, run with .venv-py3's Python (nats-py, from
+/// scripts/setup-test-deps.sh); killed by PID on drop.
+struct PyBackend(Child);
+
+impl PyBackend {
+    /// None (after saying why) when the venv has no nats-py and RINGWAY_SKIP_NATS=1.
+    fn start(nats: &Nats) -> Option<PyBackend> {
+        use std::io::BufRead;
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let python = root.join(".venv-py3/bin/python");
+        let has_nats = Command::new(&python)
+            .args(["-c", "import nats"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !has_nats {
+            assert!(
+                std::env::var("RINGWAY_SKIP_NATS").is_ok_and(|v| v == "1"),
+                "{} has no nats-py: run scripts/setup-test-deps.sh",
+                python.display()
+            );
+            eprintln!("no nats-py and RINGWAY_SKIP_NATS=1: skipping");
+            return None;
+        }
+        let mut child = Command::new(&python)
+            .arg(root.join("examples/chat_backend_nats.py"))
+            .args(["--nats", &nats.url(), "--prefix", "chat"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning examples/chat_backend_nats.py");
+        let mut line = String::new();
+        let out = child.stdout.take().unwrap();
+        let mut out = std::io::BufReader::new(out);
+        // It prints this line once subscribed (and flushed to NATS); EOF if it died.
+        out.read_line(&mut line).unwrap();
+        let backend = PyBackend(child);
+        assert!(
+            line.starts_with("listening on chat.in"),
+            "backend said {line:?}"
+        );
+        Some(backend)
+    }
+}
+
+impl Drop for PyBackend {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// docs/cluster.md "Backends over NATS", the example: two nodes whose `/room` upstream is
+/// `nats://chat`, served by examples/chat_backend_nats.py; a member on each node chats
+/// through it, each `said` reaching both members exactly once, in a plain room and in one
+/// whose name no NATS header can carry (the example then publishes to the topic subject).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_nats_chat_backend_serves_members_on_two_nodes() {
+    let Some(nats) = nats_or_skip() else { return };
+    let config = |name: &str, id: u8| {
+        format!(
+            "[cluster]\nnats = [\"{}\"]\nnode = \"{name}\"\nnode_id = {id}\n\n[[upstreams]]\nname = \"chat\"\nbackends = [\"nats://chat\"]\n\n[[routes]]\npath = \"/room\"\nupstream = \"chat\"\n",
+            nats.url()
+        )
+    };
+    let a = Gateway::with_config(&config("a", 1), &[]);
+    let b = Gateway::with_config(&config("b", 2), &[]);
+    wait_for_cluster(&[&a, &b], 2).await;
+    let Some(_backend) = PyBackend::start(&nats) else {
+        return;
+    };
+    let mut on_a = ws_connect(&format!("{}/room", a.url())).await;
+    let mut on_b = ws_connect(&format!("{}/room", b.url())).await;
+    send_text(&mut on_a, "not json".into()).await;
+    assert_eq!(
+        next_json(&mut on_a).await,
+        serde_json::json!({"event": "error", "reason": "expected a JSON object"})
+    );
+    let odd = " two\nlines";
+    for ws in [&mut on_a, &mut on_b] {
+        join(ws, "lobby").await;
+        join(ws, odd).await;
+    }
+    settle().await;
+    send_text(&mut on_a, say_msg("lobby", "hello from a")).await;
+    send_text(&mut on_b, say_msg("lobby", "hello from b")).await;
+    let quiet = Duration::from_millis(1500);
+    let got_a = collect_said(&mut on_a, "lobby", quiet).await;
+    let got_b = collect_said(&mut on_b, "lobby", quiet).await;
+    for got in [&got_a, &got_b] {
+        let texts: Vec<(&str, u32)> = got.iter().map(|(t, (_, n))| (t.as_str(), *n)).collect();
+        assert_eq!(texts, [("hello from a", 1), ("hello from b", 1)]);
+    }
+    let id_a: u64 = got_a["hello from a"].0.parse().unwrap();
+    let id_b: u64 = got_a["hello from b"].0.parse().unwrap();
+    assert_eq!((id_a >> 56, id_b >> 56), (1, 2), "`from` names each node");
+    send_text(&mut on_b, say_msg(odd, "odd")).await;
+    for ws in [&mut on_a, &mut on_b] {
+        let got = collect_said(ws, odd, quiet).await;
+        assert_eq!(got.get("odd").map(|(_, n)| *n), Some(1), "{got:?}");
+        assert_eq!(got.len(), 1);
+    }
+}
+
+/// Read the link's frames until a `gone` for `conn` (other frames, pings, are skipped).
+fn expect_gone(link: &mut FakeLink, conn: u64, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let f = link
+            .read_frame()
+            .unwrap_or_else(|| panic!("no gone: {what}"));
+        if f.ty == T_GONE {
+            assert_eq!(f.conn(), conn, "{what}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "no gone: {what}");
+    }
+}
+
+/// A backend's `send` or `close` to a connection of a node no heartbeat came from, or
+/// while NATS is unreachable, cannot be delivered: the backend gets `gone` for it at once
+/// (and the drop is counted), as for a stale id on one gateway, instead of silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_to_a_missing_node_or_during_an_outage_get_gone() {
+    let Some(mut nats) = nats_or_skip() else {
+        return;
+    };
+    let (listener, addr) = fake_listener();
+    let upstream = format!("tcp://{addr}");
+    let a = node(&nats, "a", &["--upstream", &upstream]);
+    let mut link = FakeLink::accept(&listener, WAIT).expect("node a's backend link");
+    link.handshake();
+    wait_for_cluster(&[&a], 1).await;
+    // Past the grace after connecting in which nodes not heard yet are not taken as missing.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let nowhere = (77u64 << 56) | 5;
+    link.write(&send_frame(nowhere, "hello?"));
+    expect_gone(&mut link, nowhere, "send to node 77");
+    link.write(&common_relay::close_frame_for(nowhere + 1, 4000));
+    expect_gone(&mut link, nowhere + 1, "close to node 77");
+    assert_eq!(
+        a.metric("ringway_cluster_dropped_total", "reason=\"unknown_node\"")
+            .await,
+        2
+    );
+
+    nats.kill();
+    let deadline = Instant::now() + WAIT;
+    while a.metric("ringway_cluster_connected", "").await != 0 {
+        assert!(Instant::now() < deadline, "still connected after the kill");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = a
+        .metric("ringway_cluster_dropped_total", "reason=\"disconnected\"")
+        .await;
+    let other = (2u64 << 56) | 9;
+    link.write(&send_frame(other, "during the outage"));
+    expect_gone(&mut link, other, "send during the outage");
+    assert_eq!(
+        a.metric("ringway_cluster_dropped_total", "reason=\"disconnected\"")
+            .await,
+        before + 1
+    );
+}

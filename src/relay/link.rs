@@ -816,8 +816,12 @@ impl Link {
                 };
                 if let Some(bus) = cx.cluster {
                     if bus.is_remote(&msg) {
-                        // Another node's connection: its node answers `gone` if need be.
-                        bus.to_node(msg, Some(self.token.0 as u32));
+                        // Another node's connection: its node answers `gone` if need be
+                        // (or ours, when it cannot get there).
+                        let conn = msg.conn().map_or(0, |c| c.as_u64());
+                        if !bus.to_node(msg, Some(self.token.0 as u32)) {
+                            self.answer(Record::Gone { conn }, cx)?;
+                        }
                         return Ok(());
                     }
                     bus.fan_out(&msg);

@@ -323,6 +323,10 @@ impl<S: EdgeSink + 'static> Router<S> {
             };
             match msg {
                 In::Fanout(m) => self.sink.send_now(m),
+                In::Emit(m) => {
+                    cluster.bus.fan_out(&m);
+                    self.sink.send_now(m);
+                }
                 In::ForConn { msg, reply } => {
                     let conn = msg.conn().unwrap_or(ConnId::from_u64(0));
                     if self.conns.contains_key(&conn) {

@@ -37,16 +37,19 @@ pub enum Drop {
     Invalid = 4,
     /// The NATS client refused the publish (payload over the server's max_payload, ...).
     PublishFailed = 5,
+    /// Addressed to a node id whose heartbeat was not heard (no such node, or it left).
+    UnknownNode = 6,
 }
 
 impl Drop {
-    pub const ALL: [Drop; 6] = [
+    pub const ALL: [Drop; 7] = [
         Drop::OutFull,
         Drop::Disconnected,
         Drop::InFull,
         Drop::NodeIdConflict,
         Drop::Invalid,
         Drop::PublishFailed,
+        Drop::UnknownNode,
     ];
     pub fn label(self) -> &'static str {
         match self {
@@ -56,6 +59,7 @@ impl Drop {
             Drop::NodeIdConflict => "node_id_conflict",
             Drop::Invalid => "invalid",
             Drop::PublishFailed => "publish_failed",
+            Drop::UnknownNode => "unknown_node",
         }
     }
 }
@@ -72,7 +76,7 @@ pub struct ClusterGauges {
     /// Messages published to NATS / taken from NATS.
     pub sent: AtomicU64,
     pub received: AtomicU64,
-    pub dropped: [AtomicU64; 6],
+    pub dropped: [AtomicU64; 7],
     /// The last round trip of a ping through NATS, in microseconds (0: none yet).
     pub ping_us: AtomicU64,
     /// Heartbeats from another node name claiming this node's id.
@@ -158,6 +162,9 @@ pub enum BackendEvent {
 pub(crate) enum In {
     /// For every local core (a publish or broadcast from another node).
     Fanout(ToEdge),
+    /// A publish or broadcast of a backend over NATS, sent to this node: for the local cores
+    /// and, once, the other nodes (as a relay link's).
+    Emit(ToEdge),
     /// For a connection of this node; if it is not open here, `gone` goes back to
     /// `reply` (node, link).
     ForConn {
@@ -182,18 +189,23 @@ impl ClusterBus {
         self.node
     }
 
-    fn push(&self, msg: Out) {
+    /// False when it did not fit (counted).
+    fn push(&self, msg: Out) -> bool {
         match self.out.try_send(msg) {
-            Ok(()) => self.notify.notify_one(),
+            Ok(()) => {
+                self.notify.notify_one();
+                true
+            }
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.gauges.cluster.drop(Drop::OutFull)
+                self.gauges.cluster.drop(Drop::OutFull);
+                false
             }
         }
     }
 
     /// A publish or broadcast made on this node: to the other nodes too (once).
     pub fn fan_out(&self, msg: &ToEdge) {
-        match msg {
+        let _ = match msg {
             ToEdge::Publish {
                 topic,
                 kind,
@@ -207,8 +219,8 @@ impl ClusterBus {
                 kind: *kind,
                 payload: payload.clone(),
             }),
-            _ => {}
-        }
+            _ => true,
+        };
     }
 
     /// Whether `msg` is for a connection of another node (then it goes there, not to a
@@ -219,22 +231,22 @@ impl ClusterBus {
 
     /// A backend's operation on a connection of another node, from backend link `link`;
     /// accept and reject only ever go to the link that carried the `open`, so they are not
-    /// carried.
-    pub fn to_node(&self, msg: ToEdge, link: Option<u32>) {
-        let Some(conn) = msg.conn() else { return };
+    /// carried. False when the buffer to NATS was full: the caller answers `gone`.
+    pub fn to_node(&self, msg: ToEdge, link: Option<u32>) -> bool {
+        let Some(conn) = msg.conn() else { return true };
         let op = match msg {
             ToEdge::Send { kind, payload, .. } => ConnOp::Send { kind, payload },
             ToEdge::Close { code, reason, .. } => ConnOp::Close { code, reason },
             ToEdge::Subscribe { topic, .. } => ConnOp::Subscribe { topic },
             ToEdge::Unsubscribe { topic, .. } => ConnOp::Unsubscribe { topic },
-            _ => return,
+            _ => return true,
         };
         self.push(Out::ToNode {
             node: conn.node(),
             conn: conn.as_u64(),
             op,
             link,
-        });
+        })
     }
 
     /// An event for the backends of a `nats://PREFIX` upstream.
@@ -324,6 +336,7 @@ fn start_thread(
         incoming: in_tx,
         wake,
         gauges: gauges.clone(),
+        up_since: std::cell::Cell::new(None),
     };
     std::thread::Builder::new()
         .name("ringway-cluster".into())
@@ -391,7 +404,7 @@ mod tests {
         };
         assert!(!r.bus.is_remote(&send(local)));
         assert!(r.bus.is_remote(&send(remote)));
-        r.bus.to_node(send(remote), Some(4));
+        assert!(r.bus.to_node(send(remote), Some(4)));
         assert!(matches!(
             rx.try_recv(),
             Ok(Out::ToNode {
@@ -401,8 +414,11 @@ mod tests {
                 ..
             })
         ));
-        r.bus.to_node(send(remote), None);
-        r.bus.to_node(send(remote), None);
+        assert!(r.bus.to_node(send(remote), None));
+        assert!(
+            !r.bus.to_node(send(remote), None),
+            "a full buffer says so (the link answers gone)"
+        );
         assert_eq!(r.bus.gauges.cluster.dropped(Drop::OutFull), 1);
     }
 }

@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 
-use super::subject::{self as s, H_CODE, H_CONN, H_KIND, H_LINK, H_NAME, H_OP, H_ORIGIN};
+use super::subject::{self as s, H_CODE, H_CONN, H_KIND, H_LINK, H_NAME, H_OP, H_ORIGIN, H_TOPIC};
 use super::{BackendEvent, ConnOp, Drop, In, Out};
 use crate::config::ClusterConfig;
 use crate::ids::ConnId;
@@ -43,7 +43,13 @@ pub(super) struct Thread {
     pub incoming: Sender<In>,
     pub wake: Arc<mio::Waker>,
     pub gauges: Arc<RelayGauges>,
+    /// Since when the client is connected (None while not), so that a node not heard yet
+    /// is not taken for a missing one right after a (re)connect.
+    pub up_since: std::cell::Cell<Option<Instant>>,
 }
+
+/// After a (re)connect, every live node's heartbeat has come through within this.
+const HEARD_ALL_AFTER: Duration = Duration::from_secs(2);
 
 /// What the subscription tasks share: the way into the relay.
 #[derive(Clone)]
@@ -57,6 +63,10 @@ struct Inlet {
 impl Inlet {
     fn deliver(&self, msg: In) {
         self.gauges.cluster.received.fetch_add(1, Ordering::Relaxed);
+        self.hand_over(msg);
+    }
+
+    fn hand_over(&self, msg: In) {
         match self.tx.try_send(msg) {
             Ok(()) => {
                 let _ = self.wake.wake();
@@ -156,7 +166,7 @@ impl Thread {
             }
         }
         if let Ok(sub) = client.subscribe(s::HEARTBEAT).await {
-            fixed.push(tokio::spawn(heard(sub, nodes.clone())));
+            fixed.push(tokio::spawn(hear(sub, nodes.clone())));
         }
         let ping_subject = format!("{}{}", s::PING_PREFIX, self.node);
         let (pong_tx, mut pong_rx) = tokio::sync::mpsc::channel::<()>(4);
@@ -193,6 +203,7 @@ impl Thread {
                     }
                 }
                 _ = tick.tick() => {
+                    self.settled(&client);
                     self.beat(&client, &nodes, &mut conflict_logged).await;
                     if connected(&client) {
                         ping_sent = Some(Instant::now());
@@ -322,9 +333,22 @@ impl Thread {
                 op,
                 link,
             } => {
+                // What cannot reach a connection's node answers `gone` to the backend
+                // link that asked, as a stale id on one gateway does.
+                let refuse = |why: Drop| {
+                    self.gauges.cluster.drop(why);
+                    if let (Some(link), false) = (link, matches!(op, ConnOp::Gone { .. })) {
+                        inlet.hand_over(In::Gone { conn, link });
+                    }
+                };
+                if !connected(client) {
+                    return refuse(Drop::Disconnected);
+                }
                 if conflicted(nodes, node) {
-                    self.gauges.cluster.drop(Drop::NodeIdConflict);
-                    return;
+                    return refuse(Drop::NodeIdConflict);
+                }
+                if self.settled(client) && !heard(nodes, node) {
+                    return refuse(Drop::UnknownNode);
                 }
                 let mut h = self.headers();
                 h.insert(H_CONN, conn.to_string().as_str());
@@ -374,6 +398,17 @@ impl Thread {
         }
     }
 
+    /// Whether the client has been connected long enough to have heard every live node.
+    fn settled(&self, client: &Client) -> bool {
+        if !connected(client) {
+            self.up_since.set(None);
+            return false;
+        }
+        let since = self.up_since.get().unwrap_or_else(Instant::now);
+        self.up_since.set(Some(since));
+        since.elapsed() >= HEARD_ALL_AFTER
+    }
+
     fn headers(&self) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(H_ORIGIN, self.node.to_string().as_str());
@@ -408,8 +443,14 @@ fn conflicted(nodes: &Nodes, node: u8) -> bool {
     map.get(&node).is_some_and(|names| names.len() > 1)
 }
 
+/// Whether a heartbeat of `node` came lately (within [`NODE_EXPIRY`], give or take a beat).
+fn heard(nodes: &Nodes, node: u8) -> bool {
+    let map = nodes.lock().unwrap_or_else(|p| p.into_inner());
+    map.contains_key(&node)
+}
+
 /// Heartbeats: who is out there.
-async fn heard(mut sub: Subscriber, nodes: Nodes) {
+async fn hear(mut sub: Subscriber, nodes: Nodes) {
     while let Some(m) = sub.next().await {
         let h = m.headers.as_ref();
         let id = h
@@ -469,11 +510,32 @@ fn decode(node: u8, m: &async_nats::Message) -> Option<Option<In>> {
         };
         return Some(Some(In::Fanout(msg)));
     }
-    // This node's own subject: an operation on one of its connections.
+    // This node's own subject: a backend's publish or broadcast (for every node, through
+    // this one), or an operation on one of its connections.
+    let op = get(H_OP)?;
+    match op.as_str() {
+        "publish" => {
+            let topic = get(H_TOPIC)?;
+            if topic.len() > crate::relay::MAX_TOPIC_BYTES {
+                return None;
+            }
+            return Some(Some(In::Emit(ToEdge::Publish {
+                topic: Topic::from(topic),
+                kind: s::kind_of(get(H_KIND).as_deref())?,
+                payload: m.payload.clone(),
+            })));
+        }
+        "broadcast" => {
+            return Some(Some(In::Emit(ToEdge::Broadcast {
+                kind: s::kind_of(get(H_KIND).as_deref())?,
+                payload: m.payload.clone(),
+            })));
+        }
+        _ => {}
+    }
     let conn_raw = get(H_CONN)?.parse::<u64>().ok()?;
     let conn = ConnId::from_u64(conn_raw);
     let link = get(H_LINK).and_then(|v| v.parse::<u32>().ok());
-    let op = get(H_OP)?;
     if op == "gone" {
         return Some(Some(In::Gone {
             conn: conn_raw,
