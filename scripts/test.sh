@@ -16,7 +16,7 @@ cd "$ROOT"
 
 # Each part's wall time is printed when it ends, and all of them (with the total) at exit,
 # whether the suite passed or not.
-SUITE_T0=$SECONDS STEP_NAME="" STEP_T0=0 TIMES=() DEFLATE_PIDS=()
+SUITE_T0=$SECONDS STEP_NAME="" STEP_T0=0 TIMES=()
 end_step() {
     if [ -n "$STEP_NAME" ]; then
         local dt=$((SECONDS - STEP_T0))
@@ -29,10 +29,9 @@ step() { end_step; STEP_NAME="$*" STEP_T0=$SECONDS; printf '\n== %s\n' "$*"; }
 summary() {
     local rc=$?
     # A failed step leaves no background run behind (autobahn.sh stops its own server).
-    local pid
-    for pid in "${DEFLATE_PIDS[@]}"; do
-        kill -0 "$pid" 2>/dev/null && kill "$pid" 2>/dev/null || true
-    done
+    if [ -n "${DEFLATE_PID:-}" ] && kill -0 "$DEFLATE_PID" 2>/dev/null; then
+        kill "$DEFLATE_PID" 2>/dev/null || true
+    fi
     if [ -n "${FUZZ_BUILD_PID:-}" ] && kill -0 "$FUZZ_BUILD_PID" 2>/dev/null; then
         kill -- "-$FUZZ_BUILD_PID" 2>/dev/null || kill "$FUZZ_BUILD_PID" 2>/dev/null || true
     fi
@@ -53,28 +52,22 @@ python3 scripts/check-imports.py
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo build --profile ci (the binary every Autobahn run serves)"
-cargo build --profile ci
-
-# Autobahn 12.* / 13.* (permessage-deflate: 216 cases, ~12-15 min of one core's Python) in
-# the background as soon as the binary exists, split in two halves of 108 cases (one wstest
-# each, own server, report and log), so the second core takes half once the builds and
-# tests leave it free.
-mkdir -p reports
-DEFLATE_T0=$SECONDS
-DEFLATE_PIDS=()
-for half in a b; do
-    bash scripts/autobahn.sh --binary target/ci/ringway --timeout 2400 --strict \
-        --spec "tests/autobahn/fuzzingclient-deflate-$half.json" --name "autobahn-deflate-$half" \
-        -- --max-message 16777216 --max-fragments 0 --compression shared \
-        >"$ROOT/reports/autobahn-deflate-$half.log" 2>&1 &
-    DEFLATE_PIDS+=($!)
-done
-printf 'Autobahn 12.*/13.* (--compression shared) running in the background (pids %s, logs reports/autobahn-deflate-{a,b}.log)\n' \
-    "${DEFLATE_PIDS[*]}"
-
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --profile ci --workspace --all-targets -- -D warnings
+
+step "cargo build --profile ci (the binary both Autobahn runs serve)"
+cargo build --profile ci
+
+# Autobahn 12.* / 13.* (permessage-deflate) in the background: report and log of their own.
+mkdir -p reports
+DEFLATE_LOG="$ROOT/reports/autobahn-deflate.log"
+DEFLATE_T0=$SECONDS
+bash scripts/autobahn.sh --binary target/ci/ringway --timeout 2400 --strict \
+    --spec tests/autobahn/fuzzingclient-deflate.json --name autobahn-deflate \
+    -- --max-message 16777216 --max-fragments 0 --compression shared >"$DEFLATE_LOG" 2>&1 &
+DEFLATE_PID=$!
+printf 'Autobahn 12.*/13.* (--compression shared) running in the background (pid %d, log %s)\n' \
+    "$DEFLATE_PID" "$DEFLATE_LOG"
 
 # The fuzz targets (their own workspace and target folder, the gateway and rustls built
 # again with coverage instrumentation: ~4 min of CPU) build in the background while the
@@ -108,18 +101,11 @@ bash scripts/autobahn.sh --binary target/ci/ringway --tls --name autobahn-tls \
     -- --max-message 16777216 --max-fragments 0
 
 step "Autobahn|Testsuite 12.* and 13.* (permessage-deflate, --compression shared; started after the build)"
-DEFLATE_RC=0
-for i in 0 1; do
-    half=$([ "$i" = 0 ] && echo a || echo b)
-    set +e
-    wait "${DEFLATE_PIDS[$i]}"
-    rc=$?
-    set -e
-    cat "$ROOT/reports/autobahn-deflate-$half.log"
-    printf 'Autobahn deflate half %s (%s): exit %d, done %d s after the build\n' "$half" \
-        "$([ "$half" = a ] && echo '12.*, 13.1.*' || echo '13.2.* to 13.7.*')" "$rc" "$((SECONDS - DEFLATE_T0))"
-    [ "$rc" = 0 ] || DEFLATE_RC=$rc
-done
+set +e
+wait "$DEFLATE_PID"
+DEFLATE_RC=$?
+set -e
+cat "$DEFLATE_LOG"
 printf 'Autobahn 12.*/13.* wall time: %d s (in parallel with the steps above)\n' \
     "$((SECONDS - DEFLATE_T0))"
 [ "$DEFLATE_RC" = 0 ]
