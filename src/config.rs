@@ -259,7 +259,8 @@ pub struct Config {
     pub close_linger_ms: u64,
     /// On SIGTERM/SIGINT, how long clients get to answer our 1001 close.
     pub shutdown_grace_ms: u64,
-    /// Outbound bytes queued per connection beyond which it is closed 1008 (slow consumer).
+    /// Outbound bytes queued per connection beyond which it stops being read and is a slow
+    /// consumer (closed 1008: at once, or after a grace; see `Session::queue_data`).
     pub send_queue_bytes: usize,
     /// Provided read buffers per core (a power of two) and their size.
     pub read_buffers: u16,

@@ -622,3 +622,49 @@ async fn client_close_is_answered_with_its_code() {
     ws.expect_close(4000).await;
     ws.expect_tcp_closed().await;
 }
+
+/// Clients paused for backpressure and resumed before their receive was cancelled (a relay
+/// queue of one message is full, then drained, within one loop turn, over and over) are
+/// read again, and clients that pipeline faster than they read the echoes are slowed down,
+/// not closed as slow consumers: every pipelined message comes back, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_paused_and_resumed_at_once_is_read_to_the_end() {
+    let gw = Gateway::with_config("relay_queue = 1\n", &[]);
+    const CLIENTS: usize = 8;
+    const N: usize = 5_000;
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let ws = ws_connect(&gw).await;
+        tasks.push(tokio::spawn(async move {
+            let (mut tx, mut rx) = ws.split();
+            let sender = tokio::spawn(async move {
+                for i in 0..N {
+                    let text = format!("{c}:{i}:{}", "x".repeat(2000));
+                    tx.feed(Message::Text(text)).await.expect("send");
+                }
+                tx.flush().await.expect("flush");
+                tx
+            });
+            let mut got = 0;
+            while got < N {
+                match timeout(WAIT, rx.next()).await {
+                    Ok(Some(Ok(Message::Text(t)))) => {
+                        assert!(t.starts_with(&format!("{c}:{got}:")), "out of order: {t}");
+                        got += 1;
+                    }
+                    Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+                    other => {
+                        return Err(format!("client {c}: {got} of {N} echoed, then {other:?}"))
+                    }
+                }
+            }
+            drop(sender.await);
+            Ok(())
+        }));
+    }
+    for t in tasks {
+        if let Err(e) = t.await.unwrap() {
+            panic!("{e}; stderr:\n{}", gw.log());
+        }
+    }
+}

@@ -554,9 +554,13 @@ impl Worker {
                 .conn
                 .as_mut()
                 .expect("checked above");
-            // ECANCELED: we cancelled it, to pause a client for backpressure (re-armed when
-            // it may resume) or to close.
-            if res != -libc::ECANCELED {
+            // ECANCELED: we cancelled it, to pause a client for backpressure or to close.
+            // The pause may already be over (resumed in the turn that paused it, while this
+            // recv was still armed, so nothing was re-armed then): re-arm now unless it is
+            // still paused or closing (`arm_recv` checks), or the client is never read again.
+            if res == -libc::ECANCELED {
+                self.recv_rearm.push(slot);
+            } else {
                 let core = &mut self.core;
                 conn.session.on_peer_closed(&mut core.cx(), res < 0);
                 self.dispatch_outputs(slot);
@@ -1123,20 +1127,24 @@ impl CoreState {
         self.charged + self.relay_in_flight.load(Ordering::Relaxed) as u64
     }
 
-    /// Whether a connection must stop being read: its outbound queue is over
-    /// `send_queue_bytes`, or it (or its core) has too much in flight to the relay.
+    /// Whether a connection must stop being read: its outbound queue plus what it has in
+    /// flight to the relay is over `send_queue_bytes` (the replies to what is in flight are
+    /// still to come: a client that pipelines faster than it reads them is slowed down, not
+    /// closed 1008), or it (or its core) has too much in flight to the relay.
     fn must_pause(&self, conn: &Conn) -> bool {
-        conn.session.queued_cost() > self.config.send_queue_bytes
-            || conn.relay_in_flight.load(Ordering::Relaxed)
+        let in_flight = conn.relay_in_flight.load(Ordering::Relaxed);
+        conn.session.queued_cost() + in_flight > self.config.send_queue_bytes
+            || in_flight
                 > super::connection::relay_in_flight_limit(self.config.max_message_bytes as usize)
             || self.relay_in_flight.load(Ordering::Relaxed) > CORE_RELAY_IN_FLIGHT
     }
 
     /// Whether a paused connection may be read again (with hysteresis on the relay counts).
     fn may_resume(&self, conn: &Conn) -> bool {
+        let in_flight = conn.relay_in_flight.load(Ordering::Relaxed);
         self.relay_backlog.is_empty()
-            && conn.session.queued_cost() <= self.config.send_queue_bytes
-            && conn.relay_in_flight.load(Ordering::Relaxed)
+            && conn.session.queued_cost() + in_flight <= self.config.send_queue_bytes
+            && in_flight
                 <= super::connection::relay_in_flight_limit(self.config.max_message_bytes as usize)
                     / 2
             && self.relay_in_flight.load(Ordering::Relaxed) <= CORE_RELAY_IN_FLIGHT / 2

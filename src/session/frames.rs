@@ -116,7 +116,8 @@ impl Session {
                 Action::None => {}
                 Action::Data(frame) => {
                     self.last_message_ms = cx.now_ms;
-                    self.queue_data(cx, frame);
+                    // Answered while it is read: the queue shows it at once, so no slack.
+                    self.queue_data(cx, frame, 1);
                 }
                 Action::Relay(upstream, kind, payload) => {
                     self.last_message_ms = cx.now_ms;

@@ -58,6 +58,9 @@ pub const PONG_COALESCE_PAST: usize = 64 * 1024;
 /// A client paused because its outbound queue is over `send_queue_bytes` is closed 1008
 /// "slow consumer" if it is still over after this long.
 pub const SLOW_CONSUMER_GRACE_MS: u64 = 5_000;
+/// How many times `send_queue_bytes` the relay's sends to a client may fill its queue before
+/// it is closed at once (topic and broadcast frames, local echoes: once): see `queue_data`.
+const REPLY_SLACK: usize = 4;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -744,9 +747,17 @@ impl Session {
 
     /// A single message larger than the cap is still sent when nothing else is queued: the
     /// cap is for clients that do not read, not a second message size limit.
-    fn queue_data(&mut self, cx: &mut Context<'_>, frame: Bytes) {
+    ///
+    /// The relay's sends may take the queue to `REPLY_SLACK` times `send_queue_bytes`: the
+    /// driver stops reading the client once its queue is over the cap, but the replies to
+    /// what it sent before are already on their way back through the relay, and a client
+    /// that pipelines requests faster than it reads the answers must be slowed down, not
+    /// closed at once. Still over the cap after `SLOW_CONSUMER_GRACE_MS`, it is closed all
+    /// the same.
+    fn queue_data(&mut self, cx: &mut Context<'_>, frame: Bytes, slack: usize) {
         if self.out.bytes() > 0
-            && self.out.cost() + frame.len() + ENTRY_BYTES > cx.config.send_queue_bytes
+            && self.out.cost() + frame.len() + ENTRY_BYTES
+                > cx.config.send_queue_bytes.saturating_mul(slack)
         {
             tracing::debug!(conn = %self.id, queued = self.out.bytes(), "slow consumer");
             cx.meter.count(Count::SlowConsumerClosed);
@@ -760,7 +771,7 @@ impl Session {
     /// A message the relay sends this client.
     pub fn on_relay_send(&mut self, cx: &mut Context<'_>, kind: MessageKind, payload: &[u8]) {
         let frame = self.encode_message(cx, opcode_for(kind), payload);
-        self.queue_data(cx, frame);
+        self.queue_data(cx, frame, REPLY_SLACK);
     }
 
     /// Queue a topic or broadcast frame, applying the route's slow-consumer policy.
@@ -771,7 +782,7 @@ impl Session {
             cx.meter.count(Count::SlowConsumerDropped);
             return;
         }
-        self.queue_data(cx, frame);
+        self.queue_data(cx, frame, 1);
     }
 
     pub fn subscribe(&mut self, topic: &Topic, max: usize) -> Subscribed {

@@ -810,13 +810,35 @@ fn slow_consumer_over_the_queue_for_the_grace_closes_1008() {
 #[test]
 fn a_reply_over_the_queue_cap_closes_1008_but_one_big_message_passes() {
     let mut sim = Sim::open("send_queue_bytes = 1024\n", true);
-    let big = "x".repeat(4000);
+    let big = "x".repeat(5000);
     sim.relay_send(&big);
     assert_eq!(sim.s.queued().len(), 1, "alone in the queue: sent");
     sim.relay_send("more");
     let wire = sim.wire();
     assert_eq!(wire.len(), 2);
     assert_eq!(wire[1], Wire::Close(close::POLICY_VIOLATION));
+}
+
+#[test]
+fn replies_may_fill_four_queues_while_paused_but_topic_frames_one() {
+    // Replies already on their way back when the driver paused the client are queued up
+    // to 4 x send_queue_bytes; the one past that closes 1008 at once.
+    let mut sim = Sim::open("send_queue_bytes = 1024\n", true);
+    for _ in 0..3 {
+        sim.relay_send(&"r".repeat(1000));
+    }
+    assert!(sim.s.queued_cost() > 2 * 1024, "{}", sim.s.queued_cost());
+    assert!(!sim.s.close_sent(), "within the reply slack");
+    sim.relay_send(&"r".repeat(1000));
+    assert!(sim.s.close_sent(), "past 4 x the cap");
+    assert!(sim.counted().contains(&Count::SlowConsumerClosed));
+
+    // A topic frame gets no slack: the second one over the cap closes.
+    let mut sim = Sim::open("send_queue_bytes = 1024\n", true);
+    let frame = encode(OpCode::Text, &[b'x'; 900]);
+    sim.with(|s, cx| s.queue_fanout(cx, frame.clone()));
+    sim.with(|s, cx| s.queue_fanout(cx, frame.clone()));
+    assert!(sim.s.close_sent());
 }
 
 #[test]
