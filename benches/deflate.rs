@@ -2,7 +2,8 @@
 //! inflate (the round trip a message makes through a sender and a receiver), for the
 //! backends and modes the gateway could use:
 //! - `shared/zlib-rs`: the gateway's `shared` mode: flate2 on zlib-rs, window 15, both
-//!   sides reset per message (no context takeover);
+//!   sides reset per message (no context takeover), at the default `compression_level` (2);
+//!   `shared/zlib-rs-level6` the same at zlib's own default level, 6;
 //! - `dedicated/zlib-rs-w12-ml4`: the gateway's `dedicated` mode: zlib-rs directly, window 12,
 //!   memLevel 4, context takeover both ways;
 //! - `dedicated/zlib-w12-ml8` and `-ml4`: stock zlib (libz-sys) with context takeover, at
@@ -281,10 +282,15 @@ fn candidates() -> Vec<(&'static str, Box<dyn Pair>)> {
                 Vec::new(),
             )),
         ),
+        ("shared/zlib-rs-level6", {
+            let mut d = Deflater::default();
+            d.set_level(6);
+            Box::new(SharedZlibRs(d, Inflater::default(), Vec::new()))
+        }),
         (
             "dedicated/zlib-rs-w12-ml4",
             Box::new(DedicatedZlibRs(
-                TakeoverDeflater::new(12),
+                TakeoverDeflater::new(12, ringway::protocol::deflate::DEFAULT_LEVEL),
                 TakeoverInflater::new(12),
                 Vec::new(),
                 Vec::new(),

@@ -285,6 +285,8 @@ pub struct Config {
     pub compression: Compression,
     /// Outbound messages smaller than this go uncompressed (RSV1 clear, RFC 7692 §6.1).
     pub compression_min_bytes: usize,
+    /// zlib level of our compressors, 1 (fastest) to 9 (smallest).
+    pub compression_level: u8,
     /// `dedicated`: our compressor's window (9..=15; zlib cannot do a raw 8-bit window),
     /// and the client's when its offer lets us name one.
     pub compression_window_bits: u8,
@@ -327,6 +329,7 @@ impl Default for Config {
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9091))),
             compression: Compression::Off,
             compression_min_bytes: 256,
+            compression_level: crate::protocol::deflate::DEFAULT_LEVEL,
             compression_window_bits: 12,
             compression_dedicated_per_core: 256,
             upstreams: Vec::new(),
@@ -717,6 +720,7 @@ impl Config {
             "compression_window_bits",
             within(self.compression_window_bits, 9, 15),
         )?;
+        key("compression_level", within(self.compression_level, 1, 9))?;
         key(
             "compression_dedicated_per_core",
             within(self.compression_dedicated_per_core, 0, MAX_CONNECTIONS),

@@ -72,7 +72,7 @@ fn dedicated_contexts_hold_what_the_meter_is_charged() {
         let mut z1 = Vec::with_capacity(1 << 20);
         let mut z2 = Vec::with_capacity(1 << 20);
         let before = live();
-        let mut d = TakeoverDeflater::new(bits);
+        let mut d = TakeoverDeflater::new(bits, ringway::protocol::deflate::DEFAULT_LEVEL);
         d.compress(&msg, &mut z1);
         d.compress(&msg, &mut z2);
         let deflater = live() - before;

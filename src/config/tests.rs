@@ -78,6 +78,8 @@ fn bad_files_name_key_and_line() {
             "compression_window_bits",
             "line 2",
         ),
+        ("compression_level = 0\n", "compression_level", "line 1"),
+        ("compression_level = 10\n", "compression_level", "line 1"),
         (
             "backlog = 10\nmemory_budget_bytes = 4096\n",
             "memory_budget_bytes",

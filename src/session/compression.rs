@@ -211,6 +211,7 @@ impl SharedCodec {
     pub fn encode(
         &mut self,
         meter: &dyn Meter,
+        level: u8,
         bits: Option<u8>,
         min_bytes: usize,
         opcode: OpCode,
@@ -223,6 +224,7 @@ impl SharedCodec {
             meter.count(Count::CompressionSkipped);
             return super::encode(opcode, payload);
         }
+        self.deflater.set_level(level);
         self.deflater.compress(bits, payload, &mut self.buf);
         meter.count(Count::Compressed {
             before: payload.len(),
@@ -317,7 +319,14 @@ pub(super) fn encode_message(
     };
     if !agreed.server_takeover {
         let bits = Some(agreed.server_window_bits);
-        let frame = cx.codec.encode(cx.meter, bits, min, opcode, payload);
+        let frame = cx.codec.encode(
+            cx.meter,
+            cx.config.compression_level,
+            bits,
+            min,
+            opcode,
+            payload,
+        );
         if payload.len() >= min {
             cx.codec
                 .count_route(route, true, payload.len(), payload_len(frame.len()));
@@ -331,7 +340,7 @@ pub(super) fn encode_message(
     let codec = &mut *cx.codec;
     let d = own.deflater.get_or_insert_with(|| {
         codec.contexts += 1;
-        TakeoverDeflater::new(agreed.server_window_bits)
+        TakeoverDeflater::new(agreed.server_window_bits, cx.config.compression_level)
     });
     d.compress(payload, &mut codec.buf);
     cx.meter.count(Count::Compressed {

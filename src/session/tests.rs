@@ -1066,7 +1066,7 @@ fn dedicated_contexts_are_made_on_use_charged_and_given_back() {
     let idle = sim.s.footprint();
 
     // A compressed message in, its echo out: both contexts made, and charged.
-    let (mut client, mut back) = (TakeoverDeflater::new(12), TakeoverInflater::new(12));
+    let (mut client, mut back) = (TakeoverDeflater::new(12, 1), TakeoverInflater::new(12));
     let msg: String = (0..40u32)
         .map(|i| format!("{{\"id\":{},\"seen\":{}}},", i * 7919 % 10007, i * 31 % 97))
         .collect();

@@ -39,6 +39,7 @@ impl Worker {
         // Compressed once per core and window size, for the subscribers that negotiated it.
         let mut compressed: [Option<bytes::Bytes>; 7] = Default::default();
         let min = self.core.config.compression_min_bytes;
+        let level = self.core.config.compression_level;
         for slot in recipients {
             let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
                 continue;
@@ -67,7 +68,7 @@ impl Worker {
                     let frame = compressed[i]
                         .get_or_insert_with(|| {
                             core.codec
-                                .encode(&*core.stats, Some(bits), 0, opcode, &payload)
+                                .encode(&*core.stats, level, Some(bits), 0, opcode, &payload)
                         })
                         .clone();
                     // Compressed once per core, but counted for each recipient's route.

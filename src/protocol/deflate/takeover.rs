@@ -55,11 +55,13 @@ impl std::fmt::Debug for TakeoverDeflater {
 }
 
 impl TakeoverDeflater {
-    /// A raw-deflate compressor with a `window_bits` window (9..=15) at the default level.
-    pub fn new(window_bits: u8) -> Box<TakeoverDeflater> {
+    /// A raw-deflate compressor with a `window_bits` window (9..=15) at zlib `level`
+    /// (1..=9).
+    pub fn new(window_bits: u8, level: u8) -> Box<TakeoverDeflater> {
         let bits = window_bits.clamp(MIN_WINDOW_BITS, MAX_WINDOW_BITS);
         Box::new(TakeoverDeflater {
             z: Deflate::new_with_config(DeflateConfig {
+                level: i32::from(level.clamp(1, 9)),
                 // Negative: raw deflate, no zlib header (§7.2.1).
                 window_bits: -i32::from(bits),
                 mem_level: MEM_LEVEL,
@@ -142,7 +144,7 @@ mod tests {
             .map(|i| b'a' + ((i.wrapping_mul(2_654_435_761) >> 11) % 26) as u8)
             .collect();
         for bits in MIN_WINDOW_BITS..=MAX_WINDOW_BITS {
-            let mut d = TakeoverDeflater::new(bits);
+            let mut d = TakeoverDeflater::new(bits, crate::protocol::deflate::DEFAULT_LEVEL);
             let mut i = TakeoverInflater::new(bits);
             let mut chunk = Vec::new();
             let (mut first, mut second) = (Vec::new(), Vec::new());
@@ -168,7 +170,7 @@ mod tests {
     #[test]
     fn takeover_inflate_is_capped_like_shared() {
         let zeros = vec![0u8; 8 << 20];
-        let mut d = TakeoverDeflater::new(15);
+        let mut d = TakeoverDeflater::new(15, crate::protocol::deflate::DEFAULT_LEVEL);
         let mut bomb = Vec::new();
         d.compress(&zeros, &mut bomb);
         let mut i = TakeoverInflater::new(15);
