@@ -1060,3 +1060,74 @@ async fn sends_to_a_missing_node_or_during_an_outage_get_gone() {
         before + 1
     );
 }
+
+/// A backend over NATS (or any NATS client) that gives its operations a NATS reply subject
+/// hears `gone` there for a connection that is not open on its node, as a relay link does;
+/// an open connection's operations are delivered and answered with nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_sender_with_a_reply_subject_hears_gone() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let Some(nats) = nats_or_skip() else { return };
+    let gw = node(&nats, "a", &[]);
+    wait_for_cluster(&[&gw], 1).await;
+    let mut member = ws_connect(&format!("{}/chat", gw.url())).await;
+    join(&mut member, "r").await;
+    let id = own_id(&mut member, "r").await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await.unwrap();
+    client.flush().await.unwrap();
+    let node_subject = format!("ringway.node.{}", id >> 56);
+    let op = |op: &str, conn: u64| {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Ringway-Op", op);
+        h.insert("Ringway-Conn", conn.to_string().as_str());
+        h
+    };
+    // The same slot in another generation: a connection that was, and is no more.
+    let stale = id ^ (1 << 24);
+    for (name, payload) in [("send", "anyone?"), ("close", "bye"), ("subscribe", "t")] {
+        client
+            .publish_with_reply_and_headers(
+                node_subject.clone(),
+                inbox.clone(),
+                op(name, stale),
+                payload.into(),
+            )
+            .await
+            .unwrap();
+        let m = tokio::time::timeout(WAIT, replies.next())
+            .await
+            .unwrap_or_else(|_| panic!("no gone for a {name} within {WAIT:?}"))
+            .unwrap();
+        let h = m.headers.expect("headers");
+        assert_eq!(
+            h.get("Ringway-Op").map(|v| v.as_str()),
+            Some("gone"),
+            "{name}"
+        );
+        assert_eq!(
+            h.get("Ringway-Conn").map(|v| v.as_str().to_string()),
+            Some(stale.to_string()),
+            "{name}"
+        );
+    }
+    client
+        .publish_with_reply_and_headers(node_subject, inbox, op("send", id), "just you".into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    loop {
+        match ws_next_within(&mut member, WAIT).await {
+            Some(Got::Other(Message::Text(t))) if t.as_str() == "just you" => break,
+            Some(Got::Other(_)) => {}
+            other => panic!("the send to the open connection: {other:?}"),
+        }
+    }
+    let late = tokio::time::timeout(Duration::from_millis(500), replies.next()).await;
+    assert!(
+        late.is_err(),
+        "an open connection's send answered: {late:?}"
+    );
+}

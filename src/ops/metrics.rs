@@ -197,7 +197,7 @@ impl Sources {
         counters(
             e,
             "ringway_cluster_dropped",
-            "Cross-node messages dropped: buffer_full (relay -> NATS), inbound_full (NATS -> relay), disconnected (NATS unreachable), node_id_conflict, invalid (from NATS), publish_failed, unknown_node (no heartbeat from the addressed node)",
+            "Cross-node messages dropped: buffer_full (relay -> NATS), inbound_full (NATS -> relay), disconnected (NATS unreachable), node_id_conflict, invalid (from NATS), publish_failed, unknown_node (no heartbeat from the addressed node), slow_consumer (the NATS client's per-subscription buffer was full)",
             Drop::ALL
                 .iter()
                 .map(|&d| (vec![("reason", d.label().to_string())], c.dropped(d))),

@@ -331,8 +331,8 @@ impl<S: EdgeSink + 'static> Router<S> {
                     let conn = msg.conn().unwrap_or(ConnId::from_u64(0));
                     if self.conns.contains_key(&conn) {
                         self.sink.send_now(msg);
-                    } else if let Some((node, link)) = reply {
-                        cluster.bus.gone(node, conn.as_u64(), link);
+                    } else if let Some(to) = reply {
+                        cluster.bus.gone(to, conn.as_u64());
                     }
                 }
                 In::Gone { conn, link } => {

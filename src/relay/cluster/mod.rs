@@ -39,10 +39,14 @@ pub enum Drop {
     PublishFailed = 5,
     /// Addressed to a node id whose heartbeat was not heard (no such node, or it left).
     UnknownNode = 6,
+    /// The NATS client's own buffer for one subscription (`SUBSCRIPTION_CAPACITY`) was full:
+    /// it dropped a message from NATS (its slow-consumer event; a lower bound, as the
+    /// client may drop the events too when they come faster than it reports them).
+    SlowConsumer = 7,
 }
 
 impl Drop {
-    pub const ALL: [Drop; 7] = [
+    pub const ALL: [Drop; 8] = [
         Drop::OutFull,
         Drop::Disconnected,
         Drop::InFull,
@@ -50,6 +54,7 @@ impl Drop {
         Drop::Invalid,
         Drop::PublishFailed,
         Drop::UnknownNode,
+        Drop::SlowConsumer,
     ];
     pub fn label(self) -> &'static str {
         match self {
@@ -60,6 +65,7 @@ impl Drop {
             Drop::Invalid => "invalid",
             Drop::PublishFailed => "publish_failed",
             Drop::UnknownNode => "unknown_node",
+            Drop::SlowConsumer => "slow_consumer",
         }
     }
 }
@@ -76,7 +82,7 @@ pub struct ClusterGauges {
     /// Messages published to NATS / taken from NATS.
     pub sent: AtomicU64,
     pub received: AtomicU64,
-    pub dropped: [AtomicU64; 7],
+    pub dropped: [AtomicU64; Drop::ALL.len()],
     /// The last round trip of a ping through NATS, in microseconds (0: none yet).
     pub ping_us: AtomicU64,
     /// Heartbeats from another node name claiming this node's id.
@@ -85,7 +91,11 @@ pub struct ClusterGauges {
 
 impl ClusterGauges {
     pub fn drop(&self, why: Drop) {
-        self.dropped[why as usize].fetch_add(1, Ordering::Relaxed);
+        self.count_drop(why);
+    }
+    /// Count one drop; returns the count with it.
+    pub fn count_drop(&self, why: Drop) -> u64 {
+        self.dropped[why as usize].fetch_add(1, Ordering::Relaxed) + 1
     }
     pub fn dropped(&self, why: Drop) -> u64 {
         self.dropped[why as usize].load(Ordering::Relaxed)
@@ -140,6 +150,12 @@ pub(crate) enum Out {
         topic: Topic,
         on: bool,
     },
+    /// The connection an operation from NATS named is not open here: `gone` to the reply
+    /// subject its sender gave (a backend over NATS, or any NATS client).
+    GoneTo {
+        subject: String,
+        conn: u64,
+    },
     /// An event of a client of a `nats://PREFIX` upstream, for its queue group on
     /// `PREFIX.in`.
     Backend {
@@ -166,13 +182,19 @@ pub(crate) enum In {
     /// and, once, the other nodes (as a relay link's).
     Emit(ToEdge),
     /// For a connection of this node; if it is not open here, `gone` goes back to
-    /// `reply` (node, link).
-    ForConn {
-        msg: ToEdge,
-        reply: Option<(u8, u32)>,
-    },
+    /// `reply`.
+    ForConn { msg: ToEdge, reply: Option<GoneTo> },
     /// A `gone` for backend link `link` of this node.
     Gone { conn: u64, link: u32 },
+}
+
+/// Who hears `gone` for an operation from NATS on a connection that is not open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum GoneTo {
+    /// Backend link `link` of node `node` (a relay link's operation forwarded by its node).
+    Link { node: u8, link: u32 },
+    /// The NATS reply subject of the message (a backend over NATS, or any NATS client).
+    Subject(String),
 }
 
 /// The relay's end of the bus: usable through `&self` from the links' context.
@@ -258,12 +280,16 @@ impl ClusterBus {
         });
     }
 
-    pub(crate) fn gone(&self, node: u8, conn: u64, link: u32) {
-        self.push(Out::ToNode {
-            node,
-            conn,
-            op: ConnOp::Gone { link },
-            link: None,
+    /// The connection `conn` an operation from NATS named is not open on this node.
+    pub(crate) fn gone(&self, to: GoneTo, conn: u64) {
+        self.push(match to {
+            GoneTo::Link { node, link } => Out::ToNode {
+                node,
+                conn,
+                op: ConnOp::Gone { link },
+                link: None,
+            },
+            GoneTo::Subject(subject) => Out::GoneTo { subject, conn },
         });
     }
 }

@@ -21,7 +21,7 @@ use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 
 use super::subject::{self as s, H_CODE, H_CONN, H_KIND, H_LINK, H_NAME, H_OP, H_ORIGIN, H_TOPIC};
-use super::{BackendEvent, ConnOp, Drop, In, Out};
+use super::{BackendEvent, ConnOp, Drop, GoneTo, In, Out};
 use crate::config::ClusterConfig;
 use crate::ids::ConnId;
 use crate::relay::{RelayGauges, ToEdge, Topic};
@@ -122,6 +122,19 @@ impl Thread {
                                 "cluster: NATS unreachable; serving local clients only, \
                                  cross-node messages are dropped until it is back"
                             );
+                        }
+                        async_nats::Event::SlowConsumer(sid) => {
+                            // One per dropped message: counted, and logged at 1, 2, 4, 8...
+                            // so a flood of them cannot flood the log too.
+                            let dropped = gauges.cluster.count_drop(Drop::SlowConsumer);
+                            if dropped.is_power_of_two() {
+                                tracing::warn!(
+                                    subscription = sid,
+                                    dropped,
+                                    "cluster: the NATS client dropped messages from NATS: this \
+                                     node reads them slower than they come (slow consumer)"
+                                );
+                            }
                         }
                         other => tracing::warn!("cluster: NATS: {other}"),
                     }
@@ -326,6 +339,12 @@ impl Thread {
                 let mut h = self.headers();
                 h.insert(H_KIND, s::kind_name(kind));
                 (s::BROADCAST.to_string(), h, payload)
+            }
+            Out::GoneTo { subject, conn } => {
+                let mut h = self.headers();
+                h.insert(H_OP, "gone");
+                h.insert(H_CONN, conn.to_string().as_str());
+                (subject, h, Bytes::new())
             }
             Out::ToNode {
                 node,
@@ -582,6 +601,12 @@ fn decode(node: u8, m: &async_nats::Message) -> Option<Option<In>> {
         }
         _ => return None,
     };
-    let reply = origin.zip(link);
+    // A relay link's operation forwarded by its node names the link; anyone else may give
+    // a NATS reply subject to hear `gone` on.
+    let reply = match (origin.zip(link), &m.reply) {
+        (Some((node, link)), _) => Some(GoneTo::Link { node, link }),
+        (None, Some(subject)) => Some(GoneTo::Subject(subject.to_string())),
+        (None, None) => None,
+    };
     Some(Some(In::ForConn { msg, reply }))
 }
