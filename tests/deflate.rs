@@ -3,48 +3,19 @@
 //! the right code, and that a decompression bomb costs bounded memory.
 
 mod common;
+mod common_deflate;
 
 use std::process::Command;
 
 use common::{
     frame_bytes, masked_frame, rss_bytes, Gateway, RawWs, OP_BINARY, OP_CONT, OP_PING, OP_TEXT,
 };
-use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
+use common_deflate::{
+    bomb, bomb_in_fragments_closes_1009, bomb_whole_closes_1009, deflate, inflate, KEY,
+};
 
-const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 const OFFER: &str = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
 const ANSWER: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
-
-/// A message compressed as a client would (raw deflate, sync flush, tail stripped: §7.2.1).
-fn deflate(data: &[u8]) -> Vec<u8> {
-    let mut c = Compress::new(Compression::default(), false);
-    let mut out = Vec::with_capacity(data.len() / 2 + 1024);
-    let mut pos = 0;
-    loop {
-        out.reserve(data.len() / 2 + 1024);
-        let before = c.total_in();
-        c.compress_vec(&data[pos..], &mut out, FlushCompress::Sync)
-            .unwrap();
-        pos += (c.total_in() - before) as usize;
-        if pos == data.len() && out.len() < out.capacity() {
-            break;
-        }
-    }
-    assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
-    out.truncate(out.len() - 4);
-    out
-}
-
-/// What a client does with a compressed server message (§7.2.2).
-fn inflate(data: &[u8]) -> Vec<u8> {
-    let mut d = Decompress::new(false);
-    let mut input = data.to_vec();
-    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
-    let mut out = Vec::with_capacity(1 << 20);
-    d.decompress_vec(&input, &mut out, FlushDecompress::Sync)
-        .unwrap();
-    out
-}
 
 fn json(n: usize) -> Vec<u8> {
     let mut s = String::new();
@@ -155,9 +126,7 @@ async fn hostile_compressed_input_closes_with_the_right_code() {
 
 #[tokio::test]
 async fn a_decompression_bomb_closes_1009_with_bounded_memory() {
-    // 63 MiB of zeros deflate to under 64 KiB: one frame within max_frame_bytes.
-    let bomb = deflate(&vec![0u8; 63 << 20]);
-    assert!(bomb.len() <= 64 * 1024, "{}", bomb.len());
+    let bomb = bomb();
     let gw = Gateway::start(&["--upstream", "echo", "--compression", "shared"]);
     // Warm up (the core's zlib state is made on first use).
     let (mut ws, _) = RawWs::connect_headers(gw.addr, "/", OFFER).await;
@@ -172,27 +141,10 @@ async fn a_decompression_bomb_closes_1009_with_bounded_memory() {
     ws.read_frame().await;
     let before = rss_bytes(gw.pid());
     for _ in 0..3 {
-        // Whole.
         let (mut ws, _) = RawWs::connect_headers(gw.addr, "/", OFFER).await;
-        ws.send(&frame_bytes(true, 4, OP_BINARY, Some(KEY), &bomb))
-            .await;
-        let f = ws.expect_close(1009).await;
-        assert!(
-            f.close_reason().contains("limit of 65536"),
-            "{}",
-            f.close_reason()
-        );
-        // In 16 fragments.
+        bomb_whole_closes_1009(&mut ws, &bomb).await;
         let (mut ws, _) = RawWs::connect_headers(gw.addr, "/", OFFER).await;
-        let n = 16;
-        let mut wire = Vec::new();
-        for i in 0..n {
-            let piece = &bomb[i * bomb.len() / n..(i + 1) * bomb.len() / n];
-            let (rsv, op) = if i == 0 { (4, OP_BINARY) } else { (0, OP_CONT) };
-            wire.extend(frame_bytes(i + 1 == n, rsv, op, Some(KEY), piece));
-        }
-        ws.send(&wire).await;
-        ws.expect_close(1009).await;
+        bomb_in_fragments_closes_1009(&mut ws, &bomb).await;
     }
     let after = rss_bytes(gw.pid());
     let growth = after.saturating_sub(before);

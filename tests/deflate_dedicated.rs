@@ -4,63 +4,20 @@
 //! per-core cap beyond which connections get `shared`.
 
 mod common;
+mod common_deflate;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{frame_bytes, rss_bytes, Gateway, RawWs, OP_BINARY, OP_CONT, OP_TEXT};
-use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
+use common::{frame_bytes, rss_bytes, Gateway, RawWs, OP_BINARY, OP_TEXT};
+use common_deflate::{
+    bomb, bomb_in_fragments_closes_1009, bomb_whole_closes_1009, ClientCodec, KEY,
+};
 use ringway::protocol::deflate::takeover;
 
-const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 const CHROME: &str = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
 const DEDICATED: &str = "permessage-deflate; server_max_window_bits=12; client_max_window_bits=12";
 const SHARED: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
-
-/// A client's side of context takeover: one compressor and one inflater for the connection.
-struct ClientCodec {
-    c: Compress,
-    d: Decompress,
-}
-
-impl ClientCodec {
-    fn new(bits: u8) -> ClientCodec {
-        ClientCodec {
-            c: Compress::new_with_window_bits(Compression::default(), false, bits),
-            d: Decompress::new_with_window_bits(false, 15),
-        }
-    }
-
-    /// Compress one message, keeping the window (§7.2.1: sync flush, tail stripped).
-    fn deflate(&mut self, data: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut pos = 0;
-        loop {
-            out.reserve(data.len() / 2 + 1024);
-            let before = self.c.total_in();
-            self.c
-                .compress_vec(&data[pos..], &mut out, FlushCompress::Sync)
-                .unwrap();
-            pos += (self.c.total_in() - before) as usize;
-            if pos == data.len() && out.len() < out.capacity() {
-                break;
-            }
-        }
-        assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
-        out.truncate(out.len() - 4);
-        out
-    }
-
-    fn inflate(&mut self, data: &[u8]) -> Vec<u8> {
-        let mut input = data.to_vec();
-        input.extend_from_slice(&[0, 0, 0xff, 0xff]);
-        let mut out = Vec::with_capacity(1 << 20);
-        self.d
-            .decompress_vec(&input, &mut out, FlushDecompress::Sync)
-            .unwrap();
-        out
-    }
-}
 
 fn json(n: usize) -> Vec<u8> {
     let mut s = String::new();
@@ -228,9 +185,7 @@ async fn ws_echo(ws: &mut RawWs, codec: &mut ClientCodec, msg: &[u8]) {
 
 #[tokio::test]
 async fn a_decompression_bomb_closes_1009_in_dedicated_too() {
-    let mut bomb_codec = ClientCodec::new(15);
-    let bomb = bomb_codec.deflate(&vec![0u8; 63 << 20]);
-    assert!(bomb.len() <= 64 * 1024, "{}", bomb.len());
+    let bomb = bomb();
     let gw = Gateway::start(&["--upstream", "echo", "--compression", "dedicated"]);
     let before = rss_bytes(gw.pid());
     for _ in 0..3 {
@@ -239,25 +194,9 @@ async fn a_decompression_bomb_closes_1009_in_dedicated_too() {
         let (mut ws, _) = RawWs::connect_headers(gw.addr, "/", CHROME).await;
         let mut codec = ClientCodec::new(12);
         ws_echo(&mut ws, &mut codec, &json(1000)).await;
-        ws.send(&frame_bytes(true, 4, OP_BINARY, Some(KEY), &bomb))
-            .await;
-        let f = ws.expect_close(1009).await;
-        assert!(
-            f.close_reason().contains("limit of 65536"),
-            "{}",
-            f.close_reason()
-        );
-        // In 16 fragments.
-        let (mut ws3, _) = RawWs::connect_headers(gw.addr, "/", CHROME).await;
-        let n = 16;
-        let mut wire = Vec::new();
-        for i in 0..n {
-            let piece = &bomb[i * bomb.len() / n..(i + 1) * bomb.len() / n];
-            let (rsv, op) = if i == 0 { (4, OP_BINARY) } else { (0, OP_CONT) };
-            wire.extend(frame_bytes(i + 1 == n, rsv, op, Some(KEY), piece));
-        }
-        ws3.send(&wire).await;
-        ws3.expect_close(1009).await;
+        bomb_whole_closes_1009(&mut ws, &bomb).await;
+        let (mut ws, _) = RawWs::connect_headers(gw.addr, "/", CHROME).await;
+        bomb_in_fragments_closes_1009(&mut ws, &bomb).await;
     }
     let growth = rss_bytes(gw.pid()).saturating_sub(before);
     assert!(growth < 32 << 20, "RSS grew {growth} bytes");

@@ -4,113 +4,23 @@
 //! tokio-tungstenite, and Python's `websockets` over `ssl`.
 
 mod common;
+mod common_tls;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{masked_frame, parse_server_frame, Gateway, OP_TEXT, WAIT};
+use common_tls::{provider, s, Ca, Dir};
 use futures_util::{SinkExt, StreamExt};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, HandshakeKind, RootCertStore, StreamOwned};
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
 
-// ----- certificates -----
-
-/// A test CA that signs leaf certificates.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-/// A leaf certificate and its key as PEM, and the DER a client will be served.
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
-    der: CertificateDer<'static>,
-}
-
-impl Ca {
-    fn new() -> Ca {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name
-            .push(DnType::CommonName, "ringway test CA");
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let cert = p.self_signed(&key).unwrap();
-        Ca { cert, key }
-    }
-
-    fn leaf(&self, names: &[&str]) -> Leaf {
-        let mut p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .unwrap();
-        p.distinguished_name.push(DnType::CommonName, names[0]);
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
-        Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().clone(),
-        }
-    }
-
-    fn der(&self) -> CertificateDer<'static> {
-        self.cert.der().clone()
-    }
-}
-
-/// A scratch folder for certificate files, removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        let p = std::env::temp_dir().join(format!("ringway-tls-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Dir(p)
-    }
-
-    /// Write `leaf` as `<name>.pem` / `<name>.key`; returns both paths.
-    fn write(&self, name: &str, leaf: &Leaf) -> (PathBuf, PathBuf) {
-        let cert = self.0.join(format!("{name}.pem"));
-        let key = self.0.join(format!("{name}.key"));
-        // Written beside and renamed, as a certificate manager does.
-        std::fs::write(self.0.join("tmp.pem"), &leaf.cert_pem).unwrap();
-        std::fs::write(self.0.join("tmp.key"), &leaf.key_pem).unwrap();
-        std::fs::rename(self.0.join("tmp.pem"), &cert).unwrap();
-        std::fs::rename(self.0.join("tmp.key"), &key).unwrap();
-        (cert, key)
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 // ----- the gateway -----
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// Start the gateway with `--listen` and `--listen-tls` serving `cert`/`key`, plus `extra`.
 fn start(cert: &Path, key: &Path, extra: &[&str]) -> Gateway {
@@ -150,10 +60,6 @@ fn wss_addr(gw: &Gateway) -> SocketAddr {
 }
 
 // ----- clients -----
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
 
 /// A client config trusting `ca`, for `versions`, offering `alpn`.
 fn client_config(
@@ -318,7 +224,7 @@ fn wait_for_log(gw: &Gateway, text: &str, count: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wss_echo_text_binary_a_large_message_and_many_small_ones() {
-    let ca = Ca::new();
+    let ca = Ca::new("ringway test CA");
     let dir = Dir::new("echo");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost", "127.0.0.1"]));
     let gw = start(&cert, &key, &["--max-message", "2097152"]);
@@ -347,7 +253,7 @@ async fn wss_echo_text_binary_a_large_message_and_many_small_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_and_tls_listeners_serve_side_by_side() {
-    let ca = Ca::new();
+    let ca = Ca::new("ringway test CA");
     let dir = Dir::new("side");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
     let gw = start(&cert, &key, &[]);
@@ -371,7 +277,7 @@ async fn plain_and_tls_listeners_serve_side_by_side() {
 
 #[test]
 fn tls_1_2_and_1_3_both_work_and_alpn_is_http_1_1() {
-    let ca = Ca::new();
+    let ca = Ca::new("ringway test CA");
     let dir = Dir::new("versions");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
     let gw = start(&cert, &key, &[]);
@@ -397,7 +303,7 @@ fn tls_1_2_and_1_3_both_work_and_alpn_is_http_1_1() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_only_client_gets_no_application_protocol() {
-    let ca = Ca::new();
+    let ca = Ca::new("ringway test CA");
     let dir = Dir::new("alpn");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
     let gw = start(&cert, &key, &[]);
@@ -424,7 +330,7 @@ async fn an_h2_only_client_gets_no_application_protocol() {
 
 #[test]
 fn sni_picks_the_certificate_that_lists_the_name() {
-    let ca = Ca::new();
+    let ca = Ca::new("ringway test CA");
     let dir = Dir::new("sni");
     let a = ca.leaf(&["a.test", "127.0.0.1"]);
     let b = ca.leaf(&["b.test", "*.b.test"]);
@@ -447,7 +353,7 @@ fn sni_picks_the_certificate_that_lists_the_name() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_http_to_the_tls_port_is_closed_unanswered() {
-    let ca = Ca::new();
+    let ca = Ca::new("ringway test CA");
     let dir = Dir::new("plain");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
     let gw = start(&cert, &key, &[]);
@@ -472,7 +378,7 @@ async fn plaintext_http_to_the_tls_port_is_closed_unanswered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_client_hello_is_closed_at_the_handshake_timeout_and_counted() {
-    let ca = Ca::new();
+    let ca = Ca::new("ringway test CA");
     let dir = Dir::new("stall");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
     let toml = tls_config("handshake_timeout_ms = 600\n", &[(&cert, &key)]);
@@ -509,7 +415,7 @@ async fn a_stalled_client_hello_is_closed_at_the_handshake_timeout_and_counted()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_closing_mid_handshake_is_counted_as_eof_during_handshake() {
-    let ca = Ca::new();
+    let ca = Ca::new("ringway test CA");
     let dir = Dir::new("eof");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
     let gw = start(&cert, &key, &["--workers", "1"]);
@@ -554,7 +460,7 @@ async fn a_client_closing_mid_handshake_is_counted_as_eof_during_handshake() {
 
 #[test]
 fn a_second_connection_resumes_the_session() {
-    let ca = Ca::new();
+    let ca = Ca::new("ringway test CA");
     let dir = Dir::new("resume");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
     let gw = start(&cert, &key, &[]);
@@ -579,7 +485,7 @@ fn a_second_connection_resumes_the_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_rotates_the_certificate_and_keeps_open_connections() {
-    let ca = Ca::new();
+    let ca = Ca::new("ringway test CA");
     let dir = Dir::new("rotate");
     let old = ca.leaf(&["localhost"]);
     let (cert, key) = dir.write("server", &old);
@@ -613,7 +519,7 @@ async fn sighup_rotates_the_certificate_and_keeps_open_connections() {
 
 #[test]
 fn python_websockets_over_wss() {
-    let ca = Ca::new();
+    let ca = Ca::new("ringway test CA");
     let dir = Dir::new("python");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost", "127.0.0.1"]));
     std::fs::write(dir.path("ca.pem"), ca.cert.pem()).unwrap();
@@ -698,7 +604,7 @@ async fn settled_buffer_bytes(gw: &Gateway) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_tls_connections_are_charged_to_the_memory_budget() {
-    let ca = Ca::new();
+    let ca = Ca::new("ringway test CA");
     let dir = Dir::new("memory");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
     let gw = start(&cert, &key, &[]);
@@ -750,7 +656,7 @@ fn response_head(tls: &mut Tls) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_refused_at_accept_gets_its_503_over_tls() {
-    let ca = Ca::new();
+    let ca = Ca::new("ringway test CA");
     let dir = Dir::new("refused");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
     let toml = tls_config("max_connections = 1\n", &[(&cert, &key)]);
@@ -770,7 +676,7 @@ async fn a_client_refused_at_accept_gets_its_503_over_tls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_sends_1001_to_wss_clients() {
-    let ca = Ca::new();
+    let ca = Ca::new("ringway test CA");
     let dir = Dir::new("drain");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
     let mut gw = start(&cert, &key, &[]);
@@ -800,7 +706,7 @@ async fn sigterm_sends_1001_to_wss_clients() {
 
 #[test]
 fn check_config_loads_the_certificates() {
-    let ca = Ca::new();
+    let ca = Ca::new("ringway test CA");
     let dir = Dir::new("check");
     let (cert, key) = dir.write("server", &ca.leaf(&["ws.example.com", "*.example.org"]));
     let config = dir.path("ringway.toml");

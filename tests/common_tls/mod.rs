@@ -137,10 +137,16 @@ impl Dir {
         Dir(p)
     }
 
-    /// Write `leaf` as `<name>.pem` / `<name>.key`; returns both paths.
+    /// Write `leaf` as `<name>.pem` / `<name>.key`; returns both paths. Each is written
+    /// beside and renamed into place, as a certificate manager does (a reload never sees
+    /// half a file).
     pub fn write(&self, name: &str, leaf: &Leaf) -> (PathBuf, PathBuf) {
-        let cert = self.file(&format!("{name}.pem"), &leaf.cert_pem);
-        let key = self.file(&format!("{name}.key"), &leaf.key_pem);
+        let cert = self.0.join(format!("{name}.pem"));
+        let key = self.0.join(format!("{name}.key"));
+        std::fs::write(self.0.join("tmp.pem"), &leaf.cert_pem).unwrap();
+        std::fs::write(self.0.join("tmp.key"), &leaf.key_pem).unwrap();
+        std::fs::rename(self.0.join("tmp.pem"), &cert).unwrap();
+        std::fs::rename(self.0.join("tmp.key"), &key).unwrap();
         (cert, key)
     }
 

@@ -11,9 +11,7 @@
 //        [--publishes 20] [--rate 10] [--duration 5]
 'use strict';
 
-const net = require('net');
-const crypto = require('crypto');
-const { run, onCleanup } = require('./harness');
+const { run, clientFrame, wsConnect } = require('./harness');
 
 const opt = { subs: '', pub: '', connections: 10000, publishes: 20, rate: 10, duration: 5 };
 const argv = process.argv.slice(2);
@@ -22,59 +20,9 @@ for (let i = 0; i < argv.length; i += 2) {
   opt[k] = typeof opt[k] === 'number' ? Number(argv[i + 1]) : argv[i + 1];
 }
 
-function clientFrame(payload) {
-  const mask = crypto.randomBytes(4);
-  const n = payload.length;
-  if (n >= 126) throw new Error('frame too large for this client');
-  const body = Buffer.alloc(n);
-  for (let i = 0; i < n; i++) body[i] = payload[i] ^ mask[i & 3];
-  return Buffer.concat([Buffer.from([0x81, 0x80 | n]), mask, body]);
-}
-
-/** One connection to `addr`: handshake, then each whole server frame's payload to `onFrame`. */
+/** One connection to `addr`'s chat: handshake, then each whole server frame's payload to `onFrame`. */
 function connect(addr, onFrame) {
-  const [host, port] = addr.split(':');
-  return new Promise((resolve, reject) => {
-    const sock = net.connect({ host, port: Number(port) });
-    onCleanup(() => sock.destroy());
-    sock.setNoDelay(true);
-    let buf = Buffer.alloc(0);
-    let open = false;
-    sock.on('error', reject);
-    sock.on('connect', () => {
-      sock.write(`GET /chat HTTP/1.1\r\nHost: ${addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
-        'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n');
-    });
-    sock.on('data', (d) => {
-      buf = buf.length ? Buffer.concat([buf, d]) : d;
-      if (!open) {
-        const end = buf.indexOf('\r\n\r\n');
-        if (end < 0) return;
-        const head = buf.subarray(0, end).toString('latin1');
-        buf = buf.subarray(end + 4);
-        if (!head.startsWith('HTTP/1.1 101')) return reject(new Error(head.split('\r\n')[0]));
-        open = true;
-        resolve(sock);
-      }
-      for (;;) {
-        if (buf.length < 2) return;
-        let len = buf[1] & 0x7f;
-        let at = 2;
-        if (len === 126) {
-          if (buf.length < 4) return;
-          len = buf.readUInt16BE(2);
-          at = 4;
-        } else if (len === 127) {
-          if (buf.length < 10) return;
-          len = Number(buf.readBigUInt64BE(2));
-          at = 10;
-        }
-        if (buf.length < at + len) return;
-        onFrame(buf.subarray(at, at + len));
-        buf = buf.subarray(at + len);
-      }
-    });
-  });
+  return wsConnect(addr, '/chat', '', (_rsv1, payload) => onFrame(payload)).then((r) => r.sock);
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -85,7 +33,7 @@ function pct(sorted, p) {
 
 run(async () => {
   const subs = opt.subs.split(',');
-  const join = clientFrame(Buffer.from('{"action":"join","room":"bench"}'));
+  const join = clientFrame(1, Buffer.from('{"action":"join","room":"bench"}'));
   const sentAt = new Map(); // say number -> hrtime ns
   const seen = new Map(); // say number -> deliveries
   const lat = [];
@@ -115,7 +63,7 @@ run(async () => {
   await sleep(1500); // interest travels core -> relay -> NATS asynchronously
   const say = (n) => {
     sentAt.set(n, process.hrtime.bigint());
-    pub.write(clientFrame(Buffer.from(`{"action":"say","room":"bench","text":"${n}"}`)));
+    pub.write(clientFrame(1, Buffer.from(`{"action":"say","room":"bench","text":"${n}"}`)));
   };
   // 1. closed loop
   const t0 = process.hrtime.bigint();

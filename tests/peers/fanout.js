@@ -12,10 +12,8 @@
 
 const fs = require('fs');
 const http = require('http');
-const net = require('net');
 const zlib = require('zlib');
-const crypto = require('crypto');
-const { run, onCleanup, jsonText } = require('./harness');
+const { run, jsonText, clientFrame, wsConnect } = require('./harness');
 
 const [addr, admin, pidArg, ...rest] = process.argv.slice(2);
 const opt = { deflate: 1, connections: 10000, publishes: 20, size: 4096 };
@@ -58,64 +56,9 @@ async function compressedPerCore() {
   return out;
 }
 
-/** A masked client frame (RFC 6455 §5.2). */
-function clientFrame(opcode, payload) {
-  const mask = crypto.randomBytes(4);
-  const n = payload.length;
-  const head = n < 126 ? Buffer.from([0x80 | opcode, 0x80 | n])
-    : n < 65536 ? Buffer.from([0x80 | opcode, 0x80 | 126, n >> 8, n & 0xff])
-      : null;
-  if (!head) throw new Error('frame too large for this client');
-  const body = Buffer.alloc(n);
-  for (let i = 0; i < n; i++) body[i] = payload[i] ^ mask[i & 3];
-  return Buffer.concat([head, mask, body]);
-}
-
 /** One connection: handshake, then whole server frames to `onFrame(rsv1, payload, wireBytes)`. */
 function connect(deflate, onFrame) {
-  return new Promise((resolve, reject) => {
-    const sock = net.connect({ host, port: Number(port) });
-    onCleanup(() => sock.destroy());
-    sock.setNoDelay(true);
-    let buf = Buffer.alloc(0);
-    let open = false;
-    sock.on('error', reject);
-    sock.on('connect', () => {
-      sock.write(`GET / HTTP/1.1\r\nHost: ${addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
-        `Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n` +
-        `${deflate ? OFFER : ''}\r\n`);
-    });
-    sock.on('data', (d) => {
-      buf = buf.length ? Buffer.concat([buf, d]) : d;
-      if (!open) {
-        const end = buf.indexOf('\r\n\r\n');
-        if (end < 0) return;
-        const head = buf.subarray(0, end).toString('latin1');
-        buf = buf.subarray(end + 4);
-        if (!head.startsWith('HTTP/1.1 101')) return reject(new Error(head.split('\r\n')[0]));
-        const ext = /\r\nsec-websocket-extensions: *([^\r]*)/i.exec(head);
-        open = true;
-        resolve({ sock, extension: ext ? ext[1] : '' });
-      }
-      for (;;) {
-        if (buf.length < 2) return;
-        let len = buf[1] & 0x7f;
-        let at = 2;
-        if (len === 126) {
-          if (buf.length < 4) return;
-          len = buf.readUInt16BE(2);
-          at = 4;
-        } else if (len === 127) {
-          if (buf.length < 10) return;
-          len = Number(buf.readBigUInt64BE(2));
-          at = 10;
-        }
-        if (buf.length < at + len) return;
-        onFrame((buf[0] & 0x40) !== 0, buf.subarray(at, at + len), at + len);
-        buf = buf.subarray(at + len);
-      }
-    });
-  });
+  return wsConnect(addr, '/', deflate ? OFFER : '', onFrame);
 }
 
 run(async () => {

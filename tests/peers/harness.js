@@ -16,8 +16,10 @@
 //   }, 60000);
 'use strict';
 
+const crypto = require('crypto');
 const fs = require('fs');
 const http = require('http');
+const net = require('net');
 
 const cleanups = [];
 
@@ -185,7 +187,74 @@ function jsonText(n, seed) {
   return s.slice(0, n);
 }
 
+/** A masked client frame (RFC 6455 §5.2). */
+function clientFrame(opcode, payload) {
+  const mask = crypto.randomBytes(4);
+  const n = payload.length;
+  const head = n < 126 ? Buffer.from([0x80 | opcode, 0x80 | n])
+    : n < 65536 ? Buffer.from([0x80 | opcode, 0x80 | 126, n >> 8, n & 0xff])
+      : null;
+  if (!head) throw new Error('frame too large for this client');
+  const body = Buffer.alloc(n);
+  for (let i = 0; i < n; i++) body[i] = payload[i] ^ mask[i & 3];
+  return Buffer.concat([head, mask, body]);
+}
+
+/**
+ * One raw WebSocket connection to `addr` ("host:port") for `path`, with `extraHeaders`
+ * (CRLF-terminated lines) in the upgrade: resolves to `{ sock, extension }` after the 101,
+ * then hands every whole server frame to `onFrame(rsv1, payload, wireBytes)`.
+ */
+function wsConnect(addr, path, extraHeaders, onFrame) {
+  const [host, port] = addr.split(':');
+  return new Promise((resolve, reject) => {
+    const sock = net.connect({ host, port: Number(port) });
+    onCleanup(() => sock.destroy());
+    sock.setNoDelay(true);
+    let buf = Buffer.alloc(0);
+    let open = false;
+    sock.on('error', reject);
+    sock.on('connect', () => {
+      sock.write(`GET ${path} HTTP/1.1\r\nHost: ${addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
+        `Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n` +
+        `${extraHeaders}\r\n`);
+    });
+    sock.on('data', (d) => {
+      buf = buf.length ? Buffer.concat([buf, d]) : d;
+      if (!open) {
+        const end = buf.indexOf('\r\n\r\n');
+        if (end < 0) return;
+        const head = buf.subarray(0, end).toString('latin1');
+        buf = buf.subarray(end + 4);
+        if (!head.startsWith('HTTP/1.1 101')) return reject(new Error(head.split('\r\n')[0]));
+        const ext = /\r\nsec-websocket-extensions: *([^\r]*)/i.exec(head);
+        open = true;
+        resolve({ sock, extension: ext ? ext[1] : '' });
+      }
+      for (;;) {
+        if (buf.length < 2) return;
+        let len = buf[1] & 0x7f;
+        let at = 2;
+        if (len === 126) {
+          if (buf.length < 4) return;
+          len = buf.readUInt16BE(2);
+          at = 4;
+        } else if (len === 127) {
+          if (buf.length < 10) return;
+          len = Number(buf.readBigUInt64BE(2));
+          at = 10;
+        }
+        if (buf.length < at + len) return;
+        onFrame((buf[0] & 0x40) !== 0, buf.subarray(at, at + len), at + len);
+        buf = buf.subarray(at + len);
+      }
+    });
+  });
+}
+
 /** The message sizes every peer echoes: 0 B to 1 MiB, around compression_min_bytes (256). */
 const SIZES = [0, 1, 100, 255, 256, 257, 1000, 4096, 65536, 300000, 1 << 20];
 
-module.exports = { run, onCleanup, servePage, launchChromium, randomBytes, jsonText, SIZES };
+module.exports = {
+  run, onCleanup, servePage, launchChromium, randomBytes, jsonText, SIZES, clientFrame, wsConnect,
+};
