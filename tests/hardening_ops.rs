@@ -162,7 +162,7 @@ fn expect_loop_death(env: &[(&str, &str)], name: &str) {
         .unwrap_or_else(|| panic!("still running after {name} panicked:\n{}", gw.log()));
     let took = started.elapsed();
     assert_eq!(status.code(), Some(70), "{status:?}\n{}", gw.log());
-    let log = gw.log();
+    let log = gw.log_with_blocking(&format!("{name} stopped: its event loop panicked"), 1);
     let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
     assert_eq!(errors.len(), 1, "{log}");
     assert!(

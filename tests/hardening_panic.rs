@@ -105,7 +105,10 @@ async fn panic_in_one_connection_is_contained_1011_or_500_and_the_core_serves_on
     echoes(&mut before, "after both").await;
     let mut after = RawWs::connect(gw.addr).await;
     echoes(&mut after, "new client").await;
-    check_panic_log(&gw.log(), 2);
+    check_panic_log(
+        &gw.log_with("panic while handling this connection", 2).await,
+        2,
+    );
     // The open-connection count came back down: the two victims were freed.
     let deadline = Instant::now() + WAIT;
     loop {

@@ -155,6 +155,31 @@ impl Gateway {
         self.log.lock().unwrap().clone()
     }
 
+    /// The log once `text` is in it `count` times (lines come through a pipe and a reader
+    /// thread, so after what they report is seen), or as it is after `WAIT`.
+    pub async fn log_with(&self, text: &str, count: usize) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let log = self.log();
+            if log.matches(text).count() >= count || Instant::now() >= deadline {
+                return log;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `log_with` for code outside a runtime (after the process exited, say).
+    pub fn log_with_blocking(&self, text: &str, count: usize) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let log = self.log();
+            if log.matches(text).count() >= count || Instant::now() >= deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn signal(&self, sig: libc::c_int) {
         // SAFETY: kill(2) has no memory preconditions; the pid is our own child, not yet
         // reaped (we only reap in `wait_exit`/drop), so it cannot name another process.
