@@ -16,13 +16,15 @@
 # Message limits: ringway keeps its default (64 KiB), the peers accept up to 1 MiB.
 #
 # Usage: benches/compare.sh [--quick] [--duration 5s] [--warmup 1s] [--reps 3] [--rate N]
-#                           [--no-build] [--out DIR]
+#                           [--no-build] [--out DIR] [--cases LIST]
 #   --quick      1 repetition, 2 s runs, 0.5 s warm-up: a smoke run (about 1 minute)
 #   --duration   measured time per load run (default 5s); --warmup (default 1s)
 #   --reps       repetitions of every case (default 3)
 #   --rate       total msgs/s for the `rate` case (default: half the best peer's 100 x 1 KiB msgs/s)
 #   --no-build   use the binaries already built
 #   --out        where to keep the JSON reports (default target/compare/<date-time>)
+#   --cases      comma-separated subset of c100-16B,c100-1KiB,c100-64KiB,c1000-1KiB,rate,
+#                idle-10k,idle-50k (default: all); `rate` needs --rate or c100-1KiB
 # The full default run takes about 7 minutes on a 2-core machine. Every server started is
 # killed by PID when the script exits; every load run is bounded by `timeout`.
 set -euo pipefail
@@ -37,6 +39,7 @@ HOLD=2s
 RATE=""
 BUILD=1
 OUT=""
+CASES=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) REPS=1; DURATION=2s; WARMUP=0.5s; HOLD=1s ;;
@@ -46,7 +49,8 @@ while [ $# -gt 0 ]; do
         --rate) RATE="$2"; shift ;;
         --no-build) BUILD=0 ;;
         --out) OUT="$2"; shift ;;
-        -h|--help) sed -n '2,27p' "$0" | grep -v '^set ' | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --cases) CASES="$2"; shift ;;
+        -h|--help) sed -n '2,29p' "$0" | grep -v '^set ' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -140,10 +144,16 @@ run() {
     [ "$rc" = 0 ] || { echo "  (exit $rc: $(tail -n1 "$OUT/$case.$server.$rep.err"))" >&2; }
 }
 
+# Whether case $1 was asked for (all are, without --cases).
+wanted() {
+    [ -z "$CASES" ] || [[ ",$CASES," == *",$1,"* ]]
+}
+
 # Every case's reps, interleaved over the servers.
 each() {
     local case=$1
     shift
+    wanted "$case" || return 0
     for rep in $(seq "$REPS"); do
         for s in "${SERVERS[@]}"; do run "$case" "$s" "$rep" -- "$@"; done
     done
@@ -157,7 +167,7 @@ each c100-1KiB echo --connections 100 --in-flight 1 --size 1024 "${LOAD[@]}"
 each c100-64KiB echo --connections 100 --in-flight 1 --size 65536 "${LOAD[@]}"
 each c1000-1KiB echo --connections 1000 --in-flight 1 --size 1024 "${LOAD[@]}"
 
-if [ -z "$RATE" ]; then
+if [ -z "$RATE" ] && wanted rate; then
     RATE=$(python3 - "$OUT" "$REPS" <<'EOF'
 import json, statistics, sys
 out, reps = sys.argv[1], int(sys.argv[2])
@@ -175,12 +185,14 @@ print(max(1000, round(best / 2 / 1000) * 1000))
 EOF
 )
 fi
-echo "$RATE" >"$OUT/rate"
+echo "${RATE:-0}" >"$OUT/rate"
 each rate rate --rate "$RATE" --connections 100 --size 1024 "${LOAD[@]}"
 
 each idle-10k idle --connections 10000 --hold "$HOLD"
 # Both the server and the tool hold one fd per connection, plus a few.
-if [ "$HARD_FDS" -ge 50100 ]; then
+if ! wanted idle-50k; then
+    :
+elif [ "$HARD_FDS" -ge 50100 ]; then
     each idle-50k idle --connections 50000 --hold "$HOLD"
 else
     echo "skipped: idle with 50,000 connections needs an fd limit of at least 50,100 (hard limit here: $HARD_FDS)" \
@@ -188,7 +200,7 @@ else
 fi
 
 python3 - "$OUT" "$REPS" "${SERVERS[@]}" <<'EOF'
-import json, os, statistics, sys
+import glob, json, os, statistics, sys
 
 out, reps, servers = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 peers = ("tungstenite", "fastws")
@@ -242,6 +254,8 @@ print()
 print("| case | server | msgs/s | vs best peer | server CPU us/msg | vs best peer | p50 us | p99 us | p99 vs best peer | tool CPU | RSS B/conn | vs best peer | notes |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for case, label in cases:
+    if not glob.glob(f"{out}/{case}.*"):
+        continue  # not asked for (--cases)
     if os.path.exists(f"{out}/{case}.skipped"):
         print(f"| {label} | - | | | | | | | | | | | {open(f'{out}/{case}.skipped').read().strip()} |")
         continue
