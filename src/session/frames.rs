@@ -10,8 +10,8 @@ use crate::protocol::message::{Event, MessageKind, Payload};
 use crate::protocol::ProtocolError;
 
 use super::{
-    compression, encode, in_process, opcode_for, Action, Context, Count, Output, Session,
-    PONG_COALESCE_PAST,
+    compression, encode, encode_owned, in_process, opcode_for, Action, Context, Count, Output,
+    Session, PONG_COALESCE_PAST,
 };
 
 impl Session {
@@ -81,11 +81,20 @@ impl Session {
                         Action::None
                     } else if cx.config.upstream == Upstream::LocalEcho {
                         let op = opcode_for(kind);
-                        let (own, agreed) = (&mut self.contexts, self.deflate);
-                        let p = payload.as_slice();
-                        Action::Data(compression::encode_message(
-                            own, agreed, self.route, cx, op, p,
-                        ))
+                        match payload {
+                            // Assembled for this message alone: echoed without a copy.
+                            Payload::Owned(bytes) if self.deflate.is_none() => {
+                                Action::Data(encode_owned(op, bytes))
+                            }
+                            payload => {
+                                let (own, agreed) = (&mut self.contexts, self.deflate);
+                                let p = payload.as_slice();
+                                Action::Data(
+                                    compression::encode_message(own, agreed, self.route, cx, op, p)
+                                        .into(),
+                                )
+                            }
+                        }
                     } else {
                         let route = cx.routes.route(self.route);
                         match cx

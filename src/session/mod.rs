@@ -270,6 +270,53 @@ pub fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
     buf.freeze()
 }
 
+/// From this size on, a message whose payload the session owns outright (assembled from
+/// several read buffers) leaves as two iovecs, header and payload, instead of being copied
+/// into a frame: a copy of 64 KiB costs more than the second queue entry it saves.
+pub const SEND_PAYLOAD_AS_IS_FROM: usize = 8 * 1024;
+
+/// An outbound frame: its header and payload in one allocation (`body` empty), or, for a
+/// large payload the session owns, the header alone and the payload as it came.
+#[derive(Debug)]
+pub(crate) struct OutFrame {
+    head: Bytes,
+    body: Bytes,
+}
+
+impl OutFrame {
+    fn len(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+
+    /// Queue entries it takes.
+    fn entries(&self) -> usize {
+        1 + usize::from(!self.body.is_empty())
+    }
+}
+
+impl From<Bytes> for OutFrame {
+    fn from(frame: Bytes) -> OutFrame {
+        OutFrame {
+            head: frame,
+            body: Bytes::new(),
+        }
+    }
+}
+
+/// A server frame for `payload`, which the caller owns exactly (its own allocation, e.g. a
+/// message assembled across read buffers): large ones are not copied.
+pub(crate) fn encode_owned(opcode: OpCode, payload: Bytes) -> OutFrame {
+    if payload.len() < SEND_PAYLOAD_AS_IS_FROM {
+        return encode(opcode, &payload).into();
+    }
+    let mut h = [0u8; MAX_HEADER_LEN];
+    let n = frame::encode_header(&mut h, true, opcode, None, payload.len() as u64);
+    OutFrame {
+        head: Bytes::copy_from_slice(&h[..n]),
+        body: payload,
+    }
+}
+
 pub fn opcode_for(kind: MessageKind) -> OpCode {
     match kind {
         MessageKind::Text => OpCode::Text,
@@ -298,7 +345,7 @@ fn in_process(routes: &RouteTable, upstream: UpstreamId) -> bool {
 enum Action {
     None,
     Refuse(MessageRefusal),
-    Data(Bytes),
+    Data(OutFrame),
     Relay(UpstreamId, MessageKind, Bytes),
     Pong(Bytes),
     PongReceived,
@@ -754,9 +801,9 @@ impl Session {
     /// that pipelines requests faster than it reads the answers must be slowed down, not
     /// closed at once. Still over the cap after `SLOW_CONSUMER_GRACE_MS`, it is closed all
     /// the same.
-    fn queue_data(&mut self, cx: &mut Context<'_>, frame: Bytes, slack: usize) {
+    fn queue_data(&mut self, cx: &mut Context<'_>, frame: OutFrame, slack: usize) {
         if self.out.bytes() > 0
-            && self.out.cost() + frame.len() + ENTRY_BYTES
+            && self.out.cost() + frame.len() + frame.entries() * ENTRY_BYTES
                 > cx.config.send_queue_bytes.saturating_mul(slack)
         {
             tracing::debug!(conn = %self.id, queued = self.out.bytes(), "slow consumer");
@@ -765,13 +812,17 @@ impl Session {
             return;
         }
         cx.meter.count(Count::MessageOut);
-        self.out.push(frame);
+        if frame.body.is_empty() {
+            self.out.push(frame.head);
+        } else {
+            self.out.push_split(frame.head, frame.body);
+        }
     }
 
     /// A message the relay sends this client.
     pub fn on_relay_send(&mut self, cx: &mut Context<'_>, kind: MessageKind, payload: &[u8]) {
         let frame = self.encode_message(cx, opcode_for(kind), payload);
-        self.queue_data(cx, frame, REPLY_SLACK);
+        self.queue_data(cx, frame.into(), REPLY_SLACK);
     }
 
     /// Queue a topic or broadcast frame, applying the route's slow-consumer policy.
@@ -782,7 +833,7 @@ impl Session {
             cx.meter.count(Count::SlowConsumerDropped);
             return;
         }
-        self.queue_data(cx, frame, 1);
+        self.queue_data(cx, frame.into(), 1);
     }
 
     pub fn subscribe(&mut self, topic: &Topic, max: usize) -> Subscribed {

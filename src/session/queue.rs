@@ -22,6 +22,14 @@ pub(crate) struct Outbound {
     pong_queued: bool,
     /// How many of the front items the driver's in-flight send covers (0: none in flight).
     sending: usize,
+    /// Items ever taken off the front: with it, `heads` names items by a position that
+    /// does not move as the front goes.
+    popped: u64,
+    /// Positions of frame headers queued apart from their payload (`push_split`): the two
+    /// leave together or not at all. Empty unless a large owned payload is queued.
+    heads: VecDeque<u64>,
+    /// The front item is partly on the wire: it must be finished, never dropped.
+    front_started: bool,
 }
 
 impl Outbound {
@@ -29,6 +37,13 @@ impl Outbound {
         self.pong_queued = false;
         self.bytes += bytes.len();
         self.items.push_back(bytes);
+    }
+
+    /// Queue a frame as its header and, behind it, its payload as it is (no copy).
+    pub fn push_split(&mut self, head: Bytes, body: Bytes) {
+        self.heads.push_back(self.popped + self.items.len() as u64);
+        self.push(head);
+        self.push(body);
     }
 
     /// Queue a pong. Once more than `coalesce_past` bytes wait unsent (the client is not
@@ -72,8 +87,14 @@ impl Outbound {
             if front.len() <= sent {
                 sent -= front.len();
                 self.items.pop_front();
+                self.popped += 1;
+                self.front_started = false;
+                while self.heads.front().is_some_and(|&h| h < self.popped) {
+                    self.heads.pop_front();
+                }
             } else {
                 front.advance(sent);
+                self.front_started = true;
                 sent = 0;
                 if self.items.len() == 1 {
                     // A partly sent pong is on the wire already: it must not be replaced.
@@ -86,19 +107,36 @@ impl Outbound {
             // An idle connection should not keep a large queue allocation.
             self.items = VecDeque::new();
         }
+        if self.heads.is_empty() && self.heads.capacity() > 16 {
+            self.heads = VecDeque::new();
+        }
     }
 
     /// The send failed or ended: nothing queued will be delivered.
     pub fn clear(&mut self) {
+        self.popped += self.items.len() as u64;
         self.items.clear();
+        self.heads.clear();
         self.bytes = 0;
         self.sending = 0;
+        self.front_started = false;
     }
 
-    /// Let go of everything the kernel is not sending now.
+    /// Let go of everything the kernel is not sending now, but never part of a frame: a
+    /// frame partly sent, or whose header is being sent, is kept whole (what follows it on
+    /// the wire, such as a close frame, must start at a frame boundary).
     pub fn drop_unsent(&mut self, send_in_flight: bool) {
-        let keep = if send_in_flight { self.sending } else { 0 };
+        let mut keep = if send_in_flight { self.sending } else { 0 };
+        if self.front_started {
+            keep = keep.max(1);
+        }
+        if keep > 0 && self.heads.contains(&(self.popped + keep as u64 - 1)) {
+            keep += 1;
+        }
+        let keep = keep.min(self.items.len());
         self.items.truncate(keep);
+        let end = self.popped + keep as u64;
+        self.heads.retain(|&h| h < end);
         self.bytes = self.items.iter().map(Bytes::len).sum();
         self.pong_queued = false;
     }
@@ -111,7 +149,9 @@ impl Outbound {
 
     /// Bytes it holds in the process, slots included.
     pub fn heap_bytes(&self) -> usize {
-        self.cost() + self.items.capacity() * std::mem::size_of::<Bytes>()
+        self.cost()
+            + self.items.capacity() * std::mem::size_of::<Bytes>()
+            + self.heads.capacity() * std::mem::size_of::<u64>()
     }
 }
 
@@ -167,6 +207,47 @@ mod tests {
             q.push_pong(Bytes::from_static(b"p"), 64 * 1024);
         }
         assert_eq!(q.items().len(), 10, "a reading client gets every pong");
+    }
+
+    fn items(q: &Outbound) -> Vec<&[u8]> {
+        q.items().iter().map(|b| &b[..]).collect()
+    }
+
+    #[test]
+    fn a_split_frame_is_never_cut_by_dropping_the_unsent() {
+        let mut q = Outbound::default();
+        q.push(Bytes::from_static(b"one"));
+        q.push_split(Bytes::from_static(b"H"), Bytes::from_static(b"payload"));
+        q.push(Bytes::from_static(b"two"));
+        // The send in flight ends with the header: its payload stays with it.
+        q.start_send(2);
+        q.drop_unsent(true);
+        assert_eq!(items(&q), [&b"one"[..], b"H", b"payload"]);
+        // After a short write into the payload: the rest of it is kept.
+        q.advance(3 + 1 + 2);
+        q.drop_unsent(false);
+        assert_eq!(items(&q), [&b"yload"[..]]);
+        assert_eq!(q.bytes(), 5);
+        q.advance(5);
+        assert!(q.is_empty());
+        // Positions survive the front moving on: a later split is found again.
+        q.push(Bytes::from_static(b"x"));
+        q.push_split(Bytes::from_static(b"H2"), Bytes::from_static(b"p2"));
+        q.advance(1);
+        q.start_send(1);
+        q.drop_unsent(true);
+        assert_eq!(items(&q), [&b"H2"[..], b"p2"]);
+    }
+
+    #[test]
+    fn a_partly_sent_frame_is_kept_when_the_rest_is_dropped() {
+        let mut q = Outbound::default();
+        q.push(Bytes::from_static(b"abcdef"));
+        q.push(Bytes::from_static(b"ghi"));
+        q.advance(2);
+        q.drop_unsent(false);
+        assert_eq!(items(&q), [&b"cdef"[..]]);
+        assert_eq!(q.bytes(), 4);
     }
 
     #[test]

@@ -50,6 +50,29 @@ fn parse(item: &[u8]) -> Wire {
     }
 }
 
+/// The queued items with every header-only item joined to the payload item after it (a
+/// large payload the session owns is queued as it is, behind its header).
+fn whole_items(queued: &std::collections::VecDeque<Bytes>) -> Vec<Vec<u8>> {
+    let mut items: Vec<Vec<u8>> = Vec::new();
+    let mut header_only = false;
+    for item in queued {
+        if header_only {
+            items.last_mut().unwrap().extend_from_slice(item);
+            header_only = false;
+            continue;
+        }
+        header_only = !item.starts_with(b"HTTP/")
+            && item.len() >= 2
+            && match item[1] & 0x7f {
+                126 => item.len() == 4 && u16::from_be_bytes([item[2], item[3]]) > 0,
+                127 => item.len() == 10,
+                _ => false,
+            };
+        items.push(item.to_vec());
+    }
+    items
+}
+
 const REQUEST: &str =
     "GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
      Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
@@ -139,7 +162,10 @@ impl Sim {
 
     /// Everything queued, as the client reads it; the driver's send completes at once.
     fn wire(&mut self) -> Vec<Wire> {
-        let items: Vec<Wire> = self.s.queued().iter().map(|b| parse(b)).collect();
+        let items: Vec<Wire> = whole_items(self.s.queued())
+            .iter()
+            .map(|b| parse(b))
+            .collect();
         let n = self.s.queued().len();
         let bytes = self.s.queued_bytes();
         self.s.start_send(n);
@@ -383,6 +409,39 @@ fn pings_get_pongs_and_pongs_clear_our_ping() {
             Wire::Frame(OpCode::Pong, b"p2".to_vec())
         ]
     );
+}
+
+/// A message gathered across reads is echoed from its own memory: the queue holds the
+/// header and then the very bytes that were assembled (no copy), which read back as one
+/// frame; a message that arrived in one read is copied into one frame, as before.
+#[test]
+fn a_gathered_large_message_is_echoed_without_a_copy() {
+    let mut sim = Sim::open(PLAIN, false);
+    let payload: Vec<u8> = (0..SEND_PAYLOAD_AS_IS_FROM + 5000)
+        .map(|i| i as u8)
+        .collect();
+    let mut buf = BytesMut::new();
+    write_client_frame(&mut buf, true, OpCode::Binary, [1, 2, 3, 4], &payload);
+    let (a, b) = buf.split_at(3000);
+    sim.feed(a);
+    sim.feed(b);
+    let items: Vec<Bytes> = sim.s.queued().iter().cloned().collect();
+    assert_eq!(items.len(), 2, "header, then the payload as assembled");
+    assert_eq!(items[0].len(), 4, "a 16-bit length header");
+    let whole: Vec<u8> = items.concat();
+    assert_eq!(parse(&whole), Wire::Frame(OpCode::Binary, payload.clone()));
+    assert_eq!(sim.s.queued_cost(), whole.len() + 2 * ENTRY_BYTES);
+    sim.wire();
+    // The same message in one read is borrowed from the read buffer: copied, one item.
+    sim.feed(&buf);
+    assert_eq!(sim.s.queued().len(), 1);
+    assert_eq!(sim.wire(), [Wire::Frame(OpCode::Binary, payload)]);
+    // Small gathered messages are still one frame.
+    let mut small = BytesMut::new();
+    write_client_frame(&mut small, true, OpCode::Text, [1, 2, 3, 4], b"hello there");
+    sim.feed(&small[..5]);
+    sim.feed(&small[5..]);
+    assert_eq!(sim.wire(), [text("hello there")]);
 }
 
 // ----- close paths -----
