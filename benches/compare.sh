@@ -16,7 +16,7 @@
 # Message limits: ringway keeps its default (64 KiB), the peers accept up to 1 MiB.
 #
 # Usage: benches/compare.sh [--quick] [--duration 5s] [--warmup 1s] [--reps 3] [--rate N]
-#                           [--no-build] [--out DIR] [--cases LIST]
+#                           [--no-build] [--out DIR] [--cases LIST] [--chart FILE]
 #   --quick      1 repetition, 2 s runs, 0.5 s warm-up: a smoke run (about 1 minute)
 #   --duration   measured time per load run (default 5s); --warmup (default 1s)
 #   --reps       repetitions of every case (default 3)
@@ -25,6 +25,8 @@
 #   --out        where to keep the JSON reports (default target/compare/<date-time>)
 #   --cases      comma-separated subset of c100-16B,c100-1KiB,c100-64KiB,c1000-1KiB,rate,
 #                idle-10k,idle-50k (default: all); `rate` needs --rate or c100-1KiB
+#   --chart      where to write the SVG chart of CPU per message and RSS per idle connection
+#                (default: docs/compare.svg after a full run, else DIR/compare.svg)
 # The full default run takes about 7 minutes on a 2-core machine. Every server started is
 # killed by PID when the script exits; every load run is bounded by `timeout`.
 set -euo pipefail
@@ -40,9 +42,11 @@ RATE=""
 BUILD=1
 OUT=""
 CASES=""
+CHART=""
+QUICK=0
 while [ $# -gt 0 ]; do
     case "$1" in
-        --quick) REPS=1; DURATION=2s; WARMUP=0.5s; HOLD=1s ;;
+        --quick) QUICK=1; REPS=1; DURATION=2s; WARMUP=0.5s; HOLD=1s ;;
         --duration) DURATION="$2"; shift ;;
         --warmup) WARMUP="$2"; shift ;;
         --reps) REPS="$2"; shift ;;
@@ -50,7 +54,8 @@ while [ $# -gt 0 ]; do
         --no-build) BUILD=0 ;;
         --out) OUT="$2"; shift ;;
         --cases) CASES="$2"; shift ;;
-        -h|--help) sed -n '2,29p' "$0" | grep -v '^set ' | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --chart) CHART="$2"; shift ;;
+        -h|--help) sed -n '2,31p' "$0" | grep -v '^set ' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -97,6 +102,10 @@ server_cmd() {
 
 [ -n "$OUT" ] || OUT="$ROOT/target/compare/$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$OUT"
+if [ -z "$CHART" ]; then
+    if [ -z "$CASES" ] && [ "$QUICK" = 0 ]; then CHART="$ROOT/docs/compare.svg"; else CHART="$OUT/compare.svg"; fi
+fi
+echo "$(date -u +%Y-%m-%d), $(nproc) CPUs, Linux $(uname -r)" >"$OUT/stamp"
 
 SERVER_PID=""
 stop_server() {
@@ -205,6 +214,7 @@ import glob, json, os, statistics, sys
 out, reps, servers = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 peers = ("tungstenite", "fastws")
 rate = open(f"{out}/rate").read().strip()
+medians = {}
 cases = [
     ("c100-16B", "100 conn x 1, 16 B"),
     ("c100-1KiB", "100 conn x 1, 1 KiB"),
@@ -260,7 +270,7 @@ for case, label in cases:
         print(f"| {label} | - | | | | | | | | | | | {open(f'{out}/{case}.skipped').read().strip()} |")
         continue
     runs = {s: reports(case, s) for s in servers}
-    m = {s: {
+    m = medians[case] = {s: {
         "mps": median(runs[s][0], "msgs_per_sec"),
         "cpu": median(runs[s][0], "server", "cpu_us_per_msg"),
         "p50": median(runs[s][0], "latency", "p50_us"),
@@ -289,4 +299,57 @@ for case, label in cases:
         print(f"| {label} | {s} | {num(v['mps'])} | {ratio(v['mps'], b_mps)} | {num(v['cpu'], '{:.2f}')} "
               f"| {ratio(v['cpu'], b_cpu)} | {num(v['p50'])} | {num(v['p99'])} | {ratio(v['p99'], b_p99)} "
               f"| {num(v['tool'], '{:.0f}%')} | {num(v['rss'])} | {ratio(v['rss'], b_rss)} | {', '.join(notes)} |")
+json.dump(medians, open(f"{out}/medians.json", "w"), indent=1)
+EOF
+
+# The chart of CPU per message and RSS per idle connection, from those medians.
+python3 - "$OUT" "$CHART" "${SERVERS[@]}" <<'EOF'
+import html, json, sys
+out, chart, servers = sys.argv[1], sys.argv[2], sys.argv[3:]
+medians = json.load(open(f"{out}/medians.json"))
+colors = {"ringway-local": "#1f6feb", "ringway-relay": "#79b8ff", "tungstenite": "#d29922", "fastws": "#8b949e"}
+panels = [
+    ("Server CPU per echoed message (us, lower is better)", "cpu",
+     [("c100-16B", "100 x 16 B"), ("c100-1KiB", "100 x 1 KiB"), ("c100-64KiB", "100 x 64 KiB"), ("c1000-1KiB", "1,000 x 1 KiB")]),
+    ("RSS per idle connection (bytes, lower is better)", "rss",
+     [("idle-10k", "10,000 idle"), ("idle-50k", "50,000 idle")]),
+]
+W, PH, TOP, LEFT = 860, 260, 40, 60
+svg = []
+y0 = TOP
+for title, key, cases in panels:
+    cases = [(c, l) for c, l in cases if c in medians]
+    if not cases:
+        continue
+    vals = [medians[c][s][key] for c, _ in cases for s in servers if medians[c][s][key] is not None]
+    top = max(vals) * 1.15 if vals else 1
+    svg.append(f'<text x="{LEFT}" y="{y0 - 12}" font-size="15" font-weight="bold">{html.escape(title)}</text>')
+    base = y0 + PH - 40
+    svg.append(f'<line x1="{LEFT}" y1="{base}" x2="{W - 20}" y2="{base}" stroke="#444"/>')
+    group = (W - LEFT - 20) / len(cases)
+    bar = min(40, (group - 20) / len(servers))
+    for i, (case, label) in enumerate(cases):
+        gx = LEFT + i * group + (group - bar * len(servers)) / 2
+        for j, s in enumerate(servers):
+            v = medians[case][s][key]
+            if v is None:
+                continue
+            h = (PH - 70) * v / top
+            x = gx + j * bar
+            text = f"{v:.1f}" if key == "cpu" else f"{v:,.0f}"
+            svg.append(f'<rect x="{x:.1f}" y="{base - h:.1f}" width="{bar - 3:.1f}" height="{h:.1f}" fill="{colors.get(s, "#666")}"><title>{s} {label}: {text}</title></rect>')
+            svg.append(f'<text x="{x + (bar - 3) / 2:.1f}" y="{base - h - 4:.1f}" font-size="10" text-anchor="middle">{text}</text>')
+        svg.append(f'<text x="{LEFT + i * group + group / 2:.1f}" y="{base + 18}" font-size="12" text-anchor="middle">{html.escape(label)}</text>')
+    y0 += PH + 30
+legend = "".join(
+    f'<rect x="{LEFT + k * 170}" y="{y0 - 10}" width="12" height="12" fill="{colors.get(s, "#666")}"/>'
+    f'<text x="{LEFT + k * 170 + 18}" y="{y0}" font-size="12">{html.escape(s)}</text>'
+    for k, s in enumerate(servers))
+stamp = html.escape(open(f"{out}/stamp").read().strip())
+height = y0 + 30
+open(chart, "w").write(
+    f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" viewBox="0 0 {W} {height}" font-family="sans-serif">'
+    f'<rect width="100%" height="100%" fill="white"/>' + "".join(svg) + legend +
+    f'<text x="{LEFT}" y="{height - 8}" font-size="11" fill="#555">benches/compare.sh, {stamp}; medians, each server on one core</text></svg>\n')
+print(f"chart: {chart}")
 EOF
