@@ -35,18 +35,23 @@ fn parse(item: &[u8]) -> Wire {
     }
     let opcode = OpCode::from_u8(item[0] & 0x0f).expect("an opcode");
     assert_eq!(item[1] & 0x80, 0, "server frames are not masked");
-    let (len, at) = match item[1] & 0x7f {
-        126 => (u16::from_be_bytes([item[2], item[3]]) as usize, 4),
-        127 => (
-            u64::from_be_bytes(item[2..10].try_into().unwrap()) as usize,
-            10,
-        ),
-        n => (n as usize, 2),
-    };
+    let (len, at) = lengths(item);
     assert_eq!(item.len(), at + len, "one frame per queued item");
     match (opcode, &item[at..]) {
         (OpCode::Close, [a, b, ..]) => Wire::Close(u16::from_be_bytes([*a, *b])),
         (_, payload) => Wire::Frame(opcode, payload.to_vec()),
+    }
+}
+
+/// A server frame's payload length and header length, from its header.
+fn lengths(frame: &[u8]) -> (usize, usize) {
+    match frame[1] & 0x7f {
+        126 => (u16::from_be_bytes([frame[2], frame[3]]) as usize, 4),
+        127 => (
+            u64::from_be_bytes(frame[2..10].try_into().unwrap()) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
     }
 }
 
@@ -61,13 +66,10 @@ fn whole_items(queued: &std::collections::VecDeque<Bytes>) -> Vec<Vec<u8>> {
             header_only = false;
             continue;
         }
-        header_only = !item.starts_with(b"HTTP/")
-            && item.len() >= 2
-            && match item[1] & 0x7f {
-                126 => item.len() == 4 && u16::from_be_bytes([item[2], item[3]]) > 0,
-                127 => item.len() == 10,
-                _ => false,
-            };
+        header_only = !item.starts_with(b"HTTP/") && item.len() >= 2 && {
+            let (len, at) = lengths(item);
+            len > 0 && item.len() == at
+        };
         items.push(item.to_vec());
     }
     items
