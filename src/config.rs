@@ -262,7 +262,10 @@ pub struct Config {
     /// Outbound bytes queued per connection beyond which it stops being read and is a slow
     /// consumer (closed 1008: at once, or after a grace; see `Session::queue_data`).
     pub send_queue_bytes: usize,
-    /// Provided read buffers per core (a power of two) and their size.
+    /// Provided read buffers per core (a power of two) and their size. Default 128 x 128 KiB
+    /// (16 MiB): a message up to the default 64 KiB limit lands in one buffer and is decoded
+    /// there with no gathering copy (1024 x 16 KiB cost ~5% more CPU per 64 KiB echo and was
+    /// no better at 5,000 busy clients, measured side by side).
     pub read_buffers: u16,
     pub read_buffer_bytes: usize,
     /// Capacity of each core's channel to the relay.
@@ -318,8 +321,8 @@ impl Default for Config {
             close_linger_ms: 2_000,
             shutdown_grace_ms: 10_000,
             send_queue_bytes: 1024 * 1024,
-            read_buffers: 1024,
-            read_buffer_bytes: 16 * 1024,
+            read_buffers: 128,
+            read_buffer_bytes: 128 * 1024,
             relay_queue: 65_536,
             max_subscriptions: 100,
             slow_consumer: SlowConsumer::Close,

@@ -69,7 +69,7 @@ async fn flood(ws: &mut RawWs, frame: &[u8], secs: u64) -> (u64, bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_flood_without_reading_is_bounded_and_charged() {
-    let config = "send_queue_bytes = 262144\nread_buffers = 64\n";
+    let config = "send_queue_bytes = 262144\nread_buffers = 64\nread_buffer_bytes = 16384\n";
     let gw = Gateway::with_config(config, &["--workers", "1", "--admin", "127.0.0.1:0"]);
     echo_rtt(&gw.url()).await;
     let rss0 = rss_bytes(gw.pid());
@@ -95,7 +95,7 @@ async fn ping_flood_without_reading_is_bounded_and_charged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_flood_without_reading_is_paused_then_closed_1008() {
-    let config = "send_queue_bytes = 262144\nread_buffers = 64\n";
+    let config = "send_queue_bytes = 262144\nread_buffers = 64\nread_buffer_bytes = 16384\n";
     let gw = Gateway::with_config(
         config,
         &[
@@ -145,7 +145,7 @@ async fn echo_flood_without_reading_is_paused_then_closed_1008() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_fast_client_cannot_stall_others_through_the_relay() {
     let gw = Gateway::with_config(
-        "read_buffers = 64\n",
+        "read_buffers = 64\nread_buffer_bytes = 16384\n",
         &[
             "--workers",
             "1",

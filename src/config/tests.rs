@@ -119,8 +119,8 @@ fn bad_files_name_key_and_line() {
             "line 1",
         ),
         (
-            "backlog = 10\nread_buffer_bytes = 1048576\n",
-            "`read_buffer_bytes` makes",
+            "backlog = 10\nread_buffers = 4096\nread_buffer_bytes = 131072\n",
+            "`read_buffers` makes",
             "line 2",
         ),
         ("read_buffer_bytes = 1000\n", "power of two", "line 1"),

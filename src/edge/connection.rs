@@ -2,6 +2,7 @@
 //! on it and the core-wide resources it holds, beside its sans-IO [`Session`] (the
 //! connection's life). The worker turns what the session asks for into ring operations.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -31,6 +32,8 @@ pub struct Conn {
     pub wants_pause: bool,
     /// Its multishot recv was cancelled for backpressure; re-armed when it may resume.
     pub paused: bool,
+    /// What it sent after it was paused, decoded when it resumes (`worker/held.rs`).
+    pub held: Option<Box<HeldInput>>,
     /// The time of this connection's earliest wheel entry, if any.
     pub wheel_at: Option<u64>,
     pub ip: Option<std::net::IpAddr>,
@@ -56,6 +59,7 @@ impl Conn {
             dirty: false,
             wants_pause: false,
             paused: false,
+            held: None,
             wheel_at: None,
             ip: None,
             counted_ip: false,
@@ -74,5 +78,93 @@ impl Conn {
     /// Every ring operation on the socket has finished; the slot may be freed.
     pub fn finished(&self) -> bool {
         self.shut && !self.recv_armed && !self.send_in_flight
+    }
+}
+
+/// Bytes a paused client sent, not decoded yet (see `worker/held.rs`): one piece per
+/// completion, exactly sized, so holding costs what was received and no growth slack.
+#[derive(Default)]
+pub struct HeldInput {
+    pieces: VecDeque<Box<[u8]>>,
+    /// Bytes of the front piece already decoded.
+    read: usize,
+    /// Bytes in `pieces`.
+    held: usize,
+    /// The client's FIN came after these bytes.
+    pub eof: bool,
+}
+
+impl HeldInput {
+    /// Heap bytes it holds (charged with the connection's footprint).
+    pub fn footprint(held: &Option<Box<HeldInput>>) -> usize {
+        held.as_ref().map_or(0, |h| {
+            std::mem::size_of::<HeldInput>()
+                + h.held
+                + h.pieces.capacity() * std::mem::size_of::<Box<[u8]>>()
+        })
+    }
+
+    pub fn push(held: &mut Option<Box<HeldInput>>, data: &[u8]) {
+        let held = held.get_or_insert_with(Box::default);
+        held.held += data.len();
+        held.pieces.push_back(data.into());
+    }
+
+    /// The FIN arrived behind held bytes: it is acted on once they are decoded.
+    pub fn push_eof(held: &mut Option<Box<HeldInput>>) {
+        held.get_or_insert_with(Box::default).eof = true;
+    }
+
+    /// The next at most `max` bytes not decoded yet, in arrival order (counted as decoded).
+    pub fn next_chunk(&mut self, max: usize) -> Option<&mut [u8]> {
+        while self.pieces.front().is_some_and(|p| p.len() == self.read) {
+            let done = self.pieces.pop_front().expect("checked");
+            self.held -= done.len();
+            self.read = 0;
+        }
+        let front = self.pieces.front_mut()?;
+        let start = self.read;
+        self.read = front.len().min(start + max);
+        Some(&mut front[start..self.read])
+    }
+
+    /// Whether every held byte was handed out by `next_chunk`.
+    pub fn is_drained(&self) -> bool {
+        self.pieces.iter().map(|p| p.len()).sum::<usize>() == self.read
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeldInput;
+
+    #[test]
+    fn held_input_comes_back_in_order_in_bounded_chunks_and_is_charged() {
+        let mut held = None;
+        assert_eq!(HeldInput::footprint(&held), 0);
+        HeldInput::push(&mut held, &[1; 10]);
+        HeldInput::push(&mut held, &[2; 3]);
+        HeldInput::push_eof(&mut held);
+        assert!(HeldInput::footprint(&held) >= 13);
+        let h = held.as_mut().unwrap();
+        let mut out = Vec::new();
+        while let Some(chunk) = h.next_chunk(4) {
+            assert!(chunk.len() <= 4 && !chunk.is_empty());
+            out.extend_from_slice(chunk);
+        }
+        assert_eq!(out, [[1u8; 10].as_slice(), &[2; 3]].concat());
+        assert!(h.is_drained() && h.eof);
+        assert_eq!(h.held, 0, "decoded pieces are let go");
+    }
+
+    #[test]
+    fn a_partly_decoded_hold_is_not_drained() {
+        let mut held = None;
+        HeldInput::push(&mut held, &[7; 8]);
+        let h = held.as_mut().unwrap();
+        assert_eq!(h.next_chunk(5).unwrap().len(), 5);
+        assert!(!h.is_drained());
+        assert_eq!(h.next_chunk(5).unwrap(), &[7; 3]);
+        assert!(h.is_drained());
     }
 }

@@ -26,7 +26,7 @@ use crate::route::RouteTable;
 use crate::session::{Context, Count, Meter, Output, Session, Shutdown, Subscribed};
 use std::collections::HashMap;
 
-use super::connection::{Conn, InFlight};
+use super::connection::{Conn, HeldInput, InFlight};
 use super::fd::Socket;
 use super::inbox::Waker;
 use super::panic;
@@ -47,6 +47,7 @@ const OP_ACCEPT_TLS: u64 = 7;
 mod backpressure;
 mod drain;
 mod fanout;
+mod held;
 mod reload;
 
 const TICK_MS: u64 = 50;
@@ -524,7 +525,11 @@ impl Worker {
         if res > 0 {
             self.core.stats.bytes_in.add(res as u64);
             let bid = bid.expect("a multishot recv with data names its buffer");
-            if !conn.session.reading_done() && !conn.shut {
+            if conn.shut || conn.session.reading_done() {
+                // Nothing more is read from it.
+            } else if conn.paused || conn.held.is_some() {
+                HeldInput::push(&mut conn.held, self.buffers.filled(bid, res as usize));
+            } else {
                 let data = self.buffers.filled(bid, res as usize);
                 // Split the borrow: the buffer ring lends the bytes, the session does the rest.
                 let conn = self.slots[slot as usize]
@@ -560,7 +565,11 @@ impl Worker {
             // still paused or closing (`arm_recv` checks), or the client is never read again.
             if res == -libc::ECANCELED {
                 self.recv_rearm.push(slot);
+            } else if res == 0 && conn.held.is_some() {
+                // Its FIN follows bytes it sent while paused: acted on after them.
+                HeldInput::push_eof(&mut conn.held);
             } else {
+                conn.held = None;
                 let core = &mut self.core;
                 conn.session.on_peer_closed(&mut core.cx(), res < 0);
                 self.dispatch_outputs(slot);
@@ -712,7 +721,7 @@ impl Worker {
         };
         // TLS: encrypt what this event queued (nothing to do for plain TCP).
         conn.session.seal_output();
-        let now = conn.session.footprint();
+        let now = conn.session.footprint() + HeldInput::footprint(&conn.held);
         self.core.charged = self.core.charged - conn.charged as u64 + now as u64;
         conn.charged = now;
         if conn

@@ -23,9 +23,7 @@ impl Worker {
                 continue;
             }
             if self.core.may_resume(conn) || conn.shut {
-                conn.paused = false;
-                conn.session.resumed();
-                self.recv_rearm.push(slot);
+                self.resume(slot);
                 continue;
             }
             self.paused.push((slot, generation));
