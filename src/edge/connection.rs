@@ -168,3 +168,21 @@ mod tests {
         assert!(h.is_drained());
     }
 }
+
+#[cfg(test)]
+mod size {
+    use super::Conn;
+    use crate::session::Session;
+
+    /// What the driver adds to an idle connection's session (see the session's own
+    /// accounting test): the fd, ring flags, the timer wheel's note, the peer IP for the
+    /// limiter, the meter's charge and the relay in-flight counter's pointer.
+    #[test]
+    fn a_connection_is_its_session_plus_a_few_words() {
+        let extra = std::mem::size_of::<Conn>() - std::mem::size_of::<Session>();
+        assert!(
+            extra <= 80,
+            "the driver's part of a connection is {extra} B"
+        );
+    }
+}

@@ -30,6 +30,7 @@ use super::connection::{Conn, HeldInput, InFlight};
 use super::fd::Socket;
 use super::inbox::Waker;
 use super::panic;
+use super::slab::Slab;
 use super::stats::CoreStats;
 use super::timer::{self, TimerWheel};
 use super::uring::{self, BufferRing};
@@ -105,7 +106,7 @@ pub struct Worker {
     ring: IoUring,
     listener: Option<TcpListener>,
     tls_listener: Option<TcpListener>,
-    slots: Vec<Slot>,
+    slots: Slab<Slot>,
     free: Vec<u32>,
     live: usize,
     wheel: TimerWheel,
@@ -231,7 +232,7 @@ impl Worker {
             ring,
             listener: Some(setup.listener),
             tls_listener: setup.tls_listener,
-            slots: Vec::new(),
+            slots: Slab::default(),
             free: Vec::new(),
             live: 0,
             wheel: TimerWheel::new(0, TICK_MS, 4096),
@@ -467,13 +468,10 @@ impl Worker {
         }
         let slot = match self.free.pop() {
             Some(s) => s,
-            None => {
-                self.slots.push(Slot {
-                    generation: 0,
-                    conn: None,
-                });
-                self.slots.len() as u32 - 1
-            }
+            None => self.slots.push(Slot {
+                generation: 0,
+                conn: None,
+            }) as u32,
         };
         let generation = self.slots[slot as usize].generation;
         let id = ConnId::on_node(self.node, self.index as u8, slot, generation);
@@ -954,7 +952,7 @@ impl Worker {
 }
 
 /// The connection in `slot` if it is still the same generation.
-fn conn_in(slots: &mut [Slot], slot: u32, generation: u32) -> Option<&mut Conn> {
+fn conn_in(slots: &mut Slab<Slot>, slot: u32, generation: u32) -> Option<&mut Conn> {
     let s = slots.get_mut(slot as usize)?;
     if s.generation != generation {
         return None;

@@ -226,7 +226,7 @@ pub struct Session {
     reading_done: bool,
     /// The client closed its side (recv returned 0) or the socket failed.
     eof: bool,
-    fence: Option<Fence>,
+    fence: Option<Box<Fence>>,
     /// The client ended it (protocol error or its close): no close reply to wait for.
     closing_without_reply: bool,
     /// The relay knows it (its `Open` went out): the relay gets `Closed` when the slot is
@@ -934,10 +934,10 @@ impl Session {
     fn fence(&mut self, cx: &mut Context<'_>, code: u16, reason: &str, error: Option<u16>) {
         if self.fence.is_none() {
             self.enter_closing();
-            self.fence = Some(Fence {
+            self.fence = Some(Box::new(Fence {
                 since_ms: cx.now_ms,
                 error: error.map(|c| (c, reason.to_string())),
-            });
+            }));
             cx.out.push(Output::Relay(ToUpstream::Fence {
                 conn: self.id,
                 code,
@@ -977,7 +977,7 @@ impl Session {
 
     /// The relay handed back a close, a fence's or a backend's.
     pub fn on_relay_close(&mut self, cx: &mut Context<'_>, code: u16, reason: &str) {
-        let fence = self.fence.take();
+        let fence = self.fence.take().map(|f| *f);
         if let Some(Fence {
             error: Some((code, reason)),
             ..

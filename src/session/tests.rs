@@ -1174,3 +1174,5 @@ fn dedicated_contexts_are_made_on_use_charged_and_given_back() {
     sim.codec.release(first.release_compression());
     assert_eq!(sim.codec.dedicated(), 0);
 }
+
+mod idle;

@@ -167,7 +167,7 @@ impl Session {
                 if let Some(Fence {
                     error: Some((code, reason)),
                     ..
-                }) = self.fence.take()
+                }) = self.fence.take().map(|f| *f)
                 {
                     // The relay did not hand back the fence: the client gets its close now.
                     tracing::debug!(conn = %self.id, "fence timed out; closing {code}");
