@@ -188,7 +188,7 @@ fn control_frames_split_across_inputs_allocate_one_buffer_while_they_last() {
     // (an idle connection does not carry it).
     let wire = masked(true, OpCode::Ping, &[9; 100]);
     let mut dec = MessageDecoder::new(Role::Server, Limits::default());
-    let mut split_ping = |dec: &mut MessageDecoder| {
+    let split_ping = |dec: &mut MessageDecoder| {
         let mut a = wire[..3].to_vec();
         let mut b = wire[3..50].to_vec();
         let mut c = wire[50..].to_vec();
