@@ -28,6 +28,7 @@ pub mod protocol;
 pub mod relay;
 pub mod route;
 pub mod session;
+pub mod slab;
 pub mod telemetry;
 pub mod test_hooks;
 pub mod tls;

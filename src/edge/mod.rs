@@ -11,7 +11,6 @@ mod fd;
 pub(crate) mod inbox;
 pub(crate) mod listener;
 pub mod panic;
-mod slab;
 pub mod stats;
 mod timer;
 mod uring;

@@ -30,12 +30,12 @@ use super::connection::{Conn, HeldInput, InFlight};
 use super::fd::Socket;
 use super::inbox::Waker;
 use super::panic;
-use super::slab::Slab;
 use super::stats::CoreStats;
 use super::timer::{self, TimerWheel};
 use super::uring::{self, BufferRing};
 use super::Shared;
 use crate::ids::{self, ConnId, GENERATION_MASK};
+use crate::slab::Slab;
 
 const OP_ACCEPT: u64 = 1;
 const OP_RECV: u64 = 2;

@@ -3,6 +3,7 @@
 //! to one connection, to a topic's subscribers, or to everyone.
 
 pub mod cluster;
+mod conn_table;
 pub mod embedded;
 pub mod inlet;
 pub mod link;

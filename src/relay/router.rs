@@ -17,7 +17,7 @@
 //! down and its buffer full, or the backend stopped reading for too long) closes its sender
 //! with 1013 "try again later".
 
-use std::collections::HashMap;
+use super::conn_table::ConnTable;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -69,7 +69,9 @@ enum UpstreamRt {
 }
 
 struct Binding {
-    info: Box<OpenInfo>,
+    /// Its `open`, re-sent to a backend it is bound to later (and after a reconnect); kept
+    /// only when some upstream is not the embedded one, which never needs it again.
+    info: Option<Box<OpenInfo>>,
     /// Our close went to its backends already (a fence); `Closed` sends no second one.
     close_sent: bool,
     /// (upstream, index into `Router::links`) pairs this connection was opened on.
@@ -78,12 +80,21 @@ struct Binding {
     nats: Vec<UpstreamId>,
 }
 
+impl Binding {
+    /// Bytes charged to the relay's gauge for it.
+    fn held_bytes(&self) -> usize {
+        ENTRY_OVERHEAD + self.info.as_ref().map_or(0, |i| i.held_bytes())
+    }
+}
+
 pub struct Router<S: EdgeSink + 'static> {
     sink: S,
     upstreams: Vec<UpstreamRt>,
     /// Every backend link of every upstream; a link's index is its poll token.
     links: Vec<Link>,
-    conns: HashMap<ConnId, Binding>,
+    conns: ConnTable<Binding>,
+    /// Some upstream has backends or is `nats://`: bindings keep each connection's `open`.
+    keeps_open_info: bool,
     chat: ChatEcho,
     described: Vec<super::UpstreamLink>,
     gauges: Arc<RelayGauges>,
@@ -157,11 +168,13 @@ impl<S: EdgeSink + 'static> Router<S> {
                 }
             });
         }
+        let keeps_open_info = upstreams.iter().any(|u| !matches!(u, UpstreamRt::Embedded));
         Router {
             sink,
             upstreams,
             links,
-            conns: HashMap::new(),
+            conns: ConnTable::default(),
+            keeps_open_info,
             // The embedded chat answers a join past this with an error; the core holds the
             // subscriptions themselves to each route's own max_subscriptions.
             chat: ChatEcho::with_limits(
@@ -329,7 +342,7 @@ impl<S: EdgeSink + 'static> Router<S> {
                 }
                 In::ForConn { msg, reply } => {
                     let conn = msg.conn().unwrap_or(ConnId::from_u64(0));
-                    if self.conns.contains_key(&conn) {
+                    if self.conns.contains(conn) {
                         self.sink.send_now(msg);
                     } else if let Some(to) = reply {
                         cluster.bus.gone(to, conn.as_u64());
@@ -359,17 +372,15 @@ impl<S: EdgeSink + 'static> Router<S> {
                 upstream,
                 info,
             } => {
-                self.gauges.charge(info.held_bytes() + ENTRY_OVERHEAD);
-                if let Some(old) = self.conns.insert(
-                    conn,
-                    Binding {
-                        info: info.clone(),
-                        close_sent: false,
-                        bound: Vec::new(),
-                        nats: Vec::new(),
-                    },
-                ) {
-                    self.gauges.release(old.info.held_bytes() + ENTRY_OVERHEAD);
+                let binding = Binding {
+                    info: self.keeps_open_info.then(|| info.clone()),
+                    close_sent: false,
+                    bound: Vec::new(),
+                    nats: Vec::new(),
+                };
+                self.gauges.charge(binding.held_bytes());
+                if let Some(old) = self.conns.insert(conn, binding) {
+                    self.gauges.release(old.held_bytes());
                 }
                 if self.is_embedded(upstream) && info.authorize {
                     // The embedded upstream's authorization rule, as the example backends:
@@ -461,7 +472,7 @@ impl<S: EdgeSink + 'static> Router<S> {
                 drop(guard);
             }
             ToUpstream::Fence { conn, code, reason } => {
-                let bound = self.conns.get_mut(&conn).map(|b| {
+                let bound = self.conns.get_mut(conn).map(|b| {
                     b.close_sent = true;
                     (b.bound.clone(), std::mem::take(&mut b.nats))
                 });
@@ -489,9 +500,8 @@ impl<S: EdgeSink + 'static> Router<S> {
                 }
             }
             ToUpstream::Closed { conn, code } => {
-                if let Some(binding) = self.conns.remove(&conn) {
-                    self.gauges
-                        .release(binding.info.held_bytes() + ENTRY_OVERHEAD);
+                if let Some(binding) = self.conns.remove(conn) {
+                    self.gauges.release(binding.held_bytes());
                     if binding.close_sent {
                         // Each side sends exactly one close per connection.
                     } else {
@@ -516,13 +526,13 @@ impl<S: EdgeSink + 'static> Router<S> {
         let Some(UpstreamRt::Nats(prefix)) = self.upstreams.get(usize::from(upstream)) else {
             return false;
         };
-        let Some(binding) = self.conns.get_mut(&conn) else {
+        let Some(binding) = self.conns.get_mut(conn) else {
             return true;
         };
         if !binding.nats.contains(&upstream) {
             binding.nats.push(upstream);
-            if let Some(c) = &self.cluster {
-                let event = super::cluster::BackendEvent::Open(binding.info.clone());
+            if let (Some(c), Some(info)) = (&self.cluster, &binding.info) {
+                let event = super::cluster::BackendEvent::Open(info.clone());
                 c.bus.to_backend(prefix, conn, event);
             }
         }
@@ -555,7 +565,7 @@ impl<S: EdgeSink + 'static> Router<S> {
 
     /// The link `conn` uses for `upstream`, opening it there first if needed.
     fn bind(&mut self, conn: ConnId, upstream: UpstreamId) -> Option<usize> {
-        let binding = self.conns.get(&conn)?;
+        let binding = self.conns.get(conn)?;
         if let Some(&(_, link)) = binding.bound.iter().find(|(u, _)| *u == upstream) {
             return Some(link);
         }
@@ -583,9 +593,10 @@ impl<S: EdgeSink + 'static> Router<S> {
                 links[chosen]
             }
         };
-        let info = (*binding.info).clone();
+        // Kept for every connection whenever an upstream has backends, as this one does.
+        let info = binding.info.as_deref()?.clone();
         self.links[link].push_open(conn.as_u64(), info, &self.gauges);
-        if let Some(b) = self.conns.get_mut(&conn) {
+        if let Some(b) = self.conns.get_mut(conn) {
             b.bound.push((upstream, link));
         }
         Some(link)
