@@ -105,6 +105,10 @@ impl HeldInput {
     }
 
     pub fn push(held: &mut Option<Box<HeldInput>>, data: &[u8]) {
+        debug_assert!(
+            !data.is_empty(),
+            "a completion with data holds at least a byte"
+        );
         let held = held.get_or_insert_with(Box::default);
         held.held += data.len();
         held.pieces.push_back(data.into());
@@ -128,9 +132,10 @@ impl HeldInput {
         Some(&mut front[start..self.read])
     }
 
-    /// Whether every held byte was handed out by `next_chunk`.
+    /// Whether every held byte was handed out by `next_chunk`: only a fully read front piece
+    /// (or none) is left, since every piece holds at least one byte.
     pub fn is_drained(&self) -> bool {
-        self.pieces.iter().map(|p| p.len()).sum::<usize>() == self.read
+        self.held == self.read
     }
 }
 
