@@ -853,6 +853,9 @@ async fn a_nats_backend_publishes_and_broadcasts_through_the_node_subject() {
     let mut on_a = ws_connect(&format!("{}/chat", a.url())).await;
     join(&mut on_a, "x").await;
     let node_a = own_id(&mut on_a, "x").await >> 56;
+    // The `whoami` also crosses the bus to node b: let it land there before node b's member
+    // joins room x, or that member may count it among what it hears below.
+    settle().await;
     let mut on_b = ws_connect(&format!("{}/chat", b.url())).await;
     join(&mut on_b, "x").await;
     let mut elsewhere = ws_connect(&format!("{}/chat", b.url())).await;
