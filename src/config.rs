@@ -299,6 +299,11 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// `[cluster]`: join a cluster of gateways on NATS (src/config/cluster.rs).
     pub cluster: Option<ClusterConfig>,
+    /// Serve the demo chat page at a plain `GET /`; unset: only with the embedded upstream
+    /// and no routes configured (see [`Config::serves_demo_page`]).
+    pub demo_page: Option<bool>,
+    /// One INFO line per finished connection (target `ringway::access`).
+    pub access_log: bool,
 }
 
 impl Default for Config {
@@ -338,6 +343,8 @@ impl Default for Config {
             upstreams: Vec::new(),
             routes: Vec::new(),
             cluster: None,
+            demo_page: None,
+            access_log: true,
         }
     }
 }
@@ -827,6 +834,14 @@ impl Config {
         let name = c.node_name(self.listen.port());
         let id = c.node_id(&name);
         Some((name, id))
+    }
+
+    /// Whether a plain `GET /` gets the demo chat page: as `demo_page` says, or when unset,
+    /// only where the page works and nothing else was asked for (embedded upstream, whose
+    /// chat contract it speaks, and no routes).
+    pub fn serves_demo_page(&self) -> bool {
+        self.demo_page
+            .unwrap_or(self.upstream == Upstream::Embedded && self.routes.is_empty())
     }
 
     pub fn message_limits(&self) -> Limits {

@@ -316,6 +316,9 @@ fn every_commented_value_is_the_real_default() {
         "the documented cluster example"
     );
     loaded.cluster = None;
+    // Likewise `demo_page` (unset: decided by upstream and routes).
+    assert_eq!(loaded.demo_page, Some(false), "the documented example");
+    loaded.demo_page = None;
     // Likewise `jwt` (off by default): its documented example must parse and build.
     assert!(
         loaded.routes.iter().any(|r| r.jwt.is_some()),

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod compression;
+mod demo_page;
 mod frames;
 mod queue;
 #[cfg(test)]
@@ -698,6 +699,13 @@ impl Session {
     fn on_handshake_bytes(&mut self, cx: &mut Context<'_>, buf: &mut BytesMut) {
         match handshake::parse_request(buf, &cx.config.handshake_limits()) {
             Ok(Parsed::Partial) => self.state = Lifecycle::Handshaking(std::mem::take(buf)),
+            Err(handshake::HandshakeError::NotWebSocketUpgrade)
+                if cx.config.serves_demo_page()
+                    && handshake::target_of(buf, &cx.config.handshake_limits())
+                        .is_some_and(demo_page::is_page_target) =>
+            {
+                self.serve_demo_page();
+            }
             Err(e) => self.refuse(cx, e.response(), &e),
             Ok(Parsed::Complete { request, consumed }) => {
                 if cx.panic_on.is_some() && request.path == "/__panic" {
@@ -779,6 +787,16 @@ impl Session {
         if !rest.is_empty() {
             self.on_frames(cx, &mut rest);
         }
+    }
+
+    /// Answer a plain `GET /` with the demo page and close after it (not a refusal).
+    fn serve_demo_page(&mut self) {
+        tracing::debug!(conn = %self.id, "demo page served");
+        for part in demo_page::response() {
+            self.out.push(part);
+        }
+        self.stop_reading();
+        self.drain();
     }
 
     /// Answer the handshake with an HTTP error and close after it.

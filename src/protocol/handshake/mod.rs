@@ -183,6 +183,18 @@ pub fn parse_request(buf: &[u8], limits: &HandshakeLimits) -> Result<Parsed, Han
     }
 }
 
+/// The request target of the complete request at the start of `buf` (`/`, `/?x=1`), for
+/// a refused request that may still deserve an HTTP answer of its own (the demo page).
+pub fn target_of<'b>(buf: &'b [u8], limits: &HandshakeLimits) -> Option<&'b str> {
+    let window = &buf[..buf.len().min(limits.max_header_bytes)];
+    let mut headers = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    let mut req = httparse::Request::new(&mut headers[..limits.max_headers.min(STACK_HEADERS)]);
+    match req.parse(window) {
+        Ok(httparse::Status::Complete(_)) => req.path,
+        _ => None,
+    }
+}
+
 fn parse_with<'b>(
     total: usize,
     window: &'b [u8],
