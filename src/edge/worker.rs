@@ -30,7 +30,7 @@ use super::connection::{Conn, HeldInput, InFlight};
 use super::fd::Socket;
 use super::inbox::Waker;
 use super::panic;
-use super::stats::CoreStats;
+use super::stats::{CoreMeter, CoreStats, RouteTraffic, IN, OUT};
 use super::timer::{self, TimerWheel};
 use super::uring::{self, BufferRing};
 use super::Shared;
@@ -45,6 +45,7 @@ const OP_WAKE: u64 = 5;
 const OP_CANCEL: u64 = 6;
 const OP_ACCEPT_TLS: u64 = 7;
 
+mod access;
 mod backpressure;
 mod drain;
 mod fanout;
@@ -205,6 +206,7 @@ impl Worker {
         let start = Instant::now();
         let node = setup.config.cluster_node().map_or(0, |(_, id)| id);
         let cluster = setup.config.cluster.is_some();
+        let route_traffic = RouteTraffic::for_table(&setup.routes);
         Ok(Worker {
             index: setup.index,
             core: CoreState {
@@ -219,6 +221,10 @@ impl Worker {
                 relay: setup.relay,
                 relay_backlog: VecDeque::new(),
                 relay_in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+                meter: CoreMeter {
+                    stats: setup.stats.clone(),
+                    routes: route_traffic,
+                },
                 stats: setup.stats,
                 now_ms: 0,
                 unix_ms: unix_now_ms(),
@@ -522,6 +528,11 @@ impl Worker {
         }
         if res > 0 {
             self.core.stats.bytes_in.add(res as u64);
+            conn.session.on_received(res as usize);
+            if conn.session.is_open() {
+                let route = conn.session.route();
+                self.core.meter.routes.bytes(route, IN, res as usize);
+            }
             let bid = bid.expect("a multishot recv with data names its buffer");
             if conn.shut || conn.session.reading_done() {
                 // Nothing more is read from it.
@@ -587,6 +598,10 @@ impl Worker {
             conn.session.on_send_failed();
         } else {
             self.core.stats.bytes_out.add(res as u64);
+            if conn.session.is_open() {
+                let route = conn.session.route();
+                self.core.meter.routes.bytes(route, OUT, res as usize);
+            }
             conn.session.on_sent(res as usize);
             if !conn.session.queued().is_empty() && !conn.dirty {
                 conn.dirty = true;
@@ -858,6 +873,7 @@ impl Worker {
         for topic in emptied {
             self.report_interest(Some((topic, true)));
         }
+        self.core.finished(&conn);
         tracing::debug!(conn = %id, code, "closed");
     }
 
@@ -995,6 +1011,8 @@ struct CoreState {
     /// channel, relay thread): limit `CORE_RELAY_IN_FLIGHT`, charged in `publish_memory`.
     relay_in_flight: Arc<std::sync::atomic::AtomicUsize>,
     stats: Arc<CoreStats>,
+    /// The core's meter for sessions: `stats` and the per-route counts.
+    meter: CoreMeter,
     now_ms: u64,
     /// Wall-clock Unix ms at `now_ms` (read once per loop turn).
     unix_ms: u64,
@@ -1019,58 +1037,12 @@ impl CoreState {
             unix_ms: self.unix_ms,
             config: &self.config,
             routes: &self.routes,
-            meter: &*self.stats,
+            meter: &self.meter,
             relay: self.relay.is_some(),
             scratch: &mut self.scratch,
             codec: &mut self.codec,
             panic_on: self.panic_on.as_deref(),
             out: &mut self.outputs,
-        }
-    }
-
-    /// Bring the shared total up to date with this core's connections; once per loop turn.
-    fn publish_memory(&mut self) {
-        let total = self.total();
-        if total != self.published {
-            if total > self.published {
-                self.shared
-                    .buffer_bytes
-                    .fetch_add(total - self.published, Ordering::Relaxed);
-            } else {
-                self.shared
-                    .buffer_bytes
-                    .fetch_sub(self.published - total, Ordering::Relaxed);
-            }
-            self.published = total;
-            self.stats.buffer_bytes.set(total);
-        }
-        self.stats
-            .deflate_dedicated_contexts
-            .set(self.codec.contexts as u64);
-        self.publish_route_bytes();
-    }
-
-    /// Add this core's per-route deflate bytes to the totals a scrape reads (by route path,
-    /// which outlives a reload's renumbering); a lock per loop turn only when there were any.
-    pub(super) fn publish_route_bytes(&mut self) {
-        let mut pending = self.codec.take_route_bytes().peekable();
-        if pending.peek().is_none() {
-            return;
-        }
-        let mut totals = self
-            .stats
-            .route_deflate
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        for (route, bytes) in pending {
-            let path = &self.routes.route(route).path;
-            let t = match totals.get_mut(path.as_str()) {
-                Some(t) => t,
-                None => totals.entry(path.clone()).or_default(),
-            };
-            for (t, b) in t.iter_mut().zip(bytes) {
-                *t += b;
-            }
         }
     }
 

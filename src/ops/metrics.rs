@@ -14,6 +14,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::admission::PolicyRefusal;
+use crate::edge::stats::{RouteTotals, CLOSE_CODE_LABELS, CLOSE_SIDES, IN, OUT};
 use crate::edge::CoreStats;
 use crate::relay::link::tls::BackendTlsFailure;
 use crate::relay::link::LinkState;
@@ -22,6 +23,7 @@ pub use crate::relay::UpstreamLink;
 use crate::session::compression::InflateFailure;
 use crate::session::TlsFailure;
 use crate::telemetry::{Heartbeat, HistogramSnapshot};
+use std::collections::BTreeMap;
 
 /// `ringway_route_deflate_bytes` labels in the order of `CoreStats::route_deflate`'s arrays.
 const ROUTE_DEFLATE_LABELS: [(&str, &str); 4] = [
@@ -118,6 +120,73 @@ fn float_gauges(
 }
 
 impl Sources {
+    /// `ringway_route_*` and `ringway_upstream_messages`: every core's per-route totals,
+    /// summed by route path.
+    fn encode_routes(&self, e: &mut DescriptorEncoder) -> fmt::Result {
+        let mut all: BTreeMap<String, RouteTotals> = BTreeMap::new();
+        for core in &self.cores {
+            let totals = core.routes.lock().unwrap_or_else(|e| e.into_inner());
+            for (path, t) in totals.iter() {
+                let sum = all.entry(path.clone()).or_default();
+                sum.opened += t.opened;
+                sum.closed += t.closed;
+                for d in [IN, OUT] {
+                    sum.messages[d] += t.messages[d];
+                    sum.bytes[d] += t.bytes[d];
+                }
+                for (upstream, n) in &t.relayed {
+                    *sum.relayed.entry(upstream.clone()).or_default() += n;
+                }
+            }
+        }
+        let route = |path: &String| -> Labels { vec![("route", path.clone())] };
+        let each_way = |path: &String, read: &dyn Fn(usize) -> u64| {
+            [(IN, "in"), (OUT, "out")].map(|(d, name)| {
+                let mut labels = route(path);
+                labels.push(("direction", name.to_string()));
+                (labels, read(d))
+            })
+        };
+        counters(
+            e,
+            "ringway_route_connections",
+            "WebSocket connections opened (101 sent) per route (its path pattern)",
+            all.iter().map(|(p, t)| (route(p), t.opened)),
+        )?;
+        gauges(
+            e,
+            "ringway_route_connections_open",
+            "WebSocket connections open per route (a connection whose route a reload removed counts on the default route until it is gone)",
+            all.iter()
+                .map(|(p, t)| (route(p), t.opened.saturating_sub(t.closed))),
+        )?;
+        counters(
+            e,
+            "ringway_route_messages",
+            "WebSocket data messages per route, from (in) and to (out) its clients",
+            all.iter()
+                .flat_map(|(p, t)| each_way(p, &|d| t.messages[d])),
+        )?;
+        counters(
+            e,
+            "ringway_route_bytes",
+            "Socket bytes of WebSocket connections per route once the upgrade is accepted (the 101, frames, TLS records), from (in) and to (out) its clients",
+            all.iter().flat_map(|(p, t)| each_way(p, &|d| t.bytes[d])),
+        )?;
+        counters(
+            e,
+            "ringway_upstream_messages",
+            "Client messages handed to each upstream, per route",
+            all.iter().flat_map(|(p, t)| {
+                t.relayed.iter().map(move |(u, n)| {
+                    let mut labels = route(p);
+                    labels.push(("upstream", u.clone()));
+                    (labels, *n)
+                })
+            }),
+        )
+    }
+
     /// Every event loop's heartbeat, labelled `loop` (`core0`, ..., `relay`).
     fn per_loop<T>(&self, read: impl Fn(&Heartbeat) -> T) -> Vec<(Labels, T)> {
         super::health::loops(&self.cores, self.relay_heartbeat.as_deref())
@@ -271,6 +340,29 @@ impl Collector for Sources {
             "ringway_bytes",
             "Bytes read from and written to client sockets (handshakes and frames)",
             bytes,
+        )?;
+        self.encode_routes(e)?;
+        let mut closes = Vec::new();
+        for (side_i, side) in CLOSE_SIDES.iter().enumerate() {
+            for (code_i, code) in CLOSE_CODE_LABELS.iter().enumerate() {
+                let n: u64 = self
+                    .cores
+                    .iter()
+                    .map(|s| s.closes[side_i][code_i].get())
+                    .sum();
+                if n > 0 {
+                    closes.push((
+                        vec![("code", code.to_string()), ("side", side.to_string())],
+                        n,
+                    ));
+                }
+            }
+        }
+        counters(
+            e,
+            "ringway_closes",
+            "WebSocket connections ended, by close code (1006: TCP ended without a close frame; 3xxx, 4xxx: the registered and private ranges) and by the side that closed first (client: its close frame, or its FIN or reset, came first)",
+            closes,
         )?;
         counters(
             e,

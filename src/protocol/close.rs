@@ -31,6 +31,8 @@ pub fn is_valid_wire_code(code: u16) -> bool {
 pub struct CloseHandshake {
     sent: bool,
     received: bool,
+    /// The peer's close frame came before we sent ours.
+    received_first: bool,
 }
 
 impl CloseHandshake {
@@ -44,12 +46,18 @@ impl CloseHandshake {
     /// close (we had not sent one yet).
     pub fn receive(&mut self) -> bool {
         self.received = true;
+        self.received_first |= !self.sent;
         !self.sent
     }
 
     /// Whether data messages from the peer are still to be delivered.
     pub fn accepts_data(&self) -> bool {
         !self.sent && !self.received
+    }
+
+    /// The peer started the closing handshake.
+    pub fn peer_closed_first(&self) -> bool {
+        self.received_first
     }
 
     pub fn close_sent(&self) -> bool {

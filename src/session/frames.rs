@@ -76,7 +76,8 @@ impl Session {
                     Action::Refuse(MessageRefusal::Rate)
                 }
                 Event::Message { kind, payload } => {
-                    cx.meter.count(Count::MessageIn);
+                    cx.meter.count(Count::MessageIn { route: self.route });
+                    self.traffic.messages_in += 1;
                     if !accepts_data {
                         Action::None
                     } else if cx.config.upstream == Upstream::LocalEcho {
@@ -130,6 +131,10 @@ impl Session {
                 }
                 Action::Relay(upstream, kind, payload) => {
                     self.last_message_ms = cx.now_ms;
+                    cx.meter.count(Count::Relayed {
+                        route: self.route,
+                        upstream,
+                    });
                     cx.out.push(Output::Message {
                         upstream,
                         kind,

@@ -112,10 +112,20 @@ pub enum Count {
     /// A 101 went out, this long after the connection was accepted.
     HandshakeOk {
         latency_ms: u64,
+        route: RouteId,
     },
     HandshakeRejected,
-    MessageIn,
-    MessageOut,
+    MessageIn {
+        route: RouteId,
+    },
+    MessageOut {
+        route: RouteId,
+    },
+    /// A client message handed to `upstream` (counted per route and upstream).
+    Relayed {
+        route: RouteId,
+        upstream: UpstreamId,
+    },
     ProtocolError,
     /// Refused by the edge's policy (`ringway_policy_refusals_total`).
     Refused(PolicyRefusal),
@@ -261,6 +271,36 @@ pub struct Session {
     contexts: compression::Contexts,
     /// Plain TCP, or TLS (`transport.rs`): what `queued` hands the driver.
     transport: transport::Transport,
+    /// What it did, for its access-log line.
+    traffic: Traffic,
+    /// For its access-log line: the request path once open, or why it was refused
+    /// (bounded: [`NOTE_MAX`]).
+    note: Option<Box<str>>,
+}
+
+/// The note of a connection that got the demo page.
+pub const DEMO_PAGE_NOTE: &str = "200 demo page";
+
+/// The most of a path or refusal an access-log note keeps.
+pub const NOTE_MAX: usize = 256;
+
+/// What one connection did, as its access-log line reports it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Traffic {
+    pub messages_in: u64,
+    pub messages_out: u64,
+    /// Bytes read from and written to its socket (handshake, frames, TLS records).
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// `text` cut to at most `NOTE_MAX` bytes (at a character boundary).
+fn bounded_note(text: &str) -> Box<str> {
+    let mut end = text.len().min(NOTE_MAX);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].into()
 }
 
 /// Encode a server frame into an allocation of its own, sized to the frame: a queued tiny
@@ -384,6 +424,8 @@ impl Session {
             deflate: None,
             contexts: Default::default(),
             transport: transport::Transport::Plain,
+            traffic: Traffic::default(),
+            note: None,
         }
     }
 
@@ -457,6 +499,37 @@ impl Session {
         self.close_code
     }
 
+    /// The client ended it: its close frame came before ours, or it closed or reset TCP
+    /// before any close frame went either way.
+    pub fn closed_by_client(&self) -> bool {
+        self.close.peer_closed_first() || (!self.close.close_sent() && self.eof)
+    }
+
+    /// What it did so far, for its access-log line.
+    pub fn traffic(&self) -> Traffic {
+        self.traffic
+    }
+
+    /// The request path once open; why it was refused if it was.
+    pub fn note(&self) -> Option<&str> {
+        self.note.as_deref()
+    }
+
+    /// The client's address (the TCP peer).
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+
+    /// When the driver accepted it, on the core's clock.
+    pub fn accepted_ms(&self) -> u64 {
+        self.accepted_ms
+    }
+
+    /// `n` bytes came in on its socket.
+    pub fn on_received(&mut self, n: usize) {
+        self.traffic.bytes_in += n as u64;
+    }
+
     /// Our compressor's window when it agreed to permessage-deflate without context
     /// takeover on our side (fan-out compresses once per core for these).
     pub fn deflate_bits(&self) -> Option<u8> {
@@ -523,8 +596,10 @@ impl Session {
             .sum::<usize>()
             + self.subscriptions.capacity() * std::mem::size_of::<Topic>();
         let protocol = self.protocol.as_ref().map_or(0, String::capacity);
+        let note = self.note.as_ref().map_or(0, |n| n.len());
         BASE_BYTES
             + phase
+            + note
             + self.decoder.heap_bytes()
             + self.out.heap_bytes()
             + subscriptions
@@ -578,7 +653,9 @@ impl Session {
 
     /// Refused at accept: the answer goes out once the request arrives, then TCP.
     pub fn refuse_at_accept(&mut self, refusal: &AcceptRefusal) {
-        self.out.push(refusal.response());
+        let response = refusal.response();
+        self.note_refusal(&response, refusal);
+        self.out.push(response);
         self.stop_reading();
         self.drain();
     }
@@ -590,6 +667,7 @@ impl Session {
 
     /// `sent` bytes of the in-flight send left.
     pub fn on_sent(&mut self, sent: usize) {
+        self.traffic.bytes_out += sent as u64;
         self.wire_mut().advance(sent);
         self.seal_output();
     }
@@ -773,7 +851,9 @@ impl Session {
     fn complete_handshake(&mut self, cx: &mut Context<'_>, request: &Request, mut rest: BytesMut) {
         cx.meter.count(Count::HandshakeOk {
             latency_ms: cx.now_ms.saturating_sub(self.accepted_ms),
+            route: self.route,
         });
+        self.note = Some(bounded_note(&request.path));
         let extensions = self.deflate.map(|a| a.response_value());
         self.out.push(handshake::response_101_with(
             request,
@@ -792,6 +872,7 @@ impl Session {
     /// Answer a plain `GET /` with the demo page and close after it (not a refusal).
     fn serve_demo_page(&mut self) {
         tracing::debug!(conn = %self.id, "demo page served");
+        self.note = Some(DEMO_PAGE_NOTE.into());
         for part in demo_page::response() {
             self.out.push(part);
         }
@@ -799,10 +880,21 @@ impl Session {
         self.drain();
     }
 
+    /// Keep why it was refused for its access-log line: the status and the reason, both
+    /// ours (a refusal's text never quotes a token or a query).
+    fn note_refusal(&mut self, response: &[u8], why: &dyn std::fmt::Display) {
+        let status = response
+            .get(9..12)
+            .and_then(|s| std::str::from_utf8(s).ok())
+            .unwrap_or("---");
+        self.note = Some(bounded_note(&format!("{status} {why}")));
+    }
+
     /// Answer the handshake with an HTTP error and close after it.
     fn refuse(&mut self, cx: &mut Context<'_>, response: Bytes, why: &dyn std::fmt::Display) {
         tracing::debug!(conn = %self.id, "handshake refused: {why}");
         cx.meter.count(Count::HandshakeRejected);
+        self.note_refusal(&response, why);
         self.out.push(response);
         self.stop_reading();
         self.drain();
@@ -829,7 +921,8 @@ impl Session {
             self.start_close(cx.now_ms, close::POLICY_VIOLATION, "slow consumer");
             return;
         }
-        cx.meter.count(Count::MessageOut);
+        cx.meter.count(Count::MessageOut { route: self.route });
+        self.traffic.messages_out += 1;
         if frame.body.is_empty() {
             self.out.push(frame.head);
         } else {
@@ -1070,8 +1163,9 @@ impl Session {
         } else if self.out.is_empty() && !send_in_flight {
             // In its handshake (or held for authorization): nothing sent yet, so a 500 fits.
             cx.meter.count(Count::HandshakeRejected);
-            self.out
-                .push(handshake::error_response(500, "internal error", &[]));
+            let response = handshake::error_response(500, "internal error", &[]);
+            self.note_refusal(&response, &"internal error");
+            self.out.push(response);
             self.close_code = close::INTERNAL_ERROR;
             true
         } else {

@@ -246,7 +246,7 @@ fn frames_pipelined_after_the_request_are_read() {
 #[test]
 fn bad_request_is_refused_then_tcp_goes_after_the_flush() {
     let mut sim = Sim::new(PLAIN, true);
-    sim.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    sim.feed(b"GET /chat HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(sim.s.state(), State::Draining);
     assert_eq!(sim.s.poll_shutdown(0, false), None, "not flushed yet");
     let wire = sim.wire();
@@ -390,7 +390,17 @@ fn messages_go_to_the_relay_or_are_echoed_locally() {
     );
     sim.relay_send("reply");
     assert_eq!(sim.wire(), [text("reply")]);
-    assert_eq!(sim.counted(), [Count::MessageIn, Count::MessageOut]);
+    assert_eq!(
+        sim.counted(),
+        [
+            Count::MessageIn { route: 0 },
+            Count::Relayed {
+                route: 0,
+                upstream: 0
+            },
+            Count::MessageOut { route: 0 }
+        ]
+    );
 
     let mut sim = Sim::open(PLAIN, false);
     sim.frame(false, OpCode::Text, b"he");
@@ -542,7 +552,15 @@ fn protocol_error_closes_1002_after_replies_already_routed() {
     assert_eq!(sim.shutdown(), Some(Shutdown::Write));
     assert_eq!(
         sim.counted(),
-        [Count::MessageIn, Count::ProtocolError, Count::MessageOut]
+        [
+            Count::MessageIn { route: 0 },
+            Count::Relayed {
+                route: 0,
+                upstream: 0
+            },
+            Count::ProtocolError,
+            Count::MessageOut { route: 0 }
+        ]
     );
 }
 
@@ -1175,4 +1193,6 @@ fn dedicated_contexts_are_made_on_use_charged_and_given_back() {
     assert_eq!(sim.codec.dedicated(), 0);
 }
 
+mod access;
+mod demo_page;
 mod idle;

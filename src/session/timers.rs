@@ -184,11 +184,10 @@ impl Session {
             Timer::Handshake => {
                 tracing::debug!(conn = %self.id, "handshake timed out");
                 cx.meter.count(Count::HandshakeRejected);
-                self.out.push(handshake::error_response(
-                    408,
-                    "handshake not completed in time",
-                    &[],
-                ));
+                let response =
+                    handshake::error_response(408, "handshake not completed in time", &[]);
+                self.note_refusal(&response, &"handshake not completed in time");
+                self.out.push(response);
                 self.stop_reading();
                 self.drain();
                 // Give the 408 one linger period to leave, then drop regardless.

@@ -288,6 +288,7 @@ impl Session {
     fn tls_failed(&mut self, cx: &mut Context<'_>, why: TlsFailure, err: &dyn std::fmt::Display) {
         cx.meter.count(Count::TlsFailure(why));
         tracing::debug!(conn = %self.id, reason = why.label(), "TLS failed: {err}");
+        self.note = Some(format!("tls {}", why.label()).into());
         if let Transport::Tls(tls) = &mut self.transport {
             tls.failed = true;
         }
@@ -310,6 +311,7 @@ impl Session {
         let why = TlsFailure::EofDuringHandshake;
         cx.meter.count(Count::TlsFailure(why));
         tracing::debug!(conn = %self.id, reason = why.label(), "TLS failed: closed during the handshake");
+        self.note = Some(format!("tls {}", why.label()).into());
         if let Transport::Tls(tls) = &mut self.transport {
             tls.failed = true;
         }

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
+use crate::edge::stats::RouteTraffic;
 use crate::protocol::close;
 use crate::session;
 
@@ -48,11 +49,13 @@ impl Worker {
                     .session
                     .set_route(id, session::route_limits(&config, route.max_fragments)),
                 None => {
-                    // Route 0 always exists; a connection still handshaking gets its route then.
-                    conn.session.set_route(0, config.message_limits());
                     if conn.session.is_open() {
+                        // It ends on its route's count; route 0 counts it until it is gone.
+                        self.core.meter.routes.closed(conn.session.route());
                         gone.push(slot as u32);
                     }
+                    // Route 0 always exists; a connection still handshaking gets its route then.
+                    conn.session.set_route(0, config.message_limits());
                 }
             }
         }
@@ -62,6 +65,10 @@ impl Worker {
         self.core.config = config;
         // Route ids change with the table: what was counted under the old ones goes first.
         self.core.publish_route_bytes();
+        self.core.meter.routes = RouteTraffic::for_table(&routes);
+        for _ in &gone {
+            self.core.meter.routes.opened(0);
+        }
         self.core.routes = routes;
         for &slot in &gone {
             let conn = self.slots[slot as usize]

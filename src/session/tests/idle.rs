@@ -24,6 +24,12 @@ fn an_idle_sessions_state_is_accounted_part_by_part() {
         ("subprotocol", size_of::<Option<String>>(), 24),
         ("fence (boxed)", size_of::<Option<Box<Fence>>>(), 8),
         ("transport", size_of::<transport::Transport>(), 8),
+        ("traffic (access log)", size_of::<Traffic>(), 32),
+        (
+            "path or refusal (access log)",
+            size_of::<Option<Box<str>>>(),
+            16,
+        ),
     ];
     for (name, size, cap) in parts {
         assert!(size <= cap, "{name}: {size} B, was {cap} B");
@@ -31,7 +37,7 @@ fn an_idle_sessions_state_is_accounted_part_by_part() {
     let listed: usize = parts.iter().map(|p| p.1).sum();
     // The rest: id, route, close state, flags and the timestamps of its timers.
     let session = size_of::<Session>();
-    assert!(session <= 560, "Session is {session} B");
+    assert!(session <= 608, "Session is {session} B");
     assert!(
         session - listed <= 136,
         "unlisted fields take {} B",
@@ -51,5 +57,7 @@ fn an_idle_sessions_state_is_accounted_part_by_part() {
         slots <= 4 * size_of::<Bytes>() + 4 * 8,
         "queue slots {slots} B"
     );
-    assert_eq!(sim.s.footprint(), BASE_BYTES + slots);
+    let path = sim.s.note().map_or(0, str::len);
+    assert!(path > 0, "the path is kept for the access log");
+    assert_eq!(sim.s.footprint(), BASE_BYTES + slots + path);
 }
