@@ -83,6 +83,10 @@ cargo clippy --profile ci --workspace --all-targets -- -D warnings
 
 step "cargo test --profile ci --workspace (the gateway, and the load tool in bench/; release code without LTO)"
 cargo test --profile ci --workspace
+# tests/demo_page.rs screenshots the demo page as two browsers chat through it.
+if [ -f target/tmp/demo-page.png ]; then
+    printf 'demo page screenshot (CI artifact): %s\n' "$ROOT/target/tmp/demo-page.png"
+fi
 
 # The two conformance runs without compression (ws:// and wss://, ~25 s of one core's Python
 # each) go in the background beside the fuzzing, which is bounded in time, not work: nothing

@@ -63,6 +63,11 @@ pub fn run_peer(mut cmd: Command, limit: Duration) -> Value {
 
 /// A node script from tests/peers against `url`, with its own deadline and ours beyond it.
 pub fn node_peer(script: &str, url: &str, limit: Duration) -> Value {
+    node_peer_with(script, &[url.to_string()], limit)
+}
+
+/// [`node_peer`] with more arguments: `script args[0] deadline-ms args[1..]`.
+pub fn node_peer_with(script: &str, args: &[String], limit: Duration) -> Value {
     let dir = peers_dir();
     assert!(
         dir.join("node_modules/ws").is_dir() && dir.join("node_modules/playwright-core").is_dir(),
@@ -71,7 +76,8 @@ pub fn node_peer(script: &str, url: &str, limit: Duration) -> Value {
     let mut cmd = Command::new("node");
     cmd.current_dir(&dir)
         .arg(script)
-        .arg(url)
-        .arg(limit.as_millis().to_string());
+        .arg(&args[0])
+        .arg(limit.as_millis().to_string())
+        .args(&args[1..]);
     run_peer(cmd, limit + Duration::from_secs(10))
 }
