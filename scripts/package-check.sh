@@ -118,8 +118,8 @@ for s in postinst prerm postrm; do
     sh -n "$CTRL/$s" || fail "$s does not parse"
     grep -q '#DEBHELPER#' "$CTRL/$s" && fail "$s still holds #DEBHELPER#"
 done
-# The line of the first match of $2 in maintainer script $1 (0: none).
-line_of() { grep -n -m1 -- "$2" "$CTRL/$1" | cut -d: -f1 || true; }
+# The line number of the first command (not a comment) matching $2 in maintainer script $1.
+line_of() { grep -n -- "$2" "$CTRL/$1" | grep -v '^[0-9]*:[[:space:]]*#' | head -1 | cut -d: -f1 || true; }
 sysusers_at="$(line_of postinst 'systemd-sysusers .*ringway\.conf')"
 enable_at="$(line_of postinst 'deb-systemd-helper enable .*ringway\.service')"
 start_at="$(line_of postinst 'deb-systemd-invoke \$_dh_action .*ringway\.service')"
