@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use common::{Gateway, WAIT};
 use common_relay::{send_text, ws_connect, ws_next_within, Got};
-use futures_util::SinkExt;
 use serde_json::Value;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -53,7 +52,9 @@ fn exprs(dash: &Value) -> Vec<(String, String)> {
     for p in all_panels(dash) {
         for t in p["targets"].as_array().into_iter().flatten() {
             let title = p["title"].as_str().unwrap_or("?").to_string();
-            let expr = t["expr"].as_str().unwrap_or_else(|| panic!("{title}: a target without expr"));
+            let expr = t["expr"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{title}: a target without expr"));
             out.push((title, expr.to_string()));
         }
     }
@@ -73,16 +74,20 @@ fn dashboard_has_the_shape_grafana_imports() {
         dash["title"].as_str().is_some_and(|t| !t.is_empty()),
         "no title"
     );
-    assert!(dash["uid"].as_str().is_some_and(|u| !u.is_empty() && u.len() <= 40));
+    assert!(dash["uid"]
+        .as_str()
+        .is_some_and(|u| !u.is_empty() && u.len() <= 40));
     // Grafana 10.0 writes 38, 11.x 39-41; older numbers get migrated, newer ones are refused.
     let schema = dash["schemaVersion"].as_u64().expect("schemaVersion");
     assert!((36..=41).contains(&schema), "schemaVersion {schema}");
 
     // The data source is a variable (chosen at import, switchable later), not a fixed uid.
-    let vars = dash["templating"]["list"].as_array().expect("templating.list");
-    let has_ds_var = vars
-        .iter()
-        .any(|v| v["type"] == "datasource" && v["name"] == "datasource" && v["query"] == "prometheus");
+    let vars = dash["templating"]["list"]
+        .as_array()
+        .expect("templating.list");
+    let has_ds_var = vars.iter().any(|v| {
+        v["type"] == "datasource" && v["name"] == "datasource" && v["query"] == "prometheus"
+    });
     let has_input = dash["__inputs"]
         .as_array()
         .into_iter()
@@ -93,7 +98,11 @@ fn dashboard_has_the_shape_grafana_imports() {
         "no `datasource` variable of type datasource (prometheus) and no DS_PROMETHEUS input"
     );
     for v in vars.iter().filter(|v| v["type"] == "query") {
-        assert!(is_prometheus_ds(&v["datasource"]), "variable {} uses another data source", v["name"]);
+        assert!(
+            is_prometheus_ds(&v["datasource"]),
+            "variable {} uses another data source",
+            v["name"]
+        );
     }
 
     let panels = all_panels(&dash);
@@ -101,23 +110,40 @@ fn dashboard_has_the_shape_grafana_imports() {
     let mut ids = BTreeSet::new();
     let mut kinds = BTreeSet::new();
     for p in &panels {
-        let title = p["title"].as_str().unwrap_or_else(|| panic!("a panel without title: {p}"));
-        let kind = p["type"].as_str().unwrap_or_else(|| panic!("{title}: no type"));
+        let title = p["title"]
+            .as_str()
+            .unwrap_or_else(|| panic!("a panel without title: {p}"));
+        let kind = p["type"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{title}: no type"));
         kinds.insert(kind);
-        let id = p["id"].as_u64().unwrap_or_else(|| panic!("{title}: no numeric id"));
+        let id = p["id"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{title}: no numeric id"));
         assert!(ids.insert(id), "{title}: panel id {id} used twice");
         let g = &p["gridPos"];
         let (x, w, h) = (g["x"].as_u64(), g["w"].as_u64(), g["h"].as_u64());
         let (Some(x), Some(w), Some(h), Some(_)) = (x, w, h, g["y"].as_u64()) else {
             panic!("{title}: gridPos needs x, y, w, h: {g}");
         };
-        assert!(w >= 1 && x + w <= 24 && h >= 1, "{title}: gridPos {g} off the 24-column grid");
+        assert!(
+            w >= 1 && x + w <= 24 && h >= 1,
+            "{title}: gridPos {g} off the 24-column grid"
+        );
         if kind == "row" {
             assert!(p.get("targets").is_none(), "{title}: a row has no queries");
             continue;
         }
         assert!(
-            ["timeseries", "stat", "gauge", "bargauge", "table", "state-timeline"].contains(&kind),
+            [
+                "timeseries",
+                "stat",
+                "gauge",
+                "bargauge",
+                "table",
+                "state-timeline"
+            ]
+            .contains(&kind),
             "{title}: panel type {kind} is not a core Grafana 10 panel"
         );
         assert!(
@@ -125,35 +151,86 @@ fn dashboard_has_the_shape_grafana_imports() {
             "{title}: datasource must be {{type: prometheus, uid: one of {DS_VARS:?}}}, is {}",
             p["datasource"]
         );
-        let targets = p["targets"].as_array().unwrap_or_else(|| panic!("{title}: no targets"));
+        let targets = p["targets"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{title}: no targets"));
         assert!(!targets.is_empty(), "{title}: no queries");
         let mut refs = BTreeSet::new();
         for t in targets {
-            assert!(is_prometheus_ds(&t["datasource"]), "{title}: a query with another data source");
-            let r = t["refId"].as_str().unwrap_or_else(|| panic!("{title}: a query without refId"));
+            assert!(
+                is_prometheus_ds(&t["datasource"]),
+                "{title}: a query with another data source"
+            );
+            let r = t["refId"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{title}: a query without refId"));
             assert!(refs.insert(r), "{title}: refId {r} twice");
             let expr = t["expr"].as_str().unwrap_or_default();
             assert!(!expr.trim().is_empty(), "{title}: empty expr");
             // Each query follows the instance picker.
-            assert!(expr.contains("$instance"), "{title}: {expr} ignores $instance");
+            assert!(
+                expr.contains("$instance"),
+                "{title}: {expr} ignores $instance"
+            );
         }
     }
-    assert!(kinds.contains("row") && kinds.contains("timeseries"), "{kinds:?}");
+    assert!(
+        kinds.contains("row") && kinds.contains("timeseries"),
+        "{kinds:?}"
+    );
 }
 
 // ---- PromQL: the metric names and grouping labels a query uses -------------------------
 
 /// Functions and aggregations the dashboard may call (an identifier followed by `(`).
 const FUNCTIONS: &[&str] = &[
-    "sum", "min", "max", "avg", "count", "topk", "bottomk", "quantile", "stddev", "group",
-    "rate", "irate", "increase", "delta", "idelta", "deriv", "histogram_quantile", "abs",
-    "clamp_min", "clamp_max", "max_over_time", "min_over_time", "avg_over_time", "time",
-    "vector", "scalar", "absent", "changes", "resets", "label_replace", "round", "ceil",
-    "floor", "sort", "sort_desc", "timestamp",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "count",
+    "topk",
+    "bottomk",
+    "quantile",
+    "stddev",
+    "group",
+    "rate",
+    "irate",
+    "increase",
+    "delta",
+    "idelta",
+    "deriv",
+    "histogram_quantile",
+    "abs",
+    "clamp_min",
+    "clamp_max",
+    "max_over_time",
+    "min_over_time",
+    "avg_over_time",
+    "time",
+    "vector",
+    "scalar",
+    "absent",
+    "changes",
+    "resets",
+    "label_replace",
+    "round",
+    "ceil",
+    "floor",
+    "sort",
+    "sort_desc",
+    "timestamp",
 ];
 const KEYWORDS: &[&str] = &["and", "or", "unless", "bool", "offset"];
 /// Followed by a parenthesised list of label names.
-const LABEL_LISTS: &[&str] = &["by", "without", "on", "ignoring", "group_left", "group_right"];
+const LABEL_LISTS: &[&str] = &[
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+];
 
 #[derive(Debug, Default)]
 struct Query {
@@ -213,7 +290,10 @@ fn scan(expr: &str) -> Query {
                 while j < b.len() && b[j] == b' ' {
                     j += 1;
                 }
-                let called = j < b.len() && b[j] == b'(';
+                // `sum by (le) (...)`: an aggregation with its grouping before the argument.
+                let next_word = &expr[j..j + expr[j..].bytes().take_while(|&c| ident(c)).count()];
+                let called = (j < b.len() && b[j] == b'(')
+                    || (!LABEL_LISTS.contains(&word) && ["by", "without"].contains(&next_word));
                 if LABEL_LISTS.contains(&word) {
                     assert!(called, "{expr}: `{word}` without a label list");
                     let close = expr[j..].find(')').expect("closing )") + j;
@@ -242,10 +322,19 @@ fn the_scanner_finds_metrics_and_grouping_labels() {
         r#"histogram_quantile(0.99, sum by (le, route) (rate(ringway_x_bucket{instance=~"$instance", a="b}"}[$__rate_interval])))"#,
     );
     assert_eq!(q.metrics, BTreeSet::from(["ringway_x_bucket".to_string()]));
-    assert_eq!(q.grouped_by, BTreeSet::from(["le".to_string(), "route".to_string()]));
+    assert_eq!(
+        q.grouped_by,
+        BTreeSet::from(["le".to_string(), "route".to_string()])
+    );
     let q = scan("sum(rate(a_total[5m])) by (code) / max without (core) (b) > 0.5");
-    assert_eq!(q.metrics, BTreeSet::from(["a_total".to_string(), "b".to_string()]));
-    assert_eq!(q.grouped_by, BTreeSet::from(["code".to_string(), "core".to_string()]));
+    assert_eq!(
+        q.metrics,
+        BTreeSet::from(["a_total".to_string(), "b".to_string()])
+    );
+    assert_eq!(
+        q.grouped_by,
+        BTreeSet::from(["code".to_string(), "core".to_string()])
+    );
 }
 
 // ---- /metrics ------------------------------------------------------------------------------
@@ -300,9 +389,10 @@ fn missing(scrape: &Scrape, name: &str) -> Option<String> {
     }
     match f.get(name).map(String::as_str) {
         Some("gauge") => None,
-        Some(kind) => Some(format!(
-            "{name}: a {kind} family, queried by its bare name"
-        )),
+        Some(kind) => Some(format!("{name}: a {kind} family, queried by its bare name")),
+        None if typed(&format!("{name}_total"), "counter") => {
+            Some(format!("{name}: a counter, served as {name}_total"))
+        }
         None => Some(format!("{name}: no `# TYPE` family in /metrics")),
     }
 }
@@ -318,7 +408,10 @@ async fn check_against(gw: &Gateway, pick: impl Fn(&str) -> bool) -> usize {
         let q = scan(&expr);
         assert!(!q.metrics.is_empty(), "{title}: no metric in {expr}");
         for m in q.metrics.iter().filter(|m| pick(m)) {
-            assert!(m.starts_with("ringway_"), "{title}: {m} is not a ringway metric");
+            assert!(
+                m.starts_with("ringway_"),
+                "{title}: {m} is not a ringway metric"
+            );
             checked.insert(m.clone());
             if let Some(why) = missing(&scrape, m) {
                 problems.insert(why);
@@ -328,7 +421,11 @@ async fn check_against(gw: &Gateway, pick: impl Fn(&str) -> bool) -> usize {
             let Some(have) = scrape.samples.get(m.as_str()) else {
                 continue;
             };
-            for label in q.grouped_by.iter().filter(|l| !["instance", "job"].contains(&l.as_str())) {
+            for label in q
+                .grouped_by
+                .iter()
+                .filter(|l| !["instance", "job"].contains(&l.as_str()))
+            {
                 if !have.contains(label) {
                     problems.insert(format!(
                         "{title}: groups {m} by `{label}`, which its samples lack (they have {have:?})"
@@ -381,7 +478,11 @@ async fn every_metric_the_dashboard_queries_is_served_without_cluster() {
     // Both closes counted before the scrape.
     let deadline = Instant::now() + WAIT;
     while common::metric_total(&gw, "ringway_connections_closed_total", "").await < 2 {
-        assert!(Instant::now() < deadline, "closes not counted:\n{}", gw.metrics().await);
+        assert!(
+            Instant::now() < deadline,
+            "closes not counted:\n{}",
+            gw.metrics().await
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let n = check_against(&gw, |m| !m.starts_with("ringway_cluster_")).await;
@@ -443,7 +544,11 @@ async fn every_cluster_metric_the_dashboard_queries_is_served_with_cluster() {
     let gw = Gateway::start(&["--cluster", &url, "--node-name", "a"]);
     let deadline = Instant::now() + WAIT;
     while gw.metric("ringway_cluster_connected", "").await != 1 {
-        assert!(Instant::now() < deadline, "not connected to NATS:\n{}", gw.metrics().await);
+        assert!(
+            Instant::now() < deadline,
+            "not connected to NATS:\n{}",
+            gw.metrics().await
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let n = check_against(&gw, |m| m.starts_with("ringway_cluster_")).await;
