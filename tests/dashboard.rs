@@ -46,9 +46,27 @@ fn all_panels(dash: &Value) -> Vec<&Value> {
     out
 }
 
-/// The PromQL of every query: (panel title, expr).
+/// The PromQL of every query: (panel title, expr), and the series selector of each
+/// `label_values(SELECTOR, label)` variable.
 fn exprs(dash: &Value) -> Vec<(String, String)> {
     let mut out = Vec::new();
+    for v in dash["templating"]["list"].as_array().into_iter().flatten() {
+        if v["type"] != "query" {
+            continue;
+        }
+        let name = format!("variable {}", v["name"]);
+        let q = v["query"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name}: query is not a string"));
+        let args = q
+            .strip_prefix("label_values(")
+            .and_then(|a| a.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("{name}: not label_values(SELECTOR, label): {q}"));
+        let (selector, _label) = args
+            .rsplit_once(',')
+            .expect("label_values(SELECTOR, label)");
+        out.push((name, selector.trim().to_string()));
+    }
     for p in all_panels(dash) {
         for t in p["targets"].as_array().into_iter().flatten() {
             let title = p["title"].as_str().unwrap_or("?").to_string();
