@@ -6,7 +6,7 @@
 #                       pins in tests/autobahn/requirements-py3.txt; a symlinked .venv-py3 is rebuilt where it points
 #   tests/peers/node_modules  Node `ws` + playwright-core (pins in tests/peers/package-lock.json); nodejs, npm, chromium from Debian
 #   cargo-deb           only with `--cargo-deb` (then nothing else): the package check's tool (scripts/package-check.sh),
-#                       pinned below; a ~40 s build that scripts/test.sh starts in the background, off the critical path
+#                       pinned below; a 40-80 s build that scripts/test.sh starts in the background, off the critical path
 # Env overrides: PY27=/path/to/python2.7, PY3=/path/to/python3.
 set -euo pipefail
 
@@ -35,7 +35,7 @@ if [ "${1:-}" = --cargo-deb ]; then
     log "cargo-deb $CARGO_DEB_VERSION up to date"
   else
     t0=$SECONDS
-    log "cargo install cargo-deb@$CARGO_DEB_VERSION (about 40 s on 2 cores)"
+    log "cargo install cargo-deb@$CARGO_DEB_VERSION (40-80 s on 2 cores)"
     env -u CARGO_TARGET_DIR cargo install --locked --quiet --force "cargo-deb@$CARGO_DEB_VERSION" \
       || die "cargo install cargo-deb@$CARGO_DEB_VERSION failed"
     [ "$(cargo deb --version 2>/dev/null)" = "cargo-deb $CARGO_DEB_VERSION" ] \

@@ -101,7 +101,7 @@ bash scripts/autobahn.sh --binary target/ci/ringway --tls --name autobahn-tls \
     -- --max-message 16777216 --max-fragments 0 >"$AB_TLS_LOG" 2>&1 &
 AB_TLS_PID=$!
 
-# cargo-deb for the package check (a ~40 s build of its own when missing; nothing when it is
+# cargo-deb for the package check (a 40-80 s build of its own when missing; nothing when it is
 # there), niced, beside the fuzzing, which is bounded in time: it takes what CPU is left.
 CARGO_DEB_LOG="$ROOT/reports/cargo-deb-install.log" CARGO_DEB_T0=$SECONDS
 nice -n 10 bash scripts/setup-test-deps.sh --cargo-deb >"$CARGO_DEB_LOG" 2>&1 &
