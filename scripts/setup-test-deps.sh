@@ -5,6 +5,8 @@
 #   .venv-py3           Python 3 venv with `websockets` (independent client) and `nats-py` (examples/chat_backend_nats.py),
 #                       pins in tests/autobahn/requirements-py3.txt; a symlinked .venv-py3 is rebuilt where it points
 #   tests/peers/node_modules  Node `ws` + playwright-core (pins in tests/peers/package-lock.json); nodejs, npm, chromium from Debian
+#   cargo-deb           only with `--cargo-deb` (then nothing else): the package check's tool (scripts/package-check.sh),
+#                       pinned below; a 40-80 s build that scripts/test.sh starts in the background, off the critical path
 # Env overrides: PY27=/path/to/python2.7, PY3=/path/to/python3.
 set -euo pipefail
 
@@ -23,6 +25,26 @@ STAMP=".ringway-setup-stamp"
 
 log() { printf 'setup-test-deps: %s\n' "$*"; }
 die() { printf 'setup-test-deps: ERROR: %s\n' "$*" >&2; exit 1; }
+
+# cargo-deb for scripts/package-check.sh: `cargo deb --no-build` packages the binary cargo built.
+# Idempotent: installs only when `cargo deb --version` is not the pinned version. Its own
+# throwaway target folder (never a CARGO_TARGET_DIR set for the gateway's builds).
+CARGO_DEB_VERSION=3.8.0
+if [ "${1:-}" = --cargo-deb ]; then
+  if [ "$(cargo deb --version 2>/dev/null)" = "cargo-deb $CARGO_DEB_VERSION" ]; then
+    log "cargo-deb $CARGO_DEB_VERSION up to date"
+  else
+    t0=$SECONDS
+    log "cargo install cargo-deb@$CARGO_DEB_VERSION (40-80 s on 2 cores)"
+    env -u CARGO_TARGET_DIR cargo install --locked --quiet --force "cargo-deb@$CARGO_DEB_VERSION" \
+      || die "cargo install cargo-deb@$CARGO_DEB_VERSION failed"
+    [ "$(cargo deb --version 2>/dev/null)" = "cargo-deb $CARGO_DEB_VERSION" ] \
+      || die "cargo deb --version is not $CARGO_DEB_VERSION after the install: $(cargo deb --version 2>&1)"
+    log "cargo-deb $CARGO_DEB_VERSION installed in $((SECONDS - t0)) s"
+  fi
+  exit 0
+fi
+[ $# = 0 ] || die "unknown argument: $1 (the only one is --cargo-deb)"
 
 APT_UPDATED=0
 # Installs Debian packages only when the given command is missing; `apt-get update` only when an install is needed.

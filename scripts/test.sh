@@ -8,7 +8,9 @@
 #   wss:// (the TLS listener), go in the background. A third Autobahn run, of
 #   the permessage-deflate cases 12.* and 13.* against `--compression shared`, starts in the
 #   background as soon as the binary is built (8-14 min of one core's Python) and is
-#   waited for at the end, with its own wall time.
+#   waited for at the end, with its own wall time. The Debian package is built from the ci
+#   binary and checked (scripts/package-check.sh) while that run finishes; cargo-deb, its
+#   tool, is installed (when missing) in the background beside the fuzzing.
 # Installs what the tests need first (idempotent; see scripts/setup-test-deps.sh).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,6 +37,9 @@ summary() {
     for p in "${AB_PID:-}" "${AB_TLS_PID:-}"; do
         if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then kill "$p" 2>/dev/null || true; fi
     done
+    if [ -n "${CARGO_DEB_PID:-}" ] && kill -0 "$CARGO_DEB_PID" 2>/dev/null; then
+        kill -- "-$CARGO_DEB_PID" 2>/dev/null || kill "$CARGO_DEB_PID" 2>/dev/null || true
+    fi
     if [ -n "${FUZZ_BUILD_PID:-}" ] && kill -0 "$FUZZ_BUILD_PID" 2>/dev/null; then
         kill -- "-$FUZZ_BUILD_PID" 2>/dev/null || kill "$FUZZ_BUILD_PID" 2>/dev/null || true
     fi
@@ -100,6 +105,12 @@ bash scripts/autobahn.sh --binary target/ci/ringway --tls --name autobahn-tls \
     -- --max-message 16777216 --max-fragments 0 >"$AB_TLS_LOG" 2>&1 &
 AB_TLS_PID=$!
 
+# cargo-deb for the package check (a 40-80 s build of its own when missing; nothing when it is
+# there), niced, beside the fuzzing, which is bounded in time: it takes what CPU is left.
+CARGO_DEB_LOG="$ROOT/reports/cargo-deb-install.log" CARGO_DEB_T0=$SECONDS
+nice -n 10 bash scripts/setup-test-deps.sh --cargo-deb >"$CARGO_DEB_LOG" 2>&1 &
+CARGO_DEB_PID=$!
+
 step "fuzzing: handshake, frames, relay, connection, tls_session (15 s each)"
 set +e
 wait "$FUZZ_BUILD_PID"
@@ -128,6 +139,21 @@ wait_autobahn "Autobahn ws://" "$AB_PID" "$AB_LOG"
 
 step "Autobahn|Testsuite fuzzingclient over wss:// (TLS listener; all cases but 12.* and 13.*; started after the tests)"
 wait_autobahn "Autobahn wss://" "$AB_TLS_PID" "$AB_TLS_LOG"
+
+# While the deflate run (one core) finishes: package the ci binary (no release/LTO rebuild)
+# and check the .deb without installing it.
+step "Debian package: cargo deb --no-build --profile ci, checked with dpkg-deb and systemd-analyze (scripts/package-check.sh)"
+set +e
+wait "$CARGO_DEB_PID"
+CARGO_DEB_RC=$?
+set -e
+cat "$CARGO_DEB_LOG"
+printf 'cargo-deb (installed in the background from the fuzzing on) ready after %d s\n' "$((SECONDS - CARGO_DEB_T0))"
+if [ "$CARGO_DEB_RC" != 0 ]; then
+    echo "package: installing cargo-deb failed (log: $CARGO_DEB_LOG)"
+    exit 1
+fi
+bash scripts/package-check.sh --profile ci
 
 step "Autobahn|Testsuite 12.* and 13.* (permessage-deflate, --compression shared; started after the build)"
 set +e
