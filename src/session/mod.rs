@@ -779,7 +779,7 @@ impl Session {
             Ok(Parsed::Partial) => self.state = Lifecycle::Handshaking(std::mem::take(buf)),
             Err(handshake::HandshakeError::NotWebSocketUpgrade)
                 if cx.config.serves_demo_page()
-                    && handshake::target_of(buf, &cx.config.handshake_limits())
+                    && handshake::page_target(buf, &cx.config.handshake_limits())
                         .is_some_and(demo_page::is_page_target) =>
             {
                 self.serve_demo_page();

@@ -183,15 +183,27 @@ pub fn parse_request(buf: &[u8], limits: &HandshakeLimits) -> Result<Parsed, Han
     }
 }
 
-/// The request target of the complete request at the start of `buf` (`/`, `/?x=1`), for
-/// a refused request that may still deserve an HTTP answer of its own (the demo page).
-pub fn target_of<'b>(buf: &'b [u8], limits: &HandshakeLimits) -> Option<&'b str> {
+/// The request target of the complete request at the start of `buf` (`/`, `/?x=1`) if it is
+/// a plain page request: no sign of an upgrade (`Upgrade`, `Sec-WebSocket-Key`,
+/// `Sec-WebSocket-Version`). For a refused request that may still deserve an HTTP answer of
+/// its own (the demo page); a client that tried to upgrade gets its 426 instead.
+pub fn page_target<'b>(buf: &'b [u8], limits: &HandshakeLimits) -> Option<&'b str> {
     let window = &buf[..buf.len().min(limits.max_header_bytes)];
     let mut headers = [httparse::EMPTY_HEADER; STACK_HEADERS];
     let mut req = httparse::Request::new(&mut headers[..limits.max_headers.min(STACK_HEADERS)]);
     match req.parse(window) {
-        Ok(httparse::Status::Complete(_)) => req.path,
-        _ => None,
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return None,
+    }
+    let upgrading = req.headers.iter().any(|h| {
+        ["upgrade", "sec-websocket-key", "sec-websocket-version"]
+            .iter()
+            .any(|n| h.name.eq_ignore_ascii_case(n))
+    });
+    if upgrading {
+        None
+    } else {
+        req.path
     }
 }
 

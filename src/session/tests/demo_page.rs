@@ -23,6 +23,16 @@ fn a_plain_get_of_the_root_gets_the_demo_page_where_it_is_served() {
     for (toml_text, request) in [
         (off.as_str(), &request[..]),
         (PLAIN, b"GET /chat HTTP/1.1\r\nHost: x\r\n\r\n"),
+        // An upgrade attempt (another protocol, or a WebSocket one missing a header) at the
+        // root is told what we speak, not given a page.
+        (
+            PLAIN,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+        ),
+        (
+            PLAIN,
+            b"GET / HTTP/1.1\r\nHost: x\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        ),
     ] {
         let mut sim = Sim::new(toml_text, true);
         sim.feed(request);
