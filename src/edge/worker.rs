@@ -297,6 +297,9 @@ impl Worker {
                 self.complete(ud, res, flags);
             }
             self.cqes = cqes;
+            // Replies posted since the wake-up was read count in their clients' queues
+            // before any paused client is judged able to resume.
+            self.take_replies();
             self.flush_relay_backlog();
             self.shed_for_budget();
             self.run_timers();
@@ -619,10 +622,14 @@ impl Worker {
                 io::Error::from_raw_os_error(-res)
             );
         }
+        self.take_replies();
+        self.arm_wake();
+    }
+
+    fn take_replies(&mut self) {
         while let Ok(msg) = self.inbox.try_recv() {
             self.on_reply(msg);
         }
-        self.arm_wake();
     }
 
     fn on_reply(&mut self, msg: ToEdge) {
