@@ -5,25 +5,17 @@
 
 mod common;
 mod common_peers;
+mod common_tls;
 
 use std::path::Path;
 use std::time::Duration;
 
 use common::{http_exchange, Gateway};
 use common_peers::node_peer_with;
+use common_tls::{s, Ca, Dir};
 
-#[tokio::test(flavor = "multi_thread")]
-async fn two_browsers_chat_in_one_room_through_the_demo_page() {
-    let gw = Gateway::start(&[]);
-    let url = format!("http://{}/", gw.addr);
-    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo-page.png");
-    let _ = std::fs::remove_file(&shot);
-    let args = [url.clone(), shot.display().to_string()];
-    let peer = tokio::task::spawn_blocking(move || {
-        node_peer_with("demo-chat.js", &args, Duration::from_secs(60))
-    })
-    .await
-    .unwrap();
+/// Both pages' logs hold every line either sent.
+fn every_line_in_every_log(peer: &serde_json::Value) {
     let lines = peer["lines"].as_array().unwrap();
     for (i, log) in peer["logs"].as_array().unwrap().iter().enumerate() {
         let log: Vec<&str> = log
@@ -40,6 +32,21 @@ async fn two_browsers_chat_in_one_room_through_the_demo_page() {
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_browsers_chat_in_one_room_through_the_demo_page() {
+    let gw = Gateway::start(&[]);
+    let url = format!("http://{}/", gw.addr);
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo-page.png");
+    let _ = std::fs::remove_file(&shot);
+    let args = [url.clone(), shot.display().to_string()];
+    let peer = tokio::task::spawn_blocking(move || {
+        node_peer_with("demo-chat.js", &args, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    every_line_in_every_log(&peer);
     assert_eq!(peer["title"], "ringway demo chat");
     let png = std::fs::read(&shot).expect("the screenshot was written");
     assert!(
@@ -57,6 +64,47 @@ async fn two_browsers_chat_in_one_room_through_the_demo_page() {
         0
     );
     assert_eq!(gw.metric("ringway_route_connections_total", "").await, 2);
+}
+
+/// Served over https:// (the TLS listener), the page connects back over wss://.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_page_served_over_tls_chats_over_wss() {
+    let ca = Ca::new("ringway demo page test CA");
+    let dir = Dir::new("demo-tls");
+    let (cert, key) = dir.write("server", &ca.leaf(&["localhost", "127.0.0.1"]));
+    let gw = Gateway::start(&[
+        "--listen-tls",
+        "127.0.0.1:0",
+        "--tls-cert",
+        s(&cert),
+        "--tls-key",
+        s(&key),
+    ]);
+    let log = gw.log_with("wss://", 1).await;
+    let at = log.find("wss://").expect("a wss:// listener") + "wss://".len();
+    let addr = &log[at..at + log[at..].find('/').unwrap()];
+    let args = [format!("https://{addr}/")];
+    let peer = tokio::task::spawn_blocking(move || {
+        node_peer_with("demo-chat.js", &args, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    every_line_in_every_log(&peer);
+    // The browser is gone: two page views and the two WebSockets they opened, all four
+    // over TLS (access log), none refused.
+    let log = gw.log_with("tls=true", 4).await;
+    let access: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("ringway::access"))
+        .collect();
+    assert_eq!(access.len(), 4, "{log}");
+    assert!(access.iter().all(|l| l.contains("tls=true")), "{log}");
+    let closed = access.iter().filter(|l| l.contains("connection closed"));
+    assert_eq!(closed.count(), 2, "{log}");
+    assert_eq!(
+        gw.metric("ringway_tls_handshake_failures_total", "").await,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

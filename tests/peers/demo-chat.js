@@ -2,7 +2,7 @@
 // browser: two headless Chromium pages (separate contexts, so two independent visitors)
 // load it from the gateway itself, join one room, each sends a line, and both lines must
 // appear in both pages' logs. Then a screenshot of the first page.
-// Usage: node demo-chat.js http://127.0.0.1:PORT/ [deadline-ms] [screenshot.png]
+// Usage: node demo-chat.js http(s)://127.0.0.1:PORT/ [deadline-ms] [screenshot.png]
 'use strict';
 
 const { run, launchChromium } = require('./harness');
@@ -23,7 +23,9 @@ function logShows(page, text) {
 }
 
 run(async () => {
-  const browser = await launchChromium();
+  // Over https://, the test's certificate comes from a CA made in the test: the browser
+  // skips only the trust decision; the page must then connect back over wss://.
+  const browser = await launchChromium(url.startsWith('https:') ? ['--ignore-certificate-errors'] : []);
   const room = 'demo-' + process.pid;
   const pages = [];
   const consoleErrors = [];
@@ -56,5 +58,6 @@ run(async () => {
     logs.push(await page.$eval(LOG, (e) => Array.from(e.children).map((li) => li.textContent)));
   }
   if (consoleErrors.length) throw new Error('console errors: ' + consoleErrors.join(' | '));
-  return { room, lines, logs, title: await pages[0].title(), screenshot };
+  const status = await pages[0].$eval('[data-testid=status]', (e) => e.textContent);
+  return { room, lines, logs, status, title: await pages[0].title(), screenshot };
 }, deadline);

@@ -76,6 +76,7 @@ impl CoreState {
         let peer = s.peer().map(tracing::field::display);
         let duration_ms = self.now_ms.saturating_sub(s.accepted_ms());
         let conn_id = tracing::field::display(s.id());
+        let tls = s.is_tls();
         if opened {
             let route = self.routes.route(s.route());
             let upstream = self
@@ -87,6 +88,7 @@ impl CoreState {
                 target: ACCESS_TARGET,
                 conn = conn_id,
                 peer,
+                tls,
                 path = s.note().unwrap_or(""),
                 route = route.path.as_str(),
                 upstream,
@@ -104,6 +106,7 @@ impl CoreState {
                 target: ACCESS_TARGET,
                 conn = conn_id,
                 peer,
+                tls,
                 duration_ms,
                 bytes_in = t.bytes_in,
                 bytes_out = t.bytes_out,
@@ -114,6 +117,7 @@ impl CoreState {
                 target: ACCESS_TARGET,
                 conn = conn_id,
                 peer,
+                tls,
                 duration_ms,
                 bytes_in = t.bytes_in,
                 bytes_out = t.bytes_out,
