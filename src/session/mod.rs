@@ -237,6 +237,8 @@ pub struct Session {
     reading_done: bool,
     /// The client closed its side (recv returned 0) or the socket failed.
     eof: bool,
+    /// A send failed (EPIPE/ECONNRESET): the client went away.
+    send_failed: bool,
     fence: Option<Box<Fence>>,
     /// The client ended it (protocol error or its close): no close reply to wait for.
     closing_without_reply: bool,
@@ -404,6 +406,7 @@ impl Session {
             close: CloseHandshake::default(),
             reading_done: false,
             eof: false,
+            send_failed: false,
             fence: None,
             closing_without_reply: false,
             counted_open: false,
@@ -502,7 +505,8 @@ impl Session {
     /// The client ended it: its close frame came before ours, or it closed or reset TCP
     /// before any close frame went either way.
     pub fn closed_by_client(&self) -> bool {
-        self.close.peer_closed_first() || (!self.close.close_sent() && self.eof)
+        self.close.peer_closed_first()
+            || (!self.close.close_sent() && (self.eof || self.send_failed))
     }
 
     /// What it did so far, for its access-log line.
@@ -675,6 +679,7 @@ impl Session {
     /// The send failed (EPIPE/ECONNRESET): the client is gone; what is queued cannot be
     /// delivered.
     pub fn on_send_failed(&mut self) {
+        self.send_failed = true;
         self.out.clear();
         self.wire_mut().clear();
         self.stop_reading();

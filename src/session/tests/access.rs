@@ -36,6 +36,11 @@ fn the_side_that_closed_first_is_known() {
     sim.with(|s, cx| s.on_peer_closed(cx, true));
     assert!(sim.s.closed_by_client());
     assert_eq!(sim.s.close_code(), close::ABNORMAL);
+    // A send the kernel refused (EPIPE/ECONNRESET): the client went away.
+    let mut sim = Sim::open(PLAIN, false);
+    assert!(!sim.s.closed_by_client());
+    sim.s.on_send_failed();
+    assert!(sim.s.closed_by_client());
 }
 
 #[test]
