@@ -222,10 +222,9 @@ impl Worker {
                 relay_backlog: VecDeque::new(),
                 relay_in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
                 meter: CoreMeter {
-                    stats: setup.stats.clone(),
+                    stats: setup.stats,
                     routes: route_traffic,
                 },
-                stats: setup.stats,
                 now_ms: 0,
                 unix_ms: unix_now_ms(),
                 charged: 0,
@@ -308,7 +307,7 @@ impl Worker {
             self.buffers.publish();
             self.core.publish_memory();
             // Liveness for /healthz, /readyz and the watchdog (src/ops/health.rs).
-            self.core.stats.heartbeat.beat();
+            self.core.meter.stats.heartbeat.beat();
             crate::test_hooks::on_loop_turn(crate::test_hooks::Loop::Core(self.index));
             self.check_reload();
             if self.draining.is_none() && self.core.shared.draining.load(Ordering::Acquire) {
@@ -455,7 +454,7 @@ impl Worker {
     }
 
     fn new_connection(&mut self, socket: Socket, tls: bool) {
-        self.core.stats.accepted.inc();
+        self.core.meter.stats.accepted.inc();
         if self.draining.is_some() {
             return; // dropping the socket closes it
         }
@@ -500,7 +499,10 @@ impl Worker {
         conn.ip = peer.map(|a| a.ip());
         if let Err(refusal) = self.core.admit_at_accept(&mut conn) {
             tracing::debug!(conn = %id, ip = ?conn.ip, "refused: {refusal}");
-            self.core.stats.count(Count::Refused(refusal.metric()));
+            self.core
+                .meter
+                .stats
+                .count(Count::Refused(refusal.metric()));
             // A refused client takes no place under max_connections while its answer leaves.
             self.core.release_limit(&mut conn);
             conn.session.refuse_at_accept(&refusal);
@@ -511,7 +513,7 @@ impl Worker {
         self.core.charged += conn.charged as u64;
         self.slots[slot as usize].conn = Some(conn);
         self.live += 1;
-        self.core.stats.live.set(self.live as u64);
+        self.core.meter.stats.live.set(self.live as u64);
         tracing::debug!(conn = %id, "accepted");
         self.arm_recv(slot);
         self.arm_timer(slot);
@@ -530,7 +532,7 @@ impl Worker {
             conn.recv_armed = false;
         }
         if res > 0 {
-            self.core.stats.bytes_in.add(res as u64);
+            self.core.meter.stats.bytes_in.add(res as u64);
             conn.session.on_received(res as usize);
             if conn.session.is_open() {
                 let route = conn.session.route();
@@ -600,7 +602,7 @@ impl Worker {
             // EPIPE/ECONNRESET: the client is gone; what is queued cannot be delivered.
             conn.session.on_send_failed();
         } else {
-            self.core.stats.bytes_out.add(res as u64);
+            self.core.meter.stats.bytes_out.add(res as u64);
             if conn.session.is_open() {
                 let route = conn.session.route();
                 self.core.meter.routes.bytes(route, OUT, res as usize);
@@ -641,7 +643,7 @@ impl Worker {
         let open = conn_in(&mut self.slots, slot, id.generation())
             .filter(|c| c.session.id() == id && !c.shut && c.session.accepts_replies());
         let Some(conn) = open else {
-            self.core.stats.stale_replies.inc();
+            self.core.meter.stats.stale_replies.inc();
             return;
         };
         let watched = fanout::watch_interest(&self.topics, self.cluster, &msg);
@@ -661,7 +663,7 @@ impl Worker {
                     Subscribed::Already => {}
                     // Ignored and counted (docs/relay-protocol.md): the backend asked too
                     // much, the client did nothing wrong.
-                    Subscribed::Limit => core.stats.subscription_limit.inc(),
+                    Subscribed::Limit => core.meter.stats.subscription_limit.inc(),
                 }
             }
             ToEdge::Unsubscribe { topic, .. } => {
@@ -798,7 +800,7 @@ impl Worker {
     /// panic's message. It reads nothing more and ends through the normal freeing path; the
     /// core serves everyone else.
     fn contained_panic(&mut self, slot: u32, location: &str) {
-        self.core.stats.panics.inc();
+        self.core.meter.stats.panics.inc();
         // Every frame has its own allocation (`session::encode`); only the routing scratch
         // is shared and must not carry a half-parsed message into the next one.
         self.core.scratch.clear();
@@ -860,8 +862,8 @@ impl Worker {
         s.generation = (s.generation + 1) & GENERATION_MASK;
         self.free.push(slot);
         self.live -= 1;
-        self.core.stats.live.set(self.live as u64);
-        self.core.stats.closed.inc();
+        self.core.meter.stats.live.set(self.live as u64);
+        self.core.meter.stats.closed.inc();
         // Every ring operation on the socket has completed (`Conn::finished`): `conn`'s
         // socket is closed when it is dropped at the end of this function.
         if conn.counted_limit {
@@ -1017,8 +1019,8 @@ struct CoreState {
     /// Bytes of this core's client messages the relay has not let go of (core backlog,
     /// channel, relay thread): limit `CORE_RELAY_IN_FLIGHT`, charged in `publish_memory`.
     relay_in_flight: Arc<std::sync::atomic::AtomicUsize>,
-    stats: Arc<CoreStats>,
-    /// The core's meter for sessions: `stats` and the per-route counts.
+    /// The core's counters (`meter.stats`, shared with scrapes) and per-route counts; the
+    /// sessions' `Meter`.
     meter: CoreMeter,
     now_ms: u64,
     /// Wall-clock Unix ms at `now_ms` (read once per loop turn).

@@ -27,9 +27,10 @@ impl CoreState {
                     .fetch_sub(self.published - total, Ordering::Relaxed);
             }
             self.published = total;
-            self.stats.buffer_bytes.set(total);
+            self.meter.stats.buffer_bytes.set(total);
         }
-        self.stats
+        self.meter
+            .stats
             .deflate_dedicated_contexts
             .set(self.codec.contexts as u64);
         self.publish_route_bytes();
@@ -38,12 +39,15 @@ impl CoreState {
     /// Add this core's per-route counts to the totals a scrape reads (by route path, which
     /// outlives a reload's renumbering); a lock per loop turn only when there were any.
     pub(super) fn publish_route_bytes(&mut self) {
-        self.meter.routes.publish(&self.routes, &self.stats.routes);
+        self.meter
+            .routes
+            .publish(&self.routes, &self.meter.stats.routes);
         let mut pending = self.codec.take_route_bytes().peekable();
         if pending.peek().is_none() {
             return;
         }
         let mut totals = self
+            .meter
             .stats
             .route_deflate
             .lock()
@@ -66,7 +70,7 @@ impl CoreState {
         let opened = s.is_open();
         let by_client = s.closed_by_client();
         if opened {
-            self.stats.closed_with(s.close_code(), by_client);
+            self.meter.stats.closed_with(s.close_code(), by_client);
             self.meter.routes.closed(s.route());
         }
         if !self.config.access_log {

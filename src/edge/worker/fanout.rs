@@ -67,8 +67,14 @@ impl Worker {
                     let i = usize::from(bits.saturating_sub(9)).min(6);
                     let frame = compressed[i]
                         .get_or_insert_with(|| {
-                            core.codec
-                                .encode(&*core.stats, level, Some(bits), 0, opcode, &payload)
+                            core.codec.encode(
+                                &*core.meter.stats,
+                                level,
+                                Some(bits),
+                                0,
+                                opcode,
+                                &payload,
+                            )
                         })
                         .clone();
                     // Compressed once per core, but counted for each recipient's route.
