@@ -105,18 +105,15 @@ impl CoreState {
                 closed_by = if by_client { "client" } else { "server" },
                 "connection closed"
             );
-        } else if s.note() == Some(DEMO_PAGE_NOTE) {
-            tracing::info!(
-                target: ACCESS_TARGET,
-                conn = conn_id,
-                peer,
-                tls,
-                duration_ms,
-                bytes_in = t.bytes_in,
-                bytes_out = t.bytes_out,
-                "demo page served"
-            );
         } else {
+            // Never opened: it got the demo page, or a refusal (with why).
+            let page = s.note() == Some(DEMO_PAGE_NOTE);
+            let refused = (!page).then(|| s.note().unwrap_or("no complete request"));
+            let outcome = if page {
+                "demo page served"
+            } else {
+                "handshake refused"
+            };
             tracing::info!(
                 target: ACCESS_TARGET,
                 conn = conn_id,
@@ -125,8 +122,8 @@ impl CoreState {
                 duration_ms,
                 bytes_in = t.bytes_in,
                 bytes_out = t.bytes_out,
-                refused = s.note().unwrap_or("no complete request"),
-                "handshake refused"
+                refused,
+                "{outcome}"
             );
         }
     }
