@@ -80,10 +80,7 @@ async fn the_page_served_over_tls_chats_over_wss() {
         "--tls-key",
         s(&key),
     ]);
-    let log = gw.log_with("wss://", 1).await;
-    let at = log.find("wss://").expect("a wss:// listener") + "wss://".len();
-    let addr = &log[at..at + log[at..].find('/').unwrap()];
-    let args = [format!("https://{addr}/")];
+    let args = [format!("https://{}/", gw.wss_addr())];
     let peer = tokio::task::spawn_blocking(move || {
         node_peer_with("demo-chat.js", &args, Duration::from_secs(60))
     })

@@ -50,15 +50,6 @@ fn tls_config(head: &str, certs: &[(&Path, &Path)]) -> String {
     toml
 }
 
-/// The wss:// address from the start-up line `serving ws://A/ and wss://B/ ...`.
-fn wss_addr(gw: &Gateway) -> SocketAddr {
-    // The line may reach the log just after the address was reported.
-    wait_for_log(gw, "wss://", 1);
-    let log = gw.log();
-    let rest = &log[log.find("wss://").unwrap() + 6..];
-    rest[..rest.find('/').unwrap()].parse().unwrap()
-}
-
 // ----- clients -----
 
 /// A client config trusting `ca`, for `versions`, offering `alpn`.
@@ -228,7 +219,7 @@ async fn wss_echo_text_binary_a_large_message_and_many_small_ones() {
     let dir = Dir::new("echo");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost", "127.0.0.1"]));
     let gw = start(&cert, &key, &["--max-message", "2097152"]);
-    let addr = wss_addr(&gw);
+    let addr = gw.wss_addr();
     let mut ws = wss(addr, &default_client(&ca), "localhost").await;
     echo(&mut ws, Message::text("hello over TLS")).await;
     echo(&mut ws, Message::binary(vec![0u8, 1, 2, 255, 254])).await;
@@ -257,7 +248,7 @@ async fn plain_and_tls_listeners_serve_side_by_side() {
     let dir = Dir::new("side");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
     let gw = start(&cert, &key, &[]);
-    let tls_addr = wss_addr(&gw);
+    let tls_addr = gw.wss_addr();
     assert_ne!(tls_addr, gw.addr);
     let (mut plain, _) = timeout(WAIT, tokio_tungstenite::connect_async(gw.url()))
         .await
@@ -281,7 +272,7 @@ fn tls_1_2_and_1_3_both_work_and_alpn_is_http_1_1() {
     let dir = Dir::new("versions");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
     let gw = start(&cert, &key, &[]);
-    let addr = wss_addr(&gw);
+    let addr = gw.wss_addr();
     for (version, want) in [
         (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
         (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
@@ -307,7 +298,7 @@ async fn an_h2_only_client_gets_no_application_protocol() {
     let dir = Dir::new("alpn");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
     let gw = start(&cert, &key, &[]);
-    let addr = wss_addr(&gw);
+    let addr = gw.wss_addr();
     let config = client_config(&ca, rustls::DEFAULT_VERSIONS, &["h2"]);
     let err = tls_connect(addr, &config, "localhost").unwrap_err();
     assert!(
@@ -338,7 +329,7 @@ fn sni_picks_the_certificate_that_lists_the_name() {
     let (b_cert, b_key) = dir.write("b", &b);
     let toml = tls_config("", &[(&a_cert, &a_key), (&b_cert, &b_key)]);
     let gw = Gateway::with_config(&toml, &[]);
-    let addr = wss_addr(&gw);
+    let addr = gw.wss_addr();
     let config = default_client(&ca);
     assert_eq!(served(addr, &ca, "a.test"), a.der);
     assert_eq!(served(addr, &ca, "b.test"), b.der);
@@ -357,7 +348,7 @@ async fn plaintext_http_to_the_tls_port_is_closed_unanswered() {
     let dir = Dir::new("plain");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
     let gw = start(&cert, &key, &[]);
-    let addr = wss_addr(&gw);
+    let addr = gw.wss_addr();
     let mut tcp = TcpStream::connect(addr).unwrap();
     let request = common::upgrade_request(addr);
     tcp.write_all(request.as_bytes()).unwrap();
@@ -383,7 +374,7 @@ async fn a_stalled_client_hello_is_closed_at_the_handshake_timeout_and_counted()
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
     let toml = tls_config("handshake_timeout_ms = 600\n", &[(&cert, &key)]);
     let gw = Gateway::with_config(&toml, &[]);
-    let addr = wss_addr(&gw);
+    let addr = gw.wss_addr();
     // One client sends nothing; one sends the first bytes of a ClientHello and stops.
     let mut silent = TcpStream::connect(addr).unwrap();
     let mut partial = TcpStream::connect(addr).unwrap();
@@ -419,7 +410,7 @@ async fn a_client_closing_mid_handshake_is_counted_as_eof_during_handshake() {
     let dir = Dir::new("eof");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
     let gw = start(&cert, &key, &["--workers", "1"]);
-    let addr = wss_addr(&gw);
+    let addr = gw.wss_addr();
     // Half of a real ClientHello, then FIN; and a connection that sends nothing before FIN.
     let mut client = ClientConnection::new(
         default_client(&ca),
@@ -464,7 +455,7 @@ fn a_second_connection_resumes_the_session() {
     let dir = Dir::new("resume");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
     let gw = start(&cert, &key, &[]);
-    let addr = wss_addr(&gw);
+    let addr = gw.wss_addr();
     for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
         let config = client_config(&ca, &[version], &["http/1.1"]);
         let mut first = tls_connect(addr, &config, "localhost").unwrap();
@@ -490,7 +481,7 @@ async fn sighup_rotates_the_certificate_and_keeps_open_connections() {
     let old = ca.leaf(&["localhost"]);
     let (cert, key) = dir.write("server", &old);
     let gw = start(&cert, &key, &[]);
-    let addr = wss_addr(&gw);
+    let addr = gw.wss_addr();
     let config = default_client(&ca);
     let mut open = wss(addr, &config, "localhost").await;
     echo(&mut open, Message::text("before")).await;
@@ -524,7 +515,7 @@ fn python_websockets_over_wss() {
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost", "127.0.0.1"]));
     std::fs::write(dir.path("ca.pem"), ca.cert.pem()).unwrap();
     let gw = start(&cert, &key, &[]);
-    let addr = wss_addr(&gw);
+    let addr = gw.wss_addr();
     let py = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv-py3/bin/python");
     let script = r#"
 import ssl, sys
@@ -608,7 +599,7 @@ async fn open_tls_connections_are_charged_to_the_memory_budget() {
     let dir = Dir::new("memory");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
     let gw = start(&cert, &key, &[]);
-    let addr = wss_addr(&gw);
+    let addr = gw.wss_addr();
     const N: u64 = 20;
     let base = settled_buffer_bytes(&gw).await;
     let mut plain = Vec::new();
@@ -661,7 +652,7 @@ async fn a_client_refused_at_accept_gets_its_503_over_tls() {
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
     let toml = tls_config("max_connections = 1\n", &[(&cert, &key)]);
     let gw = Gateway::with_config(&toml, &[]);
-    let addr = wss_addr(&gw);
+    let addr = gw.wss_addr();
     let mut first = wss(addr, &default_client(&ca), "localhost").await;
     echo(&mut first, Message::text("the one place")).await;
     // The refusal is decided at accept, and still answered after the TLS handshake.
@@ -680,7 +671,7 @@ async fn sigterm_sends_1001_to_wss_clients() {
     let dir = Dir::new("drain");
     let (cert, key) = dir.write("server", &ca.leaf(&["localhost"]));
     let mut gw = start(&cert, &key, &[]);
-    let addr = wss_addr(&gw);
+    let addr = gw.wss_addr();
     let mut ws = wss(addr, &default_client(&ca), "localhost").await;
     echo(&mut ws, Message::text("before")).await;
     gw.signal(libc::SIGTERM);

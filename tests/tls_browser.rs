@@ -8,28 +8,11 @@ mod common;
 mod common_peers;
 mod common_tls;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::Gateway;
 use common_peers::node_peer;
 use common_tls::{s, Ca, Dir};
-
-/// The wss:// address from the start-up line `serving ws://A/ and wss://B/ ...`.
-fn wss_url(gw: &Gateway) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !gw.log().contains("wss://") {
-        assert!(
-            Instant::now() < deadline,
-            "no wss:// in the log:\n{}",
-            gw.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let log = gw.log();
-    let rest = &log[log.find("wss://").unwrap()..];
-    let end = 6 + rest[6..].find('/').unwrap();
-    rest[..=end].to_string()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn chromium_echoes_over_wss_with_deflate() {
@@ -48,7 +31,7 @@ async fn chromium_echoes_over_wss_with_deflate() {
         "--max-message",
         "2097152",
     ]);
-    let url = wss_url(&gw);
+    let url = format!("wss://{}/", gw.wss_addr());
     assert!(
         url.starts_with("wss://127.0.0.1:") && url.ends_with('/'),
         "{url}"

@@ -206,6 +206,23 @@ impl Gateway {
         }
     }
 
+    /// The wss:// listener's address, from the start-up line `serving ws://A/ and wss://B/
+    /// ...` (start with `--listen-tls 127.0.0.1:0`).
+    #[allow(dead_code)]
+    pub fn wss_addr(&self) -> SocketAddr {
+        // The line may reach the log just after the ws:// address was reported.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let log = self.log();
+            if let Some(i) = log.find("wss://") {
+                let rest = &log[i + "wss://".len()..];
+                return rest[..rest.find('/').unwrap()].parse().unwrap();
+            }
+            assert!(Instant::now() < deadline, "no wss:// in the log:\n{log}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The text of `GET /metrics` from the admin listener.
     #[allow(dead_code)]
     pub async fn metrics(&self) -> String {
