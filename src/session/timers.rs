@@ -182,14 +182,9 @@ impl Session {
             // Still in its TLS handshake: no 408 can be sent; dropped, counted by reason.
             Timer::Handshake if self.transport.handshaking() => self.tls_handshake_timed_out(cx),
             Timer::Handshake => {
-                tracing::debug!(conn = %self.id, "handshake timed out");
-                cx.meter.count(Count::HandshakeRejected);
-                let response =
-                    handshake::error_response(408, "handshake not completed in time", &[]);
-                self.note_refusal(&response, &"handshake not completed in time");
-                self.out.push(response);
-                self.stop_reading();
-                self.drain();
+                let reason = "handshake not completed in time";
+                let response = handshake::error_response(408, reason, &[]);
+                self.refuse(cx, response, &reason);
                 // Give the 408 one linger period to leave, then drop regardless.
                 self.close_sent_ms = Some(now);
             }

@@ -286,12 +286,7 @@ impl Session {
     /// The TLS layer failed: count and log it, and end the connection: at once when the
     /// peer does not speak TLS (or stalled), else after rustls' alert leaves.
     fn tls_failed(&mut self, cx: &mut Context<'_>, why: TlsFailure, err: &dyn std::fmt::Display) {
-        cx.meter.count(Count::TlsFailure(why));
-        tracing::debug!(conn = %self.id, reason = why.label(), "TLS failed: {err}");
-        self.note = Some(format!("tls {}", why.label()).into());
-        if let Transport::Tls(tls) = &mut self.transport {
-            tls.failed = true;
-        }
+        self.record_tls_failure(cx, why, err);
         self.out.clear();
         self.stop_reading();
         match why {
@@ -309,8 +304,18 @@ impl Session {
             return;
         }
         let why = TlsFailure::EofDuringHandshake;
+        self.record_tls_failure(cx, why, &"closed during the handshake");
+    }
+
+    /// Count, log and note (for the access log) a TLS failure, and mark the layer failed.
+    fn record_tls_failure(
+        &mut self,
+        cx: &mut Context<'_>,
+        why: TlsFailure,
+        err: &dyn std::fmt::Display,
+    ) {
         cx.meter.count(Count::TlsFailure(why));
-        tracing::debug!(conn = %self.id, reason = why.label(), "TLS failed: closed during the handshake");
+        tracing::debug!(conn = %self.id, reason = why.label(), "TLS failed: {err}");
         self.note = Some(format!("tls {}", why.label()).into());
         if let Transport::Tls(tls) = &mut self.transport {
             tls.failed = true;
