@@ -33,12 +33,12 @@ impl CoreState {
             .stats
             .deflate_dedicated_contexts
             .set(self.codec.contexts as u64);
-        self.publish_route_bytes();
+        self.publish_route_counts();
     }
 
     /// Add this core's per-route counts to the totals a scrape reads (by route path, which
     /// outlives a reload's renumbering); a lock per loop turn only when there were any.
-    pub(super) fn publish_route_bytes(&mut self) {
+    pub(super) fn publish_route_counts(&mut self) {
         self.meter
             .routes
             .publish(&self.routes, &self.meter.stats.routes);

@@ -64,7 +64,7 @@ impl Worker {
             .set_limits(config.ip_limits.per_core(self.core.workers));
         self.core.config = config;
         // Route ids change with the table: what was counted under the old ones goes first.
-        self.core.publish_route_bytes();
+        self.core.publish_route_counts();
         self.core.meter.routes = RouteTraffic::for_table(&routes);
         for _ in &gone {
             self.core.meter.routes.opened(0);
